@@ -1,0 +1,37 @@
+"""Configuration from the environment, read in one place.
+
+`D2D_DATABASE_URL` and `D2D_NATS_URL` point at existing servers; without them `d2d up` starts
+embedded ones under `D2D_DATA_DIR` (default `./.d2d`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_INGEST_PORT = 50051
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
+    database_url: str | None = field(default_factory=lambda: os.environ.get("D2D_DATABASE_URL"))
+    nats_url: str | None = field(default_factory=lambda: os.environ.get("D2D_NATS_URL"))
+    ingest_addr: str = field(
+        default_factory=lambda: os.environ.get("D2D_INGEST_ADDR", f"127.0.0.1:{DEFAULT_INGEST_PORT}")
+    )
+    # Prefix of stream names and subjects (empty in production; tests use one per test).
+    nats_namespace: str = field(default_factory=lambda: os.environ.get("D2D_NATS_NAMESPACE", ""))
+    # The role every service connection switches to: INSERT and SELECT on the log, nothing more.
+    db_role: str | None = field(default_factory=lambda: os.environ.get("D2D_DB_ROLE", "d2d_service") or None)
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise SystemExit("D2D_DATABASE_URL is not set (d2d up sets it for the services it starts)")
+        return self.database_url
+
+    def require_nats_url(self) -> str:
+        if not self.nats_url:
+            raise SystemExit("D2D_NATS_URL is not set (d2d up sets it for the services it starts)")
+        return self.nats_url

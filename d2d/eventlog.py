@@ -1,0 +1,367 @@
+"""The event log: the only module that writes or reads events in Postgres.
+
+Appends take one transaction-scoped advisory lock before inserting, so positions are assigned and
+become visible in commit order: `seq` is dense and strictly increasing as any reader sees it, and
+one integer is a complete watermark ("every event with seq <= N"). The lock admits one appending
+transaction at a time, so callers batch: `GroupCommitter` folds concurrent appends into one
+transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import orjson
+
+# Key of the advisory lock every appending transaction takes ("d2d-log" as an int64).
+APPEND_LOCK_KEY = 0x6432642D6C6F67
+NOTIFY_CHANNEL = "d2d_events"
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. `payload` is the JSON text of one object, as the producer sent it."""
+
+    event_id: uuid.UUID
+    type: str
+    schema_version: int
+    entity_type: str
+    entity_id: str
+    occurred_at: datetime
+    payload: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    event_id: uuid.UUID
+    type: str
+    schema_version: int
+    entity_type: str
+    entity_id: str
+    occurred_at: datetime
+    recorded_at: datetime
+    payload: dict[str, Any]
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    event_id: uuid.UUID
+    seq: int
+    duplicate: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections and migrations
+
+
+async def _init_connection(conn: asyncpg.Connection, role: str | None) -> None:
+    await conn.set_type_codec("jsonb", encoder=lambda v: v, decoder=orjson.loads, schema="pg_catalog")
+    if role:
+        await conn.execute(f'SET ROLE "{role}"')
+
+
+async def create_pool(
+    url: str, *, role: str | None = "d2d_service", min_size: int = 1, max_size: int = 10
+) -> asyncpg.Pool:
+    """A pool whose connections act as `role` (INSERT and SELECT on the log only)."""
+    return await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=lambda c: _init_connection(c, role),
+        command_timeout=60,
+    )
+
+
+def _migration_files() -> list[tuple[int, str, str]]:
+    files = []
+    for entry in resources.files("d2d.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            number = int(entry.name.split("_", 1)[0])
+            files.append((number, entry.name, entry.read_text()))
+    return sorted(files)
+
+
+async def migrate(url: str) -> list[str]:
+    """Apply the numbered SQL files in d2d/migrations that this database has not seen.
+
+    Runs as the connecting (owner) role, under an advisory lock, so services starting together
+    on an empty database create the schema once. Returns the names applied.
+    """
+    conn = await asyncpg.connect(url)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", APPEND_LOCK_KEY + 1)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for number, name, sql in _migration_files():
+            if number in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", number, name
+                )
+            applied.append(name)
+    finally:
+        await conn.close()
+    return applied
+
+
+# ---------------------------------------------------------------------------------------------
+# The log
+
+_EXISTING_SQL = "SELECT event_id, seq FROM events WHERE event_id = ANY($1::uuid[])"
+
+_INSERT_SQL = """
+INSERT INTO events (seq, event_id, type, schema_version, entity_type, entity_id, occurred_at,
+                    payload, metadata)
+SELECT $1::bigint + e.ord, e.event_id, e.type, e.schema_version, e.entity_type, e.entity_id,
+       e.occurred_at, e.payload::jsonb, e.metadata::jsonb
+FROM unnest($2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::timestamptz[],
+            $8::text[], $9::text[])
+     WITH ORDINALITY AS e(event_id, type, schema_version, entity_type, entity_id, occurred_at,
+                          payload, metadata, ord)
+"""
+
+_SELECT_COLUMNS = (
+    "seq, event_id, type, schema_version, entity_type, entity_id, occurred_at, recorded_at,"
+    " payload, metadata"
+)
+
+
+def _stored(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(*row.values())
+
+
+class EventLog:
+    """Append to and read from the log. All SQL on `events` lives here."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def append(
+        self, events: Sequence[NewEvent], *, conn: asyncpg.Connection | None = None
+    ) -> list[AppendResult]:
+        """Append events in order; repeats of a stored event id store nothing and get the first seq.
+
+        With `conn`, runs inside the caller's open transaction (which then holds the append lock
+        until it ends), so the caller can record other effects atomically with the events.
+        """
+        if not events:
+            return []
+        if conn is not None:
+            return await self._append_locked(conn, events)
+        async with self.pool.acquire() as own, own.transaction():
+            return await self._append_locked(own, events)
+
+    @staticmethod
+    async def lock_for_append(conn: asyncpg.Connection) -> None:
+        """Take the append lock in conn's transaction (held until it ends; re-entrant)."""
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+
+    async def _append_locked(
+        self, conn: asyncpg.Connection, events: Sequence[NewEvent]
+    ) -> list[AppendResult]:
+        await self.lock_for_append(conn)
+        ids = [e.event_id for e in events]
+        known: dict[uuid.UUID, int] = {
+            r["event_id"]: r["seq"] for r in await conn.fetch(_EXISTING_SQL, ids)
+        }
+        fresh: list[NewEvent] = []
+        for e in events:
+            if e.event_id not in known:
+                known[e.event_id] = -1  # placeholder: a repeat inside the batch is a duplicate
+                fresh.append(e)
+        base = 0
+        if fresh:
+            base = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+            await conn.execute(
+                _INSERT_SQL,
+                base,
+                [e.event_id for e in fresh],
+                [e.type for e in fresh],
+                [e.schema_version for e in fresh],
+                [e.entity_type for e in fresh],
+                [e.entity_id for e in fresh],
+                [e.occurred_at for e in fresh],
+                [e.payload for e in fresh],
+                [orjson.dumps(e.metadata).decode() for e in fresh],
+            )
+        positions = {e.event_id: base + i for i, e in enumerate(fresh, start=1)}
+        results: list[AppendResult] = []
+        for e in events:
+            seq = positions.pop(e.event_id, None)
+            if seq is not None:
+                results.append(AppendResult(e.event_id, seq, False))
+            else:
+                first = known[e.event_id]
+                if first == -1:  # repeated inside this batch: its first copy was just stored
+                    first = next(r.seq for r in results if r.event_id == e.event_id)
+                results.append(AppendResult(e.event_id, first, True))
+        return results
+
+    async def head(self) -> int:
+        """The highest committed position (0 for an empty log)."""
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+
+    async def read(self, after: int = 0, limit: int = 1000, *, types: Sequence[str] | None = None) -> list[StoredEvent]:
+        """Events with seq > after, in order, at most `limit`."""
+        async with self.pool.acquire() as conn:
+            if types:
+                rows = await conn.fetch(
+                    f"SELECT {_SELECT_COLUMNS} FROM events WHERE seq > $1 AND type = ANY($3)"
+                    " ORDER BY seq LIMIT $2",
+                    after,
+                    limit,
+                    list(types),
+                )
+            else:
+                rows = await conn.fetch(
+                    f"SELECT {_SELECT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    after,
+                    limit,
+                )
+        return [_stored(r) for r in rows]
+
+    async def get(self, event_id: uuid.UUID) -> StoredEvent | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(f"SELECT {_SELECT_COLUMNS} FROM events WHERE event_id = $1", event_id)
+        return _stored(row) if row else None
+
+    async def read_envelopes(
+        self, after: int, limit: int
+    ) -> list[tuple[int, uuid.UUID, str, bytes, str | None]]:
+        """(seq, event_id, type, JSON envelope, traceparent) for seq > after, as published on the bus.
+
+        Postgres builds the JSON, which keeps the relay's per-event Python work small.
+        """
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT seq, event_id, type, json_build_object("
+                " 'seq', seq, 'event_id', event_id, 'type', type, 'schema_version', schema_version,"
+                " 'entity_type', entity_type, 'entity_id', entity_id, 'occurred_at', occurred_at,"
+                " 'recorded_at', recorded_at, 'payload', payload, 'metadata', metadata)::text,"
+                " metadata->>'traceparent'"
+                " FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                after,
+                limit,
+            )
+        return [(r[0], r[1], r[2], r[3].encode(), r[4]) for r in rows]
+
+    async def tail(
+        self, after: int = 0, *, batch: int = 1000, poll_interval: float = 0.5
+    ) -> AsyncIterator[StoredEvent]:
+        """Every event after `after`, once and in order, waiting for new ones forever."""
+        wake = asyncio.Event()
+
+        def on_notify(*_: object) -> None:
+            wake.set()
+
+        listener = await self.pool.acquire()
+        await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+        try:
+            while True:
+                wake.clear()
+                events = await self.read(after, batch)
+                for event in events:
+                    yield event
+                    after = event.seq
+                if len(events) < batch:
+                    try:
+                        await asyncio.wait_for(wake.wait(), poll_interval)
+                    except TimeoutError:
+                        pass
+        finally:
+            await listener.remove_listener(NOTIFY_CHANNEL, on_notify)
+            await self.pool.release(listener)
+
+    # -- positions of publishers (the outbox relay) ------------------------------------------
+
+    async def position(self, name: str) -> int:
+        async with self.pool.acquire() as conn:
+            seq = await conn.fetchval("SELECT seq FROM log_positions WHERE name = $1", name)
+        return seq or 0
+
+    async def set_position(self, name: str, seq: int) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO log_positions (name, seq) VALUES ($1, $2)"
+                " ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = now()",
+                name,
+                seq,
+            )
+
+
+class GroupCommitter:
+    """Folds concurrent appends into one transaction each, so the append lock costs little.
+
+    `append()` returns once its events are committed. While one transaction runs, new requests
+    queue up; the next transaction takes all of them (up to `max_events`).
+    """
+
+    def __init__(self, log: EventLog, *, max_events: int = 20_000) -> None:
+        self.log = log
+        self.max_events = max_events
+        self._queue: asyncio.Queue[tuple[Sequence[NewEvent], asyncio.Future[list[AppendResult]]]] = (
+            asyncio.Queue()
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+        if not events:
+            return []
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="group-commit")
+        future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
+        await self._queue.put((events, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            pending = [await self._queue.get()]
+            size = len(pending[0][0])
+            while size < self.max_events and not self._queue.empty():
+                item = self._queue.get_nowait()
+                pending.append(item)
+                size += len(item[0])
+            pending = [p for p in pending if not p[1].cancelled()]
+            if not pending:
+                continue
+            combined = [e for events, _ in pending for e in events]
+            try:
+                results = await self.log.append(combined)
+            except Exception as exc:  # every waiter learns the transaction failed
+                for _, future in pending:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            offset = 0
+            for events, future in pending:
+                part = results[offset : offset + len(events)]
+                offset += len(events)
+                if not future.done():
+                    future.set_result(part)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,134 @@
+"""Shared fixtures: a real Postgres and a real NATS JetStream server for the whole session, started
+from their wheels in a temp dir on free ports; a fresh database and NATS namespace per test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from d2d import eventlog
+from d2d.config import Settings
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    # fsync off: tests kill processes, not machines; committed data survives a process kill.
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), port=free_port(), fsync=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats"), port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(postgres: EmbeddedPostgres) -> str:
+    """A new, migrated database for this test (owner connection)."""
+    url = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    asyncio.run(eventlog.migrate(url))
+    return url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A NATS namespace of this test's own, so streams and durable consumers don't collide."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def event_log(database_url: str) -> AsyncIterator[eventlog.EventLog]:
+    pool = await eventlog.create_pool(database_url, role="d2d_service", max_size=20)
+    yield eventlog.EventLog(pool)
+    await pool.close()
+
+
+@dataclass
+class ServiceProcess:
+    """A service started as its own OS process, as `d2d up` starts it."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator:
+    """start_service(args, env) -> ServiceProcess; every process is stopped after the test."""
+    started: list[ServiceProcess] = []
+
+    def start(args: list[str], settings_env: dict[str, str], name: str = "svc") -> ServiceProcess:
+        env = {**os.environ, **settings_env, "D2D_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+        log_path = tmp_path / f"{name}-{len(started)}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        service = ServiceProcess(proc, log_path)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        with contextlib.suppress(Exception):
+            service.terminate(10)
+        if service.process.poll() is None:
+            service.kill()
+
+
+def settings_env(database_url: str, nats_url: str, namespace: str, ingest_port: int | None = None) -> dict[str, str]:
+    env = {"D2D_DATABASE_URL": database_url, "D2D_NATS_URL": nats_url, "D2D_NATS_NAMESPACE": namespace}
+    if ingest_port:
+        env["D2D_INGEST_ADDR"] = f"127.0.0.1:{ingest_port}"
+    return env
+
+
+def settings_for(database_url: str, nats_url: str, namespace: str, ingest_port: int) -> Settings:
+    return Settings(
+        database_url=database_url,
+        nats_url=nats_url,
+        nats_namespace=namespace,
+        ingest_addr=f"127.0.0.1:{ingest_port}",
+    )

@@ -1,0 +1,292 @@
+"""Tests for the deterministic payments simulator (d2d.sim)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from d2d.sim import (
+    PaymentsSimulator,
+    SimConfig,
+    SimEvent,
+    load_contracts,
+    write_truth_csv,
+)
+
+SMALL = SimConfig(customers=300, merchants=40, payments_per_day=3_000)
+# Long enough (with short delays) that many chargebacks fall inside the period.
+LONG = SimConfig(
+    customers=300,
+    merchants=40,
+    days=12.0,
+    payments_per_day=1_000,
+    chargeback_delay_days=(0.5, 8.0),
+)
+
+
+@pytest.fixture(scope="module")
+def default_run() -> tuple[PaymentsSimulator, list[SimEvent]]:
+    sim = PaymentsSimulator()
+    return sim, list(sim.events())
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs() -> None:
+    a = [
+        (e.event_id, e.type, e.occurred_at, e.payload_json())
+        for e in PaymentsSimulator(SMALL).events()
+    ]
+    b = [
+        (e.event_id, e.type, e.occurred_at, e.payload_json())
+        for e in PaymentsSimulator(SMALL).events()
+    ]
+    assert a == b
+    assert PaymentsSimulator(SMALL).truth() == PaymentsSimulator(SMALL).truth()
+
+    other = replace(SMALL, seed=SMALL.seed + 1)
+    c = [(e.event_id, e.payload_json()) for e in PaymentsSimulator(other).events()]
+    assert {x[0] for x in a}.isdisjoint({x[0] for x in c})
+    assert [x[3] for x in a] != [x[1] for x in c]
+
+
+def test_truth_does_not_depend_on_iterating_events() -> None:
+    fresh = PaymentsSimulator(SMALL).truth()
+    sim = PaymentsSimulator(SMALL)
+    for _ in sim.events():
+        pass
+    assert sim.truth() == fresh
+    payment_ids = [e.entity_id for e in sim.events() if e.type == "payment.authorized"]
+    assert sorted(payment_ids) == sorted(fresh)
+
+
+def test_every_payload_validates_against_its_contract() -> None:
+    validators = {
+        c.event_type: Draft202012Validator(
+            c.schema, format_checker=Draft202012Validator.FORMAT_CHECKER
+        )
+        for c in PaymentsSimulator().contracts()
+    }
+    for c in PaymentsSimulator().contracts():
+        Draft202012Validator.check_schema(c.schema)
+    seen: set[str] = set()
+    for e in PaymentsSimulator(LONG).events():
+        errors = list(validators[e.type].iter_errors(e.payload))
+        assert not errors, (e.type, e.payload, errors[0].message)
+        assert e.schema_version == 1
+        assert e.occurred_at.tzinfo is not None and e.occurred_at.utcoffset() == timedelta(0)
+        json.loads(e.payload_json())
+        seen.add(e.type)
+    assert seen == set(validators)
+
+
+def test_contracts_reject_obvious_mistakes() -> None:
+    spec = {c.event_type: c for c in load_contracts()}["payment.authorized"]
+    v = Draft202012Validator(spec.schema)
+    good = {
+        "payment_id": "pay_00000001",
+        "customer_id": "cus_000001",
+        "card_id": "card_000001_1",
+        "merchant_id": "mer_0001",
+        "amount": 12.5,
+        "currency": "EUR",
+        "channel": "ecom",
+        "ip_country": "DE",
+        "device_id": "dev_0123456789ab",
+    }
+    assert v.is_valid(good)
+    for bad in (
+        {**good, "amount": 0},
+        {**good, "amount": "12.5"},
+        {**good, "channel": "atm"},
+        {**good, "currency": "USD"},
+        {**good, "payment_id": "p1"},
+        {**good, "extra": 1},
+        {k: x for k, x in good.items() if k != "card_id"},
+    ):
+        assert not v.is_valid(bad), bad
+
+
+def test_entities_and_reference_events_come_first(default_run) -> None:
+    sim, events = default_run
+    cfg = sim.config
+    n_ref = cfg.customers + cfg.merchants + sum(e.type == "card.issued" for e in events)
+    ref, rest = events[:n_ref], events[n_ref:]
+    assert {e.type for e in ref} == {"customer.registered", "card.issued", "merchant.onboarded"}
+    assert all(cfg.start - timedelta(hours=1) <= e.occurred_at < cfg.start for e in ref)
+    assert all(e.type.startswith("payment.") and e.entity_type == "payment" for e in rest)
+    assert all(e.entity_id == e.payload["payment_id"] for e in rest)
+    assert sum(e.type == "customer.registered" for e in ref) == cfg.customers
+    assert sum(e.type == "merchant.onboarded" for e in ref) == cfg.merchants
+    cards_per_customer: dict[str, int] = {}
+    for e in ref:
+        if e.type == "card.issued":
+            cid = e.payload["customer_id"]
+            cards_per_customer[cid] = cards_per_customer.get(cid, 0) + 1
+    assert set(cards_per_customer.values()) == {1, 2}
+    assert sum(e.type == "payment.authorized" for e in rest) == cfg.payments_per_day
+    assert len({e.event_id for e in events}) == len(events)
+
+
+def test_chargebacks_only_for_fraud_after_payment_and_within_period() -> None:
+    sim = PaymentsSimulator(LONG)
+    truth = sim.truth()
+    end = LONG.start + timedelta(days=LONG.days)
+    paid_at: dict[str, datetime] = {}
+    amounts: dict[str, float] = {}
+    chargebacks: dict[str, datetime] = {}
+    for e in sim.events():
+        if e.type == "payment.authorized":
+            paid_at[e.entity_id] = e.occurred_at
+            amounts[e.entity_id] = e.payload["amount"]
+        elif e.type == "payment.chargeback":
+            pid = e.payload["payment_id"]
+            assert pid not in chargebacks
+            assert truth[pid].is_fraud
+            assert e.occurred_at == truth[pid].chargeback_at
+            assert e.occurred_at > paid_at[pid]
+            assert e.occurred_at < end
+            assert e.payload["amount"] == amounts[pid]
+            chargebacks[pid] = e.occurred_at
+    # every fraud chargeback inside the period is emitted; later ones stay in the truth only
+    lo, hi = LONG.chargeback_delay_days
+    for pid, t in truth.items():
+        if not t.is_fraud:
+            assert t.chargeback_at is None
+            continue
+        delay = t.chargeback_at - paid_at[pid]
+        assert timedelta(days=lo) <= delay <= timedelta(days=hi)
+        assert (pid in chargebacks) == (t.chargeback_at < end)
+    assert chargebacks
+    assert any(t.is_fraud and t.chargeback_at >= end for t in truth.values())
+
+
+def test_default_period_emits_no_chargebacks(default_run) -> None:
+    sim, events = default_run
+    assert not any(e.type == "payment.chargeback" for e in events)
+    assert any(t.is_fraud for t in sim.truth().values())
+
+
+def _late_share(events: list[SimEvent]) -> tuple[float, float]:
+    """Share of events whose occurred_at precedes an earlier-arrived event, and max lag (s)."""
+    latest: datetime | None = None
+    late, max_lag = 0, 0.0
+    for e in events:
+        if latest is not None and e.occurred_at < latest:
+            late += 1
+            max_lag = max(max_lag, (latest - e.occurred_at).total_seconds())
+        if latest is None or e.occurred_at > latest:
+            latest = e.occurred_at
+    return late / len(events), max_lag
+
+
+def test_in_order_when_out_of_order_fraction_is_zero(default_run) -> None:
+    _, events = default_run
+    times = [e.occurred_at for e in events]
+    assert times == sorted(times)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2])
+def test_out_of_order_share_and_bound(fraction: float) -> None:
+    cfg = SimConfig(
+        customers=300,
+        merchants=40,
+        payments_per_day=10_000,
+        out_of_order_fraction=fraction,
+        max_lateness_seconds=300.0,
+    )
+    events = list(PaymentsSimulator(cfg).events())
+    dynamic = [e for e in events if e.type.startswith("payment.")]
+    share, max_lag = _late_share(dynamic)
+    assert fraction * 0.85 <= share <= fraction * 1.1
+    assert 0 < max_lag <= cfg.max_lateness_seconds
+    # the same events as the in-order run, only the order differs
+    in_order = PaymentsSimulator(replace(cfg, out_of_order_fraction=0.0))
+    assert sorted(e.event_id for e in in_order.events()) == sorted(e.event_id for e in events)
+
+
+def test_mean_fraud_probability_near_fraud_rate() -> None:
+    for rate in (0.02, 0.05):
+        truth = PaymentsSimulator(replace(SMALL, fraud_rate=rate)).truth()
+        probs = [t.fraud_probability for t in truth.values()]
+        assert abs(sum(probs) / len(probs) - rate) < 0.1 * rate
+        realised = sum(t.is_fraud for t in truth.values()) / len(truth)
+        assert abs(realised - rate) < 0.5 * rate
+
+
+def test_truth_is_learnable(default_run) -> None:
+    sim, events = default_run
+    truth = sim.truth()
+    card_country = {
+        e.payload["card_id"]: e.payload["card_country"] for e in events if e.type == "card.issued"
+    }
+    risky, safe = [], []
+    scores, labels = [], []
+    for e in events:
+        if e.type != "payment.authorized":
+            continue
+        p = e.payload
+        foreign = p["ip_country"] != card_country[p["card_id"]]
+        prob = truth[p["payment_id"]].fraud_probability
+        if p["channel"] == "ecom" and foreign:
+            risky.append(prob)
+        elif p["channel"] == "pos" and not foreign:
+            safe.append(prob)
+        scores.append(prob)
+        labels.append(truth[p["payment_id"]].is_fraud)
+    assert risky and safe
+    assert sum(risky) / len(risky) > 5 * sum(safe) / len(safe)
+    # the true probability ranks frauds well (upper bound for any model)
+    ranked = sorted(zip(scores, labels, strict=True))
+    pos = sum(labels)
+    rank_sum = sum(i for i, (_, y) in enumerate(ranked, start=1) if y)
+    auc = (rank_sum - pos * (pos + 1) / 2) / (pos * (len(labels) - pos))
+    assert 0.85 < auc < 0.97
+
+
+def test_load_contracts_matches_simulator() -> None:
+    shipped = load_contracts()
+    assert shipped == PaymentsSimulator().contracts()
+    assert [(c.event_type, c.version) for c in shipped] == [
+        ("card.issued", 1),
+        ("customer.registered", 1),
+        ("merchant.onboarded", 1),
+        ("payment.authorized", 1),
+        ("payment.chargeback", 1),
+    ]
+    by_type = {c.event_type: c for c in shipped}
+    assert by_type["customer.registered"].pii_fields == ("/name", "/email")
+    for c in shipped:
+        assert c.schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert c.schema["additionalProperties"] is False
+        assert c.owner.startswith("team-")
+
+
+def test_write_truth_csv(tmp_path) -> None:
+    truth = PaymentsSimulator(LONG).truth()
+    path = tmp_path / "truth.csv"
+    write_truth_csv(truth, path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["payment_id", "fraud_probability", "is_fraud", "chargeback_at"]
+    assert len(rows) == len(truth)
+    for row in rows:
+        t = truth[row["payment_id"]]
+        assert float(row["fraud_probability"]) == t.fraud_probability
+        assert row["is_fraud"] == str(int(t.is_fraud))
+        if t.chargeback_at is None:
+            assert row["chargeback_at"] == ""
+        else:
+            parsed = datetime.fromisoformat(row["chargeback_at"].replace("Z", "+00:00"))
+            assert parsed == t.chargeback_at.astimezone(UTC)
+
+
+def test_default_config_is_fast() -> None:
+    t0 = time.perf_counter()
+    n = sum(1 for _ in PaymentsSimulator().events())
+    assert n > 20_000
+    assert time.perf_counter() - t0 < 2.0
