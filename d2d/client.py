@@ -1,0 +1,166 @@
+"""Python client for the platform's gRPC APIs (traced, with the platform's message limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from d2d import grpcserver
+from d2d.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
+
+
+def make_event(
+    type: str,
+    entity_type: str,
+    entity_id: str,
+    payload: dict[str, Any] | bytes,
+    *,
+    occurred_at: datetime,
+    event_id: str | uuid.UUID | None = None,
+    schema_version: int = 0,
+    metadata: dict[str, str] | None = None,
+) -> event_pb2.Event:
+    event = event_pb2.Event(
+        event_id=str(event_id or uuid.uuid4()),
+        type=type,
+        schema_version=schema_version,
+        entity_type=entity_type,
+        entity_id=entity_id,
+        payload=payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode(),
+        metadata=metadata or {},
+    )
+    event.occurred_at.FromDatetime(occurred_at)
+    return event
+
+
+class IngestClient:
+    """`async with IngestClient("127.0.0.1:50051") as ingest: await ingest.append([...])`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpcserver.channel(target)
+        self.stub = ingest_pb2_grpc.IngestServiceStub(self.channel)
+
+    async def __aenter__(self) -> IngestClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 30) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def append(self, events: Sequence[event_pb2.Event], *, timeout: float = 30) -> ingest_pb2.AppendEventsResponse:
+        return await self.stub.AppendEvents(ingest_pb2.AppendEventsRequest(events=events), timeout=timeout)
+
+    async def stream_append(
+        self, batches: Iterable[Sequence[event_pb2.Event]] | AsyncIterator[Sequence[event_pb2.Event]], *, timeout: float | None = None
+    ) -> ingest_pb2.StreamAppendEventsResponse:
+        async def requests() -> AsyncIterator[ingest_pb2.AppendEventsRequest]:
+            if hasattr(batches, "__aiter__"):
+                async for batch in batches:  # type: ignore[union-attr]
+                    yield ingest_pb2.AppendEventsRequest(events=batch)
+            else:
+                for batch in batches:  # type: ignore[union-attr]
+                    yield ingest_pb2.AppendEventsRequest(events=batch)
+
+        return await self.stub.StreamAppendEvents(requests(), timeout=timeout)
+
+    async def create_contract_version(
+        self,
+        event_type: str,
+        *,
+        owner: str,
+        json_schema: dict[str, Any],
+        description: str = "",
+        pii_fields: Sequence[str] = (),
+        compatibility: str = "BACKWARD",
+        allowed_lateness_seconds: int = 0,
+        validate_only: bool = False,
+    ) -> ingest_pb2.ContractVersion:
+        return await self.stub.CreateContractVersion(
+            ingest_pb2.CreateContractVersionRequest(
+                parent=f"contracts/{event_type}",
+                contract_version=ingest_pb2.ContractVersion(
+                    owner=owner,
+                    description=description,
+                    json_schema=json.dumps(json_schema),
+                    pii_fields=list(pii_fields),
+                    compatibility=ingest_pb2.CompatibilityMode.Value(compatibility),
+                    allowed_lateness=duration_pb2.Duration(seconds=allowed_lateness_seconds),
+                ),
+                validate_only=validate_only,
+            ),
+            timeout=30,
+        )
+
+    async def get_contract_version(self, event_type: str, version: int | str = "latest") -> ingest_pb2.ContractVersion:
+        name = f"contracts/{event_type}/versions/{version}"
+        return await self.stub.GetContractVersion(ingest_pb2.GetContractVersionRequest(name=name), timeout=30)
+
+    async def list_contract_versions(self, event_type: str = "-") -> list[ingest_pb2.ContractVersion]:
+        found: list[ingest_pb2.ContractVersion] = []
+        token = ""
+        while True:
+            page = await self.stub.ListContractVersions(
+                ingest_pb2.ListContractVersionsRequest(parent=f"contracts/{event_type}", page_token=token), timeout=30
+            )
+            found.extend(page.contract_versions)
+            token = page.next_page_token
+            if not token:
+                return found
+
+    async def list_dead_letters(
+        self, *, event_type: str = "", show_redriven: bool = False, limit: int = 100
+    ) -> list[ingest_pb2.DeadLetter]:
+        found: list[ingest_pb2.DeadLetter] = []
+        token = ""
+        while len(found) < limit:
+            page = await self.stub.ListDeadLetters(
+                ingest_pb2.ListDeadLettersRequest(
+                    event_type=event_type, show_redriven=show_redriven, page_token=token,
+                    page_size=min(limit - len(found), 1000),
+                ),
+                timeout=30,
+            )  # fmt: skip
+            found.extend(page.dead_letters)
+            token = page.next_page_token
+            if not token:
+                break
+        return found
+
+    async def redrive_dead_letters(
+        self, names: Sequence[str] = (), *, event_type: str = "", payload: bytes = b""
+    ) -> ingest_pb2.RedriveDeadLettersResponse:
+        return await self.stub.RedriveDeadLetters(
+            ingest_pb2.RedriveDeadLettersRequest(names=list(names), event_type=event_type, payload=payload), timeout=60
+        )
+
+
+def error_details(error: grpc.aio.AioRpcError) -> list[Any]:
+    """The google.rpc details (BadRequest, ErrorInfo, ...) carried by a failed call."""
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return []
+    from google.rpc import error_details_pb2
+
+    details = []
+    for any_ in status.details:
+        for kind in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+            if any_.Is(kind.DESCRIPTOR):
+                message = kind()
+                any_.Unpack(message)
+                details.append(message)
+    return details

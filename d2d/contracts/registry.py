@@ -1,0 +1,287 @@
+"""Data contracts: versioned JSON Schemas per event type, and validation of payloads against them.
+
+A new version is checked against earlier ones by its compatibility mode before it is stored; the
+registration is recorded as a `contract.registered` event in the same transaction as the row.
+Validators are compiled once (jsonschema-rs) and cached per (type, version).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import jsonschema_rs
+import orjson
+
+from d2d.contracts.compat import CompatibilityMode, check_compatibility
+from d2d.eventlog import EventLog, NewEvent
+
+EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
+MAX_PAYLOAD_BYTES = 1 << 20
+
+
+class Refusal(Exception):
+    """Why input was refused: a gRPC status code name, the offending field, and what to fix."""
+
+    def __init__(self, code: str, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Contract:
+    event_type: str
+    version: int
+    owner: str
+    json_schema: dict[str, Any]
+    description: str = ""
+    pii_fields: tuple[str, ...] = ()
+    compatibility: CompatibilityMode = CompatibilityMode.BACKWARD
+    allowed_lateness_seconds: int = 0
+    null_rate_limits: dict[str, float] = field(default_factory=dict)
+    created_at: datetime | None = None
+    registered_seq: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"contracts/{self.event_type}/versions/{self.version}"
+
+
+_COLUMNS = (
+    "event_type, version, owner, json_schema, description, pii_fields, compatibility,"
+    " allowed_lateness_seconds, null_rate_limits, created_at, registered_seq"
+)
+
+
+def _contract(row: asyncpg.Record) -> Contract:
+    return Contract(
+        event_type=row["event_type"],
+        version=row["version"],
+        owner=row["owner"],
+        json_schema=row["json_schema"],
+        description=row["description"],
+        pii_fields=tuple(row["pii_fields"]),
+        compatibility=CompatibilityMode(row["compatibility"]),
+        allowed_lateness_seconds=row["allowed_lateness_seconds"],
+        null_rate_limits=row["null_rate_limits"],
+        created_at=row["created_at"],
+        registered_seq=row["registered_seq"],
+    )
+
+
+def _check_schema(schema: Any) -> None:
+    if not isinstance(schema, dict):
+        raise Refusal("INVALID_ARGUMENT", "json_schema must be a JSON object", "json_schema")
+    declared = schema.get("$schema", DRAFT_2020_12)
+    if declared.rstrip("#") != DRAFT_2020_12:
+        raise Refusal(
+            "INVALID_ARGUMENT", f"json_schema must be draft 2020-12 ($schema {DRAFT_2020_12}), got {declared}",
+            "json_schema.$schema",
+        )  # fmt: skip
+    if schema.get("type") != "object":
+        raise Refusal("INVALID_ARGUMENT", 'a payload schema must have "type": "object"', "json_schema.type")
+    try:
+        jsonschema_rs.meta.validate(schema)
+    except jsonschema_rs.ValidationError as exc:
+        raise Refusal("INVALID_ARGUMENT", f"json_schema is not a valid JSON Schema: {exc.message}", "json_schema") from exc
+
+
+class ContractRegistry:
+    """Stores contract versions and validates payloads against them."""
+
+    def __init__(self, event_log: EventLog) -> None:
+        self.log = event_log
+        self._contracts: dict[tuple[str, int], Contract] = {}
+        self._latest: dict[str, int] = {}
+        self._validators: dict[tuple[str, int], Any] = {}
+
+    # -- registration -------------------------------------------------------------------------
+
+    async def register(
+        self,
+        event_type: str,
+        *,
+        owner: str,
+        json_schema: dict[str, Any],
+        description: str = "",
+        pii_fields: tuple[str, ...] | list[str] = (),
+        compatibility: CompatibilityMode | str = CompatibilityMode.BACKWARD,
+        allowed_lateness_seconds: int = 0,
+        null_rate_limits: dict[str, float] | None = None,
+        validate_only: bool = False,
+    ) -> Contract:
+        """Register the next version of `event_type`'s contract.
+
+        A schema equal to the latest version's (with equal metadata) returns that version and
+        stores nothing. Raises Refusal(FAILED_PRECONDITION) naming the field that breaks the mode.
+        """
+        if not EVENT_TYPE_RE.match(event_type):
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"event type {event_type!r} must be lower-case and dotted, like 'payment.authorized'",
+                "parent",
+            )
+        if not owner:
+            raise Refusal("INVALID_ARGUMENT", "owner is required", "contract_version.owner")
+        try:
+            mode = CompatibilityMode(str(compatibility).upper())
+        except ValueError as exc:
+            raise Refusal("INVALID_ARGUMENT", f"unknown compatibility mode {compatibility!r}", "contract_version.compatibility") from exc
+        _check_schema(json_schema)
+        for pointer in pii_fields:
+            if not pointer.startswith("/"):
+                raise Refusal("INVALID_ARGUMENT", f"pii field {pointer!r} must be a JSON pointer like '/email'", "contract_version.pii_fields")
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            await self.log.lock_for_append(conn)
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM contracts WHERE event_type = $1 ORDER BY version", event_type
+            )
+            previous = [_contract(r) for r in rows]
+            candidate = Contract(
+                event_type=event_type,
+                version=(previous[-1].version + 1) if previous else 1,
+                owner=owner,
+                json_schema=json_schema,
+                description=description,
+                pii_fields=tuple(pii_fields),
+                compatibility=mode,
+                allowed_lateness_seconds=allowed_lateness_seconds,
+                null_rate_limits=dict(null_rate_limits or {}),
+            )
+            if previous and _same_terms(previous[-1], candidate):
+                return previous[-1]
+            problems = check_compatibility(json_schema, [(c.version, c.json_schema) for c in previous], mode)
+            if problems:
+                first = problems[0]
+                detail = "; ".join(str(p) for p in problems)
+                raise Refusal(
+                    "FAILED_PRECONDITION",
+                    f"contract {event_type} version {candidate.version} is not {mode.value}-compatible: {detail}",
+                    f"json_schema{first.field.replace('/', '.') if first.field else ''}",
+                )
+            if validate_only:
+                return candidate
+            payload = {
+                "event_type": event_type, "version": candidate.version, "owner": owner,
+                "compatibility": mode.value, "pii_fields": list(pii_fields), "json_schema": json_schema,
+            }  # fmt: skip
+            [appended] = await self.log.append(
+                [NewEvent(uuid.uuid4(), "contract.registered", 1, "contract", event_type,
+                          datetime.now(UTC), orjson.dumps(payload).decode())],
+                conn=conn,
+            )  # fmt: skip
+            row = await conn.fetchrow(
+                "INSERT INTO contracts (event_type, version, owner, json_schema, description, pii_fields,"
+                " compatibility, allowed_lateness_seconds, null_rate_limits, registered_seq)"
+                f" VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9::jsonb, $10) RETURNING {_COLUMNS}",
+                event_type, candidate.version, owner, orjson.dumps(json_schema).decode(), description,
+                list(pii_fields), mode.value, allowed_lateness_seconds,
+                orjson.dumps(candidate.null_rate_limits).decode(), appended.seq,
+            )  # fmt: skip
+        contract = _contract(row)
+        self._remember(contract)
+        return contract
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def get(self, event_type: str, version: int | None = None) -> Contract | None:
+        """A version, or the latest with version None. Cached; the database is asked on a miss."""
+        if version is None or version <= 0:
+            latest = self._latest.get(event_type)
+            if latest is None:
+                await self.refresh(event_type)
+                latest = self._latest.get(event_type)
+            return self._contracts.get((event_type, latest)) if latest else None
+        found = self._contracts.get((event_type, version))
+        if found is None:
+            await self.refresh(event_type)
+            found = self._contracts.get((event_type, version))
+        return found
+
+    async def refresh(self, event_type: str | None = None) -> None:
+        async with self.log.pool.acquire() as conn:
+            if event_type is None:
+                rows = await conn.fetch(f"SELECT {_COLUMNS} FROM contracts")
+            else:
+                rows = await conn.fetch(f"SELECT {_COLUMNS} FROM contracts WHERE event_type = $1", event_type)
+        for row in rows:
+            self._remember(_contract(row))
+
+    async def list(
+        self, event_type: str | None = None, *, after: tuple[str, int] = ("", 0), limit: int = 100
+    ) -> list[Contract]:
+        """Versions ordered by (event_type, version), starting after the `after` key."""
+        async with self.log.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM contracts WHERE ($1::text IS NULL OR event_type = $1)"
+                " AND (event_type, version) > ($2, $3) ORDER BY event_type, version LIMIT $4",
+                event_type, after[0], after[1], limit,
+            )  # fmt: skip
+        return [_contract(r) for r in rows]
+
+    def _remember(self, contract: Contract) -> None:
+        key = (contract.event_type, contract.version)
+        self._contracts[key] = contract
+        if contract.version > self._latest.get(contract.event_type, 0):
+            self._latest[contract.event_type] = contract.version
+
+    # -- validation ---------------------------------------------------------------------------
+
+    async def validate(self, event_type: str, schema_version: int, payload: bytes) -> tuple[int, str]:
+        """Check one payload; returns (the version it was checked against, its JSON text).
+
+        Raises Refusal: NOT_FOUND for an unknown type or version, INVALID_ARGUMENT naming the
+        field for bytes that are not one JSON object or break the schema.
+        """
+        version = schema_version if schema_version > 0 else self._latest.get(event_type, 0)
+        validator = self._validators.get((event_type, version))
+        if validator is None:
+            contract = await self.get(event_type, schema_version)
+            if contract is None:
+                if schema_version > 0 and await self.get(event_type) is not None:
+                    raise Refusal(
+                        "NOT_FOUND", f"contract {event_type} has no version {schema_version}", "schema_version"
+                    )
+                raise Refusal("NOT_FOUND", f"no contract is registered for event type {event_type!r}", "type")
+            version = contract.version
+            validator = jsonschema_rs.validator_for(contract.json_schema)
+            self._validators[(event_type, version)] = validator
+        return version, check_payload(validator, payload)
+
+
+def check_payload(validator: Any, payload: bytes) -> str:
+    """Validate payload bytes with a compiled validator; returns the JSON text."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise Refusal(
+            "INVALID_ARGUMENT", f"payload is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes", "payload"
+        )
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise Refusal("INVALID_ARGUMENT", f"payload is not valid UTF-8 JSON: {exc}", "payload") from exc
+    if not isinstance(document, dict):
+        raise Refusal("INVALID_ARGUMENT", "payload must be a JSON object", "payload")
+    if validator.is_valid(document):
+        return payload.decode()
+    error = next(iter(validator.iter_errors(document)))
+    parts = list(error.instance_path)
+    kind = type(error.kind).__name__
+    if kind == "Required":
+        parts.append(error.kind.property)
+    elif kind == "AdditionalProperties" and error.kind.unexpected:
+        parts.append(error.kind.unexpected[0])
+    field_path = "payload" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+    raise Refusal("INVALID_ARGUMENT", f"{field_path} breaks the contract: {error.message}", field_path)
+
+
+def _same_terms(a: Contract, b: Contract) -> bool:
+    keys = ("owner", "json_schema", "description", "pii_fields", "compatibility",
+            "allowed_lateness_seconds", "null_rate_limits")  # fmt: skip
+    return all(getattr(a, k) == getattr(b, k) for k in keys)

@@ -1,0 +1,165 @@
+"""The outbox relay: publishes the log to JetStream, in order, resuming where it stopped.
+
+An event is in the log first; the relay then publishes it to `d2d.events.<type>` with
+`Nats-Msg-Id = event_id` and, once JetStream has acknowledged a whole batch, records the batch's
+last seq in `log_positions`. After a crash it republishes at most the batch it had in flight, which
+JetStream's duplicate window drops, so every event is on the stream exactly once. While NATS is
+down appends go on; the relay retries the same batch until NATS is back and then catches up.
+Only one relay per database publishes at a time (a session advisory lock); others wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from nats.js import JetStreamContext
+
+from d2d import bus, telemetry
+from d2d.eventlog import APPEND_LOCK_KEY, NOTIFY_CHANNEL, EventLog
+
+log = logging.getLogger(__name__)
+
+_LEADER_LOCK_BASE = APPEND_LOCK_KEY + 100
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    retries: int = 0
+    position: int = 0
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        event_log: EventLog,
+        js: JetStreamContext,
+        *,
+        name: str = "relay:" + bus.EVENTS_STREAM,
+        stream: str = bus.EVENTS_STREAM,
+        subject_prefix: str = bus.EVENTS_SUBJECT_PREFIX,
+        batch_size: int = 2000,
+        ack_timeout: float = 5.0,
+        idle_poll: float = 0.5,
+    ) -> None:
+        self.log = event_log
+        self.js = js
+        self.name = name
+        self.stream = stream
+        self.subject_prefix = subject_prefix
+        self.batch_size = batch_size
+        self.ack_timeout = ack_timeout
+        self.idle_poll = idle_poll
+        self.stats = RelayStats()
+        self.caught_up = asyncio.Event()
+        self._tracer = telemetry.tracer(__name__)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Publish until `stop` is set (or forever). Returns only when stopped."""
+        stop = stop or asyncio.Event()
+        await bus.ensure_stream(self.js, bus.events_stream_config(self.stream, self.subject_prefix))
+        async with self.log.pool.acquire() as leader:
+            await self._lead(leader, stop)
+            if stop.is_set():
+                return
+            wake = asyncio.Event()
+            await leader.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
+            position = await self.log.position(self.name)
+            self.stats.position = position
+            log.info("relay %s publishing from seq %d", self.name, position)
+            backoff = 0.1
+            while not stop.is_set():
+                wake.clear()
+                batch = await self.log.read_envelopes(position, self.batch_size)
+                if not batch:
+                    self.caught_up.set()
+                    await _wait_any(stop, wake, self.idle_poll)
+                    continue
+                self.caught_up.clear()
+                try:
+                    await self._publish(batch)
+                except Exception as exc:  # NATS down, slow, or refusing: retry the same batch
+                    self.stats.retries += 1
+                    log.warning("relay: publishing seq %d.. failed (%s); retrying", batch[0][0], exc)
+                    await _wait_any(stop, asyncio.Event(), backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.1
+                position = batch[-1][0]
+                await self.log.set_position(self.name, position)
+                self.stats.position = position
+                self.stats.batches += 1
+            await leader.execute("SELECT pg_advisory_unlock_all()")
+
+    async def _lead(self, leader: asyncpg.Connection, stop: asyncio.Event) -> None:
+        key = _LEADER_LOCK_BASE + (hash(self.name) & 0xFFFF)
+        while not stop.is_set():
+            if await leader.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                return
+            await _wait_any(stop, asyncio.Event(), 1.0)
+
+    async def _publish(self, batch: list[tuple[int, object, str, bytes, str | None]]) -> None:
+        with self._tracer.start_as_current_span(
+            "relay.publish",
+            attributes={"d2d.first_seq": batch[0][0], "d2d.last_seq": batch[-1][0], "d2d.count": len(batch)},
+        ):
+            futures = []
+            try:
+                for seq, event_id, type_, body, traceparent in batch:
+                    headers = {"Nats-Msg-Id": str(event_id), "D2D-Seq": str(seq)}
+                    if traceparent:
+                        headers["traceparent"] = traceparent
+                    futures.append(
+                        await self.js.publish_async(
+                            f"{self.subject_prefix}.{type_}", body, headers=headers,
+                            wait_stall=self.ack_timeout,
+                        )
+                    )  # fmt: skip
+                acks = await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout)
+            except BaseException:
+                for f in futures:  # frees their slots in nats-py's in-flight window
+                    f.cancel()
+                raise
+        duplicates = sum(1 for a in acks if a.duplicate)
+        self.stats.duplicates += duplicates
+        self.stats.published += len(acks) - duplicates
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def run_relay(
+    database_url: str, nats_url: str, *, role: str | None, stop: asyncio.Event, topology: bus.Topology = bus.Topology()
+) -> None:
+    """Entry point used by `python -m services.ingest relay` and `d2d relay`."""
+    from d2d.eventlog import create_pool
+
+    pool = await create_pool(database_url, role=role, max_size=3)
+    nc = await bus.connect(nats_url, name="d2d-relay")
+    try:
+        relay = OutboxRelay(
+            EventLog(pool), nc.jetstream(publish_async_max_pending=4000),
+            name=f"relay:{topology.events_stream}", stream=topology.events_stream,
+            subject_prefix=topology.events_prefix,
+        )  # fmt: skip
+        started = time.monotonic()
+        await relay.run(stop)
+        log.info(
+            "relay stopped at seq %d after %.0fs: %d published, %d duplicates dropped by JetStream",
+            relay.stats.position, time.monotonic() - started, relay.stats.published, relay.stats.duplicates,
+        )  # fmt: skip
+    finally:
+        await nc.drain()
+        await pool.close()

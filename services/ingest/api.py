@@ -1,0 +1,341 @@
+"""`d2d.v1.IngestService` over gRPC."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC
+from typing import Any
+
+import grpc
+import orjson
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.rpc import status_pb2
+
+from d2d import grpcserver, telemetry
+from d2d.contracts.compat import CompatibilityMode
+from d2d.contracts.registry import Contract, ContractRegistry, Refusal
+from d2d.deadletters import DeadLetter, DeadLetters
+from d2d.eventlog import EventLog
+from d2d.v1 import event_pb2, ingest_pb2
+from services.ingest.pipeline import Candidate, Ingestor, Outcome, candidate_from_json
+
+SERVICE_NAME = "d2d.v1.IngestService"
+MAX_EVENTS_PER_REQUEST = 10_000
+MAX_PAGE_SIZE = 1000
+
+
+class _Malformed:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Malformed(exc)
+
+    return deserialize
+
+
+def _candidate(event: event_pb2.Event) -> Candidate:
+    return Candidate(
+        source="grpc",
+        raw=event.SerializeToString(),
+        event_id=event.event_id,
+        type=event.type,
+        schema_version=event.schema_version,
+        entity_type=event.entity_type,
+        entity_id=event.entity_id,
+        occurred_at=event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None,
+        payload=event.payload,
+        metadata=dict(event.metadata),
+    )
+
+
+def _result(outcome: Outcome, index: int | None = None) -> ingest_pb2.EventResult:
+    result = ingest_pb2.EventResult(event_id=outcome.event_id, duplicate=outcome.duplicate)
+    if outcome.ok:
+        result.seq = outcome.seq
+    else:
+        field = f"events[{index}].{outcome.field}" if index is not None and outcome.field else outcome.field
+        result.error.CopyFrom(grpcserver.status(outcome.code, outcome.message, field=field))
+    if outcome.dead_letter_id is not None:
+        result.dead_letter = f"deadLetters/{outcome.dead_letter_id}"
+    return result
+
+
+def contract_to_proto(c: Contract) -> ingest_pb2.ContractVersion:
+    msg = ingest_pb2.ContractVersion(
+        name=c.name,
+        event_type=c.event_type,
+        version=c.version,
+        owner=c.owner,
+        description=c.description,
+        json_schema=json.dumps(c.json_schema, sort_keys=True),
+        pii_fields=list(c.pii_fields),
+        compatibility=ingest_pb2.CompatibilityMode.Value(c.compatibility.value),
+        allowed_lateness=duration_pb2.Duration(seconds=c.allowed_lateness_seconds),
+        null_rate_limits=c.null_rate_limits,
+        registered_seq=c.registered_seq,
+    )
+    if c.created_at is not None:
+        msg.create_time.FromDatetime(c.created_at)
+    return msg
+
+
+def dead_letter_to_proto(d: DeadLetter) -> ingest_pb2.DeadLetter:
+    msg = ingest_pb2.DeadLetter(
+        name=d.name,
+        source=d.source,
+        event_id=d.event_id or "",
+        event_type=d.event_type or "",
+        raw=d.raw,
+        error=grpcserver.status(d.code, d.reason, field=d.field or ""),
+        receive_time=timestamp_pb2.Timestamp(),
+        state=ingest_pb2.DeadLetter.State.Value(d.state),
+        redriven_seq=d.redriven_seq or 0,
+    )
+    msg.receive_time.FromDatetime(d.received_at)
+    return msg
+
+
+def _refused(r: Refusal) -> status_pb2.Status:
+    return grpcserver.status(r.code, r.message, field=r.field)
+
+
+class IngestApi:
+    def __init__(self, ingestor: Ingestor, registry: ContractRegistry, dead_letters: DeadLetters, log: EventLog) -> None:
+        self.ingestor = ingestor
+        self.registry = registry
+        self.dead_letters = dead_letters
+        self.log = log
+
+    # -- appends ----------------------------------------------------------------------------
+
+    async def _check_batch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, _Malformed):
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", f"request is not a valid d2d.v1.AppendEventsRequest: {request.error}",
+                reason="MALFORMED_REQUEST",
+            ))  # fmt: skip
+        count = len(request.events)
+        if count == 0:
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", "events: at least one event is required", field="events"))  # fmt: skip
+        if count > MAX_EVENTS_PER_REQUEST:
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT",
+                f"events: {count} events in one request; the limit is {MAX_EVENTS_PER_REQUEST}",
+                field="events", reason="BATCH_TOO_LARGE",
+            ))  # fmt: skip
+
+    async def AppendEvents(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.AppendEventsResponse:
+        await self._check_batch(request, context)
+        outcomes = await self.ingestor.ingest(
+            [_candidate(e) for e in request.events], traceparent=telemetry.current_traceparent()
+        )
+        return ingest_pb2.AppendEventsResponse(
+            results=[_result(o, i) for i, o in enumerate(outcomes)],
+            appended_count=sum(1 for o in outcomes if o.ok and not o.duplicate),
+            head_seq=max((o.seq for o in outcomes), default=0),
+        )
+
+    async def StreamAppendEvents(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.StreamAppendEventsResponse:
+        response = ingest_pb2.StreamAppendEventsResponse()
+        traceparent = telemetry.current_traceparent()
+        offset = 0
+        async for request in request_iterator:
+            await self._check_batch(request, context)
+            outcomes = await self.ingestor.ingest([_candidate(e) for e in request.events], traceparent=traceparent)
+            response.received_count += len(outcomes)
+            for i, o in enumerate(outcomes):
+                if not o.ok:
+                    response.rejected_count += 1
+                    response.rejected.append(_result(o, offset + i))
+                elif o.duplicate:
+                    response.duplicate_count += 1
+                else:
+                    response.appended_count += 1
+                response.head_seq = max(response.head_seq, o.seq)
+            offset += len(outcomes)
+        return response
+
+    # -- contracts --------------------------------------------------------------------------
+
+    async def CreateContractVersion(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ContractVersion:
+        if isinstance(request, _Malformed):
+            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", f"malformed request: {request.error}"))
+        prefix = "contracts/"
+        if not request.parent.startswith(prefix) or "/" in request.parent[len(prefix):]:
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}'", field="parent"))  # fmt: skip
+        cv = request.contract_version
+        try:
+            schema = orjson.loads(cv.json_schema or "null")
+        except orjson.JSONDecodeError as exc:
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", f"json_schema is not JSON: {exc}", field="contract_version.json_schema"))  # fmt: skip
+        mode = ingest_pb2.CompatibilityMode.Name(cv.compatibility)
+        try:
+            contract = await self.registry.register(
+                request.parent[len(prefix):],
+                owner=cv.owner,
+                json_schema=schema,
+                description=cv.description,
+                pii_fields=list(cv.pii_fields),
+                compatibility=CompatibilityMode.BACKWARD if mode == "COMPATIBILITY_MODE_UNSPECIFIED" else mode,
+                allowed_lateness_seconds=int(cv.allowed_lateness.seconds),
+                null_rate_limits=dict(cv.null_rate_limits),
+                validate_only=request.validate_only,
+            )
+        except Refusal as r:
+            await grpcserver.abort(context, _refused(r))
+        return contract_to_proto(contract)
+
+    async def GetContractVersion(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ContractVersion:
+        parts = request.name.split("/") if not isinstance(request, _Malformed) else []
+        if len(parts) != 4 or parts[0] != "contracts" or parts[2] != "versions":
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", "name must be 'contracts/{event_type}/versions/{version}'", field="name"))  # fmt: skip
+        version = 0 if parts[3] == "latest" else int(parts[3]) if parts[3].isdigit() else -1
+        if version < 0:
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", "version must be a number or 'latest'", field="name"))  # fmt: skip
+        contract = await self.registry.get(parts[1], version or None)
+        if contract is None:
+            await grpcserver.abort(context, grpcserver.status("NOT_FOUND", f"{request.name} does not exist", field="name"))
+        return contract_to_proto(contract)
+
+    async def ListContractVersions(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ListContractVersionsResponse:
+        parent = "" if isinstance(request, _Malformed) else request.parent
+        if not parent.startswith("contracts/"):
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}' or 'contracts/-'", field="parent"))  # fmt: skip
+        event_type = parent.split("/", 1)[1]
+        after = ("", 0)
+        if request.page_token:
+            kind, _, number = request.page_token.rpartition(":")
+            if not number.isdigit():
+                await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", "bad page_token", field="page_token"))
+            after = (kind, int(number))
+        size = min(request.page_size or 100, MAX_PAGE_SIZE)
+        found = await self.registry.list(None if event_type == "-" else event_type, after=after, limit=size + 1)
+        page = found[:size]
+        token = f"{page[-1].event_type}:{page[-1].version}" if len(found) > size else ""
+        return ingest_pb2.ListContractVersionsResponse(
+            contract_versions=[contract_to_proto(c) for c in page], next_page_token=token
+        )
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    async def ListDeadLetters(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ListDeadLettersResponse:
+        if isinstance(request, _Malformed):
+            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", f"malformed request: {request.error}"))
+        if request.page_token and not request.page_token.isdigit():
+            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", "bad page_token", field="page_token"))
+        size = min(request.page_size or 100, MAX_PAGE_SIZE)
+        found = await self.dead_letters.list(
+            event_type=request.event_type or None,
+            include_redriven=request.show_redriven,
+            before_id=int(request.page_token) if request.page_token else None,
+            limit=size + 1,
+        )
+        page = found[:size]
+        return ingest_pb2.ListDeadLettersResponse(
+            dead_letters=[dead_letter_to_proto(d) for d in page],
+            next_page_token=str(page[-1].id) if len(found) > size else "",
+        )
+
+    async def RedriveDeadLetters(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.RedriveDeadLettersResponse:
+        if isinstance(request, _Malformed):
+            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", f"malformed request: {request.error}"))
+        ids = []
+        for i, name in enumerate(request.names):
+            number = name.removeprefix("deadLetters/")
+            if not name.startswith("deadLetters/") or not number.isdigit():
+                await grpcserver.abort(context, grpcserver.status(
+                    "INVALID_ARGUMENT", f"{name!r} is not a dead letter name 'deadLetters/{{id}}'", field=f"names[{i}]"))  # fmt: skip
+            ids.append(int(number))
+        if request.payload and len(ids) != 1:
+            await grpcserver.abort(context, grpcserver.status(
+                "INVALID_ARGUMENT", "a corrected payload needs exactly one name", field="payload"))  # fmt: skip
+        if ids:
+            letters = await self.dead_letters.get(ids)
+            missing = sorted(set(ids) - {d.id for d in letters})
+            if missing:
+                await grpcserver.abort(context, grpcserver.status(
+                    "NOT_FOUND", f"deadLetters/{missing[0]} does not exist", field="names"))  # fmt: skip
+            letters = [d for d in letters if d.state == "PENDING"]
+        else:
+            letters = await self.dead_letters.list(event_type=request.event_type or None, limit=MAX_EVENTS_PER_REQUEST)
+        candidates = [_from_dead_letter(d, request.payload or None) for d in letters]
+        outcomes = await self.ingestor.ingest(
+            candidates, traceparent=telemetry.current_traceparent(), keep_rejected=False
+        )
+        response = ingest_pb2.RedriveDeadLettersResponse()
+        for letter, outcome in zip(letters, outcomes, strict=True):
+            outcome.dead_letter_id = letter.id
+            if outcome.ok:
+                await self.dead_letters.mark_redriven(letter.id, outcome.seq)
+                response.redriven_count += 1
+            else:
+                await self.dead_letters.note_new_reason(letter.id, outcome.code, outcome.message, outcome.field)
+            response.results.append(_result(outcome))
+        return response
+
+
+def _from_dead_letter(d: DeadLetter, payload: bytes | None) -> Candidate:
+    if d.source == "grpc":
+        try:
+            candidate = _candidate(event_pb2.Event.FromString(d.raw))
+        except Exception as exc:
+            candidate = Candidate(d.source, d.raw, d.event_id or "", d.event_type or "", 0, "", "", None, b"")
+            candidate.refusal = Refusal("INVALID_ARGUMENT", f"stored bytes are not an Event: {exc}", "raw")
+    else:
+        candidate = candidate_from_json(d.source, d.event_type or "", d.raw)
+    if payload is not None:
+        candidate.payload = payload
+    return candidate
+
+
+def add_to_server(api: IngestApi, server: grpc.aio.Server) -> None:
+    """Register the service with lenient deserializers, so malformed bytes get INVALID_ARGUMENT
+    (grpc's default answer to an undecodable request is INTERNAL)."""
+    rpc = grpc
+
+    def unary(method: Callable[..., Any], req: Any, resp: Any) -> grpc.RpcMethodHandler:
+        return rpc.unary_unary_rpc_method_handler(
+            method, request_deserializer=_lenient(req), response_serializer=resp.SerializeToString
+        )
+
+    handlers = {
+        "AppendEvents": unary(api.AppendEvents, ingest_pb2.AppendEventsRequest, ingest_pb2.AppendEventsResponse),
+        "StreamAppendEvents": rpc.stream_unary_rpc_method_handler(
+            api.StreamAppendEvents,
+            request_deserializer=_lenient(ingest_pb2.AppendEventsRequest),
+            response_serializer=ingest_pb2.StreamAppendEventsResponse.SerializeToString,
+        ),
+        "CreateContractVersion": unary(
+            api.CreateContractVersion, ingest_pb2.CreateContractVersionRequest, ingest_pb2.ContractVersion
+        ),
+        "GetContractVersion": unary(api.GetContractVersion, ingest_pb2.GetContractVersionRequest, ingest_pb2.ContractVersion),
+        "ListContractVersions": unary(
+            api.ListContractVersions, ingest_pb2.ListContractVersionsRequest, ingest_pb2.ListContractVersionsResponse
+        ),
+        "ListDeadLetters": unary(api.ListDeadLetters, ingest_pb2.ListDeadLettersRequest, ingest_pb2.ListDeadLettersResponse),
+        "RedriveDeadLetters": unary(
+            api.RedriveDeadLetters, ingest_pb2.RedriveDeadLettersRequest, ingest_pb2.RedriveDeadLettersResponse
+        ),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])

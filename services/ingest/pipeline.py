@@ -1,0 +1,160 @@
+"""The ingest pipeline shared by the gRPC API, the NATS consumer and redrive.
+
+Each candidate event is checked (envelope, then its contract); the valid ones are committed to the
+log by the group committer, the refused ones are kept in dead letters; only then is anyone told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import orjson
+
+from d2d.contracts.registry import EVENT_TYPE_RE, ContractRegistry, Refusal
+from d2d.deadletters import DeadLetters, Rejected
+from d2d.eventlog import GroupCommitter, NewEvent
+
+MAX_ID_LENGTH = 256
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One event as received, before any check."""
+
+    source: str
+    raw: bytes
+    event_id: str
+    type: str
+    schema_version: int
+    entity_type: str
+    entity_id: str
+    occurred_at: datetime | None
+    payload: bytes
+    metadata: dict[str, str] = field(default_factory=dict)
+    refusal: Refusal | None = None  # set when the bytes could not even be read as an event
+
+
+@dataclass(slots=True)
+class Outcome:
+    event_id: str
+    seq: int = 0
+    duplicate: bool = False
+    code: str = ""
+    message: str = ""
+    field: str = ""
+    dead_letter_id: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.code
+
+
+def check_envelope(c: Candidate) -> uuid.UUID:
+    """Refuse an envelope that misses or garbles a required field; returns the parsed event id."""
+    if c.refusal is not None:
+        raise c.refusal
+    try:
+        event_id = uuid.UUID(c.event_id)
+    except ValueError:
+        raise Refusal("INVALID_ARGUMENT", f"event_id {c.event_id[:64]!r} is not a UUID", "event_id") from None
+    if not EVENT_TYPE_RE.match(c.type):
+        raise Refusal(
+            "INVALID_ARGUMENT", f"type {c.type[:64]!r} must be lower-case and dotted, like 'payment.authorized'", "type"
+        )
+    for name in ("entity_type", "entity_id"):
+        value = getattr(c, name)
+        if not value or len(value) > MAX_ID_LENGTH:
+            raise Refusal("INVALID_ARGUMENT", f"{name} is required (1 to {MAX_ID_LENGTH} characters)", name)
+    if c.occurred_at is None:
+        raise Refusal("INVALID_ARGUMENT", "occurred_at is required", "occurred_at")
+    if c.schema_version < 0:
+        raise Refusal("INVALID_ARGUMENT", "schema_version must be 0 (latest) or a version number", "schema_version")
+    return event_id
+
+
+class Ingestor:
+    def __init__(self, registry: ContractRegistry, committer: GroupCommitter, dead_letters: DeadLetters) -> None:
+        self.registry = registry
+        self.committer = committer
+        self.dead_letters = dead_letters
+
+    async def ingest(
+        self, candidates: Sequence[Candidate], *, traceparent: str | None = None, keep_rejected: bool = True
+    ) -> list[Outcome]:
+        """Validate, commit the valid events, keep the refused ones; one outcome per candidate."""
+        outcomes = [Outcome(c.event_id) for c in candidates]
+        accepted: list[tuple[int, NewEvent]] = []
+        rejected: list[tuple[int, Rejected]] = []
+        for i, c in enumerate(candidates):
+            try:
+                event_id = check_envelope(c)
+                version, text = await self.registry.validate(c.type, c.schema_version, c.payload)
+            except Refusal as r:
+                outcomes[i].code, outcomes[i].message, outcomes[i].field = r.code, r.message, r.field
+                rejected.append(
+                    (i, Rejected(c.source, c.raw, r.code, r.message, r.field, c.event_id or None, c.type or None))
+                )
+                continue
+            metadata = c.metadata
+            if traceparent and "traceparent" not in metadata:
+                metadata = {**metadata, "traceparent": traceparent}
+            accepted.append(
+                (i, NewEvent(event_id, c.type, version, c.entity_type, c.entity_id, c.occurred_at, text, metadata))  # type: ignore[arg-type]
+            )
+        committing = self.committer.append([e for _, e in accepted])
+        keeping = self.dead_letters.keep([r for _, r in rejected]) if keep_rejected else _nothing()
+        results, dead_ids = await asyncio.gather(committing, keeping)
+        for (i, _), result in zip(accepted, results, strict=True):
+            outcomes[i].seq, outcomes[i].duplicate = result.seq, result.duplicate
+        for (i, _), dead_id in zip(rejected, dead_ids, strict=False):
+            outcomes[i].dead_letter_id = dead_id
+        return outcomes
+
+
+async def _nothing() -> list[int]:
+    return []
+
+
+def candidate_from_json(source: str, event_type: str, raw: bytes) -> Candidate:
+    """Read a NATS message body: a JSON envelope {event_id, entity_type, entity_id, occurred_at,
+    schema_version?, payload, metadata?}; the type comes from the subject."""
+    blank = Candidate(source, raw, "", event_type, 0, "", "", None, b"")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        blank.refusal = Refusal("INVALID_ARGUMENT", f"message body is not valid UTF-8 JSON: {exc}", "body")
+        return blank
+    if not isinstance(doc, dict):
+        blank.refusal = Refusal("INVALID_ARGUMENT", "message body must be a JSON object (the event envelope)", "body")
+        return blank
+    blank.event_id = str(doc.get("event_id", ""))
+    try:
+        occurred = doc.get("occurred_at")
+        occurred_at = datetime.fromisoformat(occurred) if isinstance(occurred, str) else None
+        if occurred_at is not None and occurred_at.tzinfo is None:
+            raise ValueError("no time zone")
+    except ValueError as exc:
+        blank.refusal = Refusal("INVALID_ARGUMENT", f"occurred_at must be RFC 3339 with a time zone: {exc}", "occurred_at")
+        return blank
+    payload = doc.get("payload")
+    metadata = doc.get("metadata") or {}
+    version = doc.get("schema_version", 0)
+    if not isinstance(version, int) or not isinstance(metadata, dict):
+        blank.refusal = Refusal("INVALID_ARGUMENT", "schema_version must be an integer and metadata an object", "body")
+        return blank
+    return Candidate(
+        source=source,
+        raw=raw,
+        event_id=blank.event_id,
+        type=event_type,
+        schema_version=version,
+        entity_type=str(doc.get("entity_type", "")),
+        entity_id=str(doc.get("entity_id", "")),
+        occurred_at=occurred_at,
+        payload=orjson.dumps(payload) if payload is not None else b"",
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )

@@ -1,0 +1,74 @@
+"""Assembles the ingest service: gRPC API, NATS intake, and (as a separate process) the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from d2d import bus, eventlog, grpcserver
+from d2d.config import Settings
+from d2d.contracts.registry import ContractRegistry
+from d2d.deadletters import DeadLetters
+from d2d.eventlog import EventLog, GroupCommitter
+from services.ingest import api, nats_in
+from services.ingest.pipeline import Ingestor
+
+log = logging.getLogger(__name__)
+
+
+def stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the IngestService on settings.ingest_addr until `stop` (or SIGINT/SIGTERM)."""
+    stop = stop or stop_on_signals()
+    url = settings.require_database_url()
+    await eventlog.migrate(url)
+    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=10)
+    log_ = EventLog(pool)
+    registry = ContractRegistry(log_)
+    dead_letters = DeadLetters(pool)
+    committer = GroupCommitter(log_)
+    ingestor = Ingestor(registry, committer, dead_letters)
+
+    server, health = grpcserver.new_server([api.SERVICE_NAME])
+    api.add_to_server(api.IngestApi(ingestor, registry, dead_letters, log_), server)
+    port = server.add_insecure_port(settings.ingest_addr)
+    if port == 0:
+        raise SystemExit(f"ingest: cannot listen on {settings.ingest_addr}")
+    nc = await bus.connect(settings.require_nats_url(), name="d2d-ingest")
+    await server.start()
+    topology = bus.Topology(settings.nats_namespace)
+    consumer = asyncio.create_task(
+        nats_in.consume(nc, ingestor, stop, stream=topology.ingest_stream, prefix=topology.ingest_prefix),
+        name="nats-intake",
+    )
+    await grpcserver.set_serving(health, [api.SERVICE_NAME])
+    log.info("ingest serving on %s", settings.ingest_addr)
+    await stop.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consumer, 5)
+    await committer.close()
+    await nc.drain()
+    await pool.close()
+
+
+async def relay(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    from d2d.outbox import run_relay
+
+    stop = stop or stop_on_signals()
+    url = settings.require_database_url()
+    await eventlog.migrate(url)
+    await run_relay(
+        url, settings.require_nats_url(), role=settings.db_role, stop=stop,
+        topology=bus.Topology(settings.nats_namespace),
+    )  # fmt: skip
