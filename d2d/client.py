@@ -60,11 +60,16 @@ class IngestClient:
     async def wait_ready(self, timeout: float = 30) -> None:
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
-    async def append(self, events: Sequence[event_pb2.Event], *, timeout: float = 30) -> ingest_pb2.AppendEventsResponse:
+    async def append(
+        self, events: Sequence[event_pb2.Event], *, timeout: float = 30
+    ) -> ingest_pb2.AppendEventsResponse:
         return await self.stub.AppendEvents(ingest_pb2.AppendEventsRequest(events=events), timeout=timeout)
 
     async def stream_append(
-        self, batches: Iterable[Sequence[event_pb2.Event]] | AsyncIterator[Sequence[event_pb2.Event]], *, timeout: float | None = None
+        self,
+        batches: Iterable[Sequence[event_pb2.Event]] | AsyncIterator[Sequence[event_pb2.Event]],
+        *,
+        timeout: float | None = None,
     ) -> ingest_pb2.StreamAppendEventsResponse:
         async def requests() -> AsyncIterator[ingest_pb2.AppendEventsRequest]:
             if hasattr(batches, "__aiter__"):

@@ -42,10 +42,7 @@ class DeadLetter:
         return f"deadLetters/{self.id}"
 
 
-_COLUMNS = (
-    "id, received_at, source, event_id, event_type, raw, code, reason, field, state, redriven_at,"
-    " redriven_seq"
-)
+_COLUMNS = "id, received_at, source, event_id, event_type, raw, code, reason, field, state, redriven_at, redriven_seq"
 
 
 class DeadLetters:

@@ -113,9 +113,7 @@ async def migrate(url: str) -> list[str]:
                 continue
             async with conn.transaction():
                 await conn.execute(sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", number, name
-                )
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", number, name)
             applied.append(name)
     finally:
         await conn.close()
@@ -139,8 +137,7 @@ FROM unnest($2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::times
 """
 
 _SELECT_COLUMNS = (
-    "seq, event_id, type, schema_version, entity_type, entity_id, occurred_at, recorded_at,"
-    " payload, metadata"
+    "seq, event_id, type, schema_version, entity_type, entity_id, occurred_at, recorded_at, payload, metadata"
 )
 
 
@@ -154,9 +151,7 @@ class EventLog:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def append(
-        self, events: Sequence[NewEvent], *, conn: asyncpg.Connection | None = None
-    ) -> list[AppendResult]:
+    async def append(self, events: Sequence[NewEvent], *, conn: asyncpg.Connection | None = None) -> list[AppendResult]:
         """Append events in order; repeats of a stored event id store nothing and get the first seq.
 
         With `conn`, runs inside the caller's open transaction (which then holds the append lock
@@ -174,14 +169,10 @@ class EventLog:
         """Take the append lock in conn's transaction (held until it ends; re-entrant)."""
         await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
 
-    async def _append_locked(
-        self, conn: asyncpg.Connection, events: Sequence[NewEvent]
-    ) -> list[AppendResult]:
+    async def _append_locked(self, conn: asyncpg.Connection, events: Sequence[NewEvent]) -> list[AppendResult]:
         await self.lock_for_append(conn)
         ids = [e.event_id for e in events]
-        known: dict[uuid.UUID, int] = {
-            r["event_id"]: r["seq"] for r in await conn.fetch(_EXISTING_SQL, ids)
-        }
+        known: dict[uuid.UUID, int] = {r["event_id"]: r["seq"] for r in await conn.fetch(_EXISTING_SQL, ids)}
         fresh: list[NewEvent] = []
         for e in events:
             if e.event_id not in known:
@@ -225,8 +216,7 @@ class EventLog:
         async with self.pool.acquire() as conn:
             if types:
                 rows = await conn.fetch(
-                    f"SELECT {_SELECT_COLUMNS} FROM events WHERE seq > $1 AND type = ANY($3)"
-                    " ORDER BY seq LIMIT $2",
+                    f"SELECT {_SELECT_COLUMNS} FROM events WHERE seq > $1 AND type = ANY($3) ORDER BY seq LIMIT $2",
                     after,
                     limit,
                     list(types),
@@ -239,14 +229,17 @@ class EventLog:
                 )
         return [_stored(r) for r in rows]
 
+    async def count_by_type(self) -> list[tuple[str, int]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT type, count(*) FROM events GROUP BY type ORDER BY type")
+        return [(r[0], r[1]) for r in rows]
+
     async def get(self, event_id: uuid.UUID) -> StoredEvent | None:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(f"SELECT {_SELECT_COLUMNS} FROM events WHERE event_id = $1", event_id)
         return _stored(row) if row else None
 
-    async def read_envelopes(
-        self, after: int, limit: int
-    ) -> list[tuple[int, uuid.UUID, str, bytes, str | None]]:
+    async def read_envelopes(self, after: int, limit: int) -> list[tuple[int, uuid.UUID, str, bytes, str | None]]:
         """(seq, event_id, type, JSON envelope, traceparent) for seq > after, as published on the bus.
 
         Postgres builds the JSON, which keeps the relay's per-event Python work small.
@@ -318,9 +311,7 @@ class GroupCommitter:
     def __init__(self, log: EventLog, *, max_events: int = 20_000) -> None:
         self.log = log
         self.max_events = max_events
-        self._queue: asyncio.Queue[tuple[Sequence[NewEvent], asyncio.Future[list[AppendResult]]]] = (
-            asyncio.Queue()
-        )
+        self._queue: asyncio.Queue[tuple[Sequence[NewEvent], asyncio.Future[list[AppendResult]]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:

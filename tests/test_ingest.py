@@ -60,7 +60,9 @@ async def test_valid_batch_gets_positions_in_order(ingest: IngestClient) -> None
     response = await ingest.append(events)
     seqs = [r.seq for r in response.results]
     assert [r.event_id for r in response.results] == [e.event_id for e in events]
-    assert seqs == sorted(seqs) and len(set(seqs)) == 5 and all(r.WhichOneof("outcome") == "seq" for r in response.results)
+    assert (
+        seqs == sorted(seqs) and len(set(seqs)) == 5 and all(r.WhichOneof("outcome") == "seq" for r in response.results)
+    )
     assert response.appended_count == 5 and response.head_seq == seqs[-1]
 
 

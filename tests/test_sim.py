@@ -37,14 +37,8 @@ def default_run() -> tuple[PaymentsSimulator, list[SimEvent]]:
 
 
 def test_same_seed_is_byte_identical_and_other_seed_differs() -> None:
-    a = [
-        (e.event_id, e.type, e.occurred_at, e.payload_json())
-        for e in PaymentsSimulator(SMALL).events()
-    ]
-    b = [
-        (e.event_id, e.type, e.occurred_at, e.payload_json())
-        for e in PaymentsSimulator(SMALL).events()
-    ]
+    a = [(e.event_id, e.type, e.occurred_at, e.payload_json()) for e in PaymentsSimulator(SMALL).events()]
+    b = [(e.event_id, e.type, e.occurred_at, e.payload_json()) for e in PaymentsSimulator(SMALL).events()]
     assert a == b
     assert PaymentsSimulator(SMALL).truth() == PaymentsSimulator(SMALL).truth()
 
@@ -66,9 +60,7 @@ def test_truth_does_not_depend_on_iterating_events() -> None:
 
 def test_every_payload_validates_against_its_contract() -> None:
     validators = {
-        c.event_type: Draft202012Validator(
-            c.schema, format_checker=Draft202012Validator.FORMAT_CHECKER
-        )
+        c.event_type: Draft202012Validator(c.schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
         for c in PaymentsSimulator().contracts()
     }
     for c in PaymentsSimulator().contracts():
@@ -221,9 +213,7 @@ def test_mean_fraud_probability_near_fraud_rate() -> None:
 def test_truth_is_learnable(default_run) -> None:
     sim, events = default_run
     truth = sim.truth()
-    card_country = {
-        e.payload["card_id"]: e.payload["card_country"] for e in events if e.type == "card.issued"
-    }
+    card_country = {e.payload["card_id"]: e.payload["card_country"] for e in events if e.type == "card.issued"}
     risky, safe = [], []
     scores, labels = [], []
     for e in events:

@@ -90,7 +90,9 @@ def _check_schema(schema: Any) -> None:
     try:
         jsonschema_rs.meta.validate(schema)
     except jsonschema_rs.ValidationError as exc:
-        raise Refusal("INVALID_ARGUMENT", f"json_schema is not a valid JSON Schema: {exc.message}", "json_schema") from exc
+        raise Refusal(
+            "INVALID_ARGUMENT", f"json_schema is not a valid JSON Schema: {exc.message}", "json_schema"
+        ) from exc
 
 
 class ContractRegistry:
@@ -133,11 +135,17 @@ class ContractRegistry:
         try:
             mode = CompatibilityMode(str(compatibility).upper())
         except ValueError as exc:
-            raise Refusal("INVALID_ARGUMENT", f"unknown compatibility mode {compatibility!r}", "contract_version.compatibility") from exc
+            raise Refusal(
+                "INVALID_ARGUMENT", f"unknown compatibility mode {compatibility!r}", "contract_version.compatibility"
+            ) from exc
         _check_schema(json_schema)
         for pointer in pii_fields:
             if not pointer.startswith("/"):
-                raise Refusal("INVALID_ARGUMENT", f"pii field {pointer!r} must be a JSON pointer like '/email'", "contract_version.pii_fields")
+                raise Refusal(
+                    "INVALID_ARGUMENT",
+                    f"pii field {pointer!r} must be a JSON pointer like '/email'",
+                    "contract_version.pii_fields",
+                )
         async with self.log.pool.acquire() as conn, conn.transaction():
             await self.log.lock_for_append(conn)
             rows = await conn.fetch(

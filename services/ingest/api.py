@@ -108,8 +108,16 @@ def _refused(r: Refusal) -> status_pb2.Status:
     return grpcserver.status(r.code, r.message, field=r.field)
 
 
+async def _fail(
+    context: grpc.aio.ServicerContext, code: str, message: str, *, field: str = "", reason: str = ""
+) -> None:
+    await grpcserver.abort(context, grpcserver.status(code, message, field=field, reason=reason))
+
+
 class IngestApi:
-    def __init__(self, ingestor: Ingestor, registry: ContractRegistry, dead_letters: DeadLetters, log: EventLog) -> None:
+    def __init__(
+        self, ingestor: Ingestor, registry: ContractRegistry, dead_letters: DeadLetters, log: EventLog
+    ) -> None:
         self.ingestor = ingestor
         self.registry = registry
         self.dead_letters = dead_letters
@@ -119,20 +127,23 @@ class IngestApi:
 
     async def _check_batch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, _Malformed):
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", f"request is not a valid d2d.v1.AppendEventsRequest: {request.error}",
+            await _fail(
+                context,
+                "INVALID_ARGUMENT",
+                f"request is not a valid d2d.v1.AppendEventsRequest: {request.error}",
                 reason="MALFORMED_REQUEST",
-            ))  # fmt: skip
+            )
         count = len(request.events)
         if count == 0:
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", "events: at least one event is required", field="events"))  # fmt: skip
+            await _fail(context, "INVALID_ARGUMENT", "events: at least one event is required", field="events")
         if count > MAX_EVENTS_PER_REQUEST:
-            await grpcserver.abort(context, grpcserver.status(
+            await _fail(
+                context,
                 "INVALID_ARGUMENT",
                 f"events: {count} events in one request; the limit is {MAX_EVENTS_PER_REQUEST}",
-                field="events", reason="BATCH_TOO_LARGE",
-            ))  # fmt: skip
+                field="events",
+                reason="BATCH_TOO_LARGE",
+            )
 
     async def AppendEvents(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.AppendEventsResponse:
         await self._check_batch(request, context)
@@ -169,23 +180,25 @@ class IngestApi:
 
     # -- contracts --------------------------------------------------------------------------
 
-    async def CreateContractVersion(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ContractVersion:
+    async def CreateContractVersion(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ContractVersion:
         if isinstance(request, _Malformed):
-            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", f"malformed request: {request.error}"))
+            await _fail(context, "INVALID_ARGUMENT", f"malformed request: {request.error}")
         prefix = "contracts/"
-        if not request.parent.startswith(prefix) or "/" in request.parent[len(prefix):]:
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}'", field="parent"))  # fmt: skip
+        if not request.parent.startswith(prefix) or "/" in request.parent[len(prefix) :]:
+            await _fail(context, "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}'", field="parent")
         cv = request.contract_version
         try:
             schema = orjson.loads(cv.json_schema or "null")
         except orjson.JSONDecodeError as exc:
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", f"json_schema is not JSON: {exc}", field="contract_version.json_schema"))  # fmt: skip
+            await _fail(
+                context, "INVALID_ARGUMENT", f"json_schema is not JSON: {exc}", field="contract_version.json_schema"
+            )
         mode = ingest_pb2.CompatibilityMode.Name(cv.compatibility)
         try:
             contract = await self.registry.register(
-                request.parent[len(prefix):],
+                request.parent[len(prefix) :],
                 owner=cv.owner,
                 json_schema=schema,
                 description=cv.description,
@@ -202,15 +215,15 @@ class IngestApi:
     async def GetContractVersion(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ContractVersion:
         parts = request.name.split("/") if not isinstance(request, _Malformed) else []
         if len(parts) != 4 or parts[0] != "contracts" or parts[2] != "versions":
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", "name must be 'contracts/{event_type}/versions/{version}'", field="name"))  # fmt: skip
+            await _fail(
+                context, "INVALID_ARGUMENT", "name must be 'contracts/{event_type}/versions/{version}'", field="name"
+            )
         version = 0 if parts[3] == "latest" else int(parts[3]) if parts[3].isdigit() else -1
         if version < 0:
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", "version must be a number or 'latest'", field="name"))  # fmt: skip
+            await _fail(context, "INVALID_ARGUMENT", "version must be a number or 'latest'", field="name")
         contract = await self.registry.get(parts[1], version or None)
         if contract is None:
-            await grpcserver.abort(context, grpcserver.status("NOT_FOUND", f"{request.name} does not exist", field="name"))
+            await _fail(context, "NOT_FOUND", f"{request.name} does not exist", field="name")
         return contract_to_proto(contract)
 
     async def ListContractVersions(
@@ -218,14 +231,15 @@ class IngestApi:
     ) -> ingest_pb2.ListContractVersionsResponse:
         parent = "" if isinstance(request, _Malformed) else request.parent
         if not parent.startswith("contracts/"):
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}' or 'contracts/-'", field="parent"))  # fmt: skip
+            await _fail(
+                context, "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}' or 'contracts/-'", field="parent"
+            )
         event_type = parent.split("/", 1)[1]
         after = ("", 0)
         if request.page_token:
             kind, _, number = request.page_token.rpartition(":")
             if not number.isdigit():
-                await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", "bad page_token", field="page_token"))
+                await _fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
             after = (kind, int(number))
         size = min(request.page_size or 100, MAX_PAGE_SIZE)
         found = await self.registry.list(None if event_type == "-" else event_type, after=after, limit=size + 1)
@@ -237,11 +251,13 @@ class IngestApi:
 
     # -- dead letters -----------------------------------------------------------------------
 
-    async def ListDeadLetters(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ListDeadLettersResponse:
+    async def ListDeadLetters(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ListDeadLettersResponse:
         if isinstance(request, _Malformed):
-            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", f"malformed request: {request.error}"))
+            await _fail(context, "INVALID_ARGUMENT", f"malformed request: {request.error}")
         if request.page_token and not request.page_token.isdigit():
-            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", "bad page_token", field="page_token"))
+            await _fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
         size = min(request.page_size or 100, MAX_PAGE_SIZE)
         found = await self.dead_letters.list(
             event_type=request.event_type or None,
@@ -259,23 +275,25 @@ class IngestApi:
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.RedriveDeadLettersResponse:
         if isinstance(request, _Malformed):
-            await grpcserver.abort(context, grpcserver.status("INVALID_ARGUMENT", f"malformed request: {request.error}"))
+            await _fail(context, "INVALID_ARGUMENT", f"malformed request: {request.error}")
         ids = []
         for i, name in enumerate(request.names):
             number = name.removeprefix("deadLetters/")
             if not name.startswith("deadLetters/") or not number.isdigit():
-                await grpcserver.abort(context, grpcserver.status(
-                    "INVALID_ARGUMENT", f"{name!r} is not a dead letter name 'deadLetters/{{id}}'", field=f"names[{i}]"))  # fmt: skip
+                await _fail(
+                    context,
+                    "INVALID_ARGUMENT",
+                    f"{name!r} is not a dead letter name 'deadLetters/{{id}}'",
+                    field=f"names[{i}]",
+                )
             ids.append(int(number))
         if request.payload and len(ids) != 1:
-            await grpcserver.abort(context, grpcserver.status(
-                "INVALID_ARGUMENT", "a corrected payload needs exactly one name", field="payload"))  # fmt: skip
+            await _fail(context, "INVALID_ARGUMENT", "a corrected payload needs exactly one name", field="payload")
         if ids:
             letters = await self.dead_letters.get(ids)
             missing = sorted(set(ids) - {d.id for d in letters})
             if missing:
-                await grpcserver.abort(context, grpcserver.status(
-                    "NOT_FOUND", f"deadLetters/{missing[0]} does not exist", field="names"))  # fmt: skip
+                await _fail(context, "NOT_FOUND", f"deadLetters/{missing[0]} does not exist", field="names")
             letters = [d for d in letters if d.state == "PENDING"]
         else:
             letters = await self.dead_letters.list(event_type=request.event_type or None, limit=MAX_EVENTS_PER_REQUEST)
@@ -329,11 +347,15 @@ def add_to_server(api: IngestApi, server: grpc.aio.Server) -> None:
         "CreateContractVersion": unary(
             api.CreateContractVersion, ingest_pb2.CreateContractVersionRequest, ingest_pb2.ContractVersion
         ),
-        "GetContractVersion": unary(api.GetContractVersion, ingest_pb2.GetContractVersionRequest, ingest_pb2.ContractVersion),
+        "GetContractVersion": unary(
+            api.GetContractVersion, ingest_pb2.GetContractVersionRequest, ingest_pb2.ContractVersion
+        ),
         "ListContractVersions": unary(
             api.ListContractVersions, ingest_pb2.ListContractVersionsRequest, ingest_pb2.ListContractVersionsResponse
         ),
-        "ListDeadLetters": unary(api.ListDeadLetters, ingest_pb2.ListDeadLettersRequest, ingest_pb2.ListDeadLettersResponse),
+        "ListDeadLetters": unary(
+            api.ListDeadLetters, ingest_pb2.ListDeadLettersRequest, ingest_pb2.ListDeadLettersResponse
+        ),
         "RedriveDeadLetters": unary(
             api.RedriveDeadLetters, ingest_pb2.RedriveDeadLettersRequest, ingest_pb2.RedriveDeadLettersResponse
         ),

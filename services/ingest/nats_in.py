@@ -21,6 +21,8 @@ from services.ingest.pipeline import Ingestor, candidate_from_json
 log = logging.getLogger(__name__)
 
 DURABLE = "ingest"
+# Unacknowledged messages (the process died before committing) come back after this long.
+ACK_WAIT_SECONDS = 10
 
 
 async def consume(
@@ -38,7 +40,7 @@ async def consume(
         f"{prefix}.>",
         durable=DURABLE,
         stream=stream,
-        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_ack_pending=20_000),
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_SECONDS, max_ack_pending=20_000),
     )
     tracer = telemetry.tracer(__name__)
     cut = len(prefix) + 1

@@ -138,7 +138,9 @@ def candidate_from_json(source: str, event_type: str, raw: bytes) -> Candidate:
         if occurred_at is not None and occurred_at.tzinfo is None:
             raise ValueError("no time zone")
     except ValueError as exc:
-        blank.refusal = Refusal("INVALID_ARGUMENT", f"occurred_at must be RFC 3339 with a time zone: {exc}", "occurred_at")
+        blank.refusal = Refusal(
+            "INVALID_ARGUMENT", f"occurred_at must be RFC 3339 with a time zone: {exc}", "occurred_at"
+        )
         return blank
     payload = doc.get("payload")
     metadata = doc.get("metadata") or {}

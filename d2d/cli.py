@@ -1,0 +1,386 @@
+"""`d2d`: run the platform and talk to it.
+
+d2d up                      start Postgres, NATS and the services; Ctrl-C stops them
+d2d demo                    push a simulated day of payments through ingest and show the log
+d2d contracts list|show|register
+d2d dlq list|redrive        dead letters
+d2d log head                the newest events
+d2d migrate                 apply database migrations
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from d2d.config import Settings
+from d2d.runtime.stack import Endpoints, Stack, running_endpoints
+
+console = Console()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    if getattr(args, "data_dir", None):
+        settings = replace(settings, data_dir=Path(args.data_dir))
+    return settings
+
+
+def _endpoints(settings: Settings) -> Endpoints:
+    """Where the platform is: the environment, else the stack `d2d up` runs on the data dir."""
+    running = running_endpoints(settings.data_dir)
+    if settings.database_url and settings.nats_url:
+        import os
+
+        return Endpoints(
+            settings.database_url, settings.nats_url,
+            os.environ.get("D2D_INGEST_ADDR") or (running.ingest if running else settings.ingest_addr),
+            str(settings.data_dir), 0,
+        )  # fmt: skip
+    if running is None:
+        raise SystemExit(f"no platform is running on {settings.data_dir}; start one with `d2d up`")
+    return running
+
+
+# -- up -----------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if running_endpoints(settings.data_dir):
+        raise SystemExit(f"a platform is already running on {settings.data_dir}")
+    stack = Stack(settings)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        with console.status("starting Postgres, NATS and the services..."):
+            endpoints = stack.start()
+        table = Table(title="Data2Data is up", show_header=False)
+        table.add_row("ingest (gRPC)", endpoints.ingest)
+        table.add_row("Postgres", endpoints.database_url)
+        table.add_row("NATS JetStream", endpoints.nats_url)
+        table.add_row("data directory", endpoints.data_dir)
+        table.add_row("service logs", str(Path(endpoints.data_dir) / "logs"))
+        console.print(table)
+        console.print("Ctrl-C stops everything; `d2d demo` in another shell drives it.")
+        while not stopping:
+            for name in stack.watch_once():
+                console.print(f"[yellow]{name} exited; restarted[/yellow]")
+            time.sleep(0.5)
+    finally:
+        console.print("stopping...")
+        stack.stop()
+        console.print("stopped")
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    stack: Stack | None = None
+    try:
+        endpoints = _endpoints(settings)
+    except SystemExit:
+        stack = Stack(settings)
+        with console.status("no platform running: starting one for the demo..."):
+            endpoints = stack.start()
+    try:
+        return asyncio.run(_demo(endpoints, args.days, args.seed, args.broken_every))
+    finally:
+        if stack is not None:
+            with console.status("stopping the platform the demo started..."):
+                stack.stop()
+
+
+async def _demo(endpoints: Endpoints, days: float, seed: int, broken_every: int) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from d2d import eventlog
+    from d2d.bus import Topology
+    from d2d.client import IngestClient, make_event
+    from d2d.deadletters import DeadLetters
+    from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
+
+    sim = PaymentsSimulator(SimConfig(seed=seed, days=days))
+    events = list(sim.events())
+    truth_path = Path(endpoints.data_dir) / "sim" / f"truth-seed{seed}.csv"
+    truth_path.parent.mkdir(parents=True, exist_ok=True)
+    write_truth_csv(sim.truth(), truth_path)
+    console.print(f"simulated {len(events):,} events over {days:g} day(s), seed {seed}; truth in {truth_path}")
+
+    async with IngestClient(endpoints.ingest) as ingest:
+        await ingest.wait_ready()
+        for spec in sim.contracts():
+            await ingest.create_contract_version(
+                spec.event_type, owner=spec.owner, json_schema=spec.schema, description=spec.description,
+                pii_fields=spec.pii_fields, compatibility=spec.compatibility,
+                allowed_lateness_seconds=spec.allowed_lateness_seconds,
+            )  # fmt: skip
+        broken = 0
+        protos = []
+        for i, e in enumerate(events, start=1):
+            payload = e.payload_json()
+            if broken_every and i % broken_every == 0 and e.type == "payment.authorized":
+                payload = payload.replace(b'"currency":"EUR"', b'"currency":"XXX"')  # a producer bug
+                broken += 1
+            protos.append(make_event(e.type, e.entity_type, e.entity_id, payload, occurred_at=e.occurred_at,
+                                     event_id=e.event_id, schema_version=e.schema_version,
+                                     metadata={"producer": "d2d-sim"}))  # fmt: skip
+        batches = [protos[i : i + 500] for i in range(0, len(protos), 500)]
+        totals = {"appended": 0, "duplicates": 0, "refused": 0}
+        started = time.perf_counter()
+        with Progress(
+            TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        ) as bar:
+            task = bar.add_task("events", total=len(protos))
+            for batch in batches:
+                response = await ingest.append(batch)
+                for r in response.results:
+                    if r.WhichOneof("outcome") == "error":
+                        totals["refused"] += 1
+                    elif r.duplicate:
+                        totals["duplicates"] += 1
+                    else:
+                        totals["appended"] += 1
+                bar.advance(task, len(batch))
+        elapsed = time.perf_counter() - started
+        letters = await ingest.list_dead_letters(limit=5)
+
+    pool = await eventlog.create_pool(endpoints.database_url, max_size=2)
+    try:
+        log = eventlog.EventLog(pool)
+        head = await log.head()
+        relay_name = f"relay:{Topology().events_stream}"
+        deadline = time.monotonic() + 30
+        while await log.position(relay_name) < head and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        published = await log.position(relay_name)
+        counts = await log.count_by_type()
+        newest = await log.read(max(0, head - 5), 5)
+        pending = await DeadLetters(pool).count()
+    finally:
+        await pool.close()
+
+    console.print(
+        f"ingested in {elapsed:.1f}s ({len(protos) / elapsed:,.0f} events/s): {totals['appended']:,} appended, "
+        f"{totals['duplicates']:,} already in the log, {totals['refused']:,} refused "
+        f"({broken} deliberately broken by the demo)"
+    )
+    table = Table(title="events in the log by type")
+    table.add_column("type")
+    table.add_column("count", justify="right")
+    for type_, count in counts:
+        table.add_row(type_, f"{count:,}")
+    console.print(table)
+    table = Table(title=f"dead letters ({pending} pending; `d2d dlq list` shows all)")
+    for col in ("name", "type", "event id", "reason"):
+        table.add_column(col)
+    for d in letters:
+        table.add_row(d.name, d.event_type, d.event_id[:8] + "...", d.error.message)
+    console.print(table)
+    _print_events(newest, f"head of the log (seq {head:,}; published to JetStream up to {published:,})")
+    return 0
+
+
+def _print_events(events: list, title: str) -> None:  # noqa: ANN001
+    table = Table(title=title)
+    for col in ("seq", "type", "entity", "occurred at", "payload"):
+        table.add_column(col, overflow="fold")
+    for e in events:
+        payload = json.dumps(e.payload, separators=(",", ":"))
+        table.add_row(str(e.seq), e.type, f"{e.entity_type}/{e.entity_id}", e.occurred_at.isoformat(),
+                      payload[:80] + ("..." if len(payload) > 80 else ""))  # fmt: skip
+    console.print(table)
+
+
+# -- contracts, dead letters, log ----------------------------------------------------------------
+
+
+async def _with_ingest(settings: Settings, work):  # noqa: ANN001, ANN202
+    from d2d.client import IngestClient
+
+    async with IngestClient(_endpoints(settings).ingest) as ingest:
+        return await work(ingest)
+
+
+def cmd_contracts(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def work(ingest) -> int:  # noqa: ANN001
+        if args.action == "list":
+            table = Table(title="contracts")
+            for col in ("name", "owner", "compatibility", "pii fields", "registered at seq"):
+                table.add_column(col)
+            for c in await ingest.list_contract_versions():
+                table.add_row(
+                    c.name, c.owner, _mode_name(c.compatibility), ", ".join(c.pii_fields), str(c.registered_seq)
+                )
+            console.print(table)
+        elif args.action == "show":
+            c = await ingest.get_contract_version(args.type, args.version)
+            console.print(f"[bold]{c.name}[/bold] owner {c.owner}, {_mode_name(c.compatibility)}")
+            console.print_json(c.json_schema)
+        else:
+            spec = json.loads(Path(args.file).read_text())  # noqa: ASYNC240 - a small local file
+            c = await ingest.create_contract_version(
+                spec["event_type"], owner=spec["owner"], json_schema=spec["schema"],
+                description=spec.get("description", ""), pii_fields=spec.get("pii_fields", []),
+                compatibility=spec.get("compatibility", "BACKWARD"),
+                allowed_lateness_seconds=int(spec.get("allowed_lateness_seconds", 0)),
+            )  # fmt: skip
+            console.print(f"registered {c.name}")
+        return 0
+
+    return _run_rpc(_with_ingest(settings, work))
+
+
+def _mode_name(mode: int) -> str:
+    from d2d.v1 import ingest_pb2
+
+    return ingest_pb2.CompatibilityMode.Name(mode)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def work(ingest) -> int:  # noqa: ANN001
+        if args.action == "list":
+            letters = await ingest.list_dead_letters(
+                event_type=args.type or "", show_redriven=args.all, limit=args.limit
+            )
+            table = Table(title=f"dead letters ({len(letters)} shown)")
+            for col in ("name", "received", "source", "type", "event id", "state", "reason"):
+                table.add_column(col, overflow="fold")
+            for d in letters:
+                state = "REDRIVEN" if d.state == d.REDRIVEN else "PENDING"
+                table.add_row(d.name, d.receive_time.ToDatetime().isoformat(timespec="seconds"), d.source,
+                              d.event_type, d.event_id, state, d.error.message)  # fmt: skip
+            console.print(table)
+            return 0
+        payload = Path(args.payload).read_bytes() if args.payload else b""  # noqa: ASYNC240 - a small local file
+        response = await ingest.redrive_dead_letters(args.names, event_type=args.type or "", payload=payload)
+        for r in response.results:
+            if r.WhichOneof("outcome") == "seq":
+                console.print(f"[green]appended[/green] {r.dead_letter} as seq {r.seq}")
+            else:
+                console.print(f"[red]still refused[/red] {r.dead_letter}: {r.error.message}")
+        console.print(f"{response.redriven_count} of {len(response.results)} redriven")
+        return 0 if response.redriven_count == len(response.results) else 1
+
+    return _run_rpc(_with_ingest(settings, work))
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from d2d import eventlog
+
+    endpoints = _endpoints(_settings(args))
+
+    async def work() -> int:
+        pool = await eventlog.create_pool(endpoints.database_url, max_size=2)
+        try:
+            log = eventlog.EventLog(pool)
+            head = await log.head()
+            _print_events(
+                await log.read(max(0, head - args.n), args.n), f"the newest {args.n} events (head seq {head:,})"
+            )
+        finally:
+            await pool.close()
+        return 0
+
+    return asyncio.run(work())
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from d2d import eventlog
+
+    applied = asyncio.run(eventlog.migrate(_endpoints(_settings(args)).database_url))
+    console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+    return 0
+
+
+def _run_rpc(coro) -> int:  # noqa: ANN001
+    import grpc
+
+    try:
+        return asyncio.run(coro)
+    except grpc.aio.AioRpcError as exc:
+        console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+        return 1
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="d2d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", help="data directory (default $D2D_DATA_DIR or ./.d2d)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("up", help="start everything in the foreground").set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="push a simulated day of payments through the platform")
+    demo.add_argument("--days", type=float, default=1.0)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--broken-every", type=int, default=2500, help="corrupt every Nth event (0: none)")
+    demo.set_defaults(func=cmd_demo)
+
+    contracts = sub.add_parser("contracts", help="data contracts")
+    csub = contracts.add_subparsers(dest="action", required=True)
+    csub.add_parser("list")
+    show = csub.add_parser("show")
+    show.add_argument("type")
+    show.add_argument("--version", default="latest")
+    register = csub.add_parser("register", help="register a version from a JSON file")
+    register.add_argument("file")
+    contracts.set_defaults(func=cmd_contracts)
+
+    dlq = sub.add_parser("dlq", help="dead letters")
+    dsub = dlq.add_subparsers(dest="action", required=True)
+    dlist = dsub.add_parser("list")
+    dlist.add_argument("--type")
+    dlist.add_argument("--all", action="store_true", help="include redriven ones")
+    dlist.add_argument("--limit", type=int, default=50)
+    redrive = dsub.add_parser("redrive", help="re-validate and append (all pending, or the named ones)")
+    redrive.add_argument("names", nargs="*", help="deadLetters/{id}")
+    redrive.add_argument("--type")
+    redrive.add_argument("--payload", help="file with a corrected JSON payload (one name only)")
+    dlq.set_defaults(func=cmd_dlq)
+
+    log = sub.add_parser("log", help="the event log")
+    lsub = log.add_subparsers(dest="action", required=True)
+    head = lsub.add_parser("head", help="the newest events")
+    head.add_argument("-n", type=int, default=10)
+    log.set_defaults(func=cmd_log)
+
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The outbox relay as its own process against real Postgres and NATS: killed mid-stream, or with
+NATS stopped under it, every event of the log ends up on the stream exactly once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from d2d.eventlog import EventLog
+from d2d.runtime.servers import NatsServer, free_port
+from tests.conftest import settings_env
+from tests.test_eventlog import new_event
+
+RELAY = ["-m", "services.ingest", "relay"]
+
+
+async def stream_contents(nats_url: str, namespace: str) -> list[tuple[int, str]]:
+    """(D2D-Seq header, Nats-Msg-Id) of every message on the namespace's events stream."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    stream = f"{namespace.upper()}_D2D_EVENTS"
+    total = (await js.stream_info(stream)).state.messages
+    sub = await js.pull_subscribe(
+        f"{namespace}.d2d.events.>", stream=stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+    )  # fmt: skip
+    found: list[tuple[int, str]] = []
+    while len(found) < total:
+        for m in await sub.fetch(1000, timeout=5):
+            found.append((int(m.headers["D2D-Seq"]), m.headers["Nats-Msg-Id"]))
+    await nc.close()
+    return found
+
+
+async def stream_count(nats_url: str, namespace: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        return (await nc.jetstream().stream_info(f"{namespace.upper()}_D2D_EVENTS")).state.messages
+    except Exception:
+        return 0
+    finally:
+        await nc.close()
+
+
+async def wait_until(predicate, timeout: float = 60, interval: float = 0.05) -> None:  # noqa: ANN001
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+async def append_many(event_log: EventLog, batches: int, size: int, pause: float = 0.0) -> list[uuid.UUID]:
+    ids: list[uuid.UUID] = []
+    for b in range(batches):
+        batch = [new_event(b * size + i) for i in range(size)]
+        await event_log.append(batch)
+        ids.extend(e.event_id for e in batch)
+        if pause:
+            await asyncio.sleep(pause)
+    return ids
+
+
+def assert_exactly_once_in_order(published: list[tuple[int, str]], ids: list[uuid.UUID]) -> None:
+    seqs = [s for s, _ in published]
+    assert seqs == list(range(1, len(ids) + 1)), "each position once, in log order"
+    assert [m for _, m in published] == [str(i) for i in ids]
+
+
+async def test_relay_killed_mid_stream_publishes_every_event_exactly_once(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service
+) -> None:
+    env = settings_env(database_url, nats_server.url, namespace)
+    relay = start_service(RELAY, env, "relay")
+    writing = asyncio.create_task(append_many(event_log, batches=100, size=200, pause=0.01))
+    await wait_until(lambda: _at_least(nats_server.url, namespace, 3000))
+    relay.kill()  # SIGKILL, mid-stream: the writer is still appending
+    published_at_kill = await stream_count(nats_server.url, namespace)
+    ids_so_far = await event_log.head()
+    assert 0 < published_at_kill < 20_000
+    restarted = start_service(RELAY, env, "relay")
+    ids = await writing
+    assert ids_so_far < len(ids)
+    await wait_until(lambda: _at_least(nats_server.url, namespace, len(ids)), timeout=120)
+    await asyncio.sleep(1.0)  # anything published twice would show up as extra messages now
+    assert_exactly_once_in_order(await stream_contents(nats_server.url, namespace), ids)
+    assert await event_log.position(f"relay:{namespace.upper()}_D2D_EVENTS") == len(ids)
+    assert restarted.terminate() == 0, restarted.log()
+
+
+async def test_nats_down_during_appends_loses_nothing(
+    event_log: EventLog, database_url: str, tmp_path: Path, namespace: str, start_service
+) -> None:
+    own_nats = NatsServer(tmp_path / "nats", port=free_port())  # this test stops its NATS
+    own_nats.start()
+    try:
+        relay = start_service(RELAY, settings_env(database_url, own_nats.url, namespace), "relay")
+        ids = await append_many(event_log, batches=10, size=100)
+        await wait_until(lambda: _at_least(own_nats.url, namespace, 1000))
+        own_nats.stop()
+        ids += await append_many(event_log, batches=20, size=100, pause=0.02)  # appends go on
+        assert await event_log.head() == 3000
+        await asyncio.sleep(1.0)
+        own_nats.start()  # same data directory and port
+        ids += await append_many(event_log, batches=10, size=100)
+        await wait_until(lambda: _at_least(own_nats.url, namespace, len(ids)), timeout=120)
+        await asyncio.sleep(1.0)
+        assert_exactly_once_in_order(await stream_contents(own_nats.url, namespace), ids)
+        print(relay.log()[-3000:])
+        assert relay.terminate() == 0, relay.log()
+    finally:
+        own_nats.stop()
+
+
+async def _at_least(nats_url: str, namespace: str, n: int) -> bool:
+    return await stream_count(nats_url, namespace) >= n

@@ -1,0 +1,124 @@
+"""`d2d up` as a user runs it: embedded Postgres and NATS from the wheels, services as their own
+processes, endpoints printed, clean stop on SIGTERM, data kept across restarts, dead services restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from d2d.client import IngestClient, make_event
+from d2d.runtime.servers import free_port
+from d2d.runtime.stack import ENDPOINTS_FILE
+from d2d.sim import load_contracts
+from tests.conftest import ROOT
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def start_up(data_dir: Path, log: Path, ingest_port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("D2D_")}
+    env.update({"D2D_INGEST_ADDR": f"127.0.0.1:{ingest_port}", "COLUMNS": "200"})
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "up"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_endpoints(data_dir: Path, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    path = data_dir / ENDPOINTS_FILE
+    while not path.exists():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
+def children_of(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def command_line(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # exited meanwhile (or a zombie not yet reaped)
+        return ""
+
+
+def stop_up(process: subprocess.Popen[bytes], log: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, log.read_text()
+
+
+async def append_one(target: str, event_id: str) -> int:
+    async with IngestClient(target) as ingest:
+        await ingest.wait_ready()
+        spec = next(c for c in load_contracts() if c.event_type == "merchant.onboarded")
+        await ingest.create_contract_version(spec.event_type, owner=spec.owner, json_schema=spec.schema)
+        payload = {"merchant_id": "mer_0001", "name": "Shop", "mcc": "5411", "category": "grocery",
+                   "country": "DE", "risk_tier": "low"}  # fmt: skip
+        event = make_event("merchant.onboarded", "merchant", "mer_0001", payload, occurred_at=NOW, event_id=event_id)
+        [result] = (await ingest.append([event])).results
+        assert result.WhichOneof("outcome") == "seq", result
+        return result.seq
+
+
+def test_up_serves_stops_cleanly_and_keeps_data_across_restarts(tmp_path: Path) -> None:
+    data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    up = start_up(data_dir, log, port)
+    try:
+        endpoints = wait_endpoints(data_dir, up, log)
+        assert endpoints["ingest"] == f"127.0.0.1:{port}"
+        first_seq = asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000001"))
+        names = " ".join(command_line(p) for p in children_of(up.pid))
+        assert "postgres" in names and "nats-server" in names and "services.ingest serve" in names
+        assert "services.ingest relay" in names
+        children = children_of(up.pid)
+        printed = log.read_text()
+        assert f"127.0.0.1:{port}" in printed and "postgresql://" in printed and "nats://" in printed
+    finally:
+        stop_up(up, log)
+    psutil.wait_procs(children, timeout=10)
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "all stopped"
+    assert not (data_dir / ENDPOINTS_FILE).exists()
+
+    again = start_up(data_dir, log, port)
+    try:
+        endpoints = wait_endpoints(data_dir, again, log)
+        # the same event id answers with its first position: the log survived the restart
+        assert asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000001")) == first_seq
+    finally:
+        stop_up(again, log)
+
+
+def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
+    data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    up = start_up(data_dir, log, port)
+    try:
+        endpoints = wait_endpoints(data_dir, up, log)
+        [ingest] = [p for p in children_of(up.pid) if "services.ingest serve" in command_line(p)]
+        ingest.kill()
+        deadline = time.monotonic() + 30
+        while True:
+            serving = [p for p in children_of(up.pid) if "services.ingest serve" in command_line(p)]
+            if serving and serving[0].pid != ingest.pid:
+                break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000002")) >= 1
+        assert "restarted" in log.read_text()
+    finally:
+        stop_up(up, log)
