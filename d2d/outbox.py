@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 
 import asyncpg
@@ -69,36 +70,46 @@ class OutboxRelay:
             if stop.is_set():
                 return
             wake = asyncio.Event()
-            await leader.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
-            position = await self.log.position(self.name)
-            self.stats.position = position
-            log.info("relay %s publishing from seq %d", self.name, position)
+
+            def on_notify(*_: object) -> None:
+                wake.set()
+
+            await leader.add_listener(NOTIFY_CHANNEL, on_notify)
+            try:
+                await self._publish_until(stop, wake)
+            finally:
+                await leader.remove_listener(NOTIFY_CHANNEL, on_notify)
+                await leader.execute("SELECT pg_advisory_unlock_all()")
+
+    async def _publish_until(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
+        position = await self.log.position(self.name)
+        self.stats.position = position
+        log.info("relay %s publishing from seq %d", self.name, position)
+        backoff = 0.1
+        while not stop.is_set():
+            wake.clear()
+            batch = await self.log.read_envelopes(position, self.batch_size)
+            if not batch:
+                self.caught_up.set()
+                await _wait_any(stop, wake, self.idle_poll)
+                continue
+            self.caught_up.clear()
+            try:
+                await self._publish(batch)
+            except Exception as exc:  # NATS down, slow, or refusing: retry the same batch
+                self.stats.retries += 1
+                log.warning("relay: publishing seq %d.. failed (%s); retrying", batch[0][0], exc)
+                await _wait_any(stop, asyncio.Event(), backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             backoff = 0.1
-            while not stop.is_set():
-                wake.clear()
-                batch = await self.log.read_envelopes(position, self.batch_size)
-                if not batch:
-                    self.caught_up.set()
-                    await _wait_any(stop, wake, self.idle_poll)
-                    continue
-                self.caught_up.clear()
-                try:
-                    await self._publish(batch)
-                except Exception as exc:  # NATS down, slow, or refusing: retry the same batch
-                    self.stats.retries += 1
-                    log.warning("relay: publishing seq %d.. failed (%s); retrying", batch[0][0], exc)
-                    await _wait_any(stop, asyncio.Event(), backoff)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                backoff = 0.1
-                position = batch[-1][0]
-                await self.log.set_position(self.name, position)
-                self.stats.position = position
-                self.stats.batches += 1
-            await leader.execute("SELECT pg_advisory_unlock_all()")
+            position = batch[-1][0]
+            await self.log.set_position(self.name, position)
+            self.stats.position = position
+            self.stats.batches += 1
 
     async def _lead(self, leader: asyncpg.Connection, stop: asyncio.Event) -> None:
-        key = _LEADER_LOCK_BASE + (hash(self.name) & 0xFFFF)
+        key = _LEADER_LOCK_BASE + (zlib.crc32(self.name.encode()) & 0xFFFF)  # stable across processes
         while not stop.is_set():
             if await leader.fetchval("SELECT pg_try_advisory_lock($1)", key):
                 return
@@ -115,12 +126,11 @@ class OutboxRelay:
                     headers = {"Nats-Msg-Id": str(event_id), "D2D-Seq": str(seq)}
                     if traceparent:
                         headers["traceparent"] = traceparent
-                    futures.append(
-                        await self.js.publish_async(
-                            f"{self.subject_prefix}.{type_}", body, headers=headers,
-                            wait_stall=self.ack_timeout,
-                        )
-                    )  # fmt: skip
+                    # No wait_stall: with it nats-py wraps every publish in a task and flushes once
+                    # per message (5.4k msgs/s instead of 30k here). A batch stays inside the
+                    # in-flight window, and wait_for below bounds the wait for acks.
+                    subject = f"{self.subject_prefix}.{type_}"
+                    futures.append(await self.js.publish_async(subject, body, headers=headers))
                 acks = await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout)
             except BaseException:
                 for f in futures:  # frees their slots in nats-py's in-flight window

@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 from d2d import eventlog
+from d2d.client import IngestClient
 from d2d.config import Settings
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.sim import load_contracts
+from services.ingest.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,3 +135,22 @@ def settings_for(database_url: str, nats_url: str, namespace: str, ingest_port: 
         nats_namespace=namespace,
         ingest_addr=f"127.0.0.1:{ingest_port}",
     )
+
+
+@pytest.fixture
+async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> AsyncIterator[IngestClient]:
+    """The ingest service in this process, with the simulator's contracts registered."""
+    port = free_port()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings_for(database_url, nats_server.url, namespace, port), stop))
+    client = IngestClient(f"127.0.0.1:{port}")
+    await client.wait_ready()
+    for spec in load_contracts():
+        await client.create_contract_version(
+            spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
+            compatibility=spec.compatibility,
+        )  # fmt: skip
+    yield client
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    await client.close()

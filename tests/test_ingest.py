@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import grpc
@@ -15,10 +14,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from d2d.client import IngestClient, error_details, make_event
-from d2d.runtime.servers import NatsServer, free_port
-from d2d.sim import load_contracts
-from services.ingest.server import serve
-from tests.conftest import settings_for
+from d2d.runtime.servers import NatsServer
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
@@ -35,24 +31,6 @@ def payment(payment_id: str = "pay_00000001", **overrides: object) -> dict[str, 
 
 def payment_event(payload: dict[str, object] | bytes, **kwargs: object) -> object:
     return make_event("payment.authorized", "payment", "pay_00000001", payload, occurred_at=NOW, **kwargs)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> AsyncIterator[IngestClient]:
-    port = free_port()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings_for(database_url, nats_server.url, namespace, port), stop))
-    client = IngestClient(f"127.0.0.1:{port}")
-    await client.wait_ready()
-    for spec in load_contracts():
-        await client.create_contract_version(
-            spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
-            compatibility=spec.compatibility,
-        )  # fmt: skip
-    yield client
-    stop.set()
-    await asyncio.wait_for(task, 30)
-    await client.close()
 
 
 async def test_valid_batch_gets_positions_in_order(ingest: IngestClient) -> None:

@@ -67,16 +67,13 @@ _TYPE_NAMES = frozenset("null boolean object array number integer string".split(
 _FAMILIES = frozenset("null boolean object array number string".split())
 # The instance type each type-specific keyword applies to.
 _FAMILY = {
-    **dict.fromkeys(
-        "minimum maximum exclusiveMinimum exclusiveMaximum multipleOf".split(), "number"
-    ),
+    **dict.fromkeys("minimum maximum exclusiveMinimum exclusiveMaximum multipleOf".split(), "number"),
     **dict.fromkeys(
         "minLength maxLength pattern format contentEncoding contentMediaType contentSchema".split(),
         "string",
     ),
     **dict.fromkeys(
-        "items prefixItems minItems maxItems uniqueItems contains minContains maxContains"
-        " unevaluatedItems".split(),
+        "items prefixItems minItems maxItems uniqueItems contains minContains maxContains unevaluatedItems".split(),
         "array",
     ),
     **dict.fromkeys(
@@ -422,9 +419,7 @@ def _finite_values(n: dict[str, Any]) -> list[Any] | None:
         values = [n["const"]]
     if isinstance(n.get("enum"), list):
         enum = n["enum"]
-        values = (
-            enum if values is None else [v for v in values if any(_json_eq(v, e) for e in enum)]
-        )
+        values = enum if values is None else [v for v in values if any(_json_eq(v, e) for e in enum)]
     types = n.get("type")
     types = [types] if isinstance(types, str) else types
     if values is None and isinstance(types, list) and types and set(types) <= {"null", "boolean"}:
@@ -479,9 +474,7 @@ def _types(s: dict[str, Any]) -> tuple[set[str] | None, bool]:
     if t is None:
         return None, True
     names = [t] if isinstance(t, str) else t
-    if not isinstance(names, list) or not all(
-        isinstance(x, str) and x in _TYPE_NAMES for x in names
-    ):
+    if not isinstance(names, list) or not all(isinstance(x, str) and x in _TYPE_NAMES for x in names):
         return None, False
     return set(names), True
 
@@ -532,9 +525,7 @@ def _keywords(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[
         if k in _HANDLED or (k in _FAMILY and _FAMILY[k] not in fams):
             continue
         if k in _WHOLE_ONLY:
-            out.append(
-                (path, f"keyword {k!r} could not be proven compatible (only identical schemas are)")
-            )
+            out.append((path, f"keyword {k!r} could not be proven compatible (only identical schemas are)"))
         elif not (k in n and c.same(n[k], w[k])):
             out.append((path, _unproven((k,), n, w, c)))
     return out
@@ -546,9 +537,7 @@ def _unproven(keys: tuple[str, ...], n: dict[str, Any], w: dict[str, Any], c: _C
     if not any(k in n for k in keys):
         return f"{name} of {c.w} is absent from {c.n} and could not be proven compatible"
     if all(_json_eq(n.get(k), w.get(k)) for k in keys):
-        return (
-            f"{name} is unchanged but a schema it refers to ($ref) changed; not proven compatible"
-        )
+        return f"{name} is unchanged but a schema it refers to ($ref) changed; not proven compatible"
     return f"{name} of {c.w} differs in {c.n} and could not be proven compatible"
 
 
@@ -570,9 +559,7 @@ def _bdesc(bound: tuple[float, bool], op: str) -> str:
     return f"values {op}{'' if bound[1] else '='} {bound[0]}"
 
 
-def _numeric(
-    n: dict[str, Any], w: dict[str, Any], nt: set[str] | None, path: str, c: _Ctx
-) -> list[Problem]:
+def _numeric(n: dict[str, Any], w: dict[str, Any], nt: set[str] | None, path: str, c: _Ctx) -> list[Problem]:
     out: list[Problem] = []
     for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"):
         if k in w and not _is_num(w[k]):
@@ -593,9 +580,9 @@ def _numeric(
     if _is_num(wm) and wm > 0:
         nm = n.get("multipleOf")
         try:
-            ok = (
-                _is_num(nm) and nm > 0 and (Fraction(str(nm)) / Fraction(str(wm))).denominator == 1
-            ) or (int_only and (1 / Fraction(str(wm))).denominator == 1)
+            ok = (_is_num(nm) and nm > 0 and (Fraction(str(nm)) / Fraction(str(wm))).denominator == 1) or (
+                int_only and (1 / Fraction(str(wm))).denominator == 1
+            )
         except (ValueError, ZeroDivisionError):
             ok = False
         if not ok:
@@ -603,9 +590,7 @@ def _numeric(
     return out
 
 
-def _counts(
-    n: dict[str, Any], w: dict[str, Any], lo: str, hi: str, path: str, c: _Ctx
-) -> list[Problem]:
+def _counts(n: dict[str, Any], w: dict[str, Any], lo: str, hi: str, path: str, c: _Ctx) -> list[Problem]:
     """Length/size bounds: the narrow range must lie within the wide range."""
     out: list[Problem] = []
     for k, default, tighter in ((lo, 0, lambda a, b: a >= b), (hi, math.inf, lambda a, b: a <= b)):
@@ -644,9 +629,7 @@ def _array(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pro
         )
     if n_max > span:
         out += _descend(n_items, w_items, f"{path}/*", c)
-    out += _counts(
-        n if n_max == math.inf else {**n, "maxItems": n_max}, w, "minItems", "maxItems", path, c
-    )
+    out += _counts(n if n_max == math.inf else {**n, "maxItems": n_max}, w, "minItems", "maxItems", path, c)
     if w.get("uniqueItems") is True and n.get("uniqueItems") is not True and n_max > 1:
         out.append((path, f"{c.w} requires unique items but {c.n} does not"))
     return out
@@ -663,8 +646,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
         return [
             (
                 path,
-                f"'properties'/'patternProperties'/'additionalProperties' of {c.w}"
-                " are not understood",
+                f"'properties'/'patternProperties'/'additionalProperties' of {c.w} are not understood",
             )
         ]
     n_props, n_add, n_pat = (
@@ -687,9 +669,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
             )
         )
     elif pattern_trouble and n_props.keys() != w_props.keys():
-        out.append(
-            (path, "properties changed beside 'patternProperties' could not be proven compatible")
-        )
+        out.append((path, "properties changed beside 'patternProperties' could not be proven compatible"))
     else:
         for name, ns in n_props.items():
             p = f"{path}/{_esc(name)}"
@@ -700,8 +680,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
                     out.append(
                         (
                             p,
-                            f"property {name!r} is allowed by {c.n} but not by {c.w}"
-                            " (additionalProperties is false)",
+                            f"property {name!r} is allowed by {c.n} but not by {c.w} (additionalProperties is false)",
                         )
                     )
             else:
@@ -712,9 +691,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
             p = f"{path}/{_esc(name)}"
             if _accepts_all(n_add):
                 if not _accepts_all(ws):
-                    out.append(
-                        (p, f"property {name!r} is unconstrained in {c.n} but constrained in {c.w}")
-                    )
+                    out.append((p, f"property {name!r} is unconstrained in {c.n} but constrained in {c.w}"))
             else:
                 out += _descend(n_add, ws, p, c)
         if w_add is False and n_add is not False:
@@ -726,9 +703,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
     if not isinstance(w_req, list):
         out.append((path, f"'required' of {c.w} is not a list"))
         w_req = []
-    n_req = (
-        set(n_req) if isinstance(n_req, list) and all(isinstance(x, str) for x in n_req) else set()
-    )
+    n_req = set(n_req) if isinstance(n_req, list) and all(isinstance(x, str) for x in n_req) else set()
     for name in w_req:
         if name not in n_req:
             out.append(
@@ -800,11 +775,7 @@ def _check_kw(k: str, a: Any, v: Any, s: dict[str, Any], doc: _Doc, sub: Any) ->
         return True  # the keyword does not apply to this instance type
     if k == "type":
         names = [a] if isinstance(a, str) else a
-        return (
-            None
-            if not isinstance(names, list)
-            else (jt in names or (jt == "integer" and "number" in names))
-        )
+        return None if not isinstance(names, list) else (jt in names or (jt == "integer" and "number" in names))
     if k == "const":
         return _json_eq(v, a)
     if k == "enum":
@@ -856,9 +827,7 @@ def _check_kw(k: str, a: Any, v: Any, s: dict[str, Any], doc: _Doc, sub: Any) ->
         return _all(sub(v[name], ps) for pat, ps in a.items() for name in v if re.search(pat, name))
     if k == "additionalProperties":
         props, pats = s.get("properties", {}), s.get("patternProperties", {})
-        extra = [
-            name for name in v if name not in props and not any(re.search(p, name) for p in pats)
-        ]
+        extra = [name for name in v if name not in props and not any(re.search(p, name) for p in pats)]
         return _all(sub(v[name], a) for name in extra)
     if k == "propertyNames":
         return _all(sub(name, a) for name in v)

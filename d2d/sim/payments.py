@@ -679,9 +679,7 @@ class PaymentsSimulator:
                     favourites.append(rng.choice(local_merchants))
                 else:
                     favourites.append(self._global_merchant(rng))
-            customers.append(
-                _Customer(cid, country, segment, card_ids, card_countries, devices, favourites)
-            )
+            customers.append(_Customer(cid, country, segment, card_ids, card_countries, devices, favourites))
             activity.append(rng.lognormvariate(0.0, 0.8))
 
         self._customers = customers

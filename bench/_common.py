@@ -1,0 +1,297 @@
+"""Helpers shared by the benchmarks in `bench/` (each runs as `python -m bench.<name> [--quick]`).
+
+The project's rule: performance is measured, not asserted. A benchmark starts its own real servers,
+prints human-readable lines as it goes, and prints as its LAST line one JSON object holding every
+figure together with the baselines measured in the same run (`emit`). This module holds what every
+benchmark needs for that: the servers, service processes that cannot outlive the benchmark, CPU
+accounting per process tree, percentiles and a description of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import psutil
+
+from d2d import eventlog
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def say(message: str = "") -> None:
+    """One human-readable line, flushed at once (benchmarks are watched while they run)."""
+    print(message, flush=True)
+
+
+def emit(result: Mapping[str, Any]) -> None:
+    """The benchmark's last line: one JSON object with every figure and its baselines."""
+    print(json.dumps(result, separators=(", ", ": ")), flush=True)
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the `--quick` flag every benchmark has."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
+    p.add_argument("--quick", action="store_true", help="a small run that finishes in well under a minute")
+    return p
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
+
+
+def filesystem_of(path: Path) -> str:
+    """The file system type holding `path` (tmpfs would make fsync meaningless)."""
+    path = path.resolve()
+    best = ("", "?")
+    for part in psutil.disk_partitions(all=True):
+        mount = part.mountpoint
+        if (path == Path(mount) or Path(mount) in path.parents) and len(mount) > len(best[0]):
+            best = (mount, part.fstype)
+    return best[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def per_second(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else math.inf
+
+
+def rounded(value: float, digits: int = 1) -> float:
+    return round(value, digits)
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], *, timeout: float, interval: float = 0.01, what: str = "condition"
+) -> None:
+    """Await `predicate()` every `interval` seconds until it is true; TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not met within {timeout:.0f}s")
+        await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers and processes
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so `finally` blocks stop what the benchmark started."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Servers:
+    """Real Postgres and NATS JetStream in `root`, on free ports; stopped on exit even after errors.
+
+    `with Servers(tmp) as servers: url = await servers.new_database("x")`
+    """
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.postgres = EmbeddedPostgres(root / "pg", port=free_port(), fsync=fsync)
+        self.nats = NatsServer(root / "nats", port=free_port())
+
+    def __enter__(self) -> Servers:
+        try:
+            self.postgres.start()
+            self.nats.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.nats.stop()
+        with contextlib.suppress(Exception):
+            self.postgres.stop()
+
+    async def new_database(self, name: str) -> str:
+        """A new database with the project's schema; returns its owner URL."""
+        url = await asyncio.to_thread(self.postgres.create_database, name)
+        await eventlog.migrate(url)
+        return url
+
+
+def _die_with_parent() -> None:
+    """preexec: the kernel sends SIGTERM to the child when the benchmark dies, however it dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+@dataclass
+class Services:
+    """Python processes of the project (`python -m services.<x> <role>`), as `d2d up` starts them.
+
+    Use as a context manager: every process started is terminated (then killed) on exit.
+    """
+
+    log_dir: Path
+    started: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> Service:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, *args], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent, start_new_session=True,
+            )  # fmt: skip
+        service = Service(name, process, log_path)
+        self.started.append(service)
+        return service
+
+    def check_alive(self) -> None:
+        """Raise, with the end of its log, if a started process has exited."""
+        for s in self.started:
+            code = s.process.poll()
+            if code is not None:
+                raise RuntimeError(f"{s.name} exited with {code}; end of {s.log_path}:\n{s.log_tail()}")
+
+    def stop_all(self, timeout: float = 15) -> None:
+        for s in self.started:
+            if s.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    s.process.terminate()
+        deadline = time.monotonic() + timeout
+        for s in self.started:
+            try:
+                s.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    s.process.kill()
+                s.process.wait()
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the CPU goes
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by labelled process trees between `start()` and `stop()`.
+
+    `roots` maps a label to (pid, with_children). Processes that exit before `stop()` are not
+    counted; the long-lived servers and services a benchmark watches do not.
+    """
+
+    def __init__(self, roots: Mapping[str, tuple[int, bool]]) -> None:
+        self.roots = dict(roots)
+        self._started: dict[str, dict[int, float]] = {}
+        self._t0 = 0.0
+        self.wall = 0.0
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        found: dict[str, dict[int, float]] = {}
+        for label, (pid, with_children) in self.roots.items():
+            seconds: dict[int, float] = {}
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *(root.children(recursive=True) if with_children else [])]
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    seconds[p.pid] = t.user + t.system
+            found[label] = seconds
+        return found
+
+    def start(self) -> None:
+        self._started = self._sample()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per label since `start()`."""
+        self.wall = time.perf_counter() - self._t0
+        now = self._sample()
+        return {
+            label: round(sum(t - self._started.get(label, {}).get(pid, 0.0) for pid, t in pids.items()), 2)
+            for label, pids in now.items()
+        }
+
+    @staticmethod
+    def describe(cpu: Mapping[str, float], wall: float) -> str:
+        """'label 1.2s (60%)' per label (percent of one core), busiest first, then the total."""
+        parts = [
+            f"{label} {sec:.2f}s ({100 * sec / wall:.0f}%)" for label, sec in sorted(cpu.items(), key=lambda kv: -kv[1])
+        ]
+        total = sum(cpu.values())
+        summary = f"total {total:.2f} CPU-s in {wall:.2f}s wall ({100 * total / wall:.0f}% of one core)"
+        return ", ".join(parts) + "; " + summary

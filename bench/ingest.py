@@ -1,0 +1,516 @@
+"""Ingest benchmark: how fast events become durable, beside what the raw parts can do.
+
+`python -m bench.ingest [--quick] [--inflight 4] [--batch 500]`
+
+What is measured, in one run, on real servers started in a temp dir (Postgres with fsync ON, so a
+commit waits for the WAL to reach the disk, and NATS JetStream with file storage):
+
+1. Durable ingest throughput. The ingest service runs as `d2d up` runs it: two OS processes,
+   `python -m services.ingest serve` (gRPC API: validation against the contracts, group commit to
+   the Postgres event log) and `python -m services.ingest relay` (outbox relay: log -> JetStream).
+   One client sends N simulator events (built as `d2d.v1.Event` protos before timing) in
+   AppendEvents requests of `--batch` events, `--inflight` requests at a time. The clock runs
+   from the first request until every response has returned (all committed in Postgres) AND the
+   namespace's events stream holds all N (acknowledged by JetStream, polled every 10 ms). An event
+   counts as durable only then: committed in Postgres and stored by JetStream.
+2. Baseline A: nats-py `js.publish_async` of the same N JSON envelopes (the bodies the relay
+   would publish, built in Python, similar size) with `Nats-Msg-Id` headers, to a fresh stream with
+   the events stream's configuration, until every ack has arrived. The ceiling for the relay's
+   half of the work with this client library on this NATS server.
+3. Baseline B: asyncpg `copy_records_to_table` of the same N rows into a fresh migrated
+   database, into `events_copy (LIKE events INCLUDING DEFAULTS)`: the events columns without
+   primary key, unique constraint, indexes or triggers. Also reported: the same COPY into
+   `events_copy_indexed (LIKE events INCLUDING ALL)`, which has the primary key, the unique
+   event_id and the three indexes of `events` (still no triggers). The ceiling for the log's half.
+4. One-event append latency: sequential AppendEvents calls of one event each, with the service
+   up and idle otherwise; time until the response, i.e. committed in Postgres. It does NOT include
+   the JetStream ack (the relay publishes after the commit).
+
+Why: ingest is the front door of the platform, and "durable" means both stores have the event.
+The ratio durable ingest / raw publish_async says how much of the bus's speed the whole path keeps
+(target: 0.5). CPU seconds per process (service, relay, Postgres, NATS, this client) are printed
+for each phase, which shows where the time goes.
+
+The last line printed is one JSON object with every figure and its baselines (see bench/_common).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import orjson
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from bench._common import (
+    CpuMeter,
+    Servers,
+    Services,
+    emit,
+    filesystem_of,
+    machine,
+    parser,
+    per_second,
+    percentile,
+    rounded,
+    say,
+    stop_on_sigterm,
+    wait_until,
+)
+from d2d import bus
+from d2d.client import IngestClient, make_event
+from d2d.runtime.servers import free_port
+from d2d.sim import PaymentsSimulator, SimConfig
+from d2d.sim.payments import ContractSpec
+from d2d.v1 import event_pb2
+
+TARGET_RATIO = 0.5
+POLL_INTERVAL = 0.01  # seconds between looks at the stream's message count
+PUBLISH_ASYNC_MAX_PENDING = 4000  # as the relay configures nats-py
+# The events table's columns but recorded_at, which takes its default (clock_timestamp()) as in the log.
+COPY_COLUMNS = (
+    "seq", "event_id", "type", "schema_version", "entity_type", "entity_id", "occurred_at",
+    "payload", "metadata",
+)  # fmt: skip
+QUICK_DAYS, FULL_DAYS = 0.75, 5.0
+QUICK_SINGLES, FULL_SINGLES = 100, 300
+
+
+# ---------------------------------------------------------------------------------------------
+# The workload, built before any clock starts
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The same N simulator events in the three shapes the measurements need."""
+
+    days: float
+    contracts: list[ContractSpec]
+    events: list[event_pb2.Event]  # for AppendEvents
+    envelopes: list[tuple[str, str, bytes]]  # (type, event_id, JSON envelope) for publish_async
+    rows: list[tuple[Any, ...]]  # COPY_COLUMNS of the events table
+    singles: list[event_pb2.Event]  # fresh events (new ids) for the one-event latency calls
+
+    @property
+    def n(self) -> int:
+        return len(self.events)
+
+
+def build_workload(days: float, singles: int) -> Workload:
+    simulator = PaymentsSimulator(SimConfig(days=days))
+    sim_events = list(simulator.events())
+    recorded_at = datetime.now(UTC)
+    events: list[event_pb2.Event] = []
+    envelopes: list[tuple[str, str, bytes]] = []
+    rows: list[tuple[Any, ...]] = []
+    for seq, e in enumerate(sim_events, start=1):
+        payload = e.payload_json()
+        events.append(
+            make_event(
+                e.type, e.entity_type, e.entity_id, payload, occurred_at=e.occurred_at,
+                event_id=e.event_id, schema_version=e.schema_version,
+            )
+        )  # fmt: skip
+        # The fields and order of the envelope the relay publishes (EventLog.read_envelopes).
+        envelope = {
+            "seq": seq, "event_id": e.event_id, "type": e.type, "schema_version": e.schema_version,
+            "entity_type": e.entity_type, "entity_id": e.entity_id, "occurred_at": e.occurred_at,
+            "recorded_at": recorded_at, "payload": e.payload, "metadata": {},
+        }  # fmt: skip
+        envelopes.append((e.type, e.event_id, orjson.dumps(envelope)))
+        rows.append(
+            (seq, uuid.UUID(e.event_id), e.type, e.schema_version, e.entity_type, e.entity_id,
+             e.occurred_at, payload.decode(), "{}")
+        )  # fmt: skip
+    payments = [e for e in sim_events if e.type == "payment.authorized"]
+    single_events = [
+        make_event(
+            p.type, p.entity_type, p.entity_id, p.payload_json(), occurred_at=p.occurred_at,
+            event_id=uuid.uuid4(), schema_version=p.schema_version,
+        )
+        for p in (payments[i % len(payments)] for i in range(singles))
+    ]  # fmt: skip
+    return Workload(days, simulator.contracts(), events, envelopes, rows, single_events)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass
+class Phase:
+    """One timed measurement: how many, how long, and the CPU seconds per process meanwhile."""
+
+    count: int
+    seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return per_second(self.count, self.seconds)
+
+
+def server_roots(servers: Servers) -> dict[str, tuple[int, bool]]:
+    assert servers.postgres.process is not None and servers.nats.process is not None
+    return {
+        "postgres": (servers.postgres.process.pid, True),
+        "nats-server": (servers.nats.process.pid, False),
+        "bench client": (os.getpid(), False),
+    }
+
+
+async def stream_messages(js: JetStreamContext, stream: str) -> int:
+    try:
+        return (await js.stream_info(stream)).state.messages
+    except NotFoundError:
+        return 0
+
+
+async def measure_publish_async(servers: Servers, workload: Workload, namespace: str) -> Phase:
+    """Baseline A: publish_async of every envelope to a fresh file-storage stream, until all acked."""
+    topology = bus.Topology(namespace)
+    nc = await nats.connect(servers.nats.url, name="bench-publish-async")
+    try:
+        js = nc.jetstream(publish_async_max_pending=PUBLISH_ASYNC_MAX_PENDING)
+        config = bus.events_stream_config(topology.events_stream, topology.events_prefix)
+        await js.add_stream(config)
+        prefix = topology.events_prefix
+        meter = CpuMeter(server_roots(servers))
+        meter.start()
+        started = time.perf_counter()
+        futures = [
+            await js.publish_async(f"{prefix}.{type_}", body, headers={"Nats-Msg-Id": event_id})
+            for type_, event_id, body in workload.envelopes
+        ]
+        acks = await asyncio.gather(*futures)
+        seconds = time.perf_counter() - started
+        cpu = meter.stop()
+        duplicates = sum(1 for a in acks if a.duplicate)
+        stored = await stream_messages(js, topology.events_stream)
+        if duplicates or stored != workload.n:
+            raise RuntimeError(f"publish_async: {stored} stored, {duplicates} duplicates of {workload.n}")
+        await js.delete_stream(topology.events_stream)  # its files are not needed any more
+    finally:
+        await nc.close()
+    return Phase(workload.n, seconds, cpu)
+
+
+async def measure_copy(servers: Servers, url: str, rows: Sequence[tuple[Any, ...]]) -> tuple[Phase, Phase]:
+    """Baseline B: COPY of every row, into a plain copy of the events table, then an indexed one."""
+    conn = await asyncpg.connect(url)
+    phases: list[Phase] = []
+    try:
+        for table, like in (("events_copy", "INCLUDING DEFAULTS"), ("events_copy_indexed", "INCLUDING ALL")):
+            await conn.execute(f"CREATE TABLE {table} (LIKE events {like})")
+            meter = CpuMeter(server_roots(servers))
+            meter.start()
+            started = time.perf_counter()
+            await conn.copy_records_to_table(table, records=rows, columns=COPY_COLUMNS)
+            seconds = time.perf_counter() - started
+            phases.append(Phase(len(rows), seconds, meter.stop()))
+            count = await conn.fetchval(f"SELECT count(*) FROM {table}")
+            if count != len(rows):
+                raise RuntimeError(f"COPY into {table}: {count} rows of {len(rows)}")
+    finally:
+        await conn.close()
+    return phases[0], phases[1]
+
+
+@dataclass
+class Ingest:
+    phase: Phase  # until durable: every response back and every event on the stream
+    committed_seconds: float  # until the last response
+    on_stream_at_last_response: int  # of the N, how many JetStream held when the last response came
+
+
+async def start_ingest(
+    servers: Servers, services: Services, url: str, namespace: str, tmp: Path, profile_dir: Path | None
+) -> tuple[str, dict[str, tuple[int, bool]]]:
+    """Start `serve` and `relay` as their own processes; returns the gRPC address and CPU roots."""
+    addr = f"127.0.0.1:{free_port()}"
+    env = {
+        "D2D_DATABASE_URL": url,
+        "D2D_NATS_URL": servers.nats.url,
+        "D2D_INGEST_ADDR": addr,
+        "D2D_DATA_DIR": str(tmp / "data"),
+        "D2D_NATS_NAMESPACE": namespace,
+    }
+    roots: dict[str, tuple[int, bool]] = {}
+    for role in ("serve", "relay"):
+        args = ["-m", "services.ingest", role]
+        if profile_dir is not None:
+            args = ["-m", "cProfile", "-o", str(profile_dir / f"ingest-{role}.prof"), *args]
+        service = services.start(f"ingest-{role}", args, env)
+        roots[f"ingest {role}"] = (service.process.pid, False)
+    return addr, roots
+
+
+async def wait_ready(client: IngestClient, services: Services, timeout: float = 60) -> None:
+    """Wait for the gRPC channel, failing fast (with its log) if a service process exits."""
+    ready = asyncio.ensure_future(client.wait_ready(timeout))
+    try:
+        while not ready.done():
+            services.check_alive()
+            await asyncio.wait({ready}, timeout=0.1)
+        ready.result()
+    finally:
+        ready.cancel()
+
+
+async def register_contracts(client: IngestClient, contracts: Sequence[ContractSpec]) -> None:
+    for spec in contracts:
+        await client.create_contract_version(
+            spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
+            compatibility=spec.compatibility, allowed_lateness_seconds=spec.allowed_lateness_seconds,
+            description=spec.description,
+        )  # fmt: skip
+
+
+async def measure_durable_ingest(
+    client: IngestClient, js: JetStreamContext, stream: str, workload: Workload, *,
+    already: int, batch: int, inflight: int, meter: CpuMeter,
+) -> Ingest:  # fmt: skip
+    """N events through AppendEvents until committed in Postgres and stored by JetStream."""
+    batches = [workload.events[i : i + batch] for i in range(0, workload.n, batch)]
+    target = already + workload.n
+    pending = iter(batches)
+    samples: list[tuple[float, int]] = []  # (time, messages on the stream)
+
+    async def sender() -> None:
+        for events in pending:  # the workers share one iterator: `inflight` requests at a time
+            response = await client.append(events, timeout=120)
+            if response.appended_count != len(events):
+                refused = next((r for r in response.results if r.WhichOneof("outcome") != "seq"), None)
+                raise RuntimeError(
+                    f"{len(events) - response.appended_count} of {len(events)} events not appended; first: {refused}"
+                )
+
+    async def watch_stream() -> float:
+        while True:
+            messages = await stream_messages(js, stream)
+            now = time.perf_counter()
+            samples.append((now, messages))
+            if messages >= target:
+                return now
+            await asyncio.sleep(POLL_INTERVAL)
+
+    meter.start()
+    started = time.perf_counter()
+    watcher = asyncio.create_task(watch_stream())
+    try:
+        await asyncio.gather(*(sender() for _ in range(inflight)))
+        committed = time.perf_counter()
+        stored = await asyncio.wait_for(watcher, 300)
+    finally:
+        watcher.cancel()
+    durable = max(committed, stored)
+    cpu = meter.stop()
+    seen = max((m for t, m in samples if t <= committed), default=already)
+    return Ingest(Phase(workload.n, durable - started, cpu), committed - started, seen - already)
+
+
+async def measure_append_one(client: IngestClient, singles: Sequence[event_pb2.Event]) -> list[float]:
+    """Sequential one-event AppendEvents calls; seconds until each response (committed)."""
+    latencies: list[float] = []
+    for event in singles:
+        started = time.perf_counter()
+        response = await client.append([event])
+        latencies.append(time.perf_counter() - started)
+        if response.appended_count != 1:
+            raise RuntimeError(f"one-event append not appended: {response.results[0]}")
+    return latencies
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool
+    batch: int
+    inflight: int
+    profile_dir: Path | None
+
+
+async def postgres_settings(url: str) -> dict[str, str]:
+    conn = await asyncpg.connect(url)
+    try:
+        names = ("fsync", "synchronous_commit", "wal_sync_method", "full_page_writes")
+        return {n: await conn.fetchval(f"SHOW {n}") for n in names}
+    finally:
+        await conn.close()
+
+
+async def run(options: Options, workload: Workload, servers: Servers, services: Services, tmp: Path) -> dict[str, Any]:
+    token = f"b{uuid.uuid4().hex[:8]}"
+    n = workload.n
+
+    pg = await postgres_settings(servers.postgres.admin_url())
+    say(
+        f"Postgres: fsync={pg['fsync']}, synchronous_commit={pg['synchronous_commit']},"
+        f" wal_sync_method={pg['wal_sync_method']} (each commit waits for its WAL flush to disk);"
+        " NATS JetStream: file storage"
+    )
+
+    # Baseline A: the bus alone.
+    say("\n[A] raw JetStream publish_async (1 connection, nats-py, "
+        f"max {PUBLISH_ASYNC_MAX_PENDING} pending, header Nats-Msg-Id only)")  # fmt: skip
+    publish = await measure_publish_async(servers, workload, f"{token}raw")
+    say(f"    {n:,} msgs in {publish.seconds:.2f}s = {publish.rate:,.0f} msgs/s")
+    say(f"    cpu: {CpuMeter.describe(publish.cpu, publish.seconds)}")
+
+    # Baseline B: the database alone.
+    say("\n[B] raw asyncpg COPY (one transaction, binary COPY) in a fresh migrated database")
+    copy_url = await servers.new_database(f"{token}_copy")
+    copy_plain, copy_indexed = await measure_copy(servers, copy_url, workload.rows)
+    say(f"    events_copy (LIKE events INCLUDING DEFAULTS: no PK, no indexes, no triggers):"
+        f" {n:,} rows in {copy_plain.seconds:.2f}s = {copy_plain.rate:,.0f} rows/s")  # fmt: skip
+    say(f"    events_copy_indexed (LIKE events INCLUDING ALL: PK, unique event_id, 3 indexes, no triggers):"
+        f" {n:,} rows in {copy_indexed.seconds:.2f}s = {copy_indexed.rate:,.0f} rows/s")  # fmt: skip
+
+    # The service, as `d2d up` runs it.
+    ingest_url = await servers.new_database(f"{token}_ingest")
+    addr, service_roots = await start_ingest(servers, services, ingest_url, token, tmp, options.profile_dir)
+    topology = bus.Topology(token)
+    stream = topology.events_stream
+    tracing = "OTLP" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "JSON lines in the data dir"
+    say(f"\n[C] durable ingest: services/ingest serve + relay as 2 processes on {addr}"
+        f" (namespace {token}, stream {stream}; traces: {tracing})")  # fmt: skip
+    client = IngestClient(addr)
+    nc = await nats.connect(servers.nats.url, name="bench-watch")
+    log_conn = await asyncpg.connect(ingest_url)
+    try:
+        js = nc.jetstream()
+        await wait_ready(client, services)
+        await register_contracts(client, workload.contracts)
+        already = await log_conn.fetchval("SELECT count(*) FROM events")  # contract.registered events
+
+        async def relay_caught_up() -> bool:
+            services.check_alive()
+            return await stream_messages(js, stream) == already
+
+        await wait_until(relay_caught_up, timeout=60, what="relay publishing the contract events")
+        say(f"    {len(workload.contracts)} contracts registered; {already} events already on the stream;"
+            f" sending {n:,} events in batches of {options.batch}, {options.inflight} in flight")  # fmt: skip
+
+        meter = CpuMeter({**service_roots, **server_roots(servers)})
+        ingest = await measure_durable_ingest(
+            client, js, stream, workload, already=already, batch=options.batch,
+            inflight=options.inflight, meter=meter,
+        )  # fmt: skip
+        in_log = await log_conn.fetchval("SELECT count(*) FROM events") - already
+        on_stream = await stream_messages(js, stream) - already
+        if in_log != n or on_stream != n:
+            raise RuntimeError(f"after the run: {in_log} events in the log, {on_stream} on the stream, of {n}")
+        durable = ingest.phase
+        committed_rate = per_second(n, ingest.committed_seconds)
+        say(f"    all responses after {ingest.committed_seconds:.2f}s ({committed_rate:,.0f} events/s committed);"
+            f" JetStream then held {ingest.on_stream_at_last_response:,} of {n:,}")  # fmt: skip
+        say(f"    durable (committed + on JetStream): {n:,} events in {durable.seconds:.2f}s"
+            f" = {durable.rate:,.0f} events/s")  # fmt: skip
+        say(f"    cpu: {CpuMeter.describe(durable.cpu, durable.seconds)}")
+
+        # One-event latency, service otherwise idle (the relay has caught up).
+        calls = len(workload.singles)
+        say(f"\n[D] one-event AppendEvents latency: {calls} sequential calls;"
+            " time until the response = committed in Postgres, EXCLUDING the JetStream ack")  # fmt: skip
+        latencies = await measure_append_one(client, workload.singles)
+        ms = [s * 1000 for s in latencies]
+        p50, p99 = percentile(ms, 50), percentile(ms, 99)
+        say(f"    p50 {p50:.2f} ms, p99 {p99:.2f} ms (mean {sum(ms) / calls:.2f}, max {max(ms):.2f})")
+    finally:
+        await log_conn.close()
+        await nc.close()
+        await client.close()
+
+    ratio = durable.rate / publish.rate
+    say(f"\nratio durable ingest / raw publish_async = {ratio:.2f} (target {TARGET_RATIO});"
+        f" durable ingest / raw COPY = {durable.rate / copy_plain.rate:.2f}")  # fmt: skip
+    return {
+        "bench": "ingest",
+        "quick": options.quick,
+        "events": n,
+        "sim_days": workload.days,
+        "batch": options.batch,
+        "inflight": options.inflight,
+        "postgres_fsync": pg["fsync"] == "on",
+        "durable_ingest_events_per_s": rounded(durable.rate),
+        "durable_ingest_seconds": round(durable.seconds, 3),
+        "committed_events_per_s": rounded(committed_rate),
+        "on_stream_at_last_response": ingest.on_stream_at_last_response,
+        "raw_publish_async_msgs_per_s": rounded(publish.rate),
+        "raw_copy_rows_per_s": rounded(copy_plain.rate),
+        "raw_copy_indexed_rows_per_s": rounded(copy_indexed.rate),
+        "ratio_vs_publish_async": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+        "append_one_calls": calls,
+        "append_one_p50_ms": round(p50, 3),
+        "append_one_p99_ms": round(p99, 3),
+        "envelope_bytes_avg": round(sum(len(b) for _, _, b in workload.envelopes) / n),
+        "cpu_s_durable_ingest": durable.cpu,
+        "cpu_s_publish_async": publish.cpu,
+        "profiled": options.profile_dir is not None,
+        "machine": {**machine(), "data_fs": filesystem_of(tmp)},
+    }
+
+
+def main() -> None:
+    p = parser("ingest", "Durable ingest throughput and one-event latency, beside raw JetStream and COPY.")
+    p.add_argument("--inflight", type=int, default=4, help="AppendEvents requests in flight (default 4)")
+    p.add_argument("--batch", type=int, default=500, help="events per AppendEvents request (default 500)")
+    p.add_argument("--days", type=float, help=f"simulated days (default {QUICK_DAYS} quick, {FULL_DAYS} full)")
+    p.add_argument("--latency-calls", type=int, help=f"one-event calls ({QUICK_SINGLES} quick, {FULL_SINGLES} full)")
+    p.add_argument("--tmp-dir", type=Path, help="where to put the servers' data (default: the system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) afterwards")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="run the service processes under cProfile, writing DIR/ingest-*.prof (slows them)")  # fmt: skip
+    args = p.parse_args()
+    stop_on_sigterm()
+    days = args.days or (QUICK_DAYS if args.quick else FULL_DAYS)
+    singles = args.latency_calls or (QUICK_SINGLES if args.quick else FULL_SINGLES)
+    profile_dir = args.profile.resolve() if args.profile else None
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    options = Options(args.quick, args.batch, args.inflight, profile_dir)
+
+    started = time.perf_counter()
+    workload = build_workload(days, singles)
+    info = machine()
+    say(f"bench.ingest{' (quick)' if args.quick else ''}: {workload.n:,} simulator events (days={days}),"
+        f" built in {time.perf_counter() - started:.1f}s before any timing;"
+        f" envelopes avg {sum(len(b) for _, _, b in workload.envelopes) / workload.n:.0f} B")  # fmt: skip
+    say(f"machine: {info['cpus']} CPUs ({info['cpu_model']}), {info['memory_gb']} GB, Python {info['python']}")
+    if profile_dir:
+        say(f"PROFILING the services into {profile_dir}: figures are slowed by cProfile")
+
+    tmp = Path(tempfile.mkdtemp(prefix="d2d-bench-ingest-", dir=args.tmp_dir))
+    say(f"servers' data in {tmp} ({filesystem_of(tmp)})")
+    ok = False
+    try:
+        with Servers(tmp, fsync=True) as servers, Services(tmp / "logs") as services:
+            result = asyncio.run(run(options, workload, servers, services, tmp))
+        ok = True
+    finally:
+        if ok and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            say(f"kept {tmp} (service logs in {tmp / 'logs'})")
+    say(f"done in {time.perf_counter() - started:.1f}s")
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

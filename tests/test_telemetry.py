@@ -1,0 +1,63 @@
+"""Trace context travels from a producer's span through gRPC into the event's metadata and on to
+the NATS message the relay publishes, so the whole path is one trace."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import nats
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from d2d import bus, telemetry
+from d2d.client import IngestClient, make_event
+from d2d.eventlog import EventLog
+from d2d.outbox import OutboxRelay
+from d2d.runtime.servers import NatsServer
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    telemetry.setup_tracing("tests").add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def trace_id_of(traceparent: str) -> int:
+    return int(traceparent.split("-")[1], 16)
+
+
+async def test_trace_context_reaches_event_metadata_and_the_bus(
+    spans: InMemorySpanExporter, ingest: IngestClient, event_log: EventLog, nats_server: NatsServer, namespace: str
+) -> None:
+    payload = {"merchant_id": "mer_0001", "name": "Shop", "mcc": "5411", "category": "grocery",
+               "country": "DE", "risk_tier": "low"}  # fmt: skip
+    event = make_event("merchant.onboarded", "merchant", "mer_0001", payload, occurred_at=datetime.now(UTC))
+    with telemetry.tracer("producer").start_as_current_span("produce") as producer:
+        [result] = (await ingest.append([event])).results
+    trace_id = producer.get_span_context().trace_id
+
+    stored = await event_log.get(uuid.UUID(event.event_id))
+    assert stored is not None and trace_id_of(stored.metadata["traceparent"]) == trace_id
+    server_spans = [s for s in spans.get_finished_spans() if s.name == "/d2d.v1.IngestService/AppendEvents"]
+    assert any(s.context.trace_id == trace_id and s.kind == trace.SpanKind.SERVER for s in server_spans)
+
+    nc = await nats.connect(nats_server.url)
+    topology = bus.Topology(namespace)
+    relay = OutboxRelay(event_log, nc.jetstream(), name="relay:test", stream=topology.events_stream,
+                        subject_prefix=topology.events_prefix)  # fmt: skip
+    await bus.ensure_stream(nc.jetstream(), bus.events_stream_config(topology.events_stream, topology.events_prefix))
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    sub = await nc.jetstream().subscribe(f"{topology.events_prefix}.merchant.onboarded", stream=topology.events_stream)
+    message = await sub.next_msg(timeout=10)
+    stop.set()
+    await running
+    assert message.headers["Nats-Msg-Id"] == event.event_id
+    assert int(message.headers["D2D-Seq"]) == result.seq
+    assert trace_id_of(message.headers["traceparent"]) == trace_id
+    await nc.close()
