@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 import nats
@@ -211,3 +215,52 @@ async def test_nats_intake_commits_before_ack_and_keeps_bad_messages(
     again = await ingest.append([payment_event(payment(), event_id=good_id)])
     assert again.results[0].duplicate  # the NATS event is in the log
     await nc.close()
+
+
+async def test_health_and_reflection_are_served(ingest: IngestClient) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(ingest.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service="d2d.v1.IngestService"), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(ingest.channel)
+    async for answer in reflection.ServerReflectionInfo(ask(), timeout=5):
+        names = {s.name for s in answer.list_services_response.service}
+        break
+    assert {"d2d.v1.IngestService", "grpc.health.v1.Health"} <= names
+
+
+async def run_cli(ingest: IngestClient, database_url: str, *args: str) -> tuple[int, str]:
+    env = {**os.environ, "D2D_INGEST_ADDR": ingest.target, "D2D_DATABASE_URL": database_url,
+           "D2D_NATS_URL": "nats://unused", "COLUMNS": "250"}  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "d2d.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+async def test_dlq_commands_list_and_redrive(ingest: IngestClient, database_url: str, tmp_path: Path) -> None:
+    bad = payment_event(payment(currency="USD"))
+    [refused] = (await ingest.append([bad])).results
+    code, listing = await run_cli(ingest, database_url, "dlq", "list")
+    assert code == 0 and refused.dead_letter in listing and bad.event_id in listing and "payload.currency" in listing
+    code, out = await run_cli(ingest, database_url, "dlq", "redrive", refused.dead_letter)
+    assert code == 1 and "still refused" in out
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps(payment(currency="EUR")))
+    code, out = await run_cli(ingest, database_url, "dlq", "redrive", refused.dead_letter, "--payload", str(fixed))
+    assert code == 0 and "1 of 1 redriven" in out
+    code, head = await run_cli(ingest, database_url, "log", "head", "-n", "1")
+    assert code == 0 and "payment.authorized" in head
