@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -70,6 +70,15 @@ def status(code: str, message: str, *, field: str = "", reason: str = "") -> sta
     if reason:
         details.append(error_info(reason))
     return status_pb2.Status(code=code_pb2.Code.Value(code), message=message, details=details)
+
+
+def unavailable(message: str, retry_after_seconds: float) -> status_pb2.Status:
+    """UNAVAILABLE with a RetryInfo telling the caller when to try again."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(retry_after_seconds * 1e9))
+    retry = any_pb2.Any()
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[retry, error_info("LOG_UNAVAILABLE")])
 
 
 async def abort(context: grpc.aio.ServicerContext, st: status_pb2.Status) -> None:

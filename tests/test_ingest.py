@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import grpc
 import nats
 import pytest
 from google.rpc import error_details_pb2
 
 from d2d.client import IngestClient, error_details, make_event
-from d2d.runtime.servers import NatsServer
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
@@ -264,3 +265,24 @@ async def test_dlq_commands_list_and_redrive(ingest: IngestClient, database_url:
     assert code == 0 and "1 of 1 redriven" in out
     code, head = await run_cli(ingest, database_url, "log", "head", "-n", "1")
     assert code == 0 and "payment.authorized" in head
+
+
+async def test_unreachable_log_is_unavailable_with_retry_info_and_then_recovers(
+    ingest: IngestClient, database_url: str, postgres: EmbeddedPostgres
+) -> None:
+    database = database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres.admin_url())
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await ingest.append([payment_event(payment())])
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "event log is unreachable" in caught.value.details()
+        assert any(isinstance(d, error_details_pb2.RetryInfo) for d in error_details(caught.value))
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    event = payment_event(payment())
+    [result] = (await ingest.append([event])).results
+    assert result.WhichOneof("outcome") == "seq" and not result.duplicate

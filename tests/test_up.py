@@ -13,10 +13,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import psutil
 
 from d2d.client import IngestClient, make_event
-from d2d.runtime.servers import free_port
+from d2d.runtime.servers import NatsServer, free_port
 from d2d.runtime.stack import ENDPOINTS_FILE
 from d2d.sim import load_contracts
 from tests.conftest import ROOT
@@ -24,9 +25,9 @@ from tests.conftest import ROOT
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def start_up(data_dir: Path, log: Path, ingest_port: int) -> subprocess.Popen[bytes]:
+def start_up(data_dir: Path, log: Path, ingest_port: int, **servers: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("D2D_")}
-    env.update({"D2D_INGEST_ADDR": f"127.0.0.1:{ingest_port}", "COLUMNS": "200"})
+    env.update({"D2D_INGEST_ADDR": f"127.0.0.1:{ingest_port}", "COLUMNS": "200", **servers})
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "up"],
@@ -122,3 +123,29 @@ def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
         assert "restarted" in log.read_text()
     finally:
         stop_up(up, log)
+
+
+def test_up_uses_the_servers_named_in_the_environment(
+    tmp_path: Path, database_url: str, nats_server: NatsServer
+) -> None:
+    data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    up = start_up(data_dir, log, port, D2D_DATABASE_URL=database_url, D2D_NATS_URL=nats_server.url)
+    try:
+        endpoints = wait_endpoints(data_dir, up, log)
+        assert endpoints["database_url"] == database_url and endpoints["nats_url"] == nats_server.url
+        names = " ".join(command_line(p) for p in children_of(up.pid))
+        assert "services.ingest serve" in names
+        assert "nats-server" not in names and "bin/postgres" not in names
+        seq = asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000003"))
+    finally:
+        stop_up(up, log)
+    assert not (data_dir / "postgres").exists()
+
+    async def stored() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await conn.fetchval("SELECT seq FROM events WHERE event_id = '7d9f6c1e-0000-4000-8000-000000000003'")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(stored()) == seq

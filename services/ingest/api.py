@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC
 from typing import Any
 
+import asyncpg
 import grpc
 import orjson
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -21,6 +22,17 @@ from d2d.v1 import event_pb2, ingest_pb2
 from services.ingest.pipeline import Candidate, Ingestor, Outcome, candidate_from_json
 
 SERVICE_NAME = "d2d.v1.IngestService"
+# Failures that mean Postgres could not be reached or went away: the transaction did not commit.
+_LOG_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InternalClientError,  # a connection left broken by a dropped server
+)
 MAX_EVENTS_PER_REQUEST = 10_000
 MAX_PAGE_SIZE = 1000
 
@@ -145,10 +157,20 @@ class IngestApi:
                 reason="BATCH_TOO_LARGE",
             )
 
+    async def _ingest(
+        self, context: grpc.aio.ServicerContext, candidates: list[Candidate], **kwargs: Any
+    ) -> list[Outcome]:
+        """Run the pipeline; an unreachable log is UNAVAILABLE (retry: nothing was half-stored)."""
+        try:
+            return await self.ingestor.ingest(candidates, **kwargs)
+        except _LOG_UNREACHABLE as exc:
+            await grpcserver.abort(context, grpcserver.unavailable(f"the event log is unreachable ({exc}); retry", 1.0))
+            raise  # abort raises; this line is for type checkers
+
     async def AppendEvents(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.AppendEventsResponse:
         await self._check_batch(request, context)
-        outcomes = await self.ingestor.ingest(
-            [_candidate(e) for e in request.events], traceparent=telemetry.current_traceparent()
+        outcomes = await self._ingest(
+            context, [_candidate(e) for e in request.events], traceparent=telemetry.current_traceparent()
         )
         return ingest_pb2.AppendEventsResponse(
             results=[_result(o, i) for i, o in enumerate(outcomes)],
@@ -164,7 +186,7 @@ class IngestApi:
         offset = 0
         async for request in request_iterator:
             await self._check_batch(request, context)
-            outcomes = await self.ingestor.ingest([_candidate(e) for e in request.events], traceparent=traceparent)
+            outcomes = await self._ingest(context, [_candidate(e) for e in request.events], traceparent=traceparent)
             response.received_count += len(outcomes)
             for i, o in enumerate(outcomes):
                 if not o.ok:
@@ -298,8 +320,8 @@ class IngestApi:
         else:
             letters = await self.dead_letters.list(event_type=request.event_type or None, limit=MAX_EVENTS_PER_REQUEST)
         candidates = [_from_dead_letter(d, request.payload or None) for d in letters]
-        outcomes = await self.ingestor.ingest(
-            candidates, traceparent=telemetry.current_traceparent(), keep_rejected=False
+        outcomes = await self._ingest(
+            context, candidates, traceparent=telemetry.current_traceparent(), keep_rejected=False
         )
         response = ingest_pb2.RedriveDeadLettersResponse()
         for letter, outcome in zip(letters, outcomes, strict=True):
