@@ -97,12 +97,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     stack: Stack | None = None
     try:
-        endpoints = _endpoints(settings)
-    except SystemExit:
-        stack = Stack(settings)
-        with console.status("no platform running: starting one for the demo..."):
-            endpoints = stack.start()
-    try:
+        try:
+            endpoints = _endpoints(settings)
+        except SystemExit:
+            stack = Stack(settings)
+            with console.status("no platform running: starting one for the demo..."):
+                endpoints = stack.start()
         return asyncio.run(_demo(endpoints, args.days, args.seed, args.broken_every))
     finally:
         if stack is not None:

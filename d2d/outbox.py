@@ -58,7 +58,6 @@ class OutboxRelay:
         self.ack_timeout = ack_timeout
         self.idle_poll = idle_poll
         self.stats = RelayStats()
-        self.caught_up = asyncio.Event()
         self._tracer = telemetry.tracer(__name__)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -90,10 +89,8 @@ class OutboxRelay:
             wake.clear()
             batch = await self.log.read_envelopes(position, self.batch_size)
             if not batch:
-                self.caught_up.set()
                 await _wait_any(stop, wake, self.idle_poll)
                 continue
-            self.caught_up.clear()
             try:
                 await self._publish(batch)
             except Exception as exc:  # NATS down, slow, or refusing: retry the same batch
