@@ -6,14 +6,15 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 
 from d2d import grpcserver
-from d2d.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
+from d2d.v1 import event_pb2, features_pb2, features_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 
 def make_event(
@@ -169,3 +170,63 @@ def error_details(error: grpc.aio.AioRpcError) -> list[Any]:
                 any_.Unpack(message)
                 details.append(message)
     return details
+
+
+@dataclass(frozen=True)
+class OnlineFeatures:
+    feature_names: list[str]
+    rows: list[dict[str, Any]]  # feature name -> value (None when absent)
+    unknown_entities: list[list[str]]
+    watermark: int
+    as_of: datetime
+
+
+def _plain(value: Any) -> Any:
+    kind = value.WhichOneof("kind")
+    return None if kind in (None, "null_value") else getattr(value, kind)
+
+
+class FeatureClient:
+    """`async with FeatureClient("127.0.0.1:50052") as features: await features.get_online(...)`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpcserver.channel(target)
+        self.stub = features_pb2_grpc.FeatureServiceStub(self.channel)
+
+    async def __aenter__(self) -> FeatureClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def get_online(
+        self,
+        features: Sequence[str],
+        rows: Sequence[dict[str, str]],
+        *,
+        as_of: datetime | None = None,
+        timeout: float = 30,
+    ) -> OnlineFeatures:
+        request = features_pb2.GetOnlineFeaturesRequest(
+            features=list(features), rows=[features_pb2.EntityRow(keys=keys) for keys in rows]
+        )
+        if as_of is not None:
+            request.as_of.FromDatetime(as_of)
+        response = await self.stub.GetOnlineFeatures(request, timeout=timeout)
+        names = list(response.feature_names)
+        return OnlineFeatures(
+            feature_names=names,
+            rows=[dict(zip(names, (_plain(v) for v in row.values), strict=True)) for row in response.rows],
+            unknown_entities=[list(row.unknown_entities) for row in response.rows],
+            watermark=response.watermark,
+            as_of=response.as_of.ToDatetime(tzinfo=UTC),
+        )
+
+    async def list_views(self) -> list[features_pb2.FeatureView]:
+        return list(
+            (await self.stub.ListFeatureViews(features_pb2.ListFeatureViewsRequest(), timeout=30)).feature_views
+        )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_INGEST_PORT = 50051
+DEFAULT_FEATURES_PORT = 50052
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,18 @@ class Settings:
     ingest_addr: str = field(
         default_factory=lambda: os.environ.get("D2D_INGEST_ADDR", f"127.0.0.1:{DEFAULT_INGEST_PORT}")
     )
+    features_addr: str = field(
+        default_factory=lambda: os.environ.get("D2D_FEATURES_ADDR", f"127.0.0.1:{DEFAULT_FEATURES_PORT}")
+    )
+    # Name of the features service's durable consumer and snapshot: instances with the same name
+    # share them (one at a time); another name folds the stream independently.
+    features_consumer: str = field(default_factory=lambda: os.environ.get("D2D_FEATURES_CONSUMER", "features"))
+    # How often the features service snapshots its state (and acknowledges what it folded).
+    features_snapshot_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("D2D_FEATURES_SNAPSHOT_SECONDS", "5"))
+    )
+    # Python module whose VIEWS tuple the features service serves.
+    feature_views_module: str = field(default_factory=lambda: os.environ.get("D2D_FEATURE_VIEWS", "d2d.sim.views"))
     # Prefix of stream names and subjects (empty in production; tests use one per test).
     nats_namespace: str = field(default_factory=lambda: os.environ.get("D2D_NATS_NAMESPACE", ""))
     # The role every service connection switches to: INSERT and SELECT on the log, nothing more.

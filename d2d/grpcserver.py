@@ -3,10 +3,12 @@ and errors as `google.rpc.Status` with details a caller can act on."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -84,3 +86,68 @@ def unavailable(message: str, retry_after_seconds: float) -> status_pb2.Status:
 async def abort(context: grpc.aio.ServicerContext, st: status_pb2.Status) -> None:
     """End the call with a rich status (details in the `grpc-status-details-bin` trailer)."""
     await context.abort_with_status(rpc_status.to_status(st))
+
+
+class Malformed:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return Malformed(exc)
+
+    return deserialize
+
+
+async def _refuse_malformed(context: grpc.aio.ServicerContext, request: Malformed, type_name: str) -> None:
+    await abort(
+        context,
+        status("INVALID_ARGUMENT", f"request is not a valid {type_name}: {request.error}", reason="MALFORMED_REQUEST"),
+    )
+
+
+def add_service(server: Any, service: ServiceDescriptor, servicer: object) -> None:
+    """Serve every method of `service` (from its descriptor) with `servicer`'s coroutine of the same
+    name. Requests are decoded leniently, so bytes that are not a valid message get
+    INVALID_ARGUMENT naming the message type (grpc's default answer is INTERNAL)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        implementation = getattr(servicer, method.name)
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        type_name = method.input_type.full_name
+        kwargs = {
+            "request_deserializer": _lenient(request_type),
+            "response_serializer": response_type.SerializeToString,
+        }
+        if method.client_streaming or method.server_streaming:
+            if not method.client_streaming:
+                raise NotImplementedError(f"{method.full_name}: server streaming is not used by the platform")
+
+            async def stream_unary(
+                requests: Any, context: Any, impl: Any = implementation, name: str = type_name
+            ) -> Any:
+                async def checked() -> Any:
+                    async for request in requests:
+                        if isinstance(request, Malformed):
+                            await _refuse_malformed(context, request, name)
+                        yield request
+
+                return await impl(checked(), context)
+
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+        else:
+
+            async def unary(request: Any, context: Any, impl: Any = implementation, name: str = type_name) -> Any:
+                if isinstance(request, Malformed):
+                    await _refuse_malformed(context, request, name)
+                return await impl(request, context)
+
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service.full_name, handlers)])

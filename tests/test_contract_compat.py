@@ -7,12 +7,7 @@ from typing import Any
 
 import pytest
 
-from d2d.contracts.compat import (
-    CompatibilityMode,
-    Incompatibility,
-    check_compatibility,
-    is_subschema,
-)
+from d2d.contracts.compat import CompatibilityMode, Incompatibility, check_compatibility, is_subschema
 
 
 def obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -252,22 +247,14 @@ def test_local_refs_are_resolved() -> None:
 def test_optional_via_any_of_null_is_backward_compatible() -> None:
     defs = {"Card": obj({"bin": STR}, ["bin"])}
     old = {"$defs": defs, **obj({"card": {"$ref": "#/$defs/Card"}})}
-    new = {
-        "$defs": defs,
-        **obj({"card": {"anyOf": [{"$ref": "#/$defs/Card"}, {"type": "null"}], "default": None}}),
-    }
+    new = {"$defs": defs, **obj({"card": {"anyOf": [{"$ref": "#/$defs/Card"}, {"type": "null"}], "default": None}})}
     assert check_compatibility(new, [(1, old)], "BACKWARD") == []
     assert where(check_compatibility(new, [(1, old)], "FORWARD")) == {("/card", "FORWARD", 1)}
 
 
 def test_recursive_schemas_are_compared_coinductively() -> None:
     def tree(value_type: str) -> dict[str, Any]:
-        node = obj(
-            {
-                "v": {"type": value_type},
-                "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}},
-            }
-        )
+        node = obj({"v": {"type": value_type}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}})
         return {"$defs": {"Node": node}, "$ref": "#/$defs/Node"}
 
     assert check_compatibility(tree("number"), [(1, tree("integer"))], "BACKWARD") == []
@@ -296,3 +283,34 @@ def test_incompatibility_str_names_field_direction_and_version() -> None:
     problem = Incompatibility("/currency", "property 'currency' became required", 2, "BACKWARD")
     assert str(problem) == "field /currency: property 'currency' became required (BACKWARD against version 2)"
     assert str(Incompatibility("", "x", 1, "FORWARD")).startswith("field (root): x")
+
+
+def test_unchanged_one_of_whose_ref_target_changed_is_reported() -> None:
+    def schema(pan_max: int) -> dict[str, Any]:
+        defs = {
+            "Card": obj({"pan": {"type": "string", "maxLength": pan_max}}, ["pan"]),
+            "Bank": obj({"iban": STR}, ["iban"]),
+        }
+        method = {"oneOf": [{"$ref": "#/$defs/Card"}, {"$ref": "#/$defs/Bank"}]}
+        return {"$defs": defs, **obj({"method": method})}
+
+    problems = check_compatibility(schema(16), [(1, schema(19))], "BACKWARD")
+    assert where(problems) == {("/method", "BACKWARD", 1)}
+    assert "$ref" in problems[0].reason
+
+
+def test_required_alternatives_via_any_of_are_understood() -> None:
+    contact = {"email": STR, "phone": STR}
+    either = {"anyOf": [{"required": ["email"]}, {"required": ["phone"]}]}
+    old = {**obj(contact), **either}
+    new = {**obj({**contact, "name": {}}), **either}
+    assert check_compatibility(new, [(1, old)], "FULL") == []
+    email_only = obj(contact, ["email"])
+    assert check_compatibility(email_only, [(1, old)], "FORWARD") == []
+    assert where(check_compatibility(email_only, [(1, old)], "BACKWARD")) == {("/email", "BACKWARD", 1)}
+
+
+def test_prefix_items_are_compared_by_position() -> None:
+    old = {"type": "array", "prefixItems": [STR, NUM], "items": False}
+    new = {"type": "array", "prefixItems": [STR, INT], "items": False}
+    assert where(check_compatibility(new, [(1, old)], "FULL")) == {("/1", "BACKWARD", 1)}

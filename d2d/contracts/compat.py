@@ -69,8 +69,7 @@ _FAMILIES = frozenset("null boolean object array number string".split())
 _FAMILY = {
     **dict.fromkeys("minimum maximum exclusiveMinimum exclusiveMaximum multipleOf".split(), "number"),
     **dict.fromkeys(
-        "minLength maxLength pattern format contentEncoding contentMediaType contentSchema".split(),
-        "string",
+        "minLength maxLength pattern format contentEncoding contentMediaType contentSchema".split(), "string"
     ),
     **dict.fromkeys(
         "items prefixItems minItems maxItems uniqueItems contains minContains maxContains unevaluatedItems".split(),
@@ -98,6 +97,12 @@ _CONTEXTUAL = frozenset(
     " minContains maxContains $dynamicRef $recursiveRef".split()
 )
 _WHOLE_ONLY = frozenset("unevaluatedProperties unevaluatedItems $dynamicRef $recursiveRef".split())
+_NUMBER_ARGS = frozenset(
+    "minimum maximum exclusiveMinimum exclusiveMaximum multipleOf minLength maxLength minItems"
+    " maxItems minProperties maxProperties minContains maxContains".split()
+)
+_LIST_ARGS = frozenset("enum required prefixItems allOf anyOf oneOf".split())
+_DICT_ARGS = frozenset("properties patternProperties dependentRequired dependentSchemas".split())
 _MAX_DEPTH = 100
 _MAX_CALLS = 20_000
 
@@ -105,16 +110,14 @@ _MAX_CALLS = 20_000
 # --------------------------------------------------------------------------- public API
 
 
-def is_subschema(narrow: Any, wide: Any) -> list[Problem]:
+def is_subschema(narrow: dict[str, Any] | bool, wide: dict[str, Any] | bool) -> list[Problem]:
     """Problems (field pointer, reason) that stop us proving every instance valid under `narrow`
     is valid under `wide`. Empty list = proven."""
     return _prove(narrow, wide, "the narrow schema", "the wide schema")
 
 
 def check_compatibility(
-    new_schema: dict[str, Any],
-    previous: list[tuple[int, dict[str, Any]]],
-    mode: CompatibilityMode | str,
+    new_schema: dict[str, Any], previous: list[tuple[int, dict[str, Any]]], mode: CompatibilityMode | str
 ) -> list[Incompatibility]:
     """previous: (version, schema) pairs, oldest first. Empty list = compatible."""
     mode = CompatibilityMode(str(mode).upper())
@@ -236,10 +239,7 @@ class _Doc:
         if frag and not frag.startswith("/"):
             return None, f"anchor $ref {ref!r} could not be proven compatible"
         if self._has_embedded_id():
-            return (
-                None,
-                f"$ref {ref!r} inside a schema with embedded $id could not be proven compatible",
-            )
+            return (None, f"$ref {ref!r} inside a schema with embedded $id could not be proven compatible")
         node = self.root
         for token in frag.split("/")[1:]:
             token = unquote(token).replace("~1", "/").replace("~0", "~")
@@ -299,12 +299,7 @@ def _sub(n: Any, w: Any, path: str, c: _Ctx) -> list[Problem]:
     if key in c.active:
         if c.depth > c.active[key]:
             return []
-        return [
-            (
-                path,
-                "a $ref cycle that never descends into the value could not be proven compatible",
-            )
-        ]
+        return [(path, "a $ref cycle that never descends into the value could not be proven compatible")]
     c.calls += 1
     if len(c.active) >= _MAX_DEPTH or c.calls > _MAX_CALLS:
         return [(path, "schema too deeply nested or complex to prove compatible")]
@@ -344,11 +339,13 @@ def _sub_inner(n0: Any, w0: Any, path: str, c: _Ctx) -> list[Problem]:
     if values is not None:
         out = []
         for v in values:
-            if _validate(v, n0, c.n_doc) is False:
+            in_narrow = _Validator(c.n_doc)(v, n0)
+            if in_narrow is False:
                 continue
-            ok = _validate(v, w0, c.w_doc)
+            ok = _Validator(c.w_doc)(v, w0)
             if ok is False:
-                out.append((path, f"value {_show(v)} is accepted by {c.n} but not by {c.w}"))
+                may = "is" if in_narrow else "may be"
+                out.append((path, f"value {_show(v)} {may} accepted by {c.n} but not by {c.w}"))
             elif ok is None:
                 out.append((path, f"value {_show(v)} could not be proven valid under {c.w}"))
         return out
@@ -360,6 +357,10 @@ def _sub_inner(n0: Any, w0: Any, path: str, c: _Ctx) -> list[Problem]:
         for part in parts:
             out += [(path, part)] if isinstance(part, str) else _sub(n0, part, path, c)
         return out
+
+    # A wide oneOf (now alone) is accepted only when identical, which was checked above.
+    if "oneOf" in w:
+        return [(path, _unproven(("oneOf",), n, w, c))]
 
     # 3. Narrow disjunction (exact): (A∨B) ⊆ w iff A ⊆ w and B ⊆ w; oneOf is within anyOf.
     for key in ("anyOf", "oneOf"):
@@ -391,8 +392,6 @@ def _sub_inner(n0: Any, w0: Any, path: str, c: _Ctx) -> list[Problem]:
         return attempts[0]
 
     # 5. Wide disjunction: n ⊆ A∨B if n ⊆ A or n ⊆ B (sound, incomplete).
-    if "oneOf" in w:
-        return [(path, _unproven(("oneOf",), n, w, c))]
     if "anyOf" in w:
         types = n.get("type")
         if isinstance(types, list) and len(types) > 1:  # split a type union first (exact)
@@ -622,15 +621,14 @@ def _array(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pro
         if i >= n_max:
             break
         out += _descend(
-            n_pre[i] if i < len(n_pre) else n_items,
-            w_pre[i] if i < len(w_pre) else w_items,
-            f"{path}/{i}",
-            c,
+            n_pre[i] if i < len(n_pre) else n_items, w_pre[i] if i < len(w_pre) else w_items, f"{path}/{i}", c
         )
     if n_max > span:
         out += _descend(n_items, w_items, f"{path}/*", c)
     out += _counts(n if n_max == math.inf else {**n, "maxItems": n_max}, w, "minItems", "maxItems", path, c)
-    if w.get("uniqueItems") is True and n.get("uniqueItems") is not True and n_max > 1:
+    if not isinstance(w.get("uniqueItems", False), bool):
+        out.append((path, f"'uniqueItems' of {c.w} is not a boolean"))
+    elif w.get("uniqueItems") and n.get("uniqueItems") is not True and n_max > 1:
         out.append((path, f"{c.w} requires unique items but {c.n} does not"))
     return out
 
@@ -643,12 +641,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
         w.get("patternProperties", {}),
     )
     if not isinstance(w_props, dict) or not isinstance(w_pat, dict) or not _is_schema(w_add):
-        return [
-            (
-                path,
-                f"'properties'/'patternProperties'/'additionalProperties' of {c.w} are not understood",
-            )
-        ]
+        return [(path, f"'properties'/'patternProperties'/'additionalProperties' of {c.w} are not understood")]
     n_props, n_add, n_pat = (
         n.get("properties", {}),
         n.get("additionalProperties", True),
@@ -662,12 +655,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
     # just one more narrow constraint, which may be dropped).
     pattern_trouble = bool(w_pat or (n_pat and not _accepts_all(n_add)))
     if pattern_trouble and not c.same(n_pat, w_pat):
-        out.append(
-            (
-                path,
-                f"'patternProperties' of {c.w} and {c.n} differ and could not be proven compatible",
-            )
-        )
+        out.append((path, f"'patternProperties' of {c.w} and {c.n} differ and could not be proven compatible"))
     elif pattern_trouble and n_props.keys() != w_props.keys():
         out.append((path, "properties changed beside 'patternProperties' could not be proven compatible"))
     else:
@@ -678,10 +666,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
             elif w_add is False:
                 if ns is not False:
                     out.append(
-                        (
-                            p,
-                            f"property {name!r} is allowed by {c.n} but not by {c.w} (additionalProperties is false)",
-                        )
+                        (p, f"property {name!r} is allowed by {c.n} but not by {c.w} (additionalProperties is false)")
                     )
             else:
                 out += _descend(ns, w_add, p, c)
@@ -706,12 +691,7 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
     n_req = set(n_req) if isinstance(n_req, list) and all(isinstance(x, str) for x in n_req) else set()
     for name in w_req:
         if name not in n_req:
-            out.append(
-                (
-                    f"{path}/{_esc(str(name))}",
-                    f"property {name!r} is required by {c.w} but not by {c.n}",
-                )
-            )
+            out.append((f"{path}/{_esc(str(name))}", f"property {name!r} is required by {c.w} but not by {c.n}"))
     w_dep, n_dep = w.get("dependentRequired", {}), n.get("dependentRequired", {})
     if not isinstance(w_dep, dict):
         out.append((path, f"'dependentRequired' of {c.w} is not an object"))
@@ -719,13 +699,11 @@ def _object(n: dict[str, Any], w: dict[str, Any], path: str, c: _Ctx) -> list[Pr
     n_dep = n_dep if isinstance(n_dep, dict) else {}
     for name, deps in w_dep.items():
         have = n_req | set(n_dep.get(name, []) if isinstance(n_dep.get(name), list) else [])
-        missing = [d for d in deps if d not in have] if isinstance(deps, list) else ["?"]
+        ok_deps = isinstance(deps, list) and all(isinstance(d, str) for d in deps)
+        missing = [d for d in deps if d not in have] if ok_deps else [f"(malformed {_show(deps)})"]
         if missing:
             out.append(
-                (
-                    f"{path}/{_esc(name)}",
-                    f"{c.w} requires {missing} whenever {name!r} is present but {c.n} does not",
-                )
+                (f"{path}/{_esc(name)}", f"{c.w} requires {missing} whenever {name!r} is present but {c.n} does not")
             )
     out += _counts(n, w, "minProperties", "maxProperties", path, c)
     return out
@@ -752,23 +730,43 @@ def _any(results: Any) -> bool | None:
     return None if seen_none else False
 
 
-def _validate(v: Any, s: Any, doc: _Doc, depth: int = 0) -> bool | None:
-    """Is value v valid under schema s? None when a keyword is not understood."""
-    if isinstance(s, bool):
-        return s
-    if not isinstance(s, dict) or depth > _MAX_DEPTH:
-        return None
-    return _all(_validate_kw(k, a, v, s, doc, depth + 1) for k, a in _strip(s).items())
+class _Validator:
+    """Three-valued validation against one document: True/False when decided, None when a
+    keyword is not understood, a $ref cycle makes no progress, or the work budget runs out."""
 
+    def __init__(self, doc: _Doc) -> None:
+        self.doc = doc
+        self.active: set[tuple[int, int]] = set()
+        self.steps = 0
 
-def _validate_kw(k: str, a: Any, v: Any, s: dict[str, Any], doc: _Doc, depth: int) -> bool | None:
-    try:
-        return _check_kw(k, a, v, s, doc, lambda x, sch: _validate(x, sch, doc, depth))
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError, re.error):
-        return None
+    def __call__(self, v: Any, s: Any) -> bool | None:
+        if isinstance(s, bool):
+            return s
+        key = (id(v), id(s))
+        self.steps += 1
+        if not isinstance(s, dict) or key in self.active or self.steps > _MAX_CALLS:
+            return None
+        self.active.add(key)
+        try:
+            return _all(self._keyword(k, a, v, s) for k, a in _strip(s).items())
+        finally:
+            self.active.discard(key)
+
+    def _keyword(self, k: str, a: Any, v: Any, s: dict[str, Any]) -> bool | None:
+        try:
+            return _check_kw(k, a, v, s, self.doc, self)
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError, RecursionError, re.error):
+            return None
 
 
 def _check_kw(k: str, a: Any, v: Any, s: dict[str, Any], doc: _Doc, sub: Any) -> bool | None:  # noqa: C901
+    if (
+        (k in _NUMBER_ARGS and not _is_num(a))
+        or (k in _LIST_ARGS and not isinstance(a, list))
+        or (k in _DICT_ARGS and not isinstance(a, dict))
+        or (k == "uniqueItems" and not isinstance(a, bool))
+    ):
+        return None  # malformed keyword value
     jt = _json_type(v)
     fam = _FAMILY.get(k)
     if fam is not None and _family(jt or "") != fam:

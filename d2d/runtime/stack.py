@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from d2d import eventlog
-from d2d.config import DEFAULT_INGEST_PORT, Settings
+from d2d.config import DEFAULT_FEATURES_PORT, DEFAULT_INGEST_PORT, Settings
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,13 @@ class ServiceSpec:
     name: str
     args: tuple[str, ...]
     grpc_service: str | None = None  # health-checked name, for services with a gRPC server
+    endpoint: str | None = None  # the Endpoints field holding its address
 
 
 SERVICES = (
-    ServiceSpec("ingest", ("-m", "services.ingest", "serve"), "d2d.v1.IngestService"),
+    ServiceSpec("ingest", ("-m", "services.ingest", "serve"), "d2d.v1.IngestService", "ingest"),
     ServiceSpec("ingest-relay", ("-m", "services.ingest", "relay")),
+    ServiceSpec("features", ("-m", "services.features"), "d2d.v1.FeatureService", "features"),
 )
 
 
@@ -47,6 +49,7 @@ class Endpoints:
     database_url: str
     nats_url: str
     ingest: str
+    features: str
     data_dir: str
     pid: int
 
@@ -55,6 +58,7 @@ class Endpoints:
             "D2D_DATABASE_URL": self.database_url,
             "D2D_NATS_URL": self.nats_url,
             "D2D_INGEST_ADDR": self.ingest,
+            "D2D_FEATURES_ADDR": self.features,
             "D2D_DATA_DIR": self.data_dir,
         }
 
@@ -93,8 +97,9 @@ class Stack:
             self.nats = NatsServer(self.data_dir)
             nats_url = self.nats.start()
         asyncio.run(eventlog.migrate(database_url))
-        ingest = os.environ.get("D2D_INGEST_ADDR") or self._default_ingest_addr()
-        self.endpoints = Endpoints(database_url, nats_url, ingest, str(self.data_dir), os.getpid())
+        ingest = os.environ.get("D2D_INGEST_ADDR") or self._default_addr("ingest", DEFAULT_INGEST_PORT)
+        features = os.environ.get("D2D_FEATURES_ADDR") or self._default_addr("features", DEFAULT_FEATURES_PORT)
+        self.endpoints = Endpoints(database_url, nats_url, ingest, features, str(self.data_dir), os.getpid())
         for spec in SERVICES:
             self._spawn(spec)
         deadline = time.monotonic() + timeout
@@ -104,10 +109,10 @@ class Stack:
         (self.data_dir / ENDPOINTS_FILE).write_text(json.dumps(asdict(self.endpoints), indent=2))
         return self.endpoints
 
-    def _default_ingest_addr(self) -> str:
-        if port_is_free(DEFAULT_INGEST_PORT):
-            return f"127.0.0.1:{DEFAULT_INGEST_PORT}"
-        return f"127.0.0.1:{_remembered_port(self.data_dir / 'ports.json', 'ingest')}"
+    def _default_addr(self, name: str, port: int) -> str:
+        if port_is_free(port):
+            return f"127.0.0.1:{port}"
+        return f"127.0.0.1:{_remembered_port(self.data_dir / 'ports.json', name)}"
 
     def _spawn(self, spec: ServiceSpec) -> None:
         assert self.endpoints is not None
@@ -121,8 +126,8 @@ class Stack:
             )  # fmt: skip
 
     def _wait_healthy(self, spec: ServiceSpec, deadline: float) -> None:
-        assert self.endpoints is not None
-        target = self.endpoints.ingest
+        assert self.endpoints is not None and spec.endpoint is not None
+        target = getattr(self.endpoints, spec.endpoint)
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
@@ -35,23 +35,6 @@ _LOG_UNREACHABLE = (
 )
 MAX_EVENTS_PER_REQUEST = 10_000
 MAX_PAGE_SIZE = 1000
-
-
-class _Malformed:
-    """Stands in for a request whose bytes are not a valid protobuf message."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _lenient(message_type: Any) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
-            return _Malformed(exc)
-
-    return deserialize
 
 
 def _candidate(event: event_pb2.Event) -> Candidate:
@@ -138,13 +121,6 @@ class IngestApi:
     # -- appends ----------------------------------------------------------------------------
 
     async def _check_batch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        if isinstance(request, _Malformed):
-            await _fail(
-                context,
-                "INVALID_ARGUMENT",
-                f"request is not a valid d2d.v1.AppendEventsRequest: {request.error}",
-                reason="MALFORMED_REQUEST",
-            )
         count = len(request.events)
         if count == 0:
             await _fail(context, "INVALID_ARGUMENT", "events: at least one event is required", field="events")
@@ -205,8 +181,6 @@ class IngestApi:
     async def CreateContractVersion(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.ContractVersion:
-        if isinstance(request, _Malformed):
-            await _fail(context, "INVALID_ARGUMENT", f"malformed request: {request.error}")
         prefix = "contracts/"
         if not request.parent.startswith(prefix) or "/" in request.parent[len(prefix) :]:
             await _fail(context, "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}'", field="parent")
@@ -235,7 +209,7 @@ class IngestApi:
         return contract_to_proto(contract)
 
     async def GetContractVersion(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ContractVersion:
-        parts = request.name.split("/") if not isinstance(request, _Malformed) else []
+        parts = request.name.split("/")
         if len(parts) != 4 or parts[0] != "contracts" or parts[2] != "versions":
             await _fail(
                 context, "INVALID_ARGUMENT", "name must be 'contracts/{event_type}/versions/{version}'", field="name"
@@ -251,7 +225,7 @@ class IngestApi:
     async def ListContractVersions(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.ListContractVersionsResponse:
-        parent = "" if isinstance(request, _Malformed) else request.parent
+        parent = request.parent
         if not parent.startswith("contracts/"):
             await _fail(
                 context, "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}' or 'contracts/-'", field="parent"
@@ -276,8 +250,6 @@ class IngestApi:
     async def ListDeadLetters(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.ListDeadLettersResponse:
-        if isinstance(request, _Malformed):
-            await _fail(context, "INVALID_ARGUMENT", f"malformed request: {request.error}")
         if request.page_token and not request.page_token.isdigit():
             await _fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
         size = min(request.page_size or 100, MAX_PAGE_SIZE)
@@ -296,8 +268,6 @@ class IngestApi:
     async def RedriveDeadLetters(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.RedriveDeadLettersResponse:
-        if isinstance(request, _Malformed):
-            await _fail(context, "INVALID_ARGUMENT", f"malformed request: {request.error}")
         ids = []
         for i, name in enumerate(request.names):
             number = name.removeprefix("deadLetters/")
@@ -350,36 +320,4 @@ def _from_dead_letter(d: DeadLetter, payload: bytes | None) -> Candidate:
 
 
 def add_to_server(api: IngestApi, server: grpc.aio.Server) -> None:
-    """Register the service with lenient deserializers, so malformed bytes get INVALID_ARGUMENT
-    (grpc's default answer to an undecodable request is INTERNAL)."""
-    rpc = grpc
-
-    def unary(method: Callable[..., Any], req: Any, resp: Any) -> grpc.RpcMethodHandler:
-        return rpc.unary_unary_rpc_method_handler(
-            method, request_deserializer=_lenient(req), response_serializer=resp.SerializeToString
-        )
-
-    handlers = {
-        "AppendEvents": unary(api.AppendEvents, ingest_pb2.AppendEventsRequest, ingest_pb2.AppendEventsResponse),
-        "StreamAppendEvents": rpc.stream_unary_rpc_method_handler(
-            api.StreamAppendEvents,
-            request_deserializer=_lenient(ingest_pb2.AppendEventsRequest),
-            response_serializer=ingest_pb2.StreamAppendEventsResponse.SerializeToString,
-        ),
-        "CreateContractVersion": unary(
-            api.CreateContractVersion, ingest_pb2.CreateContractVersionRequest, ingest_pb2.ContractVersion
-        ),
-        "GetContractVersion": unary(
-            api.GetContractVersion, ingest_pb2.GetContractVersionRequest, ingest_pb2.ContractVersion
-        ),
-        "ListContractVersions": unary(
-            api.ListContractVersions, ingest_pb2.ListContractVersionsRequest, ingest_pb2.ListContractVersionsResponse
-        ),
-        "ListDeadLetters": unary(
-            api.ListDeadLetters, ingest_pb2.ListDeadLettersRequest, ingest_pb2.ListDeadLettersResponse
-        ),
-        "RedriveDeadLetters": unary(
-            api.RedriveDeadLetters, ingest_pb2.RedriveDeadLettersRequest, ingest_pb2.RedriveDeadLettersResponse
-        ),
-    }
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])
+    grpcserver.add_service(server, ingest_pb2.DESCRIPTOR.services_by_name["IngestService"], api)

@@ -5,25 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 from d2d import bus, eventlog, grpcserver
 from d2d.config import Settings
 from d2d.contracts.registry import ContractRegistry
 from d2d.deadletters import DeadLetters
 from d2d.eventlog import EventLog, GroupCommitter
+from d2d.runtime.process import stop_on_signals
 from services.ingest import api, nats_in
 from services.ingest.pipeline import Ingestor
 
 log = logging.getLogger(__name__)
-
-
-def stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

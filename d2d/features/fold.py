@@ -1,0 +1,505 @@
+"""Folding a view's source events into per-entity state, and point-in-time queries over it.
+
+The same code serves the online path (a live stream folded in log order) and the offline path
+(a training frame recomputed from the log), so for the same events in the same order both give
+bit-identical values.
+
+State, per entity: a *buffer* of rows ``(occurred_at, seq, v_0, ..., v_{k-1})`` sorted by
+``(occurred_at, seq)`` -- one column per distinct input of the view's aggregates (field, filter and
+value kind), None where the event is not an input of that column -- and, for views with lifetime
+aggregates, a *prefix*: per lifetime aggregate, an accumulator of the rows pruned from the buffer.
+
+Semantics, precisely:
+
+- Lateness. With M the newest event time applied so far (view-wide) and L the view's allowed
+  lateness, an event with ``occurred_at < M - L`` is refused (counted in `dropped_late`). The log
+  keeps it; features never see it.
+- Windows. A finite window w as of t covers ``t - w < occurred_at <= t``; lifetime covers
+  ``occurred_at <= t``.
+- Order. An aggregate's inputs are taken in ``(occurred_at, seq)`` order: SUM is the left-to-right
+  float sum starting at 0.0 in that order (MEAN = that sum / count), MIN/MAX keep the first of equal
+  values, LAST is the input with the greatest ``(occurred_at, seq)``. Given the accepted events
+  (with their seqs), values therefore do not depend on the order in which they arrived. What an
+  input is (filters, missing fields, value types) is defined by `Aggregate`.
+- Entities are keyed by the string of the entity key's value (non-strings are stringified).
+- Pruning. With W the view's largest finite window, rows with ``occurred_at < horizon = M - W - 2L``
+  move from the buffer into the prefix in buffer order, so the prefix is a left fold of an initial
+  segment of the order and ``prefix (+) remaining rows`` is the same left fold as over all rows:
+  results do not depend on when (or whether) pruning happens. Accepted events have
+  ``occurred_at >= M - L >= horizon``, so nothing is ever inserted below the horizon.
+- Staleness. A query as of t is answered only if ``t - W >= horizon`` (that is, ``t >= M - 2L``):
+  then no row a window needs can have been pruned. Older queries raise `StaleQueryError` rather
+  than answer inexactly -- whether or not pruning actually happened, so the outcome is the same on
+  every path.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import reduce
+from operator import add, itemgetter, methodcaller
+from typing import Any
+
+from d2d.features.definitions import Aggregation, FeatureView, Filter, resolve_path
+
+__all__ = ["FoldEvent", "StaleQueryError", "ViewState", "fold_all", "posix_seconds"]
+
+SNAPSHOT_FORMAT = 1
+
+_T = itemgetter(0)
+
+# Aggregation codes (ints: compared once per feature per query).
+_COUNT, _SUM, _MEAN, _MIN, _MAX, _LAST, _DISTINCT = range(7)
+_CODES = {
+    Aggregation.COUNT: _COUNT,
+    Aggregation.SUM: _SUM,
+    Aggregation.MEAN: _MEAN,
+    Aggregation.MIN: _MIN,
+    Aggregation.MAX: _MAX,
+    Aggregation.LAST: _LAST,
+    Aggregation.DISTINCT_COUNT: _DISTINCT,
+}
+# Column value kinds: what of a field's value an aggregation takes.
+_KIND = {
+    _COUNT: "count",  # 1 (the event counts) or None
+    _SUM: "num",  # finite int/float as float, else None
+    _MEAN: "num",
+    _MIN: "num",
+    _MAX: "num",
+    _LAST: "any",  # any non-null value
+    _DISTINCT: "scalar",  # str, int, bool or finite float
+}
+_PREFIX_SLOTS = {_COUNT: 1, _SUM: 1, _MEAN: 2, _MIN: 1, _MAX: 1, _LAST: 1, _DISTINCT: 1}
+
+
+class StaleQueryError(ValueError):
+    """A query as of a time whose answer could need state already pruned."""
+
+
+@dataclass(frozen=True, slots=True)
+class FoldEvent:
+    """What the fold needs of a log event. `occurred_at` is POSIX seconds (UTC)."""
+
+    seq: int
+    type: str
+    occurred_at: float
+    payload: dict[str, Any]
+
+
+def posix_seconds(value: datetime | str) -> float:
+    """An event time as the fold's float POSIX seconds, from an aware datetime (naive = UTC) or an
+    RFC 3339 string. Online and offline must convert event times the same way; this is that way:
+    exact integer microseconds since the epoch, divided once (correctly rounded)."""
+    dt = (
+        datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00")) if isinstance(value, str) else value
+    )
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - _EPOCH
+    return ((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds) / 1_000_000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _num(v: Any) -> float | None:
+    t = type(v)
+    if t is float:
+        return v if v - v == 0.0 else None  # finite only
+    if t is int:
+        try:
+            return float(v)
+        except OverflowError:
+            return None
+    return None
+
+
+def _scalar(v: Any) -> Any:
+    t = type(v)
+    if t is str or t is int or t is bool:
+        return v
+    if t is float and v - v == 0.0:
+        return v
+    return None
+
+
+def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tuple[Callable[..., tuple], str]:
+    """A function ``(payload, t, seq) -> row`` computing every column in one expression.
+
+    Generated (like dataclasses' methods) so that folding an event costs one call and one tuple.
+    Field names are validated identifiers, inserted with repr().
+    """
+    ns: dict[str, Any] = {"_num": _num, "_scalar": _scalar, "_get": resolve_path}
+    exprs = []
+    for i, (kind, field, where) in enumerate(columns):
+        if field is None:
+            expr = "1"
+        else:
+            path = tuple(field.split("."))
+            if len(path) == 1:
+                get = f"p.get({path[0]!r})"
+            else:
+                ns[f"_path{i}"] = path
+                get = f"_get(p, _path{i})"
+            if kind == "count":
+                expr = f"(None if {get} is None else 1)"
+            elif kind == "num":
+                expr = f"_num({get})"
+            elif kind == "scalar":
+                expr = f"_scalar({get})"
+            else:
+                expr = get
+        if where is not None:
+            ns[f"_where{i}"] = where.matches
+            expr = f"({expr} if _where{i}(p) else None)"
+        exprs.append(expr)
+    src = "def _extract(p, t, seq):\n    return (t, seq, " + "".join(e + ", " for e in exprs) + ")\n"
+    exec(src, ns)  # noqa: S102 -- source built above from validated names only
+    return ns["_extract"], src
+
+
+def _sort_key(v: Any) -> tuple[str, Any]:
+    return (type(v).__name__, v)
+
+
+class ViewState:
+    """One view's folded state over all its entities.
+
+    `watermark` is the seq of the last event offered to `apply()`; `max_event_time` the newest
+    `occurred_at` applied (None before the first); `dropped_late` the events refused for lateness.
+
+    With `prune_on_apply` (the default) the entity an event touches is pruned once its oldest row is
+    more than ``span / 8`` below the horizon (``span = max_window + 2 * lateness``), so each prune
+    moves a batch of rows. Idle entities keep their rows until touched or `prune()` is called.
+    `prune_on_apply=False` never prunes on its own (memory grows without bound; for tests proving
+    that pruning does not change results).
+    """
+
+    def __init__(self, view: FeatureView, *, prune_on_apply: bool = True) -> None:
+        self.view = view
+        self.watermark = 0
+        self.max_event_time: float | None = None
+        self.dropped_late = 0
+        self.prune_on_apply = prune_on_apply
+        self._horizon: float | None = None
+        self._prune_below: float | None = None  # auto-prune an entity once its oldest row is below this
+        self._source = view.source
+        self._lateness = view.allowed_lateness_seconds
+        self._max_window = view.max_window_seconds
+        self._span = self._max_window + 2 * self._lateness
+        # Hysteresis: let an entity's rows fall this far below the horizon before pruning it, so a
+        # prune moves many rows at once instead of one row per event (memory: about span / 8 more).
+        self._slack = max(1.0, self._span / 8)
+        key = tuple(view.entity_key.split("."))
+        self._key: Callable[[dict[str, Any]], Any]
+        if len(key) == 1:
+            self._key = methodcaller("get", key[0])
+        else:
+            self._key = lambda p: resolve_path(p, key)
+
+        columns: list[tuple[str, str | None, Filter | None]] = []
+        col_index: dict[tuple[str, str | None, Filter | None], int] = {}
+        plan: list[tuple[str, int, int, int | None, int]] = []  # (feature, code, row index, window, slot)
+        life: list[tuple[int, int, int]] = []  # (code, row index, prefix slot) per lifetime aggregate
+        slots = 0
+        for agg in view.aggregates:
+            code = _CODES[agg.aggregation]
+            col = (_KIND[code], agg.field, agg.where)
+            if col not in col_index:
+                col_index[col] = len(columns)
+                columns.append(col)
+            c = 2 + col_index[col]
+            slot = -1
+            if any(w.seconds is None for w in agg.windows):
+                slot = slots
+                life.append((code, c, slot))
+                slots += _PREFIX_SLOTS[code]
+            for w in agg.windows:
+                plan.append((f"{agg.name}_{w.name}", code, c, w.seconds, slot if w.seconds is None else -1))
+        self._columns = columns
+        self._ncols = len(columns)
+        # A row always has a value when some column counts every event unconditionally.
+        self._always = ("count", None, None) in col_index
+        self._count_all = 2 + col_index[("count", None, None)] if self._always else -1
+        self._plan = plan
+        self._life = life
+        self._distinct_slots = tuple(s for code, _, s in life if code == _DISTINCT)
+        template: list[Any] = []
+        for code, _, _ in life:
+            if code == _COUNT:
+                template.append(0)
+            elif code == _SUM:
+                template.append(0.0)
+            elif code == _MEAN:
+                template += [0, 0.0]
+            else:
+                template.append(None)  # MIN, MAX, LAST: none yet; DISTINCT: replaced by a set
+        self._prefix_template = template
+        self._extract, self._extract_source = _build_extractor(columns)
+        self._buffers: dict[str, list[tuple]] = {}
+        self._prefixes: dict[str, list[Any]] = {}
+
+    # ---- folding
+
+    @property
+    def horizon(self) -> float | None:
+        """Rows older than this may have been pruned: ``max_event_time - max_window - 2 * lateness``."""
+        return self._horizon
+
+    def apply(self, event: FoldEvent) -> bool:
+        """Offer one event, in log (seq) order; True if it was folded.
+
+        A redelivery (seq <= watermark) changes nothing. Events of other types or without the entity
+        key only advance the watermark. An event older than ``max_event_time - allowed_lateness`` is
+        refused (``dropped_late += 1``). Otherwise the event is folded into every aggregate whose
+        filter it matches (the entity becomes known even if it matches none).
+        """
+        seq = event.seq
+        if seq <= self.watermark:
+            return False
+        if event.type != self._source:
+            self.watermark = seq
+            return False
+        payload = event.payload
+        eid = self._key(payload)
+        if eid is None:
+            self.watermark = seq
+            return False
+        if type(eid) is not str:
+            eid = str(eid)
+        t = event.occurred_at
+        if type(t) is not float:
+            t = float(t)
+        if t - t != 0.0:  # raised before any change, so the state stays consistent
+            raise ValueError(f"event seq {seq}: occurred_at must be finite, got {t!r}")
+        self.watermark = seq
+        m = self.max_event_time
+        if m is None or t > m:
+            self.max_event_time = t
+            self._horizon = t - self._span
+            self._prune_below = self._horizon - self._slack
+        elif t < m - self._lateness:
+            self.dropped_late += 1
+            return False
+        row = self._extract(payload, t, seq)
+        buf = self._buffers.get(eid)
+        if buf is None:
+            buf = self._buffers[eid] = []
+        if self._always or row.count(None) < self._ncols:
+            if not buf or t >= buf[-1][0]:
+                buf.append(row)  # seq grows, so (t, seq) is the largest key
+            else:
+                insort(buf, row)  # (t, seq) is unique: comparisons never reach the values
+        if self.prune_on_apply and buf and buf[0][0] < self._prune_below:
+            self._prune(eid, buf)
+        return True
+
+    def prune(self, entity_id: str | None = None) -> int:
+        """Move rows below the horizon into the prefix (one entity, or all); returns rows moved.
+
+        Results never depend on pruning; this only reclaims memory of entities not touched lately.
+        """
+        if self._horizon is None:
+            return 0
+        if entity_id is not None:
+            buf = self._buffers.get(entity_id)
+            return self._prune(entity_id, buf) if buf else 0
+        return sum(self._prune(eid, buf) for eid, buf in self._buffers.items() if buf)
+
+    def _prune(self, eid: str, buf: list[tuple]) -> int:
+        k = bisect_left(buf, self._horizon, key=_T)
+        if not k:
+            return 0
+        if self._life:
+            pre = self._prefixes.get(eid)
+            if pre is None:
+                pre = self._prefixes[eid] = self._new_prefix()
+            rows = buf[:k]
+            for code, c, s in self._life:
+                vals = [v for r in rows if (v := r[c]) is not None]
+                if not vals:
+                    continue
+                if code == _COUNT:
+                    pre[s] += len(vals)
+                elif code == _SUM:
+                    pre[s] = reduce(add, vals, pre[s])
+                elif code == _MEAN:
+                    pre[s] += len(vals)
+                    pre[s + 1] = reduce(add, vals, pre[s + 1])
+                elif code == _MIN:
+                    mv = min(vals)
+                    pre[s] = mv if pre[s] is None else min(pre[s], mv)
+                elif code == _MAX:
+                    mv = max(vals)
+                    pre[s] = mv if pre[s] is None else max(pre[s], mv)
+                elif code == _LAST:
+                    pre[s] = vals[-1]
+                else:
+                    pre[s].update(vals)
+        del buf[:k]
+        return k
+
+    def _new_prefix(self) -> list[Any]:
+        pre = list(self._prefix_template)
+        for s in self._distinct_slots:
+            pre[s] = set()
+        return pre
+
+    # ---- queries
+
+    def _check_fresh(self, as_of: float) -> None:
+        h = self._horizon
+        if h is not None and as_of - self._max_window < h:
+            raise StaleQueryError(
+                f"feature view {self.view.name}: as_of {as_of!r} is older than the queryable range "
+                f"(as_of must be >= max_event_time - 2 * allowed_lateness = {h + self._max_window!r}; "
+                f"pruning horizon {h!r})"
+            )
+
+    def values(self, entity_id: str, as_of: float) -> dict[str, Any] | None:
+        """Feature values of one entity as of event time `as_of` (POSIX seconds).
+
+        Over the applied events with ``occurred_at <= as_of`` (and ``> as_of - w`` for a window w):
+        COUNT and DISTINCT_COUNT -> int; SUM -> float (0.0 if none); MEAN, MIN, MAX -> float or
+        None; LAST -> the value of the latest ``(occurred_at, seq)`` input, or None. Returns None if
+        the entity never had an event applied; raises `StaleQueryError` for an as_of too old.
+        """
+        if type(as_of) is not float:
+            as_of = float(as_of)
+        if as_of - as_of != 0.0:
+            raise ValueError(f"as_of must be finite, got {as_of!r}")
+        self._check_fresh(as_of)
+        buf = self._buffers.get(entity_id)
+        if buf is None:
+            return None
+        pre = self._prefixes.get(entity_id)
+        hi = bisect_right(buf, as_of, key=_T)
+        los: dict[int | None, int] = {None: 0}
+        cache: dict[tuple[int, int], list[Any]] = {}
+        out: dict[str, Any] = {}
+        count_all = self._count_all
+        for fname, code, c, w, s in self._plan:
+            lo = los.get(w)
+            if lo is None:
+                lo = los[w] = bisect_right(buf, as_of - w, 0, hi, key=_T)  # type: ignore[operator]
+            if c == count_all:  # every row counts: no need to look at the values
+                out[fname] = hi - lo + (pre[s] if pre is not None and s >= 0 else 0)
+                continue
+            vals = cache.get((lo, c))
+            if vals is None:
+                vals = cache[(lo, c)] = [v for r in buf[lo:hi] if (v := r[c]) is not None]
+            out[fname] = _result(code, vals, pre, s) if pre is not None and s >= 0 else _result(code, vals, None, -1)
+        return out
+
+    def defaults(self) -> dict[str, Any]:
+        """Values for an unknown entity: counts 0, sums 0.0, everything else None."""
+        return {fname: _result(code, [], None, -1) for fname, code, _, _, _ in self._plan}
+
+    def entities(self) -> int:
+        return len(self._buffers)
+
+    def entity_ids(self) -> list[str]:
+        return list(self._buffers)
+
+    def rows(self) -> int:
+        """Rows held in buffers (memory gauge)."""
+        return sum(len(b) for b in self._buffers.values())
+
+    # ---- snapshots
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """A JSON-serialisable (orjson or json) copy of the state; `from_snapshot` restores it exactly."""
+        prefixes = {}
+        for eid, pre in self._prefixes.items():
+            p = list(pre)
+            for s in self._distinct_slots:
+                p[s] = sorted(p[s], key=_sort_key)
+            prefixes[eid] = p
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "view": self.view.name,
+            "version": self.view.version,
+            "watermark": self.watermark,
+            "max_event_time": self.max_event_time,
+            "dropped_late": self.dropped_late,
+            "columns": self._ncols,
+            "buffers": {eid: [list(r) for r in buf] for eid, buf in self._buffers.items()},
+            "prefixes": prefixes,
+        }
+
+    @classmethod
+    def from_snapshot(cls, view: FeatureView, snap: dict[str, Any], *, prune_on_apply: bool = True) -> ViewState:
+        """Restore a state; refuses a snapshot of another view or view version."""
+        if snap.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"feature view {view.name}: unsupported snapshot format {snap.get('format')!r}")
+        if snap.get("view") != view.name or snap.get("version") != view.version:
+            raise ValueError(
+                f"feature view {view.name}: snapshot is of {snap.get('view')!r} version {snap.get('version')!r}, "
+                f"not version {view.version}"
+            )
+        state = cls(view, prune_on_apply=prune_on_apply)
+        if snap["columns"] != state._ncols:
+            raise ValueError(
+                f"feature view {view.name}: snapshot has {snap['columns']} columns, expected {state._ncols}"
+            )
+        state.watermark = int(snap["watermark"])
+        m = snap["max_event_time"]
+        state.max_event_time = None if m is None else float(m)
+        if m is not None:
+            state._horizon = state.max_event_time - state._span
+            state._prune_below = state._horizon - state._slack
+        state.dropped_late = int(snap["dropped_late"])
+        width = 2 + state._ncols
+        for eid, rows in snap["buffers"].items():
+            buf = [tuple(r) for r in rows]
+            if any(len(r) != width for r in buf):
+                raise ValueError(f"feature view {view.name}: snapshot rows of {eid!r} are not {width} wide")
+            state._buffers[eid] = buf
+        for eid, p in snap["prefixes"].items():
+            pre = list(p)
+            if len(pre) != len(state._prefix_template):
+                raise ValueError(f"feature view {view.name}: snapshot prefix of {eid!r} has the wrong size")
+            for s in state._distinct_slots:
+                pre[s] = set(pre[s])
+            state._prefixes[eid] = pre
+        return state
+
+
+def _result(code: int, vals: list[Any], pre: list[Any] | None, s: int) -> Any:
+    """One aggregate over `vals` (inputs in (occurred_at, seq) order), continuing prefix slot `s` if given."""
+    if code == _COUNT:
+        return len(vals) + (pre[s] if pre is not None else 0)
+    if code == _SUM:
+        return reduce(add, vals, pre[s] if pre is not None else 0.0)
+    if code == _MEAN:
+        n = len(vals)
+        total = 0.0
+        if pre is not None:
+            n += pre[s]
+            total = pre[s + 1]
+        return reduce(add, vals, total) / n if n else None
+    if code == _MIN or code == _MAX:
+        pick = min if code == _MIN else max
+        m = pre[s] if pre is not None else None
+        if vals:
+            mv = pick(vals)
+            m = mv if m is None else pick(m, mv)
+        return m
+    if code == _LAST:
+        if vals:
+            return vals[-1]
+        return pre[s] if pre is not None else None
+    if pre is not None:  # DISTINCT_COUNT
+        return len(pre[s].union(vals)) if vals else len(pre[s])
+    return len(set(vals))
+
+
+def fold_all(view: FeatureView, events: Iterable[FoldEvent]) -> ViewState:
+    """A fresh state with every event applied in order."""
+    state = ViewState(view)
+    for event in events:
+        state.apply(event)
+    return state

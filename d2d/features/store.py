@@ -1,0 +1,96 @@
+"""Feature views and snapshots in Postgres: registration (as `feature_view.registered` events) and
+the features service's saved state with the watermark it reflects."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+
+from d2d.eventlog import EventLog, NewEvent
+from d2d.features.definitions import FeatureView
+
+
+async def register_views(log: EventLog, views: Sequence[FeatureView]) -> dict[str, int]:
+    """Record each view version not yet registered; returns {view name: seq of its registration}."""
+    registered: dict[str, int] = {}
+    async with log.pool.acquire() as conn, conn.transaction():
+        await log.lock_for_append(conn)
+        for view in views:
+            seq = await conn.fetchval(
+                "SELECT registered_seq FROM feature_views WHERE name = $1 AND version = $2", view.name, view.version
+            )
+            if seq is None:
+                definition = view.to_dict()
+                payload = {"name": view.name, "version": view.version, "definition": definition}
+                [appended] = await log.append(
+                    [
+                        NewEvent(
+                            uuid.uuid4(),
+                            "feature_view.registered",
+                            1,
+                            "feature_view",
+                            view.name,
+                            datetime.now(UTC),
+                            orjson.dumps(payload).decode(),
+                        )  # fmt: skip
+                    ],
+                    conn=conn,
+                )
+                seq = appended.seq
+                await conn.execute(
+                    "INSERT INTO feature_views (name, version, definition, registered_seq)"
+                    " VALUES ($1, $2, $3::jsonb, $4)",
+                    view.name,
+                    view.version,
+                    orjson.dumps(definition).decode(),
+                    seq,
+                )
+            registered[view.name] = seq
+    return registered
+
+
+async def registered_views(pool: asyncpg.Pool) -> list[FeatureView]:
+    """Every registered view version, newest registration last."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT definition FROM feature_views ORDER BY registered_seq")
+    return [FeatureView.from_dict(r["definition"]) for r in rows]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    consumer: str
+    watermark: int
+    stream_seq: int
+    views: dict[str, str]
+    state: bytes
+    created_at: datetime | None = None
+
+
+async def load_snapshot(pool: asyncpg.Pool, consumer: str) -> Snapshot | None:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT consumer, watermark, stream_seq, views, state, created_at FROM feature_snapshots"
+            " WHERE consumer = $1",
+            consumer,
+        )
+    return Snapshot(*row.values()) if row else None
+
+
+async def save_snapshot(pool: asyncpg.Pool, snapshot: Snapshot) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO feature_snapshots (consumer, watermark, stream_seq, views, state)"
+            " VALUES ($1, $2, $3, $4::jsonb, $5) ON CONFLICT (consumer) DO UPDATE SET"
+            " watermark = excluded.watermark, stream_seq = excluded.stream_seq, views = excluded.views,"
+            " state = excluded.state, created_at = now()",
+            snapshot.consumer,
+            snapshot.watermark,
+            snapshot.stream_seq,
+            orjson.dumps(snapshot.views).decode(),
+            snapshot.state,
+        )

@@ -1,0 +1,140 @@
+"""Folds the event stream (JetStream D2D_EVENTS) into the online state, and snapshots it.
+
+The durable pull consumer is (re)created at every start right after the stream position of the
+loaded snapshot, so a restart replays exactly the events the snapshot lacks, in order. Messages
+are acknowledged (AckAll) only once a snapshot that includes them is committed to Postgres.
+Events arrive in log order; one whose seq is not the next is a gap, filled from the log itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from opentelemetry import trace
+
+from d2d import bus, telemetry
+from d2d.eventlog import EventLog
+from d2d.features.store import Snapshot, save_snapshot
+from services.features.online import GapError, OnlineState
+
+log = logging.getLogger(__name__)
+
+
+class Folder:
+    def __init__(
+        self,
+        nc: NATS,
+        event_log: EventLog,
+        state: OnlineState,
+        *,
+        consumer: str,
+        topology: bus.Topology,
+        snapshot_every_events: int = 50_000,
+        snapshot_every_seconds: float = 5.0,
+        batch: int = 1000,
+    ) -> None:
+        self.nc = nc
+        self.log = event_log
+        self.state = state
+        self.consumer = consumer
+        self.topology = topology
+        self.snapshot_every_events = snapshot_every_events
+        self.snapshot_every_seconds = snapshot_every_seconds
+        self.batch = batch
+        self.caught_up = asyncio.Event()
+        self.snapshots = 0
+        self._tracer = telemetry.tracer(__name__)
+
+    @property
+    def durable(self) -> str:
+        return self.consumer.replace(".", "_").replace(":", "_")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        js = self.nc.jetstream()
+        stream, prefix = self.topology.events_stream, self.topology.events_prefix
+        await bus.ensure_stream(js, bus.events_stream_config(stream, prefix))
+        try:
+            await js.delete_consumer(stream, self.durable)
+        except NotFoundError:
+            pass
+        start = self.state.stream_seq + 1
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
+            opt_start_seq=start if start > 1 else None,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=600,
+            max_ack_pending=-1,
+        )
+        sub = await js.pull_subscribe(f"{prefix}.>", durable=self.durable, stream=stream, config=config)
+        cut = len(prefix) + 1
+        last_snapshot_at, folded_since = time.monotonic(), 0
+        unacked = None
+        log.info("features: folding from seq %d (stream seq %d)", self.state.watermark + 1, start)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(self.batch, timeout=0.5)
+            except NatsTimeout:
+                msgs = []
+                self.caught_up.set()
+            except Exception as exc:  # NATS reconnecting
+                log.warning("features: fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                with self._tracer.start_as_current_span(
+                    "features.fold", kind=trace.SpanKind.CONSUMER, links=_links(msgs[:32])
+                ) as span:
+                    span.set_attribute("messaging.batch.message_count", len(msgs))
+                    for m in msgs:
+                        seq = int(m.headers["D2D-Seq"])
+                        try:
+                            self.state.offer(seq, m.subject[cut:], m.data, m.metadata.sequence.stream)
+                        except GapError:
+                            await self._fill_gap(seq - 1)
+                            self.state.offer(seq, m.subject[cut:], m.data, m.metadata.sequence.stream)
+                    span.set_attribute("d2d.watermark", self.state.watermark)
+                folded_since += len(msgs)
+                unacked = msgs[-1]
+                if len(msgs) < self.batch:
+                    self.caught_up.set()
+            due = time.monotonic() - last_snapshot_at >= self.snapshot_every_seconds
+            if unacked is not None and (folded_since >= self.snapshot_every_events or due):
+                await self.snapshot()
+                await unacked.ack()  # AckAll: everything up to here is in the snapshot
+                unacked, folded_since, last_snapshot_at = None, 0, time.monotonic()
+        if unacked is not None:
+            await self.snapshot()
+            await unacked.ack()
+        await sub.unsubscribe()
+
+    async def _fill_gap(self, through: int) -> None:
+        """Read the events the stream skipped straight from the log."""
+        log.warning("features: gap after seq %d; reading up to %d from the log", self.state.watermark, through)
+        while self.state.watermark < through:
+            events = await self.log.read(self.state.watermark, min(1000, through - self.state.watermark))
+            for e in events:
+                self.state.offer_event(e.seq, e.type, e.occurred_at.timestamp(), e.payload)
+
+    async def snapshot(self) -> None:
+        data = await asyncio.to_thread(self.state.to_bytes)
+        await save_snapshot(
+            self.log.pool,
+            Snapshot(self.consumer, self.state.watermark, self.state.stream_seq, self.state.versions(), data),
+        )
+        self.snapshots += 1
+
+
+def _links(msgs: list) -> list[trace.Link]:  # noqa: ANN001
+    links = []
+    for m in msgs:
+        ctx = trace.get_current_span(telemetry.extract_context(m.headers)).get_span_context()
+        if ctx.is_valid:
+            links.append(trace.Link(ctx))
+    return links

@@ -1,0 +1,89 @@
+"""Assembles the features service: registers its views, restores the last snapshot, folds the
+stream, and answers FeatureService calls (health turns SERVING once it has caught up)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import Sequence
+
+from grpc_health.v1 import health_pb2
+
+from d2d import bus, eventlog, grpcserver
+from d2d.config import Settings
+from d2d.eventlog import EventLog
+from d2d.features.definitions import FeatureView
+from d2d.features.store import load_snapshot, register_views
+from d2d.runtime.process import stop_on_signals
+from d2d.v1 import features_pb2
+from services.features.api import SERVICE_NAME, FeatureApi
+from services.features.consumer import Folder
+from services.features.online import OnlineState
+
+log = logging.getLogger(__name__)
+
+
+def load_views(module: str) -> tuple[FeatureView, ...]:
+    views = tuple(importlib.import_module(module).VIEWS)
+    if not views:
+        raise SystemExit(f"features: {module}.VIEWS is empty")
+    return views
+
+
+async def restore(event_log: EventLog, views: Sequence[FeatureView], consumer: str) -> OnlineState:
+    """The last snapshot if it was taken with these view versions, else an empty state."""
+    snapshot = await load_snapshot(event_log.pool, consumer)
+    wanted = {v.name: v.version for v in views}
+    if snapshot is None:
+        return OnlineState(views)
+    if snapshot.views != wanted:
+        log.warning("features: snapshot has views %s, serving %s: rebuilding from the log", snapshot.views, wanted)
+        return OnlineState(views)
+    state = OnlineState.from_bytes(views, snapshot.state, snapshot.stream_seq)
+    log.info("features: restored snapshot at seq %d", state.watermark)
+    return state
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the FeatureService on settings.features_addr until `stop` (or SIGINT/SIGTERM)."""
+    stop = stop or stop_on_signals()
+    views = load_views(settings.feature_views_module)
+    url = settings.require_database_url()
+    await eventlog.migrate(url)
+    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=4)
+    event_log = EventLog(pool)
+    await register_views(event_log, views)
+    topology = bus.Topology(settings.nats_namespace)
+    consumer = f"{settings.features_consumer}:{topology.events_stream}"
+    state = await restore(event_log, views, consumer)
+
+    server, health = grpcserver.new_server([SERVICE_NAME])
+    grpcserver.add_service(server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], FeatureApi(state))
+    if server.add_insecure_port(settings.features_addr) == 0:
+        raise SystemExit(f"features: cannot listen on {settings.features_addr}")
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    nc = await bus.connect(settings.require_nats_url(), name="d2d-features")
+    folder = Folder(
+        nc, event_log, state, consumer=consumer, topology=topology,
+        snapshot_every_seconds=settings.features_snapshot_seconds,
+    )  # fmt: skip
+    folding = asyncio.create_task(folder.run(stop), name="fold")
+    caught_up = asyncio.create_task(folder.caught_up.wait())
+    await asyncio.wait([folding, caught_up, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if folding.done():
+        folding.result()  # a folding failure ends the process (the supervisor restarts it)
+    if not stop.is_set():
+        await grpcserver.set_serving(health, [SERVICE_NAME])
+        log.info("features serving on %s at seq %d", settings.features_addr, state.watermark)
+        await asyncio.wait([folding, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    with contextlib.suppress(asyncio.CancelledError):
+        await folding  # takes a last snapshot
+    await nc.flush(timeout=5)  # the last acknowledgement
+    await nc.close()
+    await pool.close()

@@ -1,0 +1,202 @@
+"""The features service as its own process on real Postgres and NATS: online answers captured while
+a simulated stream with out-of-order arrivals flows equal the offline training frame at the same
+(entity, time, watermark); a process killed with SIGKILL mid-stream and restarted ends in the same
+state as one that never stopped, with no event applied twice."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+
+from d2d.client import FeatureClient, IngestClient, make_event
+from d2d.eventlog import EventLog
+from d2d.features.offline import FrameRow, training_frame
+from d2d.runtime.servers import NatsServer, free_port
+from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
+from d2d.sim.views import VIEWS
+from tests.conftest import settings_env
+
+ALL_FEATURES = [f"{v.name}.*" for v in VIEWS]
+
+
+def simulated(days: float, seed: int = 11) -> list:
+    config = SimConfig(seed=seed, days=days, payments_per_day=25_000, out_of_order_fraction=0.1)
+    return list(PaymentsSimulator(config).events())
+
+
+def keys_of(event) -> dict[str, str]:  # noqa: ANN001
+    payload = event.payload
+    return {"customer": payload["customer_id"], "merchant": payload["merchant_id"], "card": payload["card_id"]}
+
+
+async def start_platform(start_service, database_url: str, nats_url: str, namespace: str, consumers: list[str]):  # noqa: ANN001, ANN201
+    """Ingest, relay and one features process per consumer name; returns (ingest addr, {consumer: (addr, env)})."""
+    ingest_port = free_port()
+    env = settings_env(database_url, nats_url, namespace, ingest_port)
+    start_service(["-m", "services.ingest", "serve"], env, "ingest")
+    start_service(["-m", "services.ingest", "relay"], env, "relay")
+    features = {}
+    for name in consumers:
+        port = free_port()
+        feature_env = {
+            **env, "D2D_FEATURES_ADDR": f"127.0.0.1:{port}", "D2D_FEATURES_CONSUMER": name,
+            "D2D_FEATURES_SNAPSHOT_SECONDS": "0.5",
+        }  # fmt: skip
+        process = start_service(["-m", "services.features"], feature_env, f"features-{name}")
+        features[name] = (f"127.0.0.1:{port}", feature_env, process)
+    async with IngestClient(f"127.0.0.1:{ingest_port}") as ingest:
+        await ingest.wait_ready()
+        for spec in load_contracts():
+            await ingest.create_contract_version(spec.event_type, owner=spec.owner, json_schema=spec.schema)
+    return f"127.0.0.1:{ingest_port}", features
+
+
+async def send_all(target: str, events: list, on_batch=None) -> None:  # noqa: ANN001
+    async with IngestClient(target) as ingest:
+        for i in range(0, len(events), 500):
+            batch = events[i : i + 500]
+            protos = [
+                make_event(
+                    e.type, e.entity_type, e.entity_id, e.payload_json(), occurred_at=e.occurred_at, event_id=e.event_id
+                )  # fmt: skip
+                for e in batch
+            ]
+            response = await ingest.append(protos)
+            assert all(r.WhichOneof("outcome") == "seq" for r in response.results)
+            if on_batch is not None:
+                await on_batch(batch)
+
+
+async def snapshot_watermark(event_log: EventLog, consumer: str, above: int, timeout: float = 60) -> int:
+    """Wait until the consumer has a snapshot past `above`; its watermark."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with event_log.pool.acquire() as conn:
+            watermark = await conn.fetchval(
+                "SELECT watermark FROM feature_snapshots WHERE consumer LIKE $1", f"{consumer}:%"
+            )
+        if watermark and watermark > above:
+            return watermark
+        assert asyncio.get_running_loop().time() < deadline, "no snapshot in time"
+        await asyncio.sleep(0.05)
+
+
+async def wait_caught_up(features: FeatureClient, head: int, timeout: float = 120) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            answer = await features.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
+            if answer.watermark >= head:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        assert asyncio.get_running_loop().time() < deadline, "features did not catch up"
+        await asyncio.sleep(0.2)
+
+
+async def test_online_answers_during_streaming_equal_the_offline_frame(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service
+) -> None:
+    events = simulated(days=2.0)
+    assert len(events) >= 50_000 and any(
+        b.occurred_at < a.occurred_at for a, b in zip(events, events[1:], strict=False)
+    )
+    ingest_target, features = await start_platform(start_service, database_url, nats_server.url, namespace, ["f"])
+    target = features["f"][0]
+    rng = random.Random(5)
+    captured: list[tuple[dict[str, str], datetime, int, dict]] = []
+
+    async with FeatureClient(target) as online:
+        await online.wait_ready()
+
+        async def capture(batch: list) -> None:
+            payments = [e for e in batch if e.type == "payment.authorized"]
+            if not payments:
+                return
+            sample = rng.sample(payments, min(20, len(payments)))
+            as_of = max(e.occurred_at for e in batch) + timedelta(seconds=rng.choice([0, 30, 600]))
+            answer = await online.get_online(ALL_FEATURES, [keys_of(e) for e in sample], as_of=as_of)
+            for event, values in zip(sample, answer.rows, strict=True):
+                captured.append((keys_of(event), as_of, answer.watermark, values))
+
+        await send_all(ingest_target, events, capture)
+
+    watermarks = {w for _, _, w, _ in captured}
+    assert len(captured) >= 1000 and len(watermarks) > 20, "answers were captured at many points of the stream"
+    rows = [FrameRow(keys, as_of, watermark) for keys, as_of, watermark, _ in captured]
+    frame = await training_frame(event_log, VIEWS, rows)
+    names = [c for c in frame.columns if "." in c]
+    mismatches = []
+    for i, (_, _, _, online_values) in enumerate(captured):
+        offline_values = {n: _none(frame.at[i, n]) for n in names}
+        if offline_values != online_values:
+            mismatches.append((rows[i], online_values, offline_values))
+    assert mismatches == [], f"{len(mismatches)} of {len(rows)} rows differ; first: {mismatches[:1]}"
+    assert sum(1 for _, _, _, v in captured if v["customer_payments.count_1d"]) > len(captured) // 2
+
+
+def _none(value):  # noqa: ANN001, ANN202
+    """pandas turns None into NaN in float columns; the online answer says None."""
+    return None if value is None or value != value else value
+
+
+async def test_features_killed_mid_stream_reach_the_same_state_as_one_never_stopped(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service
+) -> None:
+    events = simulated(days=1.0, seed=12)
+    ingest_target, features = await start_platform(
+        start_service, database_url, nats_server.url, namespace, ["steady", "killed"]
+    )
+    steady_target, _, _ = features["steady"]
+    killed_target, killed_env, killed = features["killed"]
+    half = len(events) // 2
+    await send_all(ingest_target, events[:half])
+    async with FeatureClient(killed_target) as victim:
+        await victim.wait_ready()
+    sender = asyncio.create_task(send_all(ingest_target, events[half:]))
+    snapshot_at = await snapshot_watermark(event_log, "killed", above=half // 2)
+    killed.kill()  # SIGKILL, with events still arriving and folded state past its last snapshot
+    restarted = start_service(["-m", "services.features"], killed_env, "features-killed")
+    await sender
+    head = await event_log.head()
+    customers = sorted({e.payload["customer_id"] for e in events if e.type == "payment.authorized"})
+    rows = [{"customer": c, "merchant": "mer_0001", "card": "card_000001_1"} for c in customers]
+    as_of = max(e.occurred_at for e in events).astimezone(UTC)
+    counted = 0
+    async with FeatureClient(steady_target) as steady, FeatureClient(killed_target) as again:
+        await again.wait_ready()
+        await wait_caught_up(steady, head)
+        await wait_caught_up(again, head)
+        for start in range(0, len(rows), 1000):
+            part = rows[start : start + 1000]
+            expected = await steady.get_online(ALL_FEATURES, part, as_of=as_of)
+            got = await again.get_online(ALL_FEATURES, part, as_of=as_of)
+            assert got.watermark == expected.watermark == head
+            assert got.rows == expected.rows
+            counted += sum(r["customer_payments.count_lifetime"] for r in got.rows)
+    payments = sum(1 for e in events if e.type == "payment.authorized")
+    assert counted == payments  # every payment folded once: none lost, none twice
+    assert f"restored snapshot at seq {snapshot_at}" in restarted.log() or "restored snapshot" in restarted.log()
+    assert "folding from seq 1 " not in restarted.log()  # it replayed only what the snapshot lacked
+    assert restarted.terminate() == 0, restarted.log()
+
+
+async def test_unknown_view_or_feature_is_not_found_and_unknown_entity_gets_defaults(
+    database_url: str, nats_server: NatsServer, namespace: str, start_service
+) -> None:
+    _, features = await start_platform(start_service, database_url, nats_server.url, namespace, ["f"])
+    async with FeatureClient(features["f"][0]) as online:
+        await online.wait_ready()
+        for name, needle in [("nosuch.count", "'nosuch'"), ("customer_payments.nosuch", "'nosuch'")]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await online.get_online([name], [{"customer": "cus_000001"}])
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND and needle in caught.value.details()
+        answer = await online.get_online(["customer_payments.*"], [{"customer": "cus_999999"}])
+        assert answer.unknown_entities == [["customer"]]
+        assert answer.rows[0]["customer_payments.count_lifetime"] == 0
+        views = {v.name for v in await online.list_views()}
+        assert views == {f"featureViews/{v.name}" for v in VIEWS}
