@@ -199,7 +199,57 @@ async def _demo(endpoints: Endpoints, days: float, seed: int, broken_every: int)
         table.add_row(d.name, d.event_type, d.event_id[:8] + "...", d.error.message)
     console.print(table)
     _print_events(newest, f"head of the log (seq {head:,}; published to JetStream up to {published:,})")
-    return 0
+    return await _demo_features(endpoints, head, events)
+
+
+async def _demo_features(endpoints: Endpoints, head: int, events: list) -> int:  # noqa: ANN001
+    """Online features of one customer, and the skew check on a sample."""
+    import random
+
+    from d2d import eventlog
+    from d2d.client import FeatureClient
+    from d2d.features.skew import verify
+    from d2d.sim.views import VIEWS
+
+    payments = [e for e in events if e.type == "payment.authorized"]
+    as_of = max(e.occurred_at for e in events)
+    pool = await eventlog.create_pool(endpoints.database_url, max_size=2)
+    try:
+        async with FeatureClient(endpoints.features) as online:
+            deadline = time.monotonic() + 60
+            while True:
+                answer = await online.get_online(
+                    ["customer_payments.*"], [{"customer": payments[-1].payload["customer_id"]}], as_of=as_of
+                )
+                if answer.watermark >= head or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            customer_id = payments[-1].payload["customer_id"]
+            when = f"{as_of:%Y-%m-%d %H:%M}"
+            table = Table(title=f"online features of {customer_id} as of {when} (watermark {answer.watermark:,})")
+            table.add_column("feature")
+            table.add_column("value", justify="right")
+            for name, value in answer.rows[0].items():
+                shown = f"{value:,.0f}" if isinstance(value, float) and value.is_integer() else f"{value:,.2f}"
+                table.add_row(name, shown if isinstance(value, float) else str(value))
+            console.print(table)
+            sample = random.Random(1).sample(payments, min(100, len(payments)))
+            rows = [
+                {
+                    "customer": e.payload["customer_id"],
+                    "merchant": e.payload["merchant_id"],
+                    "card": e.payload["card_id"],
+                }
+                for e in sample
+            ]
+            report = await verify(eventlog.EventLog(pool), online, VIEWS, rows, as_of)
+    finally:
+        await pool.close()
+    console.print(
+        f"skew check: {report.checked_values:,} online values of {report.checked_rows} entity rows recomputed offline"
+        f" at watermark {report.watermark:,}: {len(report.mismatches)} mismatches"
+    )
+    return 1 if report.mismatches else 0
 
 
 def _print_events(events: list, title: str) -> None:  # noqa: ANN001

@@ -6,10 +6,14 @@ state as one that never stopped, with no event applied twice."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
+import pandas as pd
 import pytest
 
 from d2d.client import FeatureClient, IngestClient, make_event
@@ -200,3 +204,50 @@ async def test_unknown_view_or_feature_is_not_found_and_unknown_entity_gets_defa
         assert answer.rows[0]["customer_payments.count_lifetime"] == 0
         views = {v.name for v in await online.list_views()}
         assert views == {f"featureViews/{v.name}" for v in VIEWS}
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "d2d.cli", *args, env={**os.environ, **env, "COLUMNS": "250"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+async def test_frame_and_verify_commands_use_no_event_after_the_row(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service, tmp_path: Path
+) -> None:
+    events = simulated(days=0.5, seed=13)
+    ingest_target, features = await start_platform(start_service, database_url, nats_server.url, namespace, ["f"])
+    target, env, _ = features["f"]
+    await send_all(ingest_target, events)
+    async with FeatureClient(target) as online:
+        await online.wait_ready()
+        await wait_caught_up(online, await event_log.head())
+
+    code, out = await run_cli(env, "features", "verify", "--sample", "150")
+    assert code == 0 and "0 mismatches" in out and "of 150 entity rows" in out, out
+
+    path = tmp_path / "frame.parquet"
+    code, out = await run_cli(env, "features", "frame", "--from-events", "payment.authorized", "--out", str(path))
+    assert code == 0, out
+    frame = pd.read_parquet(path)
+    stored = await event_log.read(0, 1_000_000, types=["payment.authorized"])
+    assert len(frame) == len(stored) and not frame["stale"].any()
+    by_customer: dict[str, list] = {}
+    for e in stored:
+        by_customer.setdefault(e.payload["customer_id"], []).append(e)
+    for _, row in frame.sample(300, random_state=1).iterrows():
+        earlier = [
+            e for e in by_customer[row["customer"]]
+            if e.seq <= row["watermark"] and e.occurred_at <= row["as_of"].to_pydatetime()
+        ]  # fmt: skip
+        day = [e for e in earlier if (row["as_of"].to_pydatetime() - e.occurred_at).total_seconds() < 86_400]
+        assert row["customer_payments.count_lifetime"] == len(earlier)
+        assert row["customer_payments.count_1d"] == len(day)
+        expected_max = max(e.payload["amount"] for e in day) if day else None
+        assert _none(row["customer_payments.amount_max_1d"]) == expected_max
+
+    registered = await event_log.read(0, 100, types=["feature_view.registered"])
+    assert {e.payload["name"] for e in registered} == {v.name for v in VIEWS}
