@@ -86,7 +86,8 @@ def test_up_serves_stops_cleanly_and_keeps_data_across_restarts(tmp_path: Path) 
         first_seq = asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000001"))
         names = " ".join(command_line(p) for p in children_of(up.pid))
         assert "postgres" in names and "nats-server" in names and "services.ingest serve" in names
-        assert "services.ingest relay" in names
+        assert "services.ingest relay" in names and "services.features" in names
+        assert endpoints["features"] and f"{endpoints['features']}" in log.read_text()
         children = children_of(up.pid)
         printed = log.read_text()
         assert f"127.0.0.1:{port}" in printed and "postgresql://" in printed and "nats://" in printed
