@@ -22,6 +22,7 @@ from d2d.features.offline import FrameRow, training_frame
 from d2d.runtime.servers import NatsServer, free_port
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
 from d2d.sim.views import VIEWS
+from d2d.v1 import features_pb2
 from tests.conftest import settings_env
 
 ALL_FEATURES = [f"{v.name}.*" for v in VIEWS]
@@ -204,6 +205,12 @@ async def test_unknown_view_or_feature_is_not_found_and_unknown_entity_gets_defa
         assert answer.rows[0]["customer_payments.count_lifetime"] == 0
         views = {v.name for v in await online.list_views()}
         assert views == {f"featureViews/{v.name}" for v in VIEWS}
+        got = await online.stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="featureViews/card_payments"))
+        card = next(v for v in VIEWS if v.name == "card_payments")
+        assert got.version == card.version and list(got.features) == card.feature_names()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await online.stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="featureViews/nosuch"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "nosuch" in caught.value.details()
 
 
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
