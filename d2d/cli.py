@@ -46,6 +46,7 @@ def _endpoints(settings: Settings) -> Endpoints:
             settings.database_url, settings.nats_url,
             os.environ.get("D2D_INGEST_ADDR") or (running.ingest if running else settings.ingest_addr),
             os.environ.get("D2D_FEATURES_ADDR") or (running.features if running else settings.features_addr),
+            os.environ.get("D2D_REGISTRY_ADDR") or (running.registry if running else settings.registry_addr),
             str(settings.data_dir), 0,
         )  # fmt: skip
     if running is None:
@@ -75,6 +76,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         table = Table(title="Data2Data is up", show_header=False)
         table.add_row("ingest (gRPC)", endpoints.ingest)
         table.add_row("features (gRPC)", endpoints.features)
+        table.add_row("registry (gRPC)", endpoints.registry)
         table.add_row("Postgres", endpoints.database_url)
         table.add_row("NATS JetStream", endpoints.nats_url)
         table.add_row("data directory", endpoints.data_dir)

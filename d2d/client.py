@@ -14,7 +14,15 @@ import grpc
 from google.protobuf import duration_pb2
 
 from d2d import grpcserver
-from d2d.v1 import event_pb2, features_pb2, features_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from d2d.v1 import (
+    event_pb2,
+    features_pb2,
+    features_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 
 
 def make_event(
@@ -229,4 +237,74 @@ class FeatureClient:
     async def list_views(self) -> list[features_pb2.FeatureView]:
         return list(
             (await self.stub.ListFeatureViews(features_pb2.ListFeatureViewsRequest(), timeout=30)).feature_views
+        )
+
+
+class RegistryClient:
+    """`async with RegistryClient("127.0.0.1:50053") as registry: ...`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpcserver.channel(target)
+        self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def create_model(self, model_id: str, description: str = "") -> registry_pb2.Model:
+        request = registry_pb2.CreateModelRequest(model_id=model_id, model=registry_pb2.Model(description=description))
+        return await self.stub.CreateModel(request, timeout=30)
+
+    async def get_model(self, model: str) -> registry_pb2.Model:
+        return await self.stub.GetModel(registry_pb2.GetModelRequest(name=f"models/{model}"), timeout=30)
+
+    async def list_models(self) -> list[registry_pb2.Model]:
+        return list((await self.stub.ListModels(registry_pb2.ListModelsRequest(), timeout=30)).models)
+
+    async def train(self, model: str, spec_json: str, on_progress=None) -> registry_pb2.ModelVersion:  # noqa: ANN001
+        """Train a version; `on_progress(TrainingProgress)` sees each update. Returns the version."""
+        request = registry_pb2.TrainModelVersionRequest(parent=f"models/{model}", spec_json=spec_json)
+        version = None
+        async for update in self.stub.TrainModelVersion(request, timeout=3600):
+            if on_progress is not None:
+                on_progress(update)
+            if update.HasField("model_version"):
+                version = update.model_version
+        assert version is not None, "the registry ended the run without a version"
+        return version
+
+    async def get_version(self, model: str, version: str | int) -> registry_pb2.ModelVersion:
+        name = f"models/{model}/versions/{version}"
+        return await self.stub.GetModelVersion(registry_pb2.GetModelVersionRequest(name=name), timeout=30)
+
+    async def list_versions(self, model: str) -> list[registry_pb2.ModelVersion]:
+        request = registry_pb2.ListModelVersionsRequest(parent=f"models/{model}")
+        return list((await self.stub.ListModelVersions(request, timeout=30)).model_versions)
+
+    async def artifact(self, model: str, version: str | int) -> tuple[bytes, str]:
+        """The artifact's bytes and the sha256 the registry states for them."""
+        request = registry_pb2.GetArtifactRequest(name=f"models/{model}/versions/{version}")
+        chunks, sha = [], ""
+        async for chunk in self.stub.GetArtifact(request, timeout=300):
+            chunks.append(chunk.data)
+            sha = sha or chunk.sha256
+        return b"".join(chunks), sha
+
+    async def set_alias(
+        self, model: str, alias: str, version: str | int, *, require_improvement: float | None = None, reason: str = ""
+    ) -> registry_pb2.Model:
+        request = registry_pb2.SetAliasRequest(name=f"models/{model}", alias=alias, version=str(version), reason=reason)
+        if require_improvement is not None:
+            request.require_improvement = require_improvement
+        return await self.stub.SetAlias(request, timeout=600)
+
+    async def delete_alias(self, model: str, alias: str) -> registry_pb2.Model:
+        return await self.stub.DeleteAlias(
+            registry_pb2.DeleteAliasRequest(name=f"models/{model}", alias=alias), timeout=30
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 DEFAULT_INGEST_PORT = 50051
 DEFAULT_FEATURES_PORT = 50052
+DEFAULT_REGISTRY_PORT = 50053
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class Settings:
     )
     features_addr: str = field(
         default_factory=lambda: os.environ.get("D2D_FEATURES_ADDR", f"127.0.0.1:{DEFAULT_FEATURES_PORT}")
+    )
+    registry_addr: str = field(
+        default_factory=lambda: os.environ.get("D2D_REGISTRY_ADDR", f"127.0.0.1:{DEFAULT_REGISTRY_PORT}")
     )
     # Name of the features service's durable consumer and snapshot: instances with the same name
     # share them (one at a time); another name folds the stream independently.

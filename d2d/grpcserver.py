@@ -126,9 +126,9 @@ def add_service(server: Any, service: ServiceDescriptor, servicer: object) -> No
             "request_deserializer": _lenient(request_type),
             "response_serializer": response_type.SerializeToString,
         }
-        if method.client_streaming or method.server_streaming:
-            if not method.client_streaming:
-                raise NotImplementedError(f"{method.full_name}: server streaming is not used by the platform")
+        if method.client_streaming and method.server_streaming:
+            raise NotImplementedError(f"{method.full_name}: bidirectional streaming is not used by the platform")
+        if method.client_streaming:
 
             async def stream_unary(
                 requests: Any, context: Any, impl: Any = implementation, name: str = type_name
@@ -142,6 +142,17 @@ def add_service(server: Any, service: ServiceDescriptor, servicer: object) -> No
                 return await impl(checked(), context)
 
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+        elif method.server_streaming:
+
+            async def unary_stream(
+                request: Any, context: Any, impl: Any = implementation, name: str = type_name
+            ) -> Any:
+                if isinstance(request, Malformed):
+                    await _refuse_malformed(context, request, name)
+                async for response in impl(request, context):
+                    yield response
+
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
         else:
 
             async def unary(request: Any, context: Any, impl: Any = implementation, name: str = type_name) -> Any:

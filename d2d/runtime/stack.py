@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from d2d import eventlog
-from d2d.config import DEFAULT_FEATURES_PORT, DEFAULT_INGEST_PORT, Settings
+from d2d.config import DEFAULT_FEATURES_PORT, DEFAULT_INGEST_PORT, DEFAULT_REGISTRY_PORT, Settings
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ SERVICES = (
     ServiceSpec("ingest", ("-m", "services.ingest", "serve"), "d2d.v1.IngestService", "ingest"),
     ServiceSpec("ingest-relay", ("-m", "services.ingest", "relay")),
     ServiceSpec("features", ("-m", "services.features"), "d2d.v1.FeatureService", "features"),
+    ServiceSpec("registry", ("-m", "services.registry"), "d2d.v1.RegistryService", "registry"),
 )
 
 
@@ -50,6 +51,7 @@ class Endpoints:
     nats_url: str
     ingest: str
     features: str
+    registry: str
     data_dir: str
     pid: int
 
@@ -59,6 +61,7 @@ class Endpoints:
             "D2D_NATS_URL": self.nats_url,
             "D2D_INGEST_ADDR": self.ingest,
             "D2D_FEATURES_ADDR": self.features,
+            "D2D_REGISTRY_ADDR": self.registry,
             "D2D_DATA_DIR": self.data_dir,
         }
 
@@ -99,7 +102,8 @@ class Stack:
         asyncio.run(eventlog.migrate(database_url))
         ingest = os.environ.get("D2D_INGEST_ADDR") or self._default_addr("ingest", DEFAULT_INGEST_PORT)
         features = os.environ.get("D2D_FEATURES_ADDR") or self._default_addr("features", DEFAULT_FEATURES_PORT)
-        self.endpoints = Endpoints(database_url, nats_url, ingest, features, str(self.data_dir), os.getpid())
+        registry = os.environ.get("D2D_REGISTRY_ADDR") or self._default_addr("registry", DEFAULT_REGISTRY_PORT)
+        self.endpoints = Endpoints(database_url, nats_url, ingest, features, registry, str(self.data_dir), os.getpid())
         for spec in SERVICES:
             self._spawn(spec)
         deadline = time.monotonic() + timeout

@@ -1,0 +1,239 @@
+"""The model registry's storage: models, immutable versions, content-addressed artifacts, aliases.
+
+Every change is an event in the log, appended in the same transaction as the row it explains:
+`model.registered` (a model or a version) and `model.alias_set` (an alias moved or removed). The
+alias history is read back from those events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from d2d.eventlog import EventLog, NewEvent
+
+MODEL_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+ALIASES = ("production", "canary", "shadow")
+
+
+class RegistryError(Exception):
+    def __init__(self, code: str, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    description: str
+    registered_seq: int
+    created_at: datetime
+    aliases: dict[str, int]
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    model: str
+    version: int
+    sha256: str
+    spec: dict[str, Any]
+    evaluation: dict[str, Any]
+    lineage: dict[str, Any]
+    feature_names: list[str]
+    registered_seq: int
+    created_at: datetime
+    size_bytes: int
+
+    @property
+    def name(self) -> str:
+        return f"models/{self.model}/versions/{self.version}"
+
+
+@dataclass(frozen=True)
+class AliasChange:
+    alias: str
+    version: int | None
+    previous_version: int | None
+    seq: int
+    time: datetime
+    reason: str
+
+
+def _event(type_: str, model: str, payload: dict[str, Any]) -> NewEvent:
+    return NewEvent(uuid.uuid4(), type_, 1, "model", model, datetime.now(UTC), orjson.dumps(payload).decode())
+
+
+_VERSION_COLUMNS = (
+    "v.model, v.version, v.sha256, v.spec, v.evaluation, v.lineage, v.feature_names, v.registered_seq,"
+    " v.created_at, a.size_bytes"
+)
+
+
+class ModelStore:
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.pool: asyncpg.Pool = log.pool
+
+    async def create_model(self, model: str, description: str = "") -> ModelRecord:
+        if not MODEL_ID.match(model):
+            raise RegistryError(
+                "INVALID_ARGUMENT", f"model id {model!r} must be lower case letters, digits and '-'", "model_id"
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.log.lock_for_append(conn)
+            if await conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
+                raise RegistryError("ALREADY_EXISTS", f"models/{model} already exists", "model_id")
+            [event] = await self.log.append(
+                [_event("model.registered", model, {"model": model, "description": description})], conn=conn
+            )
+            await conn.execute(
+                "INSERT INTO models (name, description, registered_seq) VALUES ($1, $2, $3)",
+                model,
+                description,
+                event.seq,
+            )
+        return await self.get_model(model)
+
+    async def get_model(self, model: str) -> ModelRecord:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT name, description, registered_seq, created_at FROM models WHERE name = $1", model
+            )
+            if row is None:
+                raise RegistryError("NOT_FOUND", f"models/{model} does not exist", "name")
+            aliases = await conn.fetch("SELECT alias, version FROM model_aliases WHERE model = $1", model)
+        return ModelRecord(*row.values(), aliases={a["alias"]: a["version"] for a in aliases})
+
+    async def list_models(self) -> list[ModelRecord]:
+        async with self.pool.acquire() as conn:
+            names = [r[0] for r in await conn.fetch("SELECT name FROM models ORDER BY name")]
+        return [await self.get_model(n) for n in names]
+
+    async def add_version(
+        self,
+        model: str,
+        artifact: bytes,
+        spec: dict[str, Any],
+        feature_names: list[str],
+        evaluation: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> VersionRecord:
+        await self.get_model(model)
+        sha = hashlib.sha256(artifact).hexdigest()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.log.lock_for_append(conn)
+            version = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE model = $1", model
+            )
+            await conn.execute(
+                "INSERT INTO artifacts (sha256, data, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
+                sha,
+                artifact,
+                len(artifact),
+            )
+            payload = {
+                "model": model, "version": version, "sha256": sha, "spec": spec,
+                "evaluation": {k: (evaluation or {}).get(k) for k in ("auc", "log_loss", "brier", "rows", "positives")},
+            }  # fmt: skip
+            [event] = await self.log.append([_event("model.registered", model, payload)], conn=conn)
+            await conn.execute(
+                "INSERT INTO model_versions (model, version, sha256, spec, evaluation, lineage, feature_names,"
+                " registered_seq) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb, $7, $8)",
+                model, version, sha, orjson.dumps(spec).decode(), orjson.dumps(evaluation or {}).decode(),
+                orjson.dumps(lineage or {}).decode(), feature_names, event.seq,
+            )  # fmt: skip
+        return await self.get_version(model, str(version))
+
+    async def get_version(self, model: str, version: str) -> VersionRecord:
+        """A version by number or by alias."""
+        record = await self.get_model(model)
+        if version in record.aliases:
+            number = record.aliases[version]
+        elif version.isdigit():
+            number = int(version)
+        else:
+            raise RegistryError("NOT_FOUND", f"models/{model} has no version or alias {version!r}", "name")
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN artifacts a USING (sha256)"
+                " WHERE v.model = $1 AND v.version = $2",
+                model,
+                number,
+            )
+        if row is None:
+            raise RegistryError("NOT_FOUND", f"models/{model}/versions/{version} does not exist", "name")
+        return VersionRecord(*row.values())
+
+    async def list_versions(self, model: str) -> list[VersionRecord]:
+        await self.get_model(model)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN artifacts a USING (sha256)"
+                " WHERE v.model = $1 ORDER BY v.version",
+                model,
+            )
+        return [VersionRecord(*r.values()) for r in rows]
+
+    async def artifact(self, sha256: str) -> bytes:
+        async with self.pool.acquire() as conn:
+            data = await conn.fetchval("SELECT data FROM artifacts WHERE sha256 = $1", sha256)
+        if data is None:
+            raise RegistryError("NOT_FOUND", f"no artifact {sha256}")
+        return data
+
+    async def set_alias(self, model: str, alias: str, version: int | None, reason: str = "") -> AliasChange:
+        """Point `alias` at `version` (None removes it), recorded as a `model.alias_set` event."""
+        if alias not in ALIASES:
+            raise RegistryError("INVALID_ARGUMENT", f"alias {alias!r} is not one of {', '.join(ALIASES)}", "alias")
+        record = await self.get_model(model)
+        if version is not None:
+            await self.get_version(model, str(version))
+        previous = record.aliases.get(alias)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.log.lock_for_append(conn)
+            payload = {
+                "model": model,
+                "alias": alias,
+                "version": version,
+                "previous_version": previous,
+                "reason": reason,
+            }
+            [event] = await self.log.append([_event("model.alias_set", model, payload)], conn=conn)
+            if version is None:
+                await conn.execute("DELETE FROM model_aliases WHERE model = $1 AND alias = $2", model, alias)
+            else:
+                await conn.execute(
+                    "INSERT INTO model_aliases (model, alias, version, set_seq) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, set_seq = excluded.set_seq",
+                    model, alias, version, event.seq,
+                )  # fmt: skip
+        return AliasChange(alias, version, previous, event.seq, datetime.now(UTC), reason)
+
+    async def alias_history(self, model: str) -> list[AliasChange]:
+        """Every alias change of the model, oldest first, read from the log."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT seq, recorded_at, payload FROM events WHERE type = 'model.alias_set' AND entity_type = 'model'"
+                " AND entity_id = $1 ORDER BY seq",
+                model,
+            )
+        return [
+            AliasChange(
+                r["payload"]["alias"],
+                r["payload"]["version"],
+                r["payload"]["previous_version"],
+                r["seq"],
+                r["recorded_at"],
+                r["payload"].get("reason", ""),
+            )  # fmt: skip
+            for r in rows
+        ]

@@ -1,0 +1,106 @@
+"""Binary labels from the log: one example per event of one type, labelled by whether an outcome event
+joined to it by a payload field occurred within a window after it.
+
+Pure logic over events already read from the log (anything with `seq`, `event_id`, `type`, `occurred_at`
+(an aware datetime) and `payload`), so the same log range always gives the same labelled examples.
+
+An example is labelled 1 when an outcome with the same join value has
+`0 <= outcome.occurred_at - example.occurred_at <= window`, else 0. Examples younger than the window at
+`as_of` (the end of the range in event time) are left out: their outcome could still come, and labelling
+them 0 would bias the label towards 0. For every example kept, the window ends at or before `as_of`, so a
+label uses only events that had occurred by `as_of`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LabelDefinition:
+    """A binary label from the log: an example per `example_type` event; label 1 if an `outcome_type`
+    event with the same `join_field` value occurs within `window_seconds` after the example's
+    occurred_at, else 0. Examples younger than the window at the end of the log range (their outcome
+    could still come) are left out."""
+
+    example_type: str = "payment.authorized"
+    outcome_type: str = "payment.chargeback"
+    join_field: str = "payment_id"
+    window_seconds: int = 30 * 86400
+
+    def __post_init__(self) -> None:
+        for name in ("example_type", "outcome_type", "join_field"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if isinstance(self.window_seconds, bool) or not isinstance(self.window_seconds, int):
+            raise ValueError(f"window_seconds must be an integer, got {self.window_seconds!r}")
+        if self.window_seconds < 0:
+            raise ValueError(f"window_seconds must be >= 0, got {self.window_seconds}")
+
+    @property
+    def window(self) -> timedelta:
+        return timedelta(seconds=self.window_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LabelDefinition:
+        """The inverse of `to_dict`. Unknown keys are an error; missing keys take the defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown label definition fields: {unknown}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LabeledExample:
+    event_id: str
+    seq: int
+    occurred_at: datetime
+    payload: dict[str, Any]
+    label: int
+
+
+def _join_value(event: Any, join_field: str) -> Any:
+    payload = event.payload
+    if join_field not in payload:
+        raise ValueError(f"{event.type} event seq={event.seq} has no {join_field!r} in its payload")
+    return payload[join_field]
+
+
+def label_examples(events: Iterable[Any], definition: LabelDefinition, *, as_of: datetime) -> list[LabeledExample]:
+    """Labelled examples from one log range.
+
+    `events`: the range (any types; other types are ignored). `as_of`: the end of the range in event
+    time (the newest occurred_at of the range), passed explicitly so the result does not depend on which
+    event types were read. An outcome counts if `outcome.occurred_at - example.occurred_at` is in
+    `[0, window]` (both ends included); outcomes whose example is not in the range are ignored; an outcome
+    that occurred before its example (clock skew) does not count; several outcomes for one example count
+    once. Examples with `as_of - occurred_at < window` are left out (censored). An example or outcome
+    event without the join field in its payload is an error (ValueError). Returned in seq order.
+    """
+    if as_of.tzinfo is None or as_of.utcoffset() is None:
+        raise ValueError("as_of must be a timezone-aware datetime")
+    window = definition.window
+    examples: list[Any] = []
+    outcomes: dict[Any, set[datetime]] = {}
+    for event in events:
+        if event.type == definition.example_type:
+            examples.append(event)
+        elif event.type == definition.outcome_type:
+            outcomes.setdefault(_join_value(event, definition.join_field), set()).add(event.occurred_at)
+
+    labelled: list[LabeledExample] = []
+    for event in sorted(examples, key=lambda e: e.seq):
+        if as_of - event.occurred_at < window:
+            continue  # censored: the window has not closed by as_of
+        key = _join_value(event, definition.join_field)
+        label = int(any(timedelta(0) <= t - event.occurred_at <= window for t in outcomes.get(key, ())))
+        labelled.append(LabeledExample(str(event.event_id), event.seq, event.occurred_at, dict(event.payload), label))
+    return labelled

@@ -1,0 +1,207 @@
+"""Training a model version from a spec against the log, deterministically.
+
+labels (from the log, by the label definition) -> point-in-time features (the offline frame, the
+same fold as online) -> model inputs -> time-based split -> XGBoost (fixed seed, one thread) ->
+evaluation on the held-out test split. The same spec against the same log gives the same
+artifact bytes, which `reproduce` checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from d2d.eventlog import EventLog
+from d2d.features.definitions import FeatureView
+from d2d.features.offline import FrameRow, training_frame
+from d2d.training.evaluation import evaluate, roc_auc
+from d2d.training.labels import LabeledExample, label_examples
+from d2d.training.spec import SpecError, TrainingSpec, input_names, model_inputs
+from d2d.training.split import time_split
+
+Progress = Callable[[str, str, float], None]
+PAGE = 20_000
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    spec: TrainingSpec  # with to_seq resolved
+    artifact: bytes
+    sha256: str
+    feature_names: list[str]
+    evaluation: dict[str, Any]
+    lineage: dict[str, Any]
+
+
+def _quiet(stage: str, message: str, fraction: float) -> None:
+    pass
+
+
+async def labeled_examples(log: EventLog, spec: TrainingSpec) -> list[LabeledExample]:
+    """The examples of the spec's log range with their labels; FAILED_PRECONDITION if there are none."""
+    label = spec.label
+    events = []
+    after = spec.after_seq
+    while after < spec.to_seq:
+        page = await log.read(after, PAGE, types=[label.example_type, label.outcome_type])
+        page = [e for e in page if e.seq <= spec.to_seq]
+        events.extend(page)
+        if len(page) < PAGE:
+            break
+        after = page[-1].seq
+    if not any(e.type == label.example_type for e in events):
+        raise SpecError(
+            "FAILED_PRECONDITION",
+            f"the log range ({spec.after_seq}, {spec.to_seq}] holds no {label.example_type} events to learn from",
+        )
+    as_of = max(e.occurred_at for e in events)
+    examples = label_examples(events, label, as_of=as_of)
+    if not examples:
+        raise SpecError(
+            "FAILED_PRECONDITION",
+            f"every {label.example_type} event in ({spec.after_seq}, {spec.to_seq}] is younger than the label window "
+            f"({label.window_seconds} s before {as_of.isoformat()}): no example has a known outcome yet",
+        )
+    classes = {e.label for e in examples}
+    if len(classes) < 2:
+        raise SpecError(
+            "FAILED_PRECONDITION",
+            f"the label definition yields only class {classes.pop()} in {len(examples)} examples "
+            f"({label.outcome_type} within {label.window_seconds} s of {label.example_type}): nothing to learn",
+        )
+    return examples
+
+
+def request_context(example: LabeledExample) -> dict[str, Any]:
+    return {**example.payload, "occurred_at": example.occurred_at.isoformat()}
+
+
+async def build_inputs(
+    log: EventLog, spec: TrainingSpec, views: Sequence[FeatureView], examples: Sequence[LabeledExample]
+) -> np.ndarray:
+    """The model inputs of each example: features as of just before it, and its own request."""
+    keyed = [v for v in views if v.source == spec.label.example_type]
+    rows = [
+        FrameRow(
+            {v.entity: str(e.payload[v.entity_key]) for v in keyed if v.entity_key in e.payload},
+            e.occurred_at,
+            e.seq - 1,
+            e.event_id,
+        )
+        for e in examples
+    ]
+    frame = await training_frame(log, views, rows)
+    names = [c for c in frame.columns if "." in c]
+    records = frame[names].to_dict("records")
+    matrix = [
+        model_inputs(spec, views, {k: (None if v != v else v) for k, v in record.items()}, request_context(example))
+        for record, example in zip(records, examples, strict=True)
+    ]
+    return np.asarray(matrix, dtype=np.float64)
+
+
+async def train(
+    log: EventLog, spec: TrainingSpec, views: Sequence[FeatureView], progress: Progress = _quiet
+) -> TrainedModel:
+    import xgboost as xgb
+
+    if spec.to_seq <= 0:
+        spec = TrainingSpec(**{**spec.__dict__, "to_seq": await log.head()})
+    progress("labels", f"labelling {spec.label.example_type} events in ({spec.after_seq}, {spec.to_seq}]", 0.05)
+    examples = await labeled_examples(log, spec)
+    positives = sum(e.label for e in examples)
+    progress("features", f"{len(examples):,} examples ({positives:,} positive): point-in-time features", 0.15)
+    inputs = await build_inputs(log, spec, views, examples)
+    names = input_names(spec, views)
+    labels = np.asarray([e.label for e in examples], dtype=np.float64)
+    split = time_split([e.occurred_at for e in examples], train=spec.train_share, validation=spec.validation_share)
+    for part, rows in (("train", split.train), ("validation", split.validation), ("test", split.test)):
+        if len({int(labels[i]) for i in rows}) < 2:
+            raise SpecError(
+                "FAILED_PRECONDITION",
+                f"the {part} split ({len(rows)} examples) has only one class: the log range is too short to learn from",
+            )
+    progress("training", f"XGBoost on {len(split.train):,} rows, {len(names)} inputs", 0.5)
+    params = {**dict(spec.params), "seed": spec.seed}
+
+    def matrix(rows: list[int]) -> Any:
+        return xgb.DMatrix(inputs[rows], label=labels[rows], feature_names=names, missing=np.nan)
+
+    train_m, valid_m = matrix(split.train), matrix(split.validation)
+
+    def fit() -> Any:  # in a thread: a service keeps answering while it trains
+        return xgb.train(
+            params,
+            train_m,
+            num_boost_round=spec.num_boost_round,
+            evals=[(valid_m, "validation")],
+            early_stopping_rounds=spec.early_stopping_rounds,
+            verbose_eval=False,
+        )
+
+    booster = await asyncio.to_thread(fit)
+    artifact = bytes(booster.save_raw(raw_format="ubj"))
+    progress("evaluation", "scoring the held-out test split", 0.85)
+    scores = predict(artifact, inputs[split.test])
+    test_labels = [int(labels[i]) for i in split.test]
+    slices = {f: [examples[i].payload.get(f) for i in split.test] for f in spec.slice_fields}
+    evaluation = evaluate(test_labels, scores.tolist(), slices=slices).to_dict()
+    lineage = {
+        "libraries": {"xgboost": xgb.__version__, "numpy": np.__version__, "python": platform.python_version()},
+        "examples": len(examples),
+        "positives": positives,
+        "rows": {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)},
+        "best_iteration": int(booster.best_iteration),
+        "views": [list(v) for v in spec.views],
+        "log_range": [spec.after_seq, spec.to_seq],
+        "test_examples": [[examples[i].event_id, test_labels[k]] for k, i in enumerate(split.test)],
+    }
+    return TrainedModel(spec, artifact, hashlib.sha256(artifact).hexdigest(), names, evaluation, lineage)
+
+
+def predict(artifact: bytes, inputs: np.ndarray) -> np.ndarray:
+    """Scores of a stored model for rows of model inputs (its best iteration)."""
+    import xgboost as xgb
+
+    booster = xgb.Booster(params={"nthread": 1})
+    booster.load_model(bytearray(artifact))
+    best = int(booster.attr("best_iteration") or -1)
+    iteration_range = (0, best + 1) if best >= 0 else (0, 0)
+    return booster.predict(
+        xgb.DMatrix(inputs, missing=np.nan), iteration_range=iteration_range, validate_features=False
+    )
+
+
+async def compare_on_rows(
+    log: EventLog,
+    rows: Sequence[tuple[str, int]],
+    candidate: tuple[TrainingSpec, Sequence[FeatureView], bytes],
+    incumbent: tuple[TrainingSpec, Sequence[FeatureView], bytes],
+) -> tuple[float, float, int]:
+    """AUC of two models on the same held-out examples (event id, label): (candidate, incumbent, n)."""
+    wanted = {event_id: label for event_id, label in rows}
+    examples = []
+    after = 0
+    example_type = candidate[0].label.example_type
+    while len(examples) < len(wanted):
+        page = await log.read(after, PAGE, types=[example_type])
+        if not page:
+            break
+        examples.extend(
+            LabeledExample(str(e.event_id), e.seq, e.occurred_at, e.payload, wanted[str(e.event_id)])
+            for e in page
+            if str(e.event_id) in wanted
+        )
+        after = page[-1].seq
+    labels = [e.label for e in examples]
+    aucs = []
+    for spec, views, artifact in (candidate, incumbent):
+        inputs = await build_inputs(log, spec, views, examples)
+        aucs.append(roc_auc(labels, predict(artifact, inputs).tolist()))
+    return aucs[0], aucs[1], len(examples)

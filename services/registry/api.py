@@ -1,0 +1,242 @@
+"""`d2d.v1.RegistryService` over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from d2d import grpcserver
+from d2d.eventlog import EventLog
+from d2d.features.definitions import FeatureView
+from d2d.features.store import registered_views
+from d2d.models import AliasChange, ModelRecord, ModelStore, RegistryError, VersionRecord
+from d2d.training.pipeline import compare_on_rows, train
+from d2d.training.spec import SpecError, TrainingSpec
+from d2d.v1 import registry_pb2
+
+SERVICE_NAME = "d2d.v1.RegistryService"
+CHUNK = 1 << 20
+
+
+async def _fail(context: grpc.aio.ServicerContext, code: str, message: str, field: str = "") -> None:
+    await grpcserver.abort(context, grpcserver.status(code, message, field=field))
+
+
+def _model_name(name: str) -> str:
+    parts = name.split("/")
+    if len(parts) != 2 or parts[0] != "models" or not parts[1]:
+        raise RegistryError("INVALID_ARGUMENT", f"{name!r} is not a model name 'models/{{model}}'", "name")
+    return parts[1]
+
+
+def _version_name(name: str) -> tuple[str, str]:
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions":
+        raise RegistryError("INVALID_ARGUMENT", f"{name!r} is not 'models/{{model}}/versions/{{version}}'", "name")
+    return parts[1], parts[3]
+
+
+def _change(c: AliasChange) -> registry_pb2.AliasChange:
+    msg = registry_pb2.AliasChange(
+        alias=c.alias,
+        version=str(c.version or ""),
+        previous_version=str(c.previous_version or ""),
+        seq=c.seq,
+        reason=c.reason,
+    )
+    msg.time.FromDatetime(c.time)
+    return msg
+
+
+def version_to_proto(v: VersionRecord) -> registry_pb2.ModelVersion:
+    msg = registry_pb2.ModelVersion(
+        name=v.name,
+        sha256=v.sha256,
+        artifact_bytes=v.size_bytes,
+        spec_json=json.dumps(v.spec, sort_keys=True),
+        evaluation_json=json.dumps(v.evaluation, sort_keys=True),
+        lineage_json=json.dumps({k: x for k, x in v.lineage.items() if k != "test_examples"}, sort_keys=True),
+        feature_names=v.feature_names,
+        registered_seq=v.registered_seq,
+    )
+    msg.create_time.FromDatetime(v.created_at)
+    return msg
+
+
+class RegistryApi:
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.store = ModelStore(log)
+        self._training = asyncio.Lock()  # one run at a time: XGBoost has the machine
+
+    async def _model_proto(self, record: ModelRecord) -> registry_pb2.Model:
+        msg = registry_pb2.Model(
+            name=f"models/{record.name}",
+            description=record.description,
+            aliases={k: str(v) for k, v in record.aliases.items()},
+            alias_history=[_change(c) for c in await self.store.alias_history(record.name)],
+        )
+        msg.create_time.FromDatetime(record.created_at)
+        return msg
+
+    async def views_for(self, spec: TrainingSpec) -> list[FeatureView]:
+        """The registered definitions the spec names; NOT_FOUND for one that is not registered."""
+        known = {(v.name, v.version): v for v in await registered_views(self.log.pool)}
+        views = []
+        for name, version in spec.views:
+            view = known.get((name, version))
+            if view is None:
+                versions = sorted(v for n, v in known if n == name)
+                detail = f"registered versions: {', '.join(versions)}" if versions else "no version is registered"
+                raise RegistryError(
+                    "NOT_FOUND", f"feature view {name!r} version {version!r} is unknown ({detail})", "spec_json"
+                )
+            views.append(view)
+        return views
+
+    async def CreateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
+        try:
+            return await self._model_proto(await self.store.create_model(request.model_id, request.model.description))
+        except RegistryError as e:
+            await _fail(context, e.code, e.message, e.field)
+
+    async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
+        try:
+            return await self._model_proto(await self.store.get_model(_model_name(request.name)))
+        except RegistryError as e:
+            await _fail(context, e.code, e.message, e.field)
+
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ListModelsResponse:
+        return registry_pb2.ListModelsResponse(
+            models=[await self._model_proto(m) for m in await self.store.list_models()]
+        )
+
+    async def TrainModelVersion(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[registry_pb2.TrainingProgress]:
+        updates: asyncio.Queue[registry_pb2.TrainingProgress | None] = asyncio.Queue()
+
+        def progress(stage: str, message: str, fraction: float) -> None:
+            updates.put_nowait(registry_pb2.TrainingProgress(stage=stage, message=message, fraction=fraction))
+
+        async def run() -> VersionRecord:
+            try:
+                model = _model_name(request.parent)
+                await self.store.get_model(model)
+                spec = TrainingSpec.from_json(request.spec_json)
+                views = await self.views_for(spec)
+                async with self._training:
+                    trained = await train(self.log, spec, views, progress)
+                return await self.store.add_version(
+                    model, trained.artifact, trained.spec.to_dict(), trained.feature_names,
+                    trained.evaluation, trained.lineage,
+                )  # fmt: skip
+            finally:
+                updates.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        while (update := await updates.get()) is not None:
+            yield update
+        try:
+            version = await task
+        except (RegistryError, SpecError) as e:
+            await _fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
+        yield registry_pb2.TrainingProgress(
+            stage="stored", message=f"registered {version.name} ({version.sha256[:12]})", fraction=1.0,
+            model_version=version_to_proto(version),
+        )  # fmt: skip
+
+    async def RegisterModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
+        try:
+            model = _model_name(request.parent)
+            spec = TrainingSpec.from_json(request.spec_json)
+            await self.views_for(spec)
+            if not request.artifact:
+                raise RegistryError("INVALID_ARGUMENT", "artifact is required", "artifact")
+            if not request.feature_names:
+                raise RegistryError("INVALID_ARGUMENT", "feature_names are required", "feature_names")
+            evaluation = json.loads(request.evaluation_json) if request.evaluation_json else {}
+            record = await self.store.add_version(
+                model, request.artifact, spec.to_dict(), list(request.feature_names), evaluation, {"external": True}
+            )
+            return version_to_proto(record)
+        except (RegistryError, SpecError) as e:
+            await _fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
+
+    async def GetModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
+        try:
+            return version_to_proto(await self.store.get_version(*_version_name(request.name)))
+        except RegistryError as e:
+            await _fail(context, e.code, e.message, e.field)
+
+    async def ListModelVersions(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListModelVersionsResponse:
+        try:
+            versions = await self.store.list_versions(_model_name(request.parent))
+        except RegistryError as e:
+            await _fail(context, e.code, e.message, e.field or "parent")
+        return registry_pb2.ListModelVersionsResponse(model_versions=[version_to_proto(v) for v in versions])
+
+    async def GetArtifact(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[registry_pb2.ArtifactChunk]:
+        try:
+            version = await self.store.get_version(*_version_name(request.name))
+            data = await self.store.artifact(version.sha256)
+        except RegistryError as e:
+            await _fail(context, e.code, e.message, e.field)
+        for offset in range(0, len(data), CHUNK):
+            chunk = registry_pb2.ArtifactChunk(data=data[offset : offset + CHUNK])
+            if offset == 0:
+                chunk.sha256, chunk.total_bytes = version.sha256, len(data)
+            yield chunk
+
+    async def SetAlias(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
+        try:
+            model = _model_name(request.name)
+            if not request.version.isdigit():
+                raise RegistryError("INVALID_ARGUMENT", "version must be a version number", "version")
+            candidate = await self.store.get_version(model, request.version)
+            current = (await self.store.get_model(model)).aliases.get(request.alias)
+            if request.HasField("require_improvement") and current is not None and current != candidate.version:
+                await self._gate(candidate, await self.store.get_version(model, str(current)), request)
+            await self.store.set_alias(model, request.alias, candidate.version, request.reason)
+            return await self._model_proto(await self.store.get_model(model))
+        except (RegistryError, SpecError) as e:
+            await _fail(context, e.code, str(e), getattr(e, "field", ""))
+
+    async def _gate(self, candidate: VersionRecord, incumbent: VersionRecord, request: Any) -> None:
+        rows = candidate.lineage.get("test_examples")
+        if not rows:
+            raise RegistryError(
+                "FAILED_PRECONDITION", f"{candidate.name} has no held-out rows to compare on (registered externally)"
+            )
+        sides = []
+        for record in (candidate, incumbent):
+            spec = TrainingSpec.from_dict(record.spec)
+            sides.append((spec, await self.views_for(spec), await self.store.artifact(record.sha256)))
+        auc_new, auc_old, n = await compare_on_rows(self.log, [tuple(r) for r in rows], sides[0], sides[1])
+        margin = request.require_improvement
+        if auc_new < auc_old + margin:
+            raise RegistryError(
+                "FAILED_PRECONDITION",
+                f"promotion refused: version {candidate.version} has AUC {auc_new:.4f} on its {n} held-out rows, "
+                f"{request.alias} version {incumbent.version} has {auc_old:.4f} on the same rows; the gate asks for "
+                f"+{margin:.4f}, so it falls short by {auc_old + margin - auc_new:.4f}",
+                "require_improvement",
+            )
+
+    async def DeleteAlias(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
+        try:
+            model = _model_name(request.name)
+            if request.alias not in (await self.store.get_model(model)).aliases:
+                raise RegistryError("NOT_FOUND", f"models/{model} has no alias {request.alias!r}", "alias")
+            await self.store.set_alias(model, request.alias, None)
+            return await self._model_proto(await self.store.get_model(model))
+        except RegistryError as e:
+            await _fail(context, e.code, e.message, e.field)

@@ -1,0 +1,36 @@
+"""Assembles the registry service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from d2d import eventlog, grpcserver
+from d2d.config import Settings
+from d2d.eventlog import EventLog
+from d2d.runtime.process import stop_on_signals
+from d2d.v1 import registry_pb2
+from services.registry.api import SERVICE_NAME, RegistryApi
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the RegistryService on settings.registry_addr until `stop` (or SIGINT/SIGTERM)."""
+    stop = stop or stop_on_signals()
+    url = settings.require_database_url()
+    await eventlog.migrate(url)
+    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=6)
+    server, health = grpcserver.new_server([SERVICE_NAME])
+    grpcserver.add_service(
+        server, registry_pb2.DESCRIPTOR.services_by_name["RegistryService"], RegistryApi(EventLog(pool))
+    )
+    if server.add_insecure_port(settings.registry_addr) == 0:
+        raise SystemExit(f"registry: cannot listen on {settings.registry_addr}")
+    await server.start()
+    await grpcserver.set_serving(health, [SERVICE_NAME])
+    log.info("registry serving on %s", settings.registry_addr)
+    await stop.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    await pool.close()
