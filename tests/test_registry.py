@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -211,3 +213,40 @@ async def test_unknown_model_is_not_found(registry) -> None:  # noqa: ANN001
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.get_version("no-such-model", 1)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "models/no-such-model" in caught.value.details()
+
+
+async def run_cli(settings: Settings, *args: str) -> tuple[int, str]:
+    env = {**os.environ, "D2D_DATABASE_URL": settings.database_url or "", "D2D_NATS_URL": "nats://unused",
+           "D2D_REGISTRY_ADDR": settings.registry_addr, "COLUMNS": "200"}  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "d2d.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
+async def test_models_commands_train_show_promote_rollback_reproduce(registry) -> None:  # noqa: ANN001
+    _, settings = registry
+    model = f"cli-{uuid.uuid4().hex[:6]}"
+    code, out = await run_cli(settings, "models", "train", model, "--rounds", "25")
+    assert code == 0 and f"registered models/{model}/versions/1" in out and "test AUC" in out, out
+    code, out = await run_cli(settings, "models", "train", model, "--rounds", "40")
+    assert code == 0 and f"models/{model}/versions/2" in out, out
+    code, out = await run_cli(settings, "models", "promote", model, "1", "--no-gate")
+    assert code == 0 and "production of" in out and "is version 1" in out, out
+    code, out = await run_cli(settings, "models", "promote", model, "2", "--no-gate", "--reason", "more rounds")
+    assert code == 0 and "is version 2" in out, out
+    code, out = await run_cli(settings, "models", "rollback", model)
+    assert code == 0 and "rolled back to version 1" in out, out
+    code, out = await run_cli(settings, "models", "show", model, "2")
+    assert code == 0 and "alias history" in out and "more rounds" in out and "calibration" in out, out
+    code, out = await run_cli(settings, "models", "list")
+    assert code == 0 and model in out and "production=1" in out, out
+    code, out = await run_cli(settings, "models", "reproduce", model, "2")
+    assert code == 0 and "identical" in out, out
