@@ -26,6 +26,7 @@ from d2d.sim.views import TRANSFORMS, VIEWS
 from d2d.training.evaluation import roc_auc
 from d2d.training.pipeline import train
 from d2d.training.spec import TrainingSpec
+from d2d.v1 import registry_pb2
 from services.registry.server import serve
 
 SIM = SimConfig(seed=3, days=40, payments_per_day=1500, customers=1000, merchants=100)
@@ -250,3 +251,32 @@ async def test_models_commands_train_show_promote_rollback_reproduce(registry) -
     assert code == 0 and model in out and "production=1" in out, out
     code, out = await run_cli(settings, "models", "reproduce", model, "2")
     assert code == 0 and "identical" in out, out
+
+
+async def test_an_externally_trained_artifact_is_registered_with_its_spec(registry) -> None:  # noqa: ANN001
+    import numpy as np
+    import xgboost as xgb
+
+    client, _ = registry
+    model = await new_model(client)
+    rng = np.random.default_rng(0)
+    booster = xgb.train(
+        {"objective": "binary:logistic", "nthread": 1},
+        xgb.DMatrix(rng.random((200, 3)), label=rng.integers(0, 2, 200)),
+        5,
+    )
+    artifact = bytes(booster.save_raw(raw_format="ubj"))
+    request = registry_pb2.RegisterModelVersionRequest(
+        parent=f"models/{model}", artifact=artifact, spec_json=spec_json(), feature_names=["a", "b", "c"],
+        evaluation_json=json.dumps({"auc": 0.5}),
+    )  # fmt: skip
+    version = await client.stub.RegisterModelVersion(request)
+    assert version.sha256 == hashlib.sha256(artifact).hexdigest() and list(version.feature_names) == ["a", "b", "c"]
+    fetched, _ = await client.artifact(model, 1)
+    assert fetched == artifact
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        bad = registry_pb2.RegisterModelVersionRequest(
+            parent=f"models/{model}", artifact=artifact, spec_json=spec_json(views=[["nope", "1"]]), feature_names=["a"]
+        )
+        await client.stub.RegisterModelVersion(bad)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in caught.value.details()
