@@ -264,6 +264,21 @@ class RegistryClient:
     async def get_model(self, model: str) -> registry_pb2.Model:
         return await self.stub.GetModel(registry_pb2.GetModelRequest(name=f"models/{model}"), timeout=30)
 
+    async def set_policy(
+        self, model: str, *, canary_share: float = 0.0, epsilon: float = 0.0, threshold: float = 0.5,
+        actions: Sequence[str] = ("approve", "decline"),
+    ) -> registry_pb2.Model:  # fmt: skip
+        from google.protobuf import field_mask_pb2
+
+        policy = registry_pb2.DeploymentPolicy(
+            canary_share=canary_share, epsilon=epsilon, threshold=threshold, actions=list(actions)
+        )
+        request = registry_pb2.UpdateModelRequest(
+            model=registry_pb2.Model(name=f"models/{model}", deployment_policy=policy),
+            update_mask=field_mask_pb2.FieldMask(paths=["deployment_policy"]),
+        )
+        return await self.stub.UpdateModel(request, timeout=30)
+
     async def list_models(self) -> list[registry_pb2.Model]:
         return list((await self.stub.ListModels(registry_pb2.ListModelsRequest(), timeout=30)).models)
 

@@ -31,13 +31,39 @@ class RegistryError(Exception):
         self.field = field
 
 
+DEFAULT_POLICY: dict[str, Any] = {
+    "canary_share": 0.0,
+    "epsilon": 0.0,
+    "threshold": 0.5,
+    "actions": ["approve", "decline"],
+}
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     name: str
     description: str
     registered_seq: int
     created_at: datetime
+    deployment_policy: dict[str, Any]
     aliases: dict[str, int]
+
+
+def check_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """A complete, valid deployment policy (defaults filled in) or RegistryError naming the field."""
+    merged = {**DEFAULT_POLICY, **{k: v for k, v in policy.items() if v not in (None, [])}}
+    for key in ("canary_share", "epsilon", "threshold"):
+        value = merged[key]
+        if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+            raise RegistryError("INVALID_ARGUMENT", f"deployment_policy.{key} must be within 0..1, got {value!r}",
+                                f"model.deployment_policy.{key}")  # fmt: skip
+        merged[key] = float(value)
+    actions = merged["actions"]
+    if len(actions) != 2 or len(set(actions)) != 2 or not all(isinstance(a, str) and a for a in actions):
+        raise RegistryError("INVALID_ARGUMENT", "deployment_policy.actions must be two distinct names, e.g. "
+                            "['approve', 'decline']", "model.deployment_policy.actions")  # fmt: skip
+    merged["actions"] = list(actions)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -106,12 +132,34 @@ class ModelStore:
     async def get_model(self, model: str) -> ModelRecord:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT name, description, registered_seq, created_at FROM models WHERE name = $1", model
+                "SELECT name, description, registered_seq, created_at, deployment_policy FROM models WHERE name = $1",
+                model,
             )
             if row is None:
                 raise RegistryError("NOT_FOUND", f"models/{model} does not exist", "name")
             aliases = await conn.fetch("SELECT alias, version FROM model_aliases WHERE model = $1", model)
         return ModelRecord(*row.values(), aliases={a["alias"]: a["version"] for a in aliases})
+
+    async def update_model(
+        self, model: str, *, description: str | None = None, policy: dict[str, Any] | None = None
+    ) -> ModelRecord:
+        """Change the description and/or the deployment policy (a `model.policy_set` event)."""
+        await self.get_model(model)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if description is not None:
+                await conn.execute("UPDATE models SET description = $2 WHERE name = $1", model, description)
+            if policy is not None:
+                policy = check_policy(policy)
+                await self.log.lock_for_append(conn)
+                await self.log.append(
+                    [_event("model.policy_set", model, {"model": model, "policy": policy})], conn=conn
+                )
+                await conn.execute(
+                    "UPDATE models SET deployment_policy = $2::jsonb WHERE name = $1",
+                    model,
+                    orjson.dumps(policy).decode(),
+                )
+        return await self.get_model(model)
 
     async def list_models(self) -> list[ModelRecord]:
         async with self.pool.acquire() as conn:

@@ -2,6 +2,7 @@ import datetime
 
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.api import resource_pb2 as _resource_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -12,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Model(_message.Message):
-    __slots__ = ("name", "description", "aliases", "alias_history", "create_time")
+    __slots__ = ("name", "description", "aliases", "alias_history", "create_time", "deployment_policy")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,12 +26,34 @@ class Model(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     ALIAS_HISTORY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     aliases: _containers.ScalarMap[str, str]
     alias_history: _containers.RepeatedCompositeFieldContainer[AliasChange]
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., aliases: _Optional[_Mapping[str, str]] = ..., alias_history: _Optional[_Iterable[_Union[AliasChange, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    deployment_policy: DeploymentPolicy
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., aliases: _Optional[_Mapping[str, str]] = ..., alias_history: _Optional[_Iterable[_Union[AliasChange, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deployment_policy: _Optional[_Union[DeploymentPolicy, _Mapping]] = ...) -> None: ...
+
+class DeploymentPolicy(_message.Message):
+    __slots__ = ("canary_share", "epsilon", "threshold", "actions")
+    CANARY_SHARE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    canary_share: float
+    epsilon: float
+    threshold: float
+    actions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, canary_share: _Optional[float] = ..., epsilon: _Optional[float] = ..., threshold: _Optional[float] = ..., actions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateModelRequest(_message.Message):
+    __slots__ = ("model", "update_mask")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    model: Model
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class AliasChange(_message.Message):
     __slots__ = ("alias", "version", "previous_version", "seq", "time", "reason")

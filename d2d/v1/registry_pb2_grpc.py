@@ -47,6 +47,11 @@ class RegistryServiceStub:
                 request_serializer=d2d_dot_v1_dot_registry__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=d2d_dot_v1_dot_registry__pb2.Model.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/d2d.v1.RegistryService/UpdateModel',
+                request_serializer=d2d_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=d2d_dot_v1_dot_registry__pb2.Model.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/d2d.v1.RegistryService/ListModels',
                 request_serializer=d2d_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
@@ -103,6 +108,14 @@ class RegistryServiceServicer:
 
     def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
+        """Updates `description` and `deployment_policy` (by `update_mask`); a policy change is a
+        `model.policy_set` event, which serving follows.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -174,6 +187,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=d2d_dot_v1_dot_registry__pb2.GetModelRequest.FromString,
+                    response_serializer=d2d_dot_v1_dot_registry__pb2.Model.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=d2d_dot_v1_dot_registry__pb2.UpdateModelRequest.FromString,
                     response_serializer=d2d_dot_v1_dot_registry__pb2.Model.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
@@ -273,6 +291,33 @@ class RegistryService:
             target,
             '/d2d.v1.RegistryService/GetModel',
             d2d_dot_v1_dot_registry__pb2.GetModelRequest.SerializeToString,
+            d2d_dot_v1_dot_registry__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/d2d.v1.RegistryService/UpdateModel',
+            d2d_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
             d2d_dot_v1_dot_registry__pb2.Model.FromString,
             options,
             channel_credentials,

@@ -79,6 +79,7 @@ class RegistryApi:
             description=record.description,
             aliases={k: str(v) for k, v in record.aliases.items()},
             alias_history=[_change(c) for c in await self.store.alias_history(record.name)],
+            deployment_policy=registry_pb2.DeploymentPolicy(**record.deployment_policy),
         )
         msg.create_time.FromDatetime(record.created_at)
         return msg
@@ -107,6 +108,27 @@ class RegistryApi:
     async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
         try:
             return await self._model_proto(await self.store.get_model(_model_name(request.name)))
+        except RegistryError as e:
+            await _fail(context, e.code, e.message, e.field)
+
+    async def UpdateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
+        try:
+            model = _model_name(request.model.name)
+            paths = set(request.update_mask.paths)
+            unknown = sorted(paths - {"description", "deployment_policy"})
+            if not paths or unknown:
+                raise RegistryError(
+                    "INVALID_ARGUMENT",
+                    f"update_mask must name description and/or deployment_policy (got {sorted(paths) or 'nothing'})",
+                    "update_mask",
+                )
+            policy = None
+            if "deployment_policy" in paths:
+                p = request.model.deployment_policy
+                policy = {"canary_share": p.canary_share, "epsilon": p.epsilon, "threshold": p.threshold,
+                          "actions": list(p.actions)}  # fmt: skip
+            description = request.model.description if "description" in paths else None
+            return await self._model_proto(await self.store.update_model(model, description=description, policy=policy))
         except RegistryError as e:
             await _fail(context, e.code, e.message, e.field)
 
