@@ -47,6 +47,7 @@ def _endpoints(settings: Settings) -> Endpoints:
             os.environ.get("D2D_INGEST_ADDR") or (running.ingest if running else settings.ingest_addr),
             os.environ.get("D2D_FEATURES_ADDR") or (running.features if running else settings.features_addr),
             os.environ.get("D2D_REGISTRY_ADDR") or (running.registry if running else settings.registry_addr),
+            os.environ.get("D2D_SERVING_ADDR") or (running.serving if running else settings.serving_addr),
             str(settings.data_dir), 0,
         )  # fmt: skip
     if running is None:
@@ -77,6 +78,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         table.add_row("ingest (gRPC)", endpoints.ingest)
         table.add_row("features (gRPC)", endpoints.features)
         table.add_row("registry (gRPC)", endpoints.registry)
+        table.add_row("serving (gRPC)", endpoints.serving)
         table.add_row("Postgres", endpoints.database_url)
         table.add_row("NATS JetStream", endpoints.nats_url)
         table.add_row("data directory", endpoints.data_dir)
@@ -619,6 +621,34 @@ async def _models_reproduce(registry, args, settings, endpoints) -> int:  # noqa
     return 0 if same else 1
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from d2d.client import ServingClient
+
+    endpoints = _endpoints(_settings(args))
+    entities = dict(pair.split("=", 1) for pair in args.entity)
+    context = json.loads(args.context) if args.context else {}
+
+    async def work() -> int:
+        async with ServingClient(endpoints.serving) as serving:
+            r = await serving.predict(
+                args.model, entities, context, unit_id=args.unit or next(iter(entities.values()), "cli"),
+                request_id=args.request_id or "", timeout=args.timeout,
+            )  # fmt: skip
+        table = Table(title=f"decision {r.decision_id} (log seq {r.seq:,})", show_header=False)
+        table.add_row("action", f"{r.action} (propensity {r.propensity:.3f}{', explored' if r.explored else ''})")
+        table.add_row("score", f"{r.score:.6f}")
+        table.add_row("model", f"{r.model_version} ({r.arm})")
+        table.add_row("features as of log seq", f"{r.feature_watermark:,}")
+        if r.unknown_entities:
+            table.add_row("unknown entities (defaults)", ", ".join(r.unknown_entities))
+        for shadow in r.shadow_scores:
+            table.add_row("shadow", f"{shadow.model_version}: {shadow.score:.6f}")
+        console.print(table)
+        return 0
+
+    return _run_rpc(work())
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from d2d import eventlog
 
@@ -723,6 +753,15 @@ def build_parser() -> argparse.ArgumentParser:
     mrepro.add_argument("model")
     mrepro.add_argument("version")
     models.set_defaults(func=cmd_models)
+
+    predict = sub.add_parser("predict", help="ask serving for one decision")
+    predict.add_argument("model")
+    predict.add_argument("--entity", action="append", default=[], help="TYPE=ID, e.g. customer=cus_000001 (repeat)")
+    predict.add_argument("--context", help='request fields as JSON, e.g. \'{"amount": 120.5, "channel": "ecom"}\'')
+    predict.add_argument("--unit", help="routing unit id (default: the first entity id)")
+    predict.add_argument("--request-id")
+    predict.add_argument("--timeout", type=float, default=10.0)
+    predict.set_defaults(func=cmd_predict)
 
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     return parser

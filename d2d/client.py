@@ -22,6 +22,8 @@ from d2d.v1 import (
     ingest_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    serving_pb2,
+    serving_pb2_grpc,
 )
 
 
@@ -323,3 +325,50 @@ class RegistryClient:
         return await self.stub.DeleteAlias(
             registry_pb2.DeleteAliasRequest(name=f"models/{model}", alias=alias), timeout=30
         )
+
+
+class ServingClient:
+    """`async with ServingClient("127.0.0.1:50054") as serving: await serving.predict(...)`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpcserver.channel(target)
+        self.stub = serving_pb2_grpc.ServingServiceStub(self.channel)
+
+    async def __aenter__(self) -> ServingClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    @staticmethod
+    def request(
+        model: str, entities: dict[str, str], context: dict[str, Any] | None = None, *, unit_id: str,
+        request_id: str = "",
+    ) -> serving_pb2.PredictRequest:  # fmt: skip
+        from google.protobuf import struct_pb2
+
+        message = serving_pb2.PredictRequest(
+            model=f"models/{model}", entities=entities, unit_id=unit_id, request_id=request_id
+        )
+        if context:
+            struct = struct_pb2.Struct()
+            struct.update(context)
+            message.context.CopyFrom(struct)
+        return message
+
+    async def predict(
+        self, model: str, entities: dict[str, str], context: dict[str, Any] | None = None, *, unit_id: str,
+        request_id: str = "", timeout: float = 10,
+    ) -> serving_pb2.PredictResponse:  # fmt: skip
+        request = self.request(model, entities, context, unit_id=unit_id, request_id=request_id)
+        return await self.stub.Predict(request, timeout=timeout)
+
+    async def batch_predict(
+        self, requests: Sequence[serving_pb2.PredictRequest], *, timeout: float = 60
+    ) -> list[serving_pb2.PredictResponse]:
+        response = await self.stub.BatchPredict(serving_pb2.BatchPredictRequest(requests=requests), timeout=timeout)
+        return list(response.responses)

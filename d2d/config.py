@@ -13,6 +13,7 @@ from pathlib import Path
 DEFAULT_INGEST_PORT = 50051
 DEFAULT_FEATURES_PORT = 50052
 DEFAULT_REGISTRY_PORT = 50053
+DEFAULT_SERVING_PORT = 50054
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Settings:
     )
     registry_addr: str = field(
         default_factory=lambda: os.environ.get("D2D_REGISTRY_ADDR", f"127.0.0.1:{DEFAULT_REGISTRY_PORT}")
+    )
+    serving_addr: str = field(
+        default_factory=lambda: os.environ.get("D2D_SERVING_ADDR", f"127.0.0.1:{DEFAULT_SERVING_PORT}")
     )
     # Name of the features service's durable consumer and snapshot: instances with the same name
     # share them (one at a time); another name folds the stream independently.

@@ -21,7 +21,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from d2d import eventlog
-from d2d.config import DEFAULT_FEATURES_PORT, DEFAULT_INGEST_PORT, DEFAULT_REGISTRY_PORT, Settings
+from d2d.config import (
+    DEFAULT_FEATURES_PORT,
+    DEFAULT_INGEST_PORT,
+    DEFAULT_REGISTRY_PORT,
+    DEFAULT_SERVING_PORT,
+    Settings,
+)
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,7 @@ SERVICES = (
     ServiceSpec("ingest-relay", ("-m", "services.ingest", "relay")),
     ServiceSpec("features", ("-m", "services.features"), "d2d.v1.FeatureService", "features"),
     ServiceSpec("registry", ("-m", "services.registry"), "d2d.v1.RegistryService", "registry"),
+    ServiceSpec("serving", ("-m", "services.serving"), "d2d.v1.ServingService", "serving"),
 )
 
 
@@ -52,6 +59,7 @@ class Endpoints:
     ingest: str
     features: str
     registry: str
+    serving: str
     data_dir: str
     pid: int
 
@@ -62,6 +70,7 @@ class Endpoints:
             "D2D_INGEST_ADDR": self.ingest,
             "D2D_FEATURES_ADDR": self.features,
             "D2D_REGISTRY_ADDR": self.registry,
+            "D2D_SERVING_ADDR": self.serving,
             "D2D_DATA_DIR": self.data_dir,
         }
 
@@ -103,7 +112,10 @@ class Stack:
         ingest = os.environ.get("D2D_INGEST_ADDR") or self._default_addr("ingest", DEFAULT_INGEST_PORT)
         features = os.environ.get("D2D_FEATURES_ADDR") or self._default_addr("features", DEFAULT_FEATURES_PORT)
         registry = os.environ.get("D2D_REGISTRY_ADDR") or self._default_addr("registry", DEFAULT_REGISTRY_PORT)
-        self.endpoints = Endpoints(database_url, nats_url, ingest, features, registry, str(self.data_dir), os.getpid())
+        serving = os.environ.get("D2D_SERVING_ADDR") or self._default_addr("serving", DEFAULT_SERVING_PORT)
+        self.endpoints = Endpoints(
+            database_url, nats_url, ingest, features, registry, serving, str(self.data_dir), os.getpid()
+        )
         for spec in SERVICES:
             self._spawn(spec)
         deadline = time.monotonic() + timeout

@@ -106,7 +106,12 @@ class Folder:
                     self.caught_up.set()
             due = time.monotonic() - last_snapshot_at >= self.snapshot_every_seconds
             if unacked is not None and (folded_since >= self.snapshot_every_events or due):
-                await self.snapshot()
+                try:
+                    await self.snapshot()
+                except Exception as exc:  # Postgres away: keep folding and serving, snapshot later
+                    log.warning("features: snapshot failed (%s); will retry", exc)
+                    last_snapshot_at = time.monotonic()
+                    continue
                 await unacked.ack()  # AckAll: everything up to here is in the snapshot
                 unacked, folded_since, last_snapshot_at = None, 0, time.monotonic()
         if unacked is not None:

@@ -1,0 +1,165 @@
+"""Loaded model versions, micro-batched scoring, and a model's deployment (which versions act)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from d2d.client import RegistryClient
+from d2d.features.definitions import FeatureView
+from d2d.training.spec import TrainingSpec, model_inputs
+
+
+class MicroBatcher:
+    """Scores rows of model inputs; concurrent requests are folded into one predict call.
+
+    While a predict call runs, new rows queue; the next call takes all of them (up to `max_batch`).
+    With `enabled=False` every row is its own call (the baseline the benchmark compares with).
+    """
+
+    def __init__(self, booster: Any, *, max_batch: int = 512, enabled: bool = True) -> None:
+        self.booster = booster
+        self.max_batch = max_batch
+        self.enabled = enabled
+        self.calls = 0
+        self.rows = 0
+        self._queue: asyncio.Queue[tuple[list[float], asyncio.Future[float]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def _predict(self, rows: list[list[float]]) -> list[float]:
+        import xgboost as xgb
+
+        self.calls += 1
+        self.rows += len(rows)
+        best = int(self.booster.attr("best_iteration") or -1)
+        matrix = xgb.DMatrix(np.asarray(rows, dtype=np.float64), missing=np.nan)
+        scores = self.booster.predict(
+            matrix, iteration_range=(0, best + 1) if best >= 0 else (0, 0), validate_features=False
+        )
+        return [float(s) for s in scores]
+
+    async def score(self, row: list[float]) -> float:
+        if not self.enabled:
+            return self._predict([row])[0]
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="micro-batch")
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((row, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(0)  # let requests already on their way join this batch
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            live = [(row, f) for row, f in batch if not f.done()]
+            if not live:
+                continue
+            try:
+                scores = self._predict([row for row, _ in live])
+            except Exception as exc:
+                for _, f in live:
+                    f.set_exception(exc)
+                continue
+            for (_, f), s in zip(live, scores, strict=True):
+                f.set_result(s)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+@dataclass
+class LoadedVersion:
+    model: str
+    version: int
+    sha256: str
+    spec: TrainingSpec
+    views: list[FeatureView]
+    batcher: MicroBatcher
+
+    @property
+    def name(self) -> str:
+        return f"models/{self.model}/versions/{self.version}"
+
+    def inputs(self, features: dict[str, Any], request: dict[str, Any]) -> list[float]:
+        return model_inputs(self.spec, self.views, features, request)
+
+
+@dataclass
+class Deployment:
+    model: str
+    policy: dict[str, Any]
+    production: LoadedVersion
+    canary: LoadedVersion | None = None
+    shadows: list[LoadedVersion] = field(default_factory=list)
+
+    def versions(self) -> list[LoadedVersion]:
+        return [v for v in (self.production, self.canary, *self.shadows) if v is not None]
+
+    def feature_refs(self) -> list[str]:
+        """Every `{view}.*` any of its versions needs: one FeatureService call covers all."""
+        return list(dict.fromkeys(f"{view.name}.*" for v in self.versions() for view in v.views))
+
+    def close(self) -> None:
+        for v in self.versions():
+            v.batcher.close()
+
+
+class NoProductionVersion(Exception):
+    pass
+
+
+async def load_deployment(
+    registry: RegistryClient,
+    model: str,
+    views: dict[tuple[str, str], FeatureView],
+    cache: dict[str, LoadedVersion],
+    *,
+    micro_batching: bool = True,
+) -> Deployment:
+    """Read the model's aliases and policy from the registry and load the versions they name.
+
+    `cache` (by sha256) keeps versions already loaded, so a hot swap loads only what is new."""
+    import xgboost as xgb
+
+    record = await registry.get_model(model)
+    aliases = dict(record.aliases)
+    if "production" not in aliases:
+        raise NoProductionVersion(f"models/{model} has no production version")
+    policy = {
+        "canary_share": record.deployment_policy.canary_share,
+        "epsilon": record.deployment_policy.epsilon,
+        "threshold": record.deployment_policy.threshold,
+        "actions": list(record.deployment_policy.actions) or ["approve", "decline"],
+    }
+
+    async def load(number: str) -> LoadedVersion:
+        meta = await registry.get_version(model, number)
+        cached = cache.get(meta.sha256)
+        if cached is not None and cached.model == model and str(cached.version) == number:
+            return cached
+        data, _ = await registry.artifact(model, number)
+        booster = xgb.Booster(params={"nthread": 1})
+        booster.load_model(bytearray(data))
+        spec = TrainingSpec.from_json(meta.spec_json)
+        loaded = LoadedVersion(
+            model, int(number), meta.sha256, spec, [views[v] for v in spec.views],
+            MicroBatcher(booster, enabled=micro_batching),
+        )  # fmt: skip
+        cache[meta.sha256] = loaded
+        return loaded
+
+    production = await load(aliases["production"])
+    canary = await load(aliases["canary"]) if "canary" in aliases and policy["canary_share"] > 0 else None
+    shadows = [await load(aliases["shadow"])] if "shadow" in aliases else []
+    return Deployment(model, policy, production, canary, shadows)
+
+
+def plain(value: float) -> float | None:
+    return None if math.isnan(value) else value

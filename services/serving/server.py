@@ -1,0 +1,135 @@
+"""Assembles the serving service: deployments loaded from the registry and hot-swapped when an
+alias or policy moves (followed on JetStream), features from the features service, decisions
+logged through a group committer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+import orjson
+from nats.js.api import DeliverPolicy
+
+from d2d import bus, eventlog, grpcserver
+from d2d.client import FeatureClient, RegistryClient
+from d2d.config import Settings
+from d2d.eventlog import EventLog, GroupCommitter
+from d2d.features.store import registered_views
+from d2d.runtime.process import stop_on_signals
+from d2d.v1 import serving_pb2
+from services.serving.api import SERVICE_NAME, ServingApi
+from services.serving.models import Deployment, LoadedVersion, load_deployment
+
+log = logging.getLogger(__name__)
+
+
+class Deployments:
+    """The loaded deployment of each model served so far; swapped whole when its aliases move."""
+
+    def __init__(self, registry: RegistryClient, event_log: EventLog, *, micro_batching: bool = True) -> None:
+        self.registry = registry
+        self.log = event_log
+        self.micro_batching = micro_batching
+        self._loaded: dict[str, Deployment] = {}
+        self._loading: dict[str, asyncio.Task[Deployment]] = {}
+        self._cache: dict[str, LoadedVersion] = {}
+        self.swaps = 0
+
+    async def get(self, model: str) -> Deployment:
+        deployment = self._loaded.get(model)
+        if deployment is not None:
+            return deployment
+        return await self._load(model)
+
+    async def _load(self, model: str) -> Deployment:
+        task = self._loading.get(model)
+        if task is None:
+            task = self._loading[model] = asyncio.create_task(self._fetch(model))
+        try:
+            deployment = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loading.pop(model, None)
+        self._loaded[model] = deployment
+        return deployment
+
+    async def _fetch(self, model: str) -> Deployment:
+        views = {(v.name, v.version): v for v in await registered_views(self.log.pool)}
+        try:
+            return await load_deployment(self.registry, model, views, self._cache, micro_batching=self.micro_batching)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise LookupError(exc.details()) from None
+            raise
+
+    async def reload(self, model: str) -> None:
+        """Load the model's current deployment and switch to it; requests in flight finish on the old."""
+        if model not in self._loaded:
+            return
+        try:
+            fresh = await self._fetch(model)
+        except Exception as exc:  # keep serving what is loaded; the next change tries again
+            log.warning("serving: reloading %s failed (%s); still serving the loaded versions", model, exc)
+            return
+        self._loaded[model] = fresh
+        self.swaps += 1
+        log.info("serving: %s now %s (canary %s)", model, fresh.production.name, fresh.canary and fresh.canary.name)
+
+
+async def follow_model_changes(nc, deployments: Deployments, topology: bus.Topology, stop: asyncio.Event) -> None:  # noqa: ANN001
+    """Reload a model when `model.alias_set` or `model.policy_set` for it appears on the bus."""
+    js = nc.jetstream()
+    await bus.ensure_stream(js, bus.events_stream_config(topology.events_stream, topology.events_prefix))
+    subscription = await js.subscribe(
+        f"{topology.events_prefix}.model.>", stream=topology.events_stream, ordered_consumer=True,
+        deliver_policy=DeliverPolicy.NEW,
+    )  # fmt: skip
+    try:
+        while not stop.is_set():
+            try:
+                message = await subscription.next_msg(timeout=0.5)
+            except TimeoutError:
+                continue
+            except Exception:  # nats' own timeout type
+                continue
+            envelope = orjson.loads(message.data)
+            if envelope["type"] in ("model.alias_set", "model.policy_set"):
+                asyncio.create_task(deployments.reload(envelope["payload"]["model"]))
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_batching: bool = True) -> None:
+    """Run the ServingService on settings.serving_addr until `stop` (or SIGINT/SIGTERM)."""
+    stop = stop or stop_on_signals()
+    url = settings.require_database_url()
+    await eventlog.migrate(url)
+    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=8)
+    event_log = EventLog(pool)
+    committer = GroupCommitter(event_log)
+    registry = RegistryClient(settings.registry_addr)
+    features = FeatureClient(settings.features_addr)
+    deployments = Deployments(registry, event_log, micro_batching=micro_batching)
+    server, health = grpcserver.new_server([SERVICE_NAME])
+    api = ServingApi(deployments, features, event_log, committer)
+    grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api)
+    if server.add_insecure_port(settings.serving_addr) == 0:
+        raise SystemExit(f"serving: cannot listen on {settings.serving_addr}")
+    nc = await bus.connect(settings.require_nats_url(), name="d2d-serving")
+    following = asyncio.create_task(follow_model_changes(nc, deployments, bus.Topology(settings.nats_namespace), stop))
+    await server.start()
+    await grpcserver.set_serving(health, [SERVICE_NAME])
+    log.info("serving on %s", settings.serving_addr)
+    await stop.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(following, 5)
+    await committer.close()
+    await nc.close()
+    await registry.channel.close()
+    await features.channel.close()
+    await pool.close()

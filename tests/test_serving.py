@@ -1,0 +1,327 @@
+"""Serving with real services (ingest relay, features, registry, serving as their own processes, on
+real Postgres and NATS): routing, exploration, the decision log, hot swap, deadlines and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from d2d import eventlog
+from d2d.client import FeatureClient, RegistryClient, ServingClient
+from d2d.eventlog import EventLog, NewEvent
+from d2d.features.offline import FrameRow, training_frame
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.sim import PaymentsSimulator, SimConfig
+from d2d.sim.views import TRANSFORMS, VIEWS
+from d2d.training.spec import TrainingSpec
+from tests.conftest import ROOT
+
+SIM = SimConfig(seed=4, days=35, payments_per_day=1200, customers=800, merchants=80)
+MODEL = "fraud"
+NOW = (SIM.start + timedelta(days=SIM.days)).isoformat()
+
+
+@dataclass
+class Platform:
+    database_url: str
+    database: str
+    serving: str
+    features: str
+    registry: str
+    payments: list
+    processes: list[subprocess.Popen[bytes]]
+    logs: Path
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def platform(
+    postgres: EmbeddedPostgres, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    database = f"srv_{uuid.uuid4().hex[:10]}"
+    url = postgres.create_database(database)
+    logs = tmp_path_factory.mktemp("serving-logs")
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    ports = {name: free_port() for name in ("features", "registry", "serving")}
+    env = {
+        **os.environ, "D2D_DATABASE_URL": url, "D2D_NATS_URL": nats_server.url, "D2D_NATS_NAMESPACE": namespace,
+        "D2D_DATA_DIR": str(logs), "PYTHONUNBUFFERED": "1",
+        **{f"D2D_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
+    }  # fmt: skip
+    simulated = PaymentsSimulator(SIM)
+    events = list(simulated.events())
+
+    async def load() -> None:
+        await eventlog.migrate(url)
+        pool = await eventlog.create_pool(url, max_size=2)
+        log = EventLog(pool)
+        for i in range(0, len(events), 5000):
+            await log.append(
+                [
+                    NewEvent(
+                        uuid.UUID(e.event_id),
+                        e.type,
+                        1,
+                        e.entity_type,
+                        e.entity_id,
+                        e.occurred_at,
+                        e.payload_json().decode(),
+                    )
+                    for e in events[i : i + 5000]
+                ]  # fmt: skip
+            )
+        await pool.close()
+
+    asyncio.run(load())
+    processes = [
+        _start(["-m", "services.ingest", "relay"], env, logs / "relay.log"),
+        _start(["-m", "services.features"], env, logs / "features.log"),
+        _start(["-m", "services.registry"], env, logs / "registry.log"),
+        _start(["-m", "services.serving"], env, logs / "serving.log"),
+    ]
+
+    async def train_and_deploy() -> None:
+        async with RegistryClient(env["D2D_REGISTRY_ADDR"]) as registry, FeatureClient(env["D2D_FEATURES_ADDR"]) as f:
+            await registry.wait_ready()
+            await f.wait_ready()  # the features service registers its views on start
+            for _ in range(600):
+                try:
+                    answer = await f.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
+                    if answer.watermark >= len(events):
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+            spec = TrainingSpec(views=tuple((v.name, v.version) for v in VIEWS), transforms=TRANSFORMS)
+            await registry.create_model(MODEL)
+            await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 60}))
+            await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 30, "seed": 8}))
+            await registry.set_alias(MODEL, "production", 1)
+
+    try:
+        asyncio.run(train_and_deploy())
+        payments = [e for e in events if e.type == "payment.authorized"]
+        yield Platform(url, database, env["D2D_SERVING_ADDR"], env["D2D_FEATURES_ADDR"], env["D2D_REGISTRY_ADDR"],
+                       payments, processes, logs)  # fmt: skip
+    finally:
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def entities_of(payment) -> dict[str, str]:  # noqa: ANN001
+    p = payment.payload
+    return {"customer": p["customer_id"], "merchant": p["merchant_id"], "card": p["card_id"]}
+
+
+def context_of(payment) -> dict:  # noqa: ANN001
+    """The payment's fields, as a new payment arriving now (the end of the simulated period)."""
+    return {**payment.payload, "occurred_at": NOW}
+
+
+def requests_for(platform: Platform, n: int, *, offset: int = 0) -> list:
+    chosen = platform.payments[-n - offset : len(platform.payments) - offset]
+    return [
+        ServingClient.request(MODEL, entities_of(p), context_of(p), unit_id=p.payload["customer_id"]) for p in chosen
+    ]
+
+
+async def set_policy(platform: Platform, **policy: float) -> None:
+    async with RegistryClient(platform.registry) as registry:
+        await registry.set_policy(MODEL, **policy)
+    await asyncio.sleep(1.0)  # serving follows model.policy_set on the bus
+
+
+async def test_predict_logs_every_decision_with_the_features_served(platform: Platform) -> None:
+    async with ServingClient(platform.serving) as serving:
+        await serving.wait_ready()
+        answers = await serving.batch_predict(requests_for(platform, 200))
+    assert all(a.model_version == f"models/{MODEL}/versions/1" and a.arm == "production" for a in answers)
+    pool = await eventlog.create_pool(platform.database_url, max_size=2)
+    try:
+        log = EventLog(pool)
+        logged = [await log.get(uuid.UUID(a.decision_id)) for a in answers]
+        assert all(e is not None and e.type == "decision.made" for e in logged)
+        assert [e.seq for e in logged] == [a.seq for a in answers]
+        # the logged vector is what the features service answers at the logged (time, watermark):
+        # recomputed independently from the log, offline
+        rows = [
+            FrameRow(e.payload["entities"], datetime.fromisoformat(e.payload["as_of"]),
+                     e.payload["feature_watermark"]) for e in logged[:50]
+        ]  # fmt: skip
+        frame = await training_frame(log, VIEWS, rows)
+        for i, event in enumerate(logged[:50]):
+            for name, value in event.payload["features"].items():
+                offline = frame.at[i, name]
+                offline = None if offline is None or offline != offline else offline
+                assert value == offline, (name, value, offline)
+            assert event.payload["score"] == answers[i].score and event.payload["action"] == answers[i].action
+    finally:
+        await pool.close()
+
+
+async def test_repeated_request_id_returns_the_same_decision(platform: Platform) -> None:
+    payment = platform.payments[-1]
+    async with ServingClient(platform.serving) as serving:
+        first = await serving.predict(MODEL, entities_of(payment), context_of(payment), unit_id="u1", request_id="r-1")
+        again = await serving.predict(MODEL, entities_of(payment), context_of(payment), unit_id="u1", request_id="r-1")
+    assert again == first
+
+
+async def test_canary_share_and_sticky_arms(platform: Platform) -> None:
+    await set_policy(platform, canary_share=0.2)
+    async with RegistryClient(platform.registry) as registry:
+        await registry.set_alias(MODEL, "canary", 2)
+    await asyncio.sleep(1.0)
+    payment = platform.payments[-1]
+    units = [f"unit-{i}" for i in range(10_000)]
+    async with ServingClient(platform.serving) as serving:
+        arms: list[str] = []
+        for start in range(0, len(units), 1000):
+            batch = [
+                ServingClient.request(MODEL, entities_of(payment), context_of(payment), unit_id=u)
+                for u in units[start : start + 1000]
+            ]
+            arms += [a.arm for a in await serving.batch_predict(batch)]
+        again = [a.arm for a in await serving.batch_predict(
+            [ServingClient.request(MODEL, entities_of(payment), context_of(payment), unit_id=u) for u in units[:500]]
+        )]  # fmt: skip
+    share = arms.count("canary") / len(arms)
+    assert abs(share - 0.2) <= 0.01, share
+    assert again == arms[:500]
+    await set_policy(platform, canary_share=0.0)
+
+
+async def test_exploration_frequencies_match_the_logged_propensities(platform: Platform) -> None:
+    epsilon = 0.3
+    await set_policy(platform, epsilon=epsilon)
+    async with ServingClient(platform.serving) as serving:
+        answers = []
+        for offset in range(0, 4000, 1000):
+            answers += await serving.batch_predict(requests_for(platform, 1000, offset=offset))
+    await set_policy(platform, epsilon=0.0)
+    # Each decision took its greedy action with probability 1 - eps/2 and the other with eps/2, as
+    # logged. Chi-square of observed against expected counts of non-greedy actions (1 dof).
+    observed = sum(1 for a in answers if a.explored)
+    expected = sum(epsilon / 2 for _ in answers)
+    n = len(answers)
+    chi2 = (observed - expected) ** 2 / expected + (observed - expected) ** 2 / (n - expected)
+    assert chi2 < 10.83, (observed, expected, chi2)  # p > 0.001
+    for a in answers:
+        assert a.propensity == pytest.approx(epsilon / 2 if a.explored else 1 - epsilon / 2)
+
+
+async def test_alias_moved_under_steady_load_fails_no_request(platform: Platform) -> None:
+    requests = requests_for(platform, 400)
+    failures: list[Exception] = []
+    versions: list[str] = []
+    stop = asyncio.Event()
+
+    async with ServingClient(platform.serving) as serving:
+
+        async def load(worker: int) -> None:
+            i = worker
+            while not stop.is_set():
+                try:
+                    versions.append((await serving.stub.Predict(requests[i % len(requests)], timeout=5)).model_version)
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(exc)
+                i += 8
+
+        workers = [asyncio.create_task(load(w)) for w in range(8)]
+        await asyncio.sleep(1.0)
+        async with RegistryClient(platform.registry) as registry:
+            await registry.set_alias(MODEL, "production", 2, reason="hot swap test")
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.gather(*workers)
+        async with RegistryClient(platform.registry) as registry:
+            await registry.set_alias(MODEL, "production", 1)
+    assert failures == []
+    assert versions[0].endswith("/1") and versions[-1].endswith("/2") and len(versions) > 100
+
+
+async def test_unknown_model_is_not_found(platform: Platform) -> None:
+    async with ServingClient(platform.serving) as serving:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await serving.predict("no-such-model", {"customer": "cus_000001"}, {}, unit_id="u")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-model" in caught.value.details()
+
+
+async def test_missing_entity_is_answered_with_defaults_and_flagged(platform: Platform) -> None:
+    payment = platform.payments[-1]
+    entities = {**entities_of(payment), "customer": "cus_999999"}
+    async with ServingClient(platform.serving) as serving:
+        answer = await serving.predict(MODEL, entities, context_of(payment), unit_id="u-new")
+    assert list(answer.unknown_entities) == ["customer"] and answer.decision_id and answer.action
+
+
+async def test_an_expired_deadline_is_honoured(platform: Platform) -> None:
+    payment = platform.payments[-1]
+    async with ServingClient(platform.serving) as serving:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await serving.predict(MODEL, entities_of(payment), context_of(payment), unit_id="u", timeout=0.002)
+        elapsed = time.monotonic() - started
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < 0.5
+
+
+async def test_postgres_unreachable_gives_unavailable_and_no_unlogged_decision(
+    platform: Platform, postgres: EmbeddedPostgres
+) -> None:
+    payment = platform.payments[-1]
+    admin = await asyncpg.connect(postgres.admin_url())
+    request_ids = [f"down-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
+    try:
+        await admin.execute(f'ALTER DATABASE "{platform.database}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", platform.database
+        )
+        async with ServingClient(platform.serving) as serving:
+            for request_id in request_ids:
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await serving.predict(MODEL, entities_of(payment), context_of(payment), unit_id="u",
+                                          request_id=request_id, timeout=2.0)  # fmt: skip
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+                assert time.monotonic() - started < 2.0  # inside the caller's deadline
+    finally:
+        await admin.execute(f'ALTER DATABASE "{platform.database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    conn = await asyncpg.connect(platform.database_url)
+    try:
+        logged = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE type = 'decision.made' AND payload->>'request_id' = ANY($1)", request_ids
+        )
+    finally:
+        await conn.close()
+    assert logged == 0  # nothing was decided behind the caller's back
+    async with ServingClient(platform.serving) as serving:  # and serving recovers
+        for _ in range(50):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                answer = await serving.predict(MODEL, entities_of(payment), context_of(payment), unit_id="u")
+                break
+            await asyncio.sleep(0.2)
+        assert answer.seq > 0
