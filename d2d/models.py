@@ -221,6 +221,21 @@ class ModelStore:
             raise RegistryError("NOT_FOUND", f"models/{model}/versions/{version} does not exist", "name")
         return VersionRecord(*row.values())
 
+    async def artifact_of(self, model: str, version: str) -> tuple[str, bytes]:
+        """(sha256, bytes) of a version's artifact, by number or alias, without its lineage."""
+        record = await self.get_model(model)
+        number = record.aliases.get(version) or (int(version) if version.isdigit() else None)
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT v.sha256, a.data FROM model_versions v JOIN artifacts a USING (sha256)"
+                " WHERE v.model = $1 AND v.version = $2",
+                model,
+                number,
+            )
+        if row is None:
+            raise RegistryError("NOT_FOUND", f"models/{model}/versions/{version} does not exist", "name")
+        return row["sha256"], row["data"]
+
     async def list_versions(self, model: str) -> list[VersionRecord]:
         await self.get_model(model)
         async with self.pool.acquire() as conn:

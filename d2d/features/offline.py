@@ -75,7 +75,8 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
     watermarks = [r.watermark if r.watermark is not None else resolved[i] for i, r in enumerate(rows)]
     order = sorted(range(len(rows)), key=lambda i: watermarks[i])
 
-    columns = [f"{v.name}.{f}" for v in views for f in v.feature_names()]
+    names = {v.name: v.feature_names() for v in views}
+    columns = [f"{v.name}.{f}" for v in views for f in names[v.name]]
     values: list[list[Any]] = [[] for _ in rows]
     unknown: list[str] = [""] * len(rows)
     stale = [False] * len(rows)
@@ -96,12 +97,12 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
                 answer = state.values(entity_id, times[i]) if entity_id else None
             except StaleQueryError:
                 stale[i] = True
-                answer = dict.fromkeys(view.feature_names())
+                answer = dict.fromkeys(names[view.name])
             if answer is None:
                 answer = state.defaults()
                 if view.entity not in unknown_here:
                     unknown_here.append(view.entity)
-            row_values.extend(answer[f] for f in view.feature_names())
+            row_values.extend(answer[f] for f in names[view.name])
         values[i] = row_values
         unknown[i] = ",".join(unknown_here)
 

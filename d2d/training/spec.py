@@ -7,6 +7,7 @@ request, so a model sees the same vector online as it was trained on.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -115,13 +116,18 @@ class TrainingSpec:
 
 def numeric_features(views: Sequence[FeatureView]) -> list[str]:
     """The `{view}.{feature}` values a model takes as numbers (LAST may be text: not an input)."""
-    names = []
+    return list(_numeric_features(tuple(views)))
+
+
+@functools.lru_cache(maxsize=256)
+def _numeric_features(views: tuple[FeatureView, ...]) -> tuple[str, ...]:
+    names: list[str] = []
     for view in views:
         for aggregate in view.aggregates:
             if aggregate.aggregation is Aggregation.LAST:
                 continue
             names.extend(f"{view.name}.{name}" for name in aggregate.feature_names())
-    return names
+    return tuple(names)
 
 
 def input_names(spec: TrainingSpec, views: Sequence[FeatureView]) -> list[str]:
@@ -143,7 +149,7 @@ def model_inputs(
     spec: TrainingSpec, views: Sequence[FeatureView], features: Mapping[str, Any], request: Mapping[str, Any]
 ) -> list[float]:
     """One input vector, in `input_names` order; NaN marks a missing value."""
-    vector = [_number(features.get(name)) for name in numeric_features(views)]
+    vector = [_number(features.get(name)) for name in _numeric_features(tuple(views))]
     vector += [_number(t.compute(request, features)) for t in spec.transforms]
     vector += [_number(request.get(name)) for name in spec.request_numbers]
     vector += [1.0 if request.get(name) == value else 0.0 for name, value in spec.request_flags]

@@ -208,14 +208,13 @@ class RegistryApi:
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[registry_pb2.ArtifactChunk]:
         try:
-            version = await self.store.get_version(*_version_name(request.name))
-            data = await self.store.artifact(version.sha256)
+            sha256, data = await self.store.artifact_of(*_version_name(request.name))
         except RegistryError as e:
             await _fail(context, e.code, e.message, e.field)
         for offset in range(0, len(data), CHUNK):
             chunk = registry_pb2.ArtifactChunk(data=data[offset : offset + CHUNK])
             if offset == 0:
-                chunk.sha256, chunk.total_bytes = version.sha256, len(data)
+                chunk.sha256, chunk.total_bytes = sha256, len(data)
             yield chunk
 
     async def SetAlias(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
