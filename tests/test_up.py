@@ -87,6 +87,7 @@ def test_up_serves_stops_cleanly_and_keeps_data_across_restarts(tmp_path: Path) 
         names = " ".join(command_line(p) for p in children_of(up.pid))
         assert "postgres" in names and "nats-server" in names and "services.ingest serve" in names
         assert "services.ingest relay" in names and "services.features" in names
+        assert "services.registry" in names and "services.serving" in names
         assert endpoints["features"] and f"{endpoints['features']}" in log.read_text()
         children = children_of(up.pid)
         printed = log.read_text()
