@@ -234,8 +234,7 @@ async def _demo_features(endpoints: Endpoints, head: int, events: list) -> int: 
             table.add_column("feature")
             table.add_column("value", justify="right")
             for name, value in answer.rows[0].items():
-                shown = f"{value:,.0f}" if isinstance(value, float) and value.is_integer() else f"{value:,.2f}"
-                table.add_row(name, shown if isinstance(value, float) else str(value))
+                table.add_row(name, _shown(value))
             console.print(table)
             sample = random.Random(1).sample(payments, min(100, len(payments)))
             rows = [
@@ -254,6 +253,12 @@ async def _demo_features(endpoints: Endpoints, head: int, events: list) -> int: 
         f" at watermark {report.watermark:,}: {len(report.mismatches)} mismatches"
     )
     return 1 if report.mismatches else 0
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value.is_integer() else f"{value:,.2f}"
+    return "-" if value is None else str(value)
 
 
 def _print_events(events: list, title: str) -> None:  # noqa: ANN001

@@ -151,3 +151,20 @@ def test_up_uses_the_servers_named_in_the_environment(
             await conn.close()
 
     assert asyncio.run(stored()) == seq
+
+
+def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
+    data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    up = start_up(data_dir, log, port)
+    try:
+        wait_endpoints(data_dir, up, log)
+        demo = subprocess.run(
+            [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "demo", "--days", "0.25"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+    finally:
+        stop_up(up, log)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    assert "appended" in out and "dead letters" in out and "head of the log" in out
+    assert "online features of" in out and "0 mismatches" in out
