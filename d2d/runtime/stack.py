@@ -134,7 +134,8 @@ class Stack:
         assert self.endpoints is not None
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        env = {**os.environ, **self.endpoints.env(), "PYTHONUNBUFFERED": "1"}
+        # One OpenMP thread per service: XGBoost's default pool spins on the few cores the services share.
+        env = {"OMP_NUM_THREADS": "1", **os.environ, **self.endpoints.env(), "PYTHONUNBUFFERED": "1"}
         with open(logs / f"{spec.name}.log", "ab") as out:
             self.processes[spec.name] = subprocess.Popen(
                 [sys.executable, *spec.args], env=env, stdout=out, stderr=subprocess.STDOUT,
