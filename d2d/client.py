@@ -219,11 +219,14 @@ class FeatureClient:
         rows: Sequence[dict[str, str]],
         *,
         as_of: datetime | None = None,
+        row_as_of: Sequence[datetime] | None = None,
         timeout: float = 30,
     ) -> OnlineFeatures:
-        request = features_pb2.GetOnlineFeaturesRequest(
-            features=list(features), rows=[features_pb2.EntityRow(keys=keys) for keys in rows]
-        )
+        """Feature values for each row; `row_as_of` gives each row its own event time."""
+        entity_rows = [features_pb2.EntityRow(keys=keys) for keys in rows]
+        for row, when in zip(entity_rows, row_as_of or (), strict=False):
+            row.as_of.FromDatetime(when)
+        request = features_pb2.GetOnlineFeaturesRequest(features=list(features), rows=entity_rows)
         if as_of is not None:
             request.as_of.FromDatetime(as_of)
         response = await self.stub.GetOnlineFeatures(request, timeout=timeout)

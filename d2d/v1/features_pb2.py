@@ -27,7 +27,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/features.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x02\n\x0b\x46\x65\x61tureView\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x65ntity\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x65\x61tures\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12&\n\x18\x61llowed_lateness_seconds\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64\x65\x66inition_json\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03:>\xea\x41;\n\x1c\x64\x32\x64.data2data.io/FeatureView\x12\x1b\x66\x65\x61tureViews/{feature_view}\"r\n\x0c\x46\x65\x61tureValue\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x14\n\nnull_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"i\n\tEntityRow\x12/\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.d2d.v1.EntityRow.KeysEntryB\x04\xe2\x41\x01\x02\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\x18GetOnlineFeaturesRequest\x12\x16\n\x08\x66\x65\x61tures\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x11.d2d.v1.EntityRowB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\"L\n\nFeatureRow\x12$\n\x06values\x18\x01 \x03(\x0b\x32\x14.d2d.v1.FeatureValue\x12\x18\n\x10unknown_entities\x18\x02 \x03(\t\"\x92\x01\n\x19GetOnlineFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12 \n\x04rows\x18\x02 \x03(\x0b\x32\x12.d2d.v1.FeatureRow\x12\x11\n\twatermark\x18\x03 \x01(\x03\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x15GetFeatureViewRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"L\n\x17ListFeatureViewsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"_\n\x18ListFeatureViewsResponse\x12*\n\rfeature_views\x18\x01 \x03(\x0b\x32\x13.d2d.v1.FeatureView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x87\x02\n\x0e\x46\x65\x61tureService\x12X\n\x11GetOnlineFeatures\x12 .d2d.v1.GetOnlineFeaturesRequest\x1a!.d2d.v1.GetOnlineFeaturesResponse\x12\x44\n\x0eGetFeatureView\x12\x1d.d2d.v1.GetFeatureViewRequest\x1a\x13.d2d.v1.FeatureView\x12U\n\x10ListFeatureViews\x12\x1f.d2d.v1.ListFeatureViewsRequest\x1a .d2d.v1.ListFeatureViewsResponseBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/features.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x02\n\x0b\x46\x65\x61tureView\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x65ntity\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x65\x61tures\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12&\n\x18\x61llowed_lateness_seconds\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64\x65\x66inition_json\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03:>\xea\x41;\n\x1c\x64\x32\x64.data2data.io/FeatureView\x12\x1b\x66\x65\x61tureViews/{feature_view}\"r\n\x0c\x46\x65\x61tureValue\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x14\n\nnull_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\x9a\x01\n\tEntityRow\x12/\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.d2d.v1.EntityRow.KeysEntryB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\x18GetOnlineFeaturesRequest\x12\x16\n\x08\x66\x65\x61tures\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x11.d2d.v1.EntityRowB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\"w\n\nFeatureRow\x12$\n\x06values\x18\x01 \x03(\x0b\x32\x14.d2d.v1.FeatureValue\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10unknown_entities\x18\x02 \x03(\t\"\x92\x01\n\x19GetOnlineFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12 \n\x04rows\x18\x02 \x03(\x0b\x32\x12.d2d.v1.FeatureRow\x12\x11\n\twatermark\x18\x03 \x01(\x03\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x15GetFeatureViewRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"L\n\x17ListFeatureViewsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"_\n\x18ListFeatureViewsResponse\x12*\n\rfeature_views\x18\x01 \x03(\x0b\x32\x13.d2d.v1.FeatureView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x87\x02\n\x0e\x46\x65\x61tureService\x12X\n\x11GetOnlineFeatures\x12 .d2d.v1.GetOnlineFeaturesRequest\x1a!.d2d.v1.GetOnlineFeaturesResponse\x12\x44\n\x0eGetFeatureView\x12\x1d.d2d.v1.GetFeatureViewRequest\x1a\x13.d2d.v1.FeatureView\x12U\n\x10ListFeatureViews\x12\x1f.d2d.v1.ListFeatureViewsRequest\x1a .d2d.v1.ListFeatureViewsResponseBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,6 +57,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTITYROW_KEYSENTRY']._serialized_options = b'8\001'
   _globals['_ENTITYROW'].fields_by_name['keys']._loaded_options = None
   _globals['_ENTITYROW'].fields_by_name['keys']._serialized_options = b'\342A\001\002'
+  _globals['_ENTITYROW'].fields_by_name['as_of']._loaded_options = None
+  _globals['_ENTITYROW'].fields_by_name['as_of']._serialized_options = b'\342A\001\001'
   _globals['_GETONLINEFEATURESREQUEST'].fields_by_name['features']._loaded_options = None
   _globals['_GETONLINEFEATURESREQUEST'].fields_by_name['features']._serialized_options = b'\342A\001\002'
   _globals['_GETONLINEFEATURESREQUEST'].fields_by_name['rows']._loaded_options = None
@@ -73,22 +75,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATUREVIEW']._serialized_end=413
   _globals['_FEATUREVALUE']._serialized_start=415
   _globals['_FEATUREVALUE']._serialized_end=529
-  _globals['_ENTITYROW']._serialized_start=531
-  _globals['_ENTITYROW']._serialized_end=636
-  _globals['_ENTITYROW_KEYSENTRY']._serialized_start=593
-  _globals['_ENTITYROW_KEYSENTRY']._serialized_end=636
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=639
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=777
-  _globals['_FEATUREROW']._serialized_start=779
-  _globals['_FEATUREROW']._serialized_end=855
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=858
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=1004
-  _globals['_GETFEATUREVIEWREQUEST']._serialized_start=1006
-  _globals['_GETFEATUREVIEWREQUEST']._serialized_end=1049
-  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_start=1051
-  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_end=1127
-  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_start=1129
-  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_end=1224
-  _globals['_FEATURESERVICE']._serialized_start=1227
-  _globals['_FEATURESERVICE']._serialized_end=1490
+  _globals['_ENTITYROW']._serialized_start=532
+  _globals['_ENTITYROW']._serialized_end=686
+  _globals['_ENTITYROW_KEYSENTRY']._serialized_start=643
+  _globals['_ENTITYROW_KEYSENTRY']._serialized_end=686
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=689
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=827
+  _globals['_FEATUREROW']._serialized_start=829
+  _globals['_FEATUREROW']._serialized_end=948
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=951
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=1097
+  _globals['_GETFEATUREVIEWREQUEST']._serialized_start=1099
+  _globals['_GETFEATUREVIEWREQUEST']._serialized_end=1142
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_start=1144
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_end=1220
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_start=1222
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_end=1317
+  _globals['_FEATURESERVICE']._serialized_start=1320
+  _globals['_FEATURESERVICE']._serialized_end=1583
 # @@protoc_insertion_point(module_scope)

@@ -44,7 +44,7 @@ class FeatureValue(_message.Message):
     def __init__(self, number_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bool_value: _Optional[bool] = ..., null_value: _Optional[bool] = ...) -> None: ...
 
 class EntityRow(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "as_of")
     class KeysEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,8 +53,10 @@ class EntityRow(_message.Message):
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.ScalarMap[str, str]
-    def __init__(self, keys: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, keys: _Optional[_Mapping[str, str]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetOnlineFeaturesRequest(_message.Message):
     __slots__ = ("features", "rows", "as_of")
@@ -67,12 +69,14 @@ class GetOnlineFeaturesRequest(_message.Message):
     def __init__(self, features: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[EntityRow, _Mapping]]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class FeatureRow(_message.Message):
-    __slots__ = ("values", "unknown_entities")
+    __slots__ = ("values", "as_of", "unknown_entities")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_ENTITIES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[FeatureValue]
+    as_of: _timestamp_pb2.Timestamp
     unknown_entities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, values: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ..., unknown_entities: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, values: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown_entities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetOnlineFeaturesResponse(_message.Message):
     __slots__ = ("feature_names", "rows", "watermark", "as_of")

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 import grpc
-from d2d.features.definitions import FeatureView
-from d2d.features.fold import StaleQueryError
 
 from d2d import grpcserver
+from d2d.features.definitions import FeatureView
+from d2d.features.fold import StaleQueryError
 from d2d.v1 import features_pb2
 from services.features.online import OnlineState
 
@@ -91,6 +91,7 @@ class FeatureApi:
         )
         response.as_of.FromMicroseconds(round(as_of * 1e6))
         for i, row in enumerate(request.rows):
+            row_as_of = row.as_of.ToMicroseconds() / 1e6 if row.HasField("as_of") else as_of
             per_view: dict[str, dict[str, Any]] = {}
             unknown: list[str] = []
             for view_name in views:
@@ -103,17 +104,21 @@ class FeatureApi:
                     )  # fmt: skip
                 state = self.state.states[view_name]
                 try:
-                    values = state.values(entity_id, as_of)
+                    values = state.values(entity_id, row_as_of)
                 except StaleQueryError as exc:
-                    await _fail(context, "OUT_OF_RANGE", str(exc), "as_of")
+                    await _fail(
+                        context, "OUT_OF_RANGE", str(exc), f"rows[{i}].as_of" if row.HasField("as_of") else "as_of"
+                    )
                 if values is None:
                     values = state.defaults()
                     if view.entity not in unknown:
                         unknown.append(view.entity)
                 per_view[view_name] = values
-            response.rows.append(
-                features_pb2.FeatureRow(values=[_value(per_view[v][f]) for v, f in resolved], unknown_entities=unknown)
+            answer = features_pb2.FeatureRow(
+                values=[_value(per_view[v][f]) for v, f in resolved], unknown_entities=unknown
             )
+            answer.as_of.FromMicroseconds(round(row_as_of * 1e6))
+            response.rows.append(answer)
         return response
 
     async def GetFeatureView(

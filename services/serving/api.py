@@ -17,7 +17,7 @@ from d2d.client import FeatureClient
 from d2d.decisions import choose, decision_id, route
 from d2d.eventlog import EventLog, GroupCommitter, NewEvent
 from d2d.v1 import serving_pb2
-from services.serving.models import Deployment, NoProductionVersion, plain
+from services.serving.models import Deployment, FeatureLookups, NoProductionVersion, plain
 
 SERVICE_NAME = "d2d.v1.ServingService"
 MAX_BATCH = 1000
@@ -64,6 +64,7 @@ class ServingApi:
     def __init__(self, deployments: Any, features: FeatureClient, log: EventLog, committer: GroupCommitter) -> None:
         self.deployments = deployments  # services.serving.server.Deployments: get(model) -> Deployment
         self.features = features
+        self.lookups = FeatureLookups(features)
         self.log = log
         self.committer = committer
 
@@ -113,16 +114,14 @@ class ServingApi:
         acting = deployment.canary if arm == "canary" else deployment.production
         assert acting is not None
         try:
-            served = await self.features.get_online(
-                deployment.feature_refs(), [dict(request.entities)], as_of=as_of,
-                timeout=max(0.001, deadline - time.monotonic()),
-            )  # fmt: skip
+            values, unknown, watermark = await self.lookups.get(
+                tuple(deployment.feature_refs()), dict(request.entities), as_of, deadline
+            )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                 raise Refused(code.name, f"features: {exc.details()}") from None
             raise Refused(code.name, f"features: {exc.details()}", f"{where}entities") from None
-        values = served.rows[0]
         inputs = acting.inputs(values, context)
         shadows = deployment.shadows
         scores = await asyncio.gather(
@@ -133,8 +132,8 @@ class ServingApi:
             "decision_id": str(decision), "model": model, "model_version": acting.name, "arm": arm,
             "score": scores[0], "action": choice.action, "propensity": choice.propensity, "explored": choice.explored,
             "greedy_action": choice.greedy_action, "action_scores": choice.action_scores, "policy": deployment.policy,
-            "features": values, "inputs": [plain(x) for x in inputs], "feature_watermark": served.watermark,
-            "as_of": as_of.isoformat(), "unknown_entities": served.unknown_entities[0],
+            "features": values, "inputs": [plain(x) for x in inputs], "feature_watermark": watermark,
+            "as_of": as_of.isoformat(), "unknown_entities": unknown,
             "shadow": [{"model_version": s.name, "score": sc} for s, sc in zip(shadows, scores[1:], strict=True)],
             "entities": dict(request.entities), "context": context, "unit_id": request.unit_id,
             "request_id": request.request_id, "trace_id": _trace_id(),

@@ -163,3 +163,61 @@ async def load_deployment(
 
 def plain(value: float) -> float | None:
     return None if math.isnan(value) else value
+
+
+class FeatureLookups:
+    """Concurrent feature lookups folded into one GetOnlineFeatures call (rows carry their own time).
+
+    While one call is in flight, new lookups queue; the next call takes all of them, so under load a
+    call answers many Predicts and they reach the scorer together (where they batch again)."""
+
+    def __init__(self, client: Any, *, max_rows: int = 1000) -> None:
+        self.client = client
+        self.max_rows = max_rows
+        self.calls = 0
+        self.rows = 0
+        self._queue: asyncio.Queue[tuple[tuple[str, ...], dict[str, str], Any, float, asyncio.Future[Any]]] = (
+            asyncio.Queue()
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def get(self, refs: tuple[str, ...], entities: dict[str, str], as_of: Any, deadline: float) -> Any:
+        """(values by feature, unknown entity types, watermark) for one row."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="feature-lookups")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((refs, entities, as_of, deadline, future))
+        return await future
+
+    async def _run(self) -> None:
+        import time as _time
+
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(0)
+            while len(batch) < self.max_rows and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            groups: dict[tuple[str, ...], list[Any]] = {}
+            for item in batch:
+                if not item[4].done():
+                    groups.setdefault(item[0], []).append(item)
+            for refs, items in groups.items():
+                timeout = max(0.001, max(i[3] for i in items) - _time.monotonic())
+                try:
+                    answer = await self.client.get_online(
+                        list(refs), [i[1] for i in items], row_as_of=[i[2] for i in items], timeout=timeout
+                    )
+                except Exception as exc:
+                    for item in items:
+                        if not item[4].done():
+                            item[4].set_exception(exc)
+                    continue
+                self.calls += 1
+                self.rows += len(items)
+                for k, item in enumerate(items):
+                    if not item[4].done():
+                        item[4].set_result((answer.rows[k], answer.unknown_entities[k], answer.watermark))
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
