@@ -10,6 +10,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,24 @@ class AppendResult:
     event_id: uuid.UUID
     seq: int
     duplicate: bool
+
+
+def with_trace(events: Sequence[NewEvent]) -> Sequence[NewEvent]:
+    """Events whose metadata lacks `traceparent` get the caller's current trace context, so a
+    consumer of any event can link to the span that produced it."""
+    from d2d import telemetry
+
+    if all("traceparent" in e.metadata for e in events):
+        return events
+    traceparent = telemetry.current_traceparent()
+    if traceparent is None:
+        return events
+    return [
+        e
+        if "traceparent" in e.metadata
+        else dataclasses.replace(e, metadata={**e.metadata, "traceparent": traceparent})
+        for e in events
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +178,7 @@ class EventLog:
         """
         if not events:
             return []
+        events = with_trace(events)
         if conn is not None:
             return await self._append_locked(conn, events)
         async with self.pool.acquire() as own, own.transaction():
@@ -317,6 +337,7 @@ class GroupCommitter:
     async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
         if not events:
             return []
+        events = with_trace(events)  # here, in the caller's context, not in the committing task
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="group-commit")
         future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()

@@ -61,3 +61,15 @@ async def test_trace_context_reaches_event_metadata_and_the_bus(
     assert int(message.headers["D2D-Seq"]) == result.seq
     assert trace_id_of(message.headers["traceparent"]) == trace_id
     await nc.close()
+
+
+async def test_platform_events_carry_the_trace_of_the_call_that_caused_them(
+    spans: InMemorySpanExporter, ingest: IngestClient, event_log: EventLog
+) -> None:
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object"}
+    with telemetry.tracer("operator").start_as_current_span("register") as operator:
+        created = await ingest.create_contract_version("widget.spun", owner="team-widgets", json_schema=schema)
+    [event] = [
+        e for e in await event_log.read(0, 1000, types=["contract.registered"]) if e.seq == created.registered_seq
+    ]
+    assert trace_id_of(event.metadata["traceparent"]) == operator.get_span_context().trace_id
