@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import FoldEvent, ViewState
 
