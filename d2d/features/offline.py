@@ -71,7 +71,7 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
         by_source.setdefault(v.source, []).append(states[v.name])
     times = [r.as_of.timestamp() for r in rows]
     missing = [i for i, r in enumerate(rows) if r.watermark is None]
-    resolved = dict(zip(missing, await watermarks_at(log, [times[i] for i in missing]), strict=True))
+    resolved = dict(zip(missing, await watermarks_at(log, [times[i] for i in missing]), strict=True)) if missing else {}
     watermarks = [r.watermark if r.watermark is not None else resolved[i] for i, r in enumerate(rows)]
     order = sorted(range(len(rows)), key=lambda i: watermarks[i])
 

@@ -49,9 +49,20 @@ async def _fail(context: grpc.aio.ServicerContext, code: str, message: str, fiel
 class FeatureApi:
     def __init__(self, state: OnlineState) -> None:
         self.state = state
+        self._names = {name: view.feature_names() for name, view in state.views.items()}
+        self._resolved: dict[tuple[str, ...], list[tuple[str, str]] | tuple[str, str, str]] = {}
 
     def _resolve(self, requested: list[str]) -> list[tuple[str, str]] | tuple[str, str, str]:
         """(view, feature) pairs, or (code, message, field) for the first name that does not resolve."""
+        key = tuple(requested)
+        cached = self._resolved.get(key)
+        if cached is None:
+            cached = self._resolve_names(requested)
+            if len(self._resolved) < 10_000:  # bounded: callers name few distinct feature lists
+                self._resolved[key] = cached
+        return cached
+
+    def _resolve_names(self, requested: list[str]) -> list[tuple[str, str]] | tuple[str, str, str]:
         resolved: list[tuple[str, str]] = []
         for i, name in enumerate(requested):
             view_name, dot, feature = name.partition(".")
@@ -65,8 +76,8 @@ class FeatureApi:
             if view is None:
                 return "NOT_FOUND", f"feature view {view_name!r} does not exist", f"features[{i}]"
             if feature == "*":
-                resolved.extend((view_name, f) for f in view.feature_names())
-            elif feature in view.feature_names():
+                resolved.extend((view_name, f) for f in self._names[view_name])
+            elif feature in self._names[view_name]:
                 resolved.append((view_name, feature))
             else:
                 return "NOT_FOUND", f"feature view {view_name!r} has no feature {feature!r}", f"features[{i}]"
