@@ -532,12 +532,14 @@ async def _models_show(registry, args, settings, endpoints) -> int:  # noqa: ANN
                 auc = f"{m['auc']:.4f}" if m.get("auc") is not None else "-"
                 slices.add_row(name, value, str(m["rows"]), str(m["positives"]), auc, f"{m['log_loss']:.4f}")
         console.print(slices)
+        if (ev.get("truth") or {}).get("auc") is not None:
+            console.print(f"truth: AUC {ev['truth']['auc']:.4f} on the same {ev['truth']['rows']} held-out rows")
         console.print("spec:")
         console.print_json(v.spec_json)
     return 0
 
 
-def _default_spec(settings: Settings, rounds: int | None) -> str:
+def _default_spec(settings: Settings, rounds: int | None, truth: str | None = None) -> str:
     import importlib
 
     from d2d.training.spec import TrainingSpec
@@ -549,6 +551,8 @@ def _default_spec(settings: Settings, rounds: int | None) -> str:
     d = spec.to_dict()
     if rounds:
         d["num_boost_round"] = rounds
+    if truth:
+        d["truth_path"] = str(Path(truth).resolve())
     return json.dumps(d)
 
 
@@ -556,7 +560,7 @@ async def _models_train(registry, args, settings, endpoints) -> int:  # noqa: AN
     import grpc
     from rich.progress import BarColumn, Progress, TextColumn
 
-    spec = Path(args.spec).read_text() if args.spec else _default_spec(settings, args.rounds)  # noqa: ASYNC240
+    spec = Path(args.spec).read_text() if args.spec else _default_spec(settings, args.rounds, args.truth)  # noqa: ASYNC240
     try:
         await registry.get_model(args.model)
     except grpc.aio.AioRpcError as exc:
@@ -575,6 +579,10 @@ async def _models_train(registry, args, settings, endpoints) -> int:  # noqa: AN
         f"registered {version.name}: sha256 {version.sha256[:16]}..., test AUC {ev['auc']:.4f}, "
         f"log loss {ev['log_loss']:.4f} (base rate {ev['base_rate_log_loss']:.4f}), Brier {ev['brier']:.4f}"
     )
+    if (ev.get("truth") or {}).get("auc") is not None:
+        console.print(
+            f"the true probabilities score AUC {ev['truth']['auc']:.4f} on the same {ev['truth']['rows']} rows"
+        )
     return 0
 
 
@@ -744,6 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     mtrain.add_argument("--spec", help="training spec JSON file (default: the served views, default parameters)")
     mtrain.add_argument("--rounds", type=int, help="boosting rounds for the default spec")
     mtrain.add_argument("--description", default="")
+    mtrain.add_argument("--truth", help="CSV of true probabilities (the simulator's), to evaluate against")
     mpromote = msub.add_parser("promote", help="point an alias at a version (production: gated by default)")
     mpromote.add_argument("model")
     mpromote.add_argument("version")

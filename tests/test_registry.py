@@ -11,6 +11,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,7 +22,7 @@ from d2d.config import Settings
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.store import register_views
 from d2d.runtime.servers import EmbeddedPostgres, free_port
-from d2d.sim import PaymentsSimulator, SimConfig
+from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
 from d2d.sim.views import TRANSFORMS, VIEWS
 from d2d.training.evaluation import roc_auc
 from d2d.training.pipeline import train
@@ -93,31 +94,38 @@ async def new_model(client: RegistryClient) -> str:
     return model
 
 
-async def test_trained_model_beats_a_constant_and_nears_the_truth(registry, simulated: PaymentsSimulator) -> None:  # noqa: ANN001
+async def test_trained_model_beats_a_constant_and_nears_the_truth(
+    registry, simulated: PaymentsSimulator, tmp_path: Path
+) -> None:  # noqa: ANN001
     client, settings = registry
     model = await new_model(client)
+    truth_csv = tmp_path / "truth.csv"
+    write_truth_csv(simulated.truth(), truth_csv)
     stages = []
-    version = await client.train(model, spec_json(), on_progress=lambda p: stages.append(p.stage))
+    version = await client.train(
+        model, spec_json(truth_path=str(truth_csv)), on_progress=lambda p: stages.append(p.stage)
+    )
     assert stages[0] == "labels" and stages[-1] == "stored" and "training" in stages
     evaluation = json.loads(version.evaluation_json)
     assert evaluation["auc"] > 0.75, evaluation["auc"]
     assert evaluation["log_loss"] < evaluation["base_rate_log_loss"]
     assert len(evaluation["calibration"]) == 10 and set(evaluation["slices"]["channel"]) == {"ecom", "pos"}
+    assert {"grocery", "electronics"} <= set(evaluation["slices"]["merchant_category"])
     assert 0 < evaluation["brier"] < 0.05
 
-    # the truth's own AUC on the same held-out rows: the model is measured against what is knowable
+    # the truth's own AUC on the same held-out rows, computed here independently of the pipeline
     pool = await eventlog.create_pool(settings.database_url, max_size=2)
     async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT lineage->'test_examples' AS t FROM model_versions WHERE model = $1 AND version = 1", model
+        test_examples = await conn.fetchval(
+            "SELECT lineage->'test_examples' FROM model_versions WHERE model = $1 AND version = 1", model
         )
     await pool.close()
-    test_examples = json.loads(rows[0]["t"]) if isinstance(rows[0]["t"], str) else rows[0]["t"]
     by_id = {e.event_id: e for e in simulated.events()}
     truth = simulated.truth()
     labels = [label for _, label in test_examples]
     truth_auc = roc_auc(labels, [truth[by_id[i].payload["payment_id"]].fraud_probability for i, _ in test_examples])
     print(f"model AUC {evaluation['auc']:.4f}, truth AUC {truth_auc:.4f} on {len(labels)} held-out payments")
+    assert evaluation["truth"]["auc"] == pytest.approx(truth_auc) and evaluation["truth"]["rows"] == len(labels)
     assert evaluation["auc"] > 0.5 + 0.6 * (truth_auc - 0.5), (evaluation["auc"], truth_auc)
 
 

@@ -151,7 +151,12 @@ async def train(
     scores = predict(artifact, inputs[split.test])
     test_labels = [int(labels[i]) for i in split.test]
     slices = {f: [examples[i].payload.get(f) for i in split.test] for f in spec.slice_fields}
+    for name, event_type, key, value_field in spec.slice_lookups:
+        lookup = await _lookup(log, event_type, key, value_field, spec.to_seq)
+        slices[name] = [lookup.get(examples[i].payload.get(key)) for i in split.test]
     evaluation = evaluate(test_labels, scores.tolist(), slices=slices).to_dict()
+    if spec.truth_path:
+        evaluation["truth"] = _against_truth(spec, [examples[i] for i in split.test], test_labels, evaluation["auc"])
     lineage = {
         "libraries": {"xgboost": xgb.__version__, "numpy": np.__version__, "python": platform.python_version()},
         "examples": len(examples),
@@ -163,6 +168,39 @@ async def train(
         "test_examples": [[examples[i].event_id, test_labels[k]] for k, i in enumerate(split.test)],
     }
     return TrainedModel(spec, artifact, hashlib.sha256(artifact).hexdigest(), names, evaluation, lineage)
+
+
+async def _lookup(log: EventLog, event_type: str, key: str, value_field: str, to_seq: int) -> dict[Any, Any]:
+    """key -> value from the newest event of a type (up to to_seq), e.g. merchant_id -> category."""
+    found: dict[Any, Any] = {}
+    after = 0
+    while True:
+        page = await log.read(after, PAGE, types=[event_type])
+        for e in page:
+            if e.seq <= to_seq and key in e.payload:
+                found[e.payload[key]] = e.payload.get(value_field)
+        if len(page) < PAGE or page[-1].seq >= to_seq:
+            return found
+        after = page[-1].seq
+
+
+def _against_truth(
+    spec: TrainingSpec, examples: Sequence[LabeledExample], labels: list[int], model_auc: float | None
+) -> dict[str, Any]:
+    """The truth's own AUC on the held-out rows: the best any model could do on them."""
+    import csv
+
+    try:
+        with open(spec.truth_path, newline="", encoding="utf-8") as fh:
+            truth = {row[spec.truth_key]: float(row["fraud_probability"]) for row in csv.DictReader(fh)}
+    except OSError as exc:
+        return {"error": f"truth not readable: {exc}"}
+    known = [(label, truth[e.payload[spec.truth_key]]) for e, label in zip(examples, labels, strict=True)
+             if e.payload.get(spec.truth_key) in truth]  # fmt: skip
+    if len({label for label, _ in known}) < 2:
+        return {"rows": len(known), "auc": None}
+    truth_auc = roc_auc([label for label, _ in known], [p for _, p in known])
+    return {"rows": len(known), "auc": truth_auc, "model_auc_minus_truth_auc": (model_auc or 0.0) - truth_auc}
 
 
 def predict(artifact: bytes, inputs: np.ndarray) -> np.ndarray:

@@ -53,6 +53,16 @@ class TrainingSpec:
     request_flags: tuple[tuple[str, str], ...] = (("channel", "ecom"),)  # 1.0 when field == value
     transforms: tuple[RequestTransform, ...] = ()
     slice_fields: tuple[str, ...] = ("channel",)  # example payload fields to slice the evaluation by
+    # Slices looked up in the log: (name, event type, key field shared with the example, value field),
+    # e.g. the merchant's category from merchant.onboarded.
+    slice_lookups: tuple[tuple[str, str, str, str], ...] = (
+        ("merchant_category", "merchant.onboarded", "merchant_id", "category"),
+    )
+    # Where the true probabilities are known (the simulator writes them beside the log): a CSV with
+    # `truth_key` and `fraud_probability` columns; the evaluation then reports the truth's own AUC on the
+    # same held-out rows. Empty: not known.
+    truth_path: str = ""
+    truth_key: str = "payment_id"
     train_share: float = 0.7
     validation_share: float = 0.15
 
@@ -98,6 +108,14 @@ class TrainingSpec:
                     RequestTransform(t["name"], t["op"], tuple(t["inputs"])) for t in d.get("transforms", ())
                 ),
                 slice_fields=tuple(d.get("slice_fields", ("channel",))),
+                slice_lookups=tuple(
+                    tuple(x)
+                    for x in d.get(
+                        "slice_lookups", (("merchant_category", "merchant.onboarded", "merchant_id", "category"),)
+                    )
+                ),
+                truth_path=str(d.get("truth_path", "")),
+                truth_key=str(d.get("truth_key", "payment_id")),
                 train_share=float(d.get("train_share", 0.7)),
                 validation_share=float(d.get("validation_share", 0.15)),
             )
