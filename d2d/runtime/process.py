@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+from collections.abc import Awaitable, Callable
+
+from d2d import telemetry
+from d2d.config import Settings
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -13,3 +18,14 @@ def stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def run_service(name: str, main: Callable[[Settings], Awaitable[None]]) -> None:
+    """What a service's `__main__` does: settings from the environment, logging, tracing, run."""
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    telemetry.setup_tracing(name, settings.data_dir)
+    try:
+        asyncio.run(main(settings))
+    finally:
+        telemetry.shutdown_tracing()
