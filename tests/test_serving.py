@@ -285,7 +285,11 @@ async def test_an_expired_deadline_is_honoured(platform: Platform) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await serving.predict(MODEL, entities_of(payment), context_of(payment), unit_id="u", timeout=0.002)
         elapsed = time.monotonic() - started
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < 0.5
+    # The client's deadline fires first, or serving gives up just before it rather than act unrecorded.
+    assert elapsed < 0.5
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+        caught.value.code() == grpc.StatusCode.UNAVAILABLE and "no decision was returned" in caught.value.details()
+    ), caught.value
 
 
 async def test_postgres_unreachable_gives_unavailable_and_no_unlogged_decision(
