@@ -21,6 +21,19 @@ from typing import Any
 import asyncpg
 import orjson
 
+# Errors that mean Postgres could not be reached or went away mid-call: the transaction did not
+# commit, so the caller may say UNAVAILABLE and a retry is safe.
+LOG_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ObjectNotInPrerequisiteStateError,  # the database refuses connections
+    asyncpg.AdminShutdownError,
+    asyncpg.InternalClientError,  # a connection left broken by a dropped server
+)
+
 # Key of the advisory lock every appending transaction takes ("d2d-log" as an int64).
 APPEND_LOCK_KEY = 0x6432642D6C6F67
 NOTIFY_CHANNEL = "d2d_events"

@@ -83,6 +83,13 @@ def unavailable(message: str, retry_after_seconds: float) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[retry, error_info("LOG_UNAVAILABLE")])
 
 
+async def fail(
+    context: grpc.aio.ServicerContext, code: str, message: str, field: str = "", *, reason: str = ""
+) -> None:
+    """End the call with `code`, a BadRequest naming `field` if given, an ErrorInfo if `reason`."""
+    await abort(context, status(code, message, field=field, reason=reason))
+
+
 async def abort(context: grpc.aio.ServicerContext, st: status_pb2.Status) -> None:
     """End the call with a rich status (details in the `grpc-status-details-bin` trailer)."""
     await context.abort_with_status(rpc_status.to_status(st))

@@ -42,10 +42,6 @@ def _value(v: Any) -> features_pb2.FeatureValue:
     return features_pb2.FeatureValue(string_value=str(v))
 
 
-async def _fail(context: grpc.aio.ServicerContext, code: str, message: str, field: str = "") -> None:
-    await grpcserver.abort(context, grpcserver.status(code, message, field=field))
-
-
 class FeatureApi:
     def __init__(self, state: OnlineState) -> None:
         self.state = state
@@ -87,14 +83,14 @@ class FeatureApi:
         self, request: features_pb2.GetOnlineFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.GetOnlineFeaturesResponse:
         if not request.features:
-            await _fail(context, "INVALID_ARGUMENT", "features: name at least one", "features")
+            await grpcserver.fail(context, "INVALID_ARGUMENT", "features: name at least one", "features")
         if not request.rows or len(request.rows) > MAX_ROWS:
-            await _fail(
+            await grpcserver.fail(
                 context, "INVALID_ARGUMENT", f"rows: {len(request.rows)} given; 1 to {MAX_ROWS} per request", "rows"
             )
         resolved = self._resolve(list(request.features))
         if isinstance(resolved, tuple):
-            await _fail(context, *resolved)
+            await grpcserver.fail(context, *resolved)
         as_of = request.as_of.ToMicroseconds() / 1e6 if request.HasField("as_of") else time.time()
         views = list(dict.fromkeys(v for v, _ in resolved))
         response = features_pb2.GetOnlineFeaturesResponse(
@@ -109,7 +105,7 @@ class FeatureApi:
                 view = self.state.views[view_name]
                 entity_id = row.keys.get(view.entity)
                 if not entity_id:
-                    await _fail(
+                    await grpcserver.fail(
                         context, "INVALID_ARGUMENT",
                         f"rows[{i}].keys has no {view.entity!r} id, which {view_name} needs", f"rows[{i}].keys",
                     )  # fmt: skip
@@ -117,7 +113,7 @@ class FeatureApi:
                 try:
                     values = state.values(entity_id, row_as_of)
                 except StaleQueryError as exc:
-                    await _fail(
+                    await grpcserver.fail(
                         context, "OUT_OF_RANGE", str(exc), f"rows[{i}].as_of" if row.HasField("as_of") else "as_of"
                     )
                 if values is None:
@@ -137,7 +133,7 @@ class FeatureApi:
     ) -> features_pb2.FeatureView:
         view = self.state.views.get(request.name.removeprefix("featureViews/"))
         if not request.name.startswith("featureViews/") or view is None:
-            await _fail(
+            await grpcserver.fail(
                 context, "NOT_FOUND", f"{request.name!r} does not exist (names are 'featureViews/{{view}}')", "name"
             )
         return view_to_proto(view)

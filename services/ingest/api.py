@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
-import asyncpg
 import grpc
 import orjson
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -17,22 +16,12 @@ from d2d import grpcserver, telemetry
 from d2d.contracts.compat import CompatibilityMode
 from d2d.contracts.registry import Contract, ContractRegistry, Refusal
 from d2d.deadletters import DeadLetter, DeadLetters
-from d2d.eventlog import EventLog
+from d2d.eventlog import LOG_UNREACHABLE, EventLog
 from d2d.v1 import event_pb2, ingest_pb2
 from services.ingest.pipeline import Candidate, Ingestor, Outcome, candidate_from_json
 
 SERVICE_NAME = "d2d.v1.IngestService"
 # Failures that mean Postgres could not be reached or went away: the transaction did not commit.
-_LOG_UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ObjectNotInPrerequisiteStateError,
-    asyncpg.AdminShutdownError,
-    asyncpg.InternalClientError,  # a connection left broken by a dropped server
-)
 MAX_EVENTS_PER_REQUEST = 10_000
 MAX_PAGE_SIZE = 1000
 
@@ -103,12 +92,6 @@ def _refused(r: Refusal) -> status_pb2.Status:
     return grpcserver.status(r.code, r.message, field=r.field)
 
 
-async def _fail(
-    context: grpc.aio.ServicerContext, code: str, message: str, *, field: str = "", reason: str = ""
-) -> None:
-    await grpcserver.abort(context, grpcserver.status(code, message, field=field, reason=reason))
-
-
 class IngestApi:
     def __init__(
         self, ingestor: Ingestor, registry: ContractRegistry, dead_letters: DeadLetters, log: EventLog
@@ -123,9 +106,9 @@ class IngestApi:
     async def _check_batch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         count = len(request.events)
         if count == 0:
-            await _fail(context, "INVALID_ARGUMENT", "events: at least one event is required", field="events")
+            await grpcserver.fail(context, "INVALID_ARGUMENT", "events: at least one event is required", field="events")
         if count > MAX_EVENTS_PER_REQUEST:
-            await _fail(
+            await grpcserver.fail(
                 context,
                 "INVALID_ARGUMENT",
                 f"events: {count} events in one request; the limit is {MAX_EVENTS_PER_REQUEST}",
@@ -139,7 +122,7 @@ class IngestApi:
         """Run the pipeline; an unreachable log is UNAVAILABLE (retry: nothing was half-stored)."""
         try:
             return await self.ingestor.ingest(candidates, **kwargs)
-        except _LOG_UNREACHABLE as exc:
+        except LOG_UNREACHABLE as exc:
             await grpcserver.abort(context, grpcserver.unavailable(f"the event log is unreachable ({exc}); retry", 1.0))
             raise  # abort raises; this line is for type checkers
 
@@ -183,12 +166,14 @@ class IngestApi:
     ) -> ingest_pb2.ContractVersion:
         prefix = "contracts/"
         if not request.parent.startswith(prefix) or "/" in request.parent[len(prefix) :]:
-            await _fail(context, "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}'", field="parent")
+            await grpcserver.fail(
+                context, "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}'", field="parent"
+            )
         cv = request.contract_version
         try:
             schema = orjson.loads(cv.json_schema or "null")
         except orjson.JSONDecodeError as exc:
-            await _fail(
+            await grpcserver.fail(
                 context, "INVALID_ARGUMENT", f"json_schema is not JSON: {exc}", field="contract_version.json_schema"
             )
         mode = ingest_pb2.CompatibilityMode.Name(cv.compatibility)
@@ -211,15 +196,15 @@ class IngestApi:
     async def GetContractVersion(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ContractVersion:
         parts = request.name.split("/")
         if len(parts) != 4 or parts[0] != "contracts" or parts[2] != "versions":
-            await _fail(
+            await grpcserver.fail(
                 context, "INVALID_ARGUMENT", "name must be 'contracts/{event_type}/versions/{version}'", field="name"
             )
         version = 0 if parts[3] == "latest" else int(parts[3]) if parts[3].isdigit() else -1
         if version < 0:
-            await _fail(context, "INVALID_ARGUMENT", "version must be a number or 'latest'", field="name")
+            await grpcserver.fail(context, "INVALID_ARGUMENT", "version must be a number or 'latest'", field="name")
         contract = await self.registry.get(parts[1], version or None)
         if contract is None:
-            await _fail(context, "NOT_FOUND", f"{request.name} does not exist", field="name")
+            await grpcserver.fail(context, "NOT_FOUND", f"{request.name} does not exist", field="name")
         return contract_to_proto(contract)
 
     async def ListContractVersions(
@@ -227,7 +212,7 @@ class IngestApi:
     ) -> ingest_pb2.ListContractVersionsResponse:
         parent = request.parent
         if not parent.startswith("contracts/"):
-            await _fail(
+            await grpcserver.fail(
                 context, "INVALID_ARGUMENT", "parent must be 'contracts/{event_type}' or 'contracts/-'", field="parent"
             )
         event_type = parent.split("/", 1)[1]
@@ -235,7 +220,7 @@ class IngestApi:
         if request.page_token:
             kind, _, number = request.page_token.rpartition(":")
             if not number.isdigit():
-                await _fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
+                await grpcserver.fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
             after = (kind, int(number))
         size = min(request.page_size or 100, MAX_PAGE_SIZE)
         found = await self.registry.list(None if event_type == "-" else event_type, after=after, limit=size + 1)
@@ -251,7 +236,7 @@ class IngestApi:
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.ListDeadLettersResponse:
         if request.page_token and not request.page_token.isdigit():
-            await _fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
+            await grpcserver.fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
         size = min(request.page_size or 100, MAX_PAGE_SIZE)
         found = await self.dead_letters.list(
             event_type=request.event_type or None,
@@ -272,7 +257,7 @@ class IngestApi:
         for i, name in enumerate(request.names):
             number = name.removeprefix("deadLetters/")
             if not name.startswith("deadLetters/") or not number.isdigit():
-                await _fail(
+                await grpcserver.fail(
                     context,
                     "INVALID_ARGUMENT",
                     f"{name!r} is not a dead letter name 'deadLetters/{{id}}'",
@@ -280,12 +265,14 @@ class IngestApi:
                 )
             ids.append(int(number))
         if request.payload and len(ids) != 1:
-            await _fail(context, "INVALID_ARGUMENT", "a corrected payload needs exactly one name", field="payload")
+            await grpcserver.fail(
+                context, "INVALID_ARGUMENT", "a corrected payload needs exactly one name", field="payload"
+            )
         if ids:
             letters = await self.dead_letters.get(ids)
             missing = sorted(set(ids) - {d.id for d in letters})
             if missing:
-                await _fail(context, "NOT_FOUND", f"deadLetters/{missing[0]} does not exist", field="names")
+                await grpcserver.fail(context, "NOT_FOUND", f"deadLetters/{missing[0]} does not exist", field="names")
             letters = [d for d in letters if d.state == "PENDING"]
         else:
             letters = await self.dead_letters.list(event_type=request.event_type or None, limit=MAX_EVENTS_PER_REQUEST)

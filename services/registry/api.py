@@ -22,10 +22,6 @@ SERVICE_NAME = "d2d.v1.RegistryService"
 CHUNK = 1 << 20
 
 
-async def _fail(context: grpc.aio.ServicerContext, code: str, message: str, field: str = "") -> None:
-    await grpcserver.abort(context, grpcserver.status(code, message, field=field))
-
-
 def _model_name(name: str) -> str:
     parts = name.split("/")
     if len(parts) != 2 or parts[0] != "models" or not parts[1]:
@@ -103,13 +99,13 @@ class RegistryApi:
         try:
             return await self._model_proto(await self.store.create_model(request.model_id, request.model.description))
         except RegistryError as e:
-            await _fail(context, e.code, e.message, e.field)
+            await grpcserver.fail(context, e.code, e.message, e.field)
 
     async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
         try:
             return await self._model_proto(await self.store.get_model(_model_name(request.name)))
         except RegistryError as e:
-            await _fail(context, e.code, e.message, e.field)
+            await grpcserver.fail(context, e.code, e.message, e.field)
 
     async def UpdateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
         try:
@@ -130,7 +126,7 @@ class RegistryApi:
             description = request.model.description if "description" in paths else None
             return await self._model_proto(await self.store.update_model(model, description=description, policy=policy))
         except RegistryError as e:
-            await _fail(context, e.code, e.message, e.field)
+            await grpcserver.fail(context, e.code, e.message, e.field)
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ListModelsResponse:
         return registry_pb2.ListModelsResponse(
@@ -166,7 +162,7 @@ class RegistryApi:
         try:
             version = await task
         except (RegistryError, SpecError) as e:
-            await _fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
+            await grpcserver.fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
         yield registry_pb2.TrainingProgress(
             stage="stored", message=f"registered {version.name} ({version.sha256[:12]})", fraction=1.0,
             model_version=version_to_proto(version),
@@ -187,13 +183,13 @@ class RegistryApi:
             )
             return version_to_proto(record)
         except (RegistryError, SpecError) as e:
-            await _fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
+            await grpcserver.fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
 
     async def GetModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
         try:
             return version_to_proto(await self.store.get_version(*_version_name(request.name)))
         except RegistryError as e:
-            await _fail(context, e.code, e.message, e.field)
+            await grpcserver.fail(context, e.code, e.message, e.field)
 
     async def ListModelVersions(
         self, request: Any, context: grpc.aio.ServicerContext
@@ -201,7 +197,7 @@ class RegistryApi:
         try:
             versions = await self.store.list_versions(_model_name(request.parent))
         except RegistryError as e:
-            await _fail(context, e.code, e.message, e.field or "parent")
+            await grpcserver.fail(context, e.code, e.message, e.field or "parent")
         return registry_pb2.ListModelVersionsResponse(model_versions=[version_to_proto(v) for v in versions])
 
     async def GetArtifact(
@@ -210,7 +206,7 @@ class RegistryApi:
         try:
             sha256, data = await self.store.artifact_of(*_version_name(request.name))
         except RegistryError as e:
-            await _fail(context, e.code, e.message, e.field)
+            await grpcserver.fail(context, e.code, e.message, e.field)
         for offset in range(0, len(data), CHUNK):
             chunk = registry_pb2.ArtifactChunk(data=data[offset : offset + CHUNK])
             if offset == 0:
@@ -229,7 +225,7 @@ class RegistryApi:
             await self.store.set_alias(model, request.alias, candidate.version, request.reason)
             return await self._model_proto(await self.store.get_model(model))
         except (RegistryError, SpecError) as e:
-            await _fail(context, e.code, str(e), getattr(e, "field", ""))
+            await grpcserver.fail(context, e.code, str(e), getattr(e, "field", ""))
 
     async def _gate(self, candidate: VersionRecord, incumbent: VersionRecord, request: Any) -> None:
         rows = candidate.lineage.get("test_examples")
@@ -260,4 +256,4 @@ class RegistryApi:
             await self.store.set_alias(model, request.alias, None)
             return await self._model_proto(await self.store.get_model(model))
         except RegistryError as e:
-            await _fail(context, e.code, e.message, e.field)
+            await grpcserver.fail(context, e.code, e.message, e.field)

@@ -7,7 +7,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 import grpc
 import orjson
 from google.protobuf import json_format
@@ -15,7 +14,7 @@ from google.protobuf import json_format
 from d2d import grpcserver
 from d2d.client import FeatureClient
 from d2d.decisions import choose, decision_id, route
-from d2d.eventlog import EventLog, GroupCommitter, NewEvent
+from d2d.eventlog import LOG_UNREACHABLE, EventLog, GroupCommitter, NewEvent
 from d2d.v1 import serving_pb2
 from services.serving.models import Deployment, FeatureLookups, NoProductionVersion, plain
 
@@ -23,10 +22,6 @@ SERVICE_NAME = "d2d.v1.ServingService"
 MAX_BATCH = 1000
 # Time kept back from the caller's deadline to answer UNAVAILABLE in time, rather than run out.
 DEADLINE_MARGIN = 0.005
-_LOG_UNREACHABLE = (
-    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-    asyncpg.ObjectNotInPrerequisiteStateError, asyncpg.AdminShutdownError, asyncpg.InternalClientError,
-)  # fmt: skip
 
 
 class Refused(Exception):
@@ -160,7 +155,7 @@ class ServingApi:
             raise Refused(
                 "UNAVAILABLE", f"{what} did not complete within the deadline; no decision was returned"
             ) from None
-        except _LOG_UNREACHABLE as exc:
+        except LOG_UNREACHABLE as exc:
             raise Refused("UNAVAILABLE", f"the decision log is unreachable ({exc}); no decision was returned") from None
 
 
