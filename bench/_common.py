@@ -17,11 +17,13 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -87,6 +89,22 @@ def filesystem_of(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Figures
+
+
+@contextlib.contextmanager
+def bench_dir(name: str, parent: Path | None, keep: bool) -> Iterator[Path]:
+    """A temp dir for a run's servers and logs: removed after a clean run, kept (and named) after a
+    failure or with --keep."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"d2d-bench-{name}-", dir=parent))
+    ok = False
+    try:
+        yield tmp
+        ok = True
+    finally:
+        if ok and not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            say(f"kept {tmp} (service logs in {tmp / 'logs'})")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

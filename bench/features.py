@@ -61,10 +61,8 @@ import cProfile
 import gc
 import os
 import random
-import shutil
 import socket
 import sys
-import tempfile
 import time
 import types
 import uuid
@@ -84,6 +82,7 @@ from bench._common import (
     Servers,
     Service,
     Services,
+    bench_dir,
     emit,
     filesystem_of,
     machine,
@@ -150,12 +149,7 @@ def build_workload(days: float) -> Workload:
     newest: datetime | None = None
     payments = 0
     for e in PaymentsSimulator(config).events():
-        events.append(
-            NewEvent(
-                uuid.UUID(e.event_id), e.type, e.schema_version, e.entity_type, e.entity_id, e.occurred_at,
-                e.payload_json().decode(),
-            )
-        )  # fmt: skip
+        events.append(e.as_new_event())
         if newest is None or e.occurred_at > newest:
             newest = e.occurred_at
         if e.type == PAYMENT:
@@ -943,18 +937,10 @@ def main() -> None:
     if profile_dir:
         say(f"PROFILING into {profile_dir}: figures are slowed by cProfile")
 
-    tmp = Path(tempfile.mkdtemp(prefix="d2d-bench-features-", dir=args.tmp_dir))
-    say(f"servers' data in {tmp} ({filesystem_of(tmp)}); Postgres fsync off (no durable writes are measured)")
-    ok = False
-    try:
+    with bench_dir("features", args.tmp_dir, args.keep) as tmp:
+        say(f"servers' data in {tmp} ({filesystem_of(tmp)}); Postgres fsync off (no durable writes are measured)")
         with Servers(tmp, fsync=False) as servers, Services(tmp / "logs") as services:
             result = asyncio.run(run(options, workload, servers, services, tmp))
-        ok = True
-    finally:
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            say(f"kept {tmp} (service logs in {tmp / 'logs'})")
     say(f"done in {time.perf_counter() - started:.1f}s")
     emit(result)
 

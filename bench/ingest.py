@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -58,6 +56,7 @@ from bench._common import (
     CpuMeter,
     Servers,
     Services,
+    bench_dir,
     emit,
     filesystem_of,
     machine,
@@ -496,18 +495,10 @@ def main() -> None:
     if profile_dir:
         say(f"PROFILING the services into {profile_dir}: figures are slowed by cProfile")
 
-    tmp = Path(tempfile.mkdtemp(prefix="d2d-bench-ingest-", dir=args.tmp_dir))
-    say(f"servers' data in {tmp} ({filesystem_of(tmp)})")
-    ok = False
-    try:
+    with bench_dir("ingest", args.tmp_dir, args.keep) as tmp:
+        say(f"servers' data in {tmp} ({filesystem_of(tmp)})")
         with Servers(tmp, fsync=True) as servers, Services(tmp / "logs") as services:
             result = asyncio.run(run(options, workload, servers, services, tmp))
-        ok = True
-    finally:
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            say(f"kept {tmp} (service logs in {tmp / 'logs'})")
     say(f"done in {time.perf_counter() - started:.1f}s")
     emit(result)
 

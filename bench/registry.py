@@ -58,8 +58,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -74,6 +72,7 @@ import xgboost as xgb
 from bench._common import (
     CpuMeter,
     Services,
+    bench_dir,
     emit,
     filesystem_of,
     machine,
@@ -127,18 +126,7 @@ def spec_json(**overrides: object) -> str:
 
 
 def build_events(config: SimConfig) -> list[NewEvent]:
-    return [
-        NewEvent(
-            uuid.UUID(e.event_id),
-            e.type,
-            e.schema_version,
-            e.entity_type,
-            e.entity_id,
-            e.occurred_at,
-            e.payload_json().decode(),
-        )  # fmt: skip
-        for e in PaymentsSimulator(config).events()
-    ]
+    return [e.as_new_event() for e in PaymentsSimulator(config).events()]
 
 
 async def load_log(url: str, events: list[NewEvent]) -> None:
@@ -607,18 +595,10 @@ def main() -> None:
     if profile_dir:
         say(f"PROFILING the registry into {profile_dir}: figures are slowed by cProfile")
 
-    tmp = Path(tempfile.mkdtemp(prefix="d2d-bench-registry-", dir=args.tmp_dir))
-    say(f"server data in {tmp} ({filesystem_of(tmp)})")
-    ok = False
-    try:
+    with bench_dir("registry", args.tmp_dir, args.keep) as tmp:
+        say(f"server data in {tmp} ({filesystem_of(tmp)})")
         with postgres_server(tmp) as postgres, Services(tmp / "logs") as services:
             result = asyncio.run(run(options, events, postgres, services, tmp))
-        ok = True
-    finally:
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            say(f"kept {tmp} (service logs in {tmp / 'logs'})")
     say(f"done in {time.perf_counter() - started:.1f}s (load average {os.getloadavg()[0]:.2f})")
     emit(result)
 

@@ -74,8 +74,6 @@ import contextlib
 import json
 import os
 import pstats
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -95,6 +93,7 @@ from bench._common import (
     CpuMeter,
     Servers,
     Services,
+    bench_dir,
     emit,
     filesystem_of,
     machine,
@@ -211,13 +210,7 @@ class Workload:
 def build_workload(config: SimConfig) -> Workload:
     now = (config.start + timedelta(days=config.days)).isoformat()
     simulated = list(PaymentsSimulator(config).events())
-    events = [
-        NewEvent(
-            uuid.UUID(e.event_id), e.type, e.schema_version, e.entity_type, e.entity_id, e.occurred_at,
-            e.payload_json().decode(),
-        )
-        for e in simulated
-    ]  # fmt: skip
+    events = [e.as_new_event() for e in simulated]
     payments = [e for e in simulated if e.type == "payment.authorized"][-DISTINCT_REQUESTS:]
     requests = []
     for p in payments:
@@ -878,18 +871,10 @@ def main() -> None:
     if profile_dir:
         say(f"PROFILING serving and features into {profile_dir}: figures are slowed by cProfile")
 
-    tmp = Path(tempfile.mkdtemp(prefix="d2d-bench-serving-", dir=args.tmp_dir))
-    say(f"servers' data in {tmp} ({filesystem_of(tmp)})")
-    ok = False
-    try:
+    with bench_dir("serving", args.tmp_dir, args.keep) as tmp:
+        say(f"servers' data in {tmp} ({filesystem_of(tmp)})")
         with Servers(tmp, fsync=True) as servers, Services(tmp / "logs") as services:
             result = asyncio.run(run(options, workload, servers, services, tmp))
-        ok = True
-    finally:
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            say(f"kept {tmp} (service logs in {tmp / 'logs'})")
     if profile_dir:
         print_profile(profile_dir / "serving.prof", result["decisions_logged"] + 1)
     say(f"done in {time.perf_counter() - started:.1f}s (load average {os.getloadavg()[0]:.2f})")

@@ -121,6 +121,18 @@ def start_service(tmp_path: Path) -> Iterator:
             service.kill()
 
 
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """Run `d2d ARGS` as a user would, with `env` over this process's environment: (exit code, output).
+
+    Asynchronous, so services running in this test's event loop keep answering meanwhile."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "d2d.cli", *args, env={**os.environ, "COLUMNS": "250", **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode()
+
+
 def settings_env(database_url: str, nats_url: str, namespace: str, ingest_port: int | None = None) -> dict[str, str]:
     env = {"D2D_DATABASE_URL": database_url, "D2D_NATS_URL": nats_url, "D2D_NATS_NAMESPACE": namespace}
     if ingest_port:

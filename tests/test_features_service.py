@@ -6,9 +6,7 @@ state as one that never stopped, with no event applied twice."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from d2d.runtime.servers import NatsServer, free_port
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
 from d2d.sim.views import VIEWS
 from d2d.v1 import features_pb2
-from tests.conftest import settings_env
+from tests.conftest import run_cli, settings_env
 
 ALL_FEATURES = [f"{v.name}.*" for v in VIEWS]
 
@@ -211,15 +209,6 @@ async def test_unknown_view_or_feature_is_not_found_and_unknown_entity_gets_defa
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await online.stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="featureViews/nosuch"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "nosuch" in caught.value.details()
-
-
-async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "d2d.cli", *args, env={**os.environ, **env, "COLUMNS": "250"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
 
 
 async def test_frame_and_verify_commands_use_no_event_after_the_row(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -20,6 +18,7 @@ from google.rpc import error_details_pb2
 
 from d2d.client import IngestClient, error_details, make_event
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer
+from tests.conftest import run_cli
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
@@ -236,34 +235,25 @@ async def test_health_and_reflection_are_served(ingest: IngestClient) -> None:
     assert {"d2d.v1.IngestService", "grpc.health.v1.Health"} <= names
 
 
-async def run_cli(ingest: IngestClient, database_url: str, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "D2D_INGEST_ADDR": ingest.target, "D2D_DATABASE_URL": database_url,
-           "D2D_NATS_URL": "nats://unused", "COLUMNS": "250"}  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "d2d.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
+def cli_env(ingest: IngestClient, database_url: str) -> dict[str, str]:
+    return {"D2D_INGEST_ADDR": ingest.target, "D2D_DATABASE_URL": database_url, "D2D_NATS_URL": "nats://unused"}
 
 
 async def test_dlq_commands_list_and_redrive(ingest: IngestClient, database_url: str, tmp_path: Path) -> None:
     bad = payment_event(payment(currency="USD"))
     [refused] = (await ingest.append([bad])).results
-    code, listing = await run_cli(ingest, database_url, "dlq", "list")
+    env = cli_env(ingest, database_url)
+    code, listing = await run_cli(env, "dlq", "list")
     assert code == 0 and refused.dead_letter in listing and bad.event_id in listing and "payload.currency" in listing
-    code, out = await run_cli(ingest, database_url, "dlq", "redrive", refused.dead_letter)
+    code, out = await run_cli(env, "dlq", "redrive", refused.dead_letter)
     assert code == 1 and "still refused" in out
     fixed = tmp_path / "fixed.json"
     fixed.write_text(json.dumps(payment(currency="EUR")))
-    code, out = await run_cli(ingest, database_url, "dlq", "redrive", refused.dead_letter, "--payload", str(fixed))
+    code, out = await run_cli(
+        cli_env(ingest, database_url), "dlq", "redrive", refused.dead_letter, "--payload", str(fixed)
+    )
     assert code == 0 and "1 of 1 redriven" in out
-    code, head = await run_cli(ingest, database_url, "log", "head", "-n", "1")
+    code, head = await run_cli(env, "log", "head", "-n", "1")
     assert code == 0 and "payment.authorized" in head
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from d2d import eventlog
 from d2d.client import RegistryClient
 from d2d.config import Settings
-from d2d.eventlog import EventLog, NewEvent
+from d2d.eventlog import EventLog
 from d2d.features.store import register_views
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
@@ -29,6 +27,7 @@ from d2d.training.pipeline import train
 from d2d.training.spec import TrainingSpec
 from d2d.v1 import registry_pb2
 from services.registry.server import serve
+from tests.conftest import run_cli
 
 SIM = SimConfig(seed=3, days=40, payments_per_day=1500, customers=1000, merchants=100)
 
@@ -49,20 +48,7 @@ def loaded_url(postgres: EmbeddedPostgres, simulated: PaymentsSimulator) -> Iter
         log = EventLog(pool)
         events = list(simulated.events())
         for i in range(0, len(events), 5000):
-            await log.append(
-                [
-                    NewEvent(
-                        uuid.UUID(e.event_id),
-                        e.type,
-                        1,
-                        e.entity_type,
-                        e.entity_id,
-                        e.occurred_at,
-                        e.payload_json().decode(),
-                    )  # fmt: skip
-                    for e in events[i : i + 5000]
-                ]
-            )
+            await log.append([e.as_new_event() for e in events[i : i + 5000]])
         await register_views(log, VIEWS)
         await pool.close()
 
@@ -224,40 +210,32 @@ async def test_unknown_model_is_not_found(registry) -> None:  # noqa: ANN001
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "models/no-such-model" in caught.value.details()
 
 
-async def run_cli(settings: Settings, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "D2D_DATABASE_URL": settings.database_url or "", "D2D_NATS_URL": "nats://unused",
-           "D2D_REGISTRY_ADDR": settings.registry_addr, "COLUMNS": "200"}  # fmt: skip
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "d2d.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await process.communicate()
-    return process.returncode or 0, out.decode()
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {"D2D_DATABASE_URL": settings.database_url or "", "D2D_NATS_URL": "nats://unused",
+            "D2D_REGISTRY_ADDR": settings.registry_addr}  # fmt: skip
 
 
 async def test_models_commands_train_show_promote_rollback_reproduce(registry) -> None:  # noqa: ANN001
     _, settings = registry
     model = f"cli-{uuid.uuid4().hex[:6]}"
-    code, out = await run_cli(settings, "models", "train", model, "--rounds", "25")
+    env = cli_env(settings)
+    code, out = await run_cli(env, "models", "train", model, "--rounds", "25")
     assert code == 0 and f"registered models/{model}/versions/1" in out and "test AUC" in out, out
-    code, out = await run_cli(settings, "models", "train", model, "--rounds", "40")
+    code, out = await run_cli(env, "models", "train", model, "--rounds", "40")
     assert code == 0 and f"models/{model}/versions/2" in out, out
-    code, out = await run_cli(settings, "models", "promote", model, "1", "--no-gate")
+    code, out = await run_cli(env, "models", "promote", model, "1", "--no-gate")
     assert code == 0 and "production of" in out and "is version 1" in out, out
-    code, out = await run_cli(settings, "models", "promote", model, "2", "--no-gate", "--reason", "more rounds")
+    code, out = await run_cli(
+        cli_env(settings), "models", "promote", model, "2", "--no-gate", "--reason", "more rounds"
+    )
     assert code == 0 and "is version 2" in out, out
-    code, out = await run_cli(settings, "models", "rollback", model)
+    code, out = await run_cli(env, "models", "rollback", model)
     assert code == 0 and "rolled back to version 1" in out, out
-    code, out = await run_cli(settings, "models", "show", model, "2")
+    code, out = await run_cli(env, "models", "show", model, "2")
     assert code == 0 and "alias history" in out and "more rounds" in out and "calibration" in out, out
-    code, out = await run_cli(settings, "models", "list")
+    code, out = await run_cli(env, "models", "list")
     assert code == 0 and model in out and "production=1" in out, out
-    code, out = await run_cli(settings, "models", "reproduce", model, "2")
+    code, out = await run_cli(env, "models", "reproduce", model, "2")
     assert code == 0 and "identical" in out, out
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from d2d import eventlog
 from d2d.client import FeatureClient, RegistryClient, ServingClient
-from d2d.eventlog import EventLog, NewEvent
+from d2d.eventlog import EventLog
 from d2d.features.offline import FrameRow, training_frame
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.sim import PaymentsSimulator, SimConfig
@@ -74,20 +74,7 @@ def platform(
         pool = await eventlog.create_pool(url, max_size=2)
         log = EventLog(pool)
         for i in range(0, len(events), 5000):
-            await log.append(
-                [
-                    NewEvent(
-                        uuid.UUID(e.event_id),
-                        e.type,
-                        1,
-                        e.entity_type,
-                        e.entity_id,
-                        e.occurred_at,
-                        e.payload_json().decode(),
-                    )
-                    for e in events[i : i + 5000]
-                ]  # fmt: skip
-            )
+            await log.append([e.as_new_event() for e in events[i : i + 5000]])
         await pool.close()
 
     asyncio.run(load())

@@ -29,6 +29,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from d2d.eventlog import NewEvent
+
 __all__ = [
     "ContractSpec",
     "PaymentTruth",
@@ -59,6 +61,13 @@ class SimEvent:
     def payload_json(self) -> bytes:
         """Compact, key-sorted UTF-8 JSON of the payload."""
         return json.dumps(self.payload, separators=(",", ":"), sort_keys=True).encode()
+
+    def as_new_event(self) -> NewEvent:
+        """The event as `EventLog.append` takes it (loading a log directly, without ingest)."""
+        return NewEvent(
+            uuid.UUID(self.event_id), self.type, self.schema_version, self.entity_type, self.entity_id,
+            self.occurred_at, self.payload_json().decode(),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
