@@ -155,18 +155,12 @@ async def migrate(url: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The log
 
-_EXISTING_SQL = "SELECT event_id, seq FROM events WHERE event_id = ANY($1::uuid[])"
-
-_INSERT_SQL = """
-INSERT INTO events (seq, event_id, type, schema_version, entity_type, entity_id, occurred_at,
-                    payload, metadata)
-SELECT $1::bigint + e.ord, e.event_id, e.type, e.schema_version, e.entity_type, e.entity_id,
-       e.occurred_at, e.payload::jsonb, e.metadata::jsonb
-FROM unnest($2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::timestamptz[],
-            $8::text[], $9::text[])
-     WITH ORDINALITY AS e(event_id, type, schema_version, entity_type, entity_id, occurred_at,
-                          payload, metadata, ord)
-"""
+# One round trip: migration 0007's function takes the append lock, skips stored event ids, numbers
+# the rest max(seq)+1.. and inserts them; it answers (seq, duplicate) per event, in order.
+_APPEND_SQL = (
+    "SELECT appended_seq, duplicate FROM append_events("
+    "$1, $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::timestamptz[], $8::text[], $9::text[])"
+)
 
 _SELECT_COLUMNS = (
     "seq, event_id, type, schema_version, entity_type, entity_id, occurred_at, recorded_at, payload, metadata"
@@ -194,7 +188,7 @@ class EventLog:
         events = with_trace(events)
         if conn is not None:
             return await self._append_locked(conn, events)
-        async with self.pool.acquire() as own, own.transaction():
+        async with self.pool.acquire() as own:  # autocommit: the function call is the transaction
             return await self._append_locked(own, events)
 
     @staticmethod
@@ -203,41 +197,19 @@ class EventLog:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
 
     async def _append_locked(self, conn: asyncpg.Connection, events: Sequence[NewEvent]) -> list[AppendResult]:
-        await self.lock_for_append(conn)
-        ids = [e.event_id for e in events]
-        known: dict[uuid.UUID, int] = {r["event_id"]: r["seq"] for r in await conn.fetch(_EXISTING_SQL, ids)}
-        fresh: list[NewEvent] = []
-        for e in events:
-            if e.event_id not in known:
-                known[e.event_id] = -1  # placeholder: a repeat inside the batch is a duplicate
-                fresh.append(e)
-        base = 0
-        if fresh:
-            base = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
-            await conn.execute(
-                _INSERT_SQL,
-                base,
-                [e.event_id for e in fresh],
-                [e.type for e in fresh],
-                [e.schema_version for e in fresh],
-                [e.entity_type for e in fresh],
-                [e.entity_id for e in fresh],
-                [e.occurred_at for e in fresh],
-                [e.payload for e in fresh],
-                [orjson.dumps(e.metadata).decode() for e in fresh],
-            )
-        positions = {e.event_id: base + i for i, e in enumerate(fresh, start=1)}
-        results: list[AppendResult] = []
-        for e in events:
-            seq = positions.pop(e.event_id, None)
-            if seq is not None:
-                results.append(AppendResult(e.event_id, seq, False))
-            else:
-                first = known[e.event_id]
-                if first == -1:  # repeated inside this batch: its first copy was just stored
-                    first = next(r.seq for r in results if r.event_id == e.event_id)
-                results.append(AppendResult(e.event_id, first, True))
-        return results
+        rows = await conn.fetch(
+            _APPEND_SQL,
+            APPEND_LOCK_KEY,
+            [e.event_id for e in events],
+            [e.type for e in events],
+            [e.schema_version for e in events],
+            [e.entity_type for e in events],
+            [e.entity_id for e in events],
+            [e.occurred_at for e in events],
+            [e.payload for e in events],
+            [orjson.dumps(e.metadata).decode() for e in events],
+        )
+        return [AppendResult(e.event_id, r[0], r[1]) for e, r in zip(events, rows, strict=True)]
 
     async def head(self) -> int:
         """The highest committed position (0 for an empty log)."""
