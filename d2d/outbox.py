@@ -1,9 +1,12 @@
 """The outbox relay: publishes the log to JetStream, in order, resuming where it stopped.
 
 An event is in the log first; the relay then publishes it to `d2d.events.<type>` with
-`Nats-Msg-Id = event_id` and, once JetStream has acknowledged a whole batch, records the batch's
-last seq in `log_positions`. After a crash it republishes at most the batch it had in flight, which
-JetStream's duplicate window drops, so every event is on the stream exactly once. While NATS is
+`Nats-Msg-Id = event_id` and, once JetStream has acknowledged a whole batch, moves its position to
+the batch's last seq. The position is written to `log_positions` at most once per
+`position_interval` (and whenever the relay falls idle or stops): one write per batch would cost a
+Postgres commit per event when events come one at a time, as decisions do. After a crash it
+republishes what it published since the last write (at most `position_interval` of events), which
+JetStream's duplicate window (minutes) drops, so every event is on the stream exactly once. While NATS is
 down appends go on; the relay retries the same batch until NATS is back and then catches up.
 Only one relay per database publishes at a time (a session advisory lock); others wait.
 """
@@ -11,6 +14,7 @@ Only one relay per database publishes at a time (a session advisory lock); other
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -48,6 +52,7 @@ class OutboxRelay:
         batch_size: int = 2000,
         ack_timeout: float = 5.0,
         idle_poll: float = 0.5,
+        position_interval: float = 1.0,
     ) -> None:
         self.log = event_log
         self.js = js
@@ -57,6 +62,7 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.ack_timeout = ack_timeout
         self.idle_poll = idle_poll
+        self.position_interval = position_interval
         self.stats = RelayStats()
         self._tracer = telemetry.tracer(__name__)
 
@@ -85,25 +91,35 @@ class OutboxRelay:
         self.stats.position = position
         log.info("relay %s publishing from seq %d", self.name, position)
         backoff = 0.1
-        while not stop.is_set():
-            wake.clear()
-            batch = await self.log.read_envelopes(position, self.batch_size)
-            if not batch:
-                await _wait_any(stop, wake, self.idle_poll)
-                continue
-            try:
-                await self._publish(batch)
-            except Exception as exc:  # NATS down, slow, or refusing: retry the same batch
-                self.stats.retries += 1
-                log.warning("relay: publishing seq %d.. failed (%s); retrying", batch[0][0], exc)
-                await _wait_any(stop, asyncio.Event(), backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            backoff = 0.1
-            position = batch[-1][0]
-            await self.log.set_position(self.name, position)
-            self.stats.position = position
-            self.stats.batches += 1
+        saved, saved_at = position, time.monotonic()
+        try:
+            while not stop.is_set():
+                wake.clear()
+                batch = await self.log.read_envelopes(position, self.batch_size)
+                if not batch:
+                    if not await _wait_any(stop, wake, self.idle_poll) and position != saved:  # idle
+                        await self.log.set_position(self.name, position)
+                        saved, saved_at = position, time.monotonic()
+                    continue
+                try:
+                    await self._publish(batch)
+                except Exception as exc:  # NATS down, slow, or refusing: retry the same batch
+                    self.stats.retries += 1
+                    log.warning("relay: publishing seq %d.. failed (%s); retrying", batch[0][0], exc)
+                    await _wait_any(stop, asyncio.Event(), backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.1
+                position = batch[-1][0]
+                self.stats.position = position
+                self.stats.batches += 1
+                if time.monotonic() - saved_at >= self.position_interval:
+                    await self.log.set_position(self.name, position)
+                    saved, saved_at = position, time.monotonic()
+        finally:
+            if position != saved:  # stopping (or failing): keep what is acknowledged
+                with contextlib.suppress(Exception):
+                    await self.log.set_position(self.name, position)
 
     async def _lead(self, leader: asyncpg.Connection, stop: asyncio.Event) -> None:
         key = _LEADER_LOCK_BASE + (zlib.crc32(self.name.encode()) & 0xFFFF)  # stable across processes
@@ -138,10 +154,12 @@ class OutboxRelay:
         self.stats.published += len(acks) - duplicates
 
 
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> bool:
+    """Wait until `stop` or `wake` is set or `timeout` passes; False if the time ran out."""
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return bool(done)
     finally:
         for w in waiters:
             w.cancel()
