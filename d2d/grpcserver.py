@@ -1,9 +1,18 @@
 """What every gRPC server and client of the platform has: tracing, health, reflection, limits,
-and errors as `google.rpc.Status` with details a caller can act on."""
+and errors as `google.rpc.Status` with details a caller can act on.
+
+Tracing is done here rather than by OpenTelemetry's gRPC interceptors, which cost about 160 us of
+server CPU per call (a third of an empty call's) and an extra task per client call: a server span
+per call of a service added with `add_service` (parented by the `traceparent` the caller sent in
+metadata), and a client span per call made on a `channel()` (its context sent as metadata). Spans
+are named and attributed as the interceptors name them (`/package.Service/Method`, `rpc.system`,
+`rpc.service`, `rpc.method`, `rpc.grpc.status_code`). Health and reflection calls are not traced.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -13,6 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from opentelemetry import propagate, trace
 
 from d2d import telemetry
 
@@ -28,7 +38,7 @@ _OPTIONS = [
 def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with tracing, the health service (all names SERVING once started by the
     caller) and reflection for `service_names`."""
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors(), options=_OPTIONS)
+    server = grpc.aio.server(options=_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -43,7 +53,159 @@ async def set_serving(health_servicer: health.aio.HealthServicer, service_names:
 
 def channel(target: str) -> grpc.aio.Channel:
     """A traced client channel with the platform's message limits."""
-    return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=telemetry.client_interceptors())
+    return TracedChannel(grpc.aio.insecure_channel(target, options=_OPTIONS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+
+
+def _rpc_attributes(full_method: str) -> dict[str, Any]:
+    service, _, method = full_method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+
+def _end(span: trace.Span, code: grpc.StatusCode, exc: BaseException | None = None) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name + (f": {detail}" if detail else "")))
+
+
+def _client_code(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code()
+    return grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
+
+
+class _TracedCall:
+    """One method of a TracedChannel: each call runs in a CLIENT span whose context goes along as
+    metadata. Calls return what the stub's caller awaits (a response) or iterates (a stream)."""
+
+    def __init__(self, method: str, inner: Any, response_streaming: bool) -> None:
+        self.name = method
+        self.inner = inner
+        self.attributes = _rpc_attributes(method)
+        self.response_streaming = response_streaming
+        self.tracer = telemetry.tracer("d2d.grpc")
+
+    def _metadata(self, metadata: Any) -> list[tuple[str, str]]:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return [*(metadata or ()), *carrier.items()]
+
+    def __call__(self, request: Any, *, metadata: Any = None, **kwargs: Any) -> Any:
+        if self.response_streaming:
+            return self._stream(request, metadata, kwargs)
+        return self._unary(request, metadata, kwargs)
+
+    async def _unary(self, request: Any, metadata: Any, kwargs: dict[str, Any]) -> Any:
+        with self.tracer.start_as_current_span(
+            self.name, kind=trace.SpanKind.CLIENT, attributes=self.attributes,
+            record_exception=False, set_status_on_exception=False,
+        ) as span:  # fmt: skip
+            try:
+                response = await self.inner(request, metadata=self._metadata(metadata), **kwargs)
+            except BaseException as exc:
+                _end(span, _client_code(exc), exc)
+                raise
+            _end(span, grpc.StatusCode.OK)
+            return response
+
+    async def _stream(self, request: Any, metadata: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        with self.tracer.start_as_current_span(
+            self.name, kind=trace.SpanKind.CLIENT, attributes=self.attributes,
+            record_exception=False, set_status_on_exception=False,
+        ) as span:  # fmt: skip
+            try:
+                async for response in self.inner(request, metadata=self._metadata(metadata), **kwargs):
+                    yield response
+            except BaseException as exc:
+                _end(span, _client_code(exc), exc)
+                raise
+            _end(span, grpc.StatusCode.OK)
+
+
+class TracedChannel:
+    """A grpc.aio channel whose stubs' calls are traced (see the module's docstring)."""
+
+    def __init__(self, inner: grpc.aio.Channel) -> None:
+        self._inner = inner
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _TracedCall:
+        return _TracedCall(method, self._inner.unary_unary(method, *args, **kwargs), False)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> _TracedCall:
+        return _TracedCall(method, self._inner.stream_unary(method, *args, **kwargs), False)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _TracedCall:
+        return _TracedCall(method, self._inner.unary_stream(method, *args, **kwargs), True)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> _TracedCall:
+        return _TracedCall(method, self._inner.stream_stream(method, *args, **kwargs), True)
+
+    def __getattr__(self, name: str) -> Any:  # close, channel_ready, get_state, ...
+        return getattr(self._inner, name)
+
+    async def __aenter__(self) -> TracedChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.close()
+
+
+def _server_span(tracer: trace.Tracer, full_method: str, attributes: dict[str, Any], context: Any) -> Any:
+    parent = propagate.extract(dict(context.invocation_metadata() or ()))
+    return tracer.start_as_current_span(
+        full_method, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes,
+        record_exception=False, set_status_on_exception=False,
+    )  # fmt: skip
+
+
+def _server_end(span: trace.Span, context: Any, exc: BaseException | None) -> None:
+    """Record how the call ended: OK, the code it was aborted with, or UNKNOWN for an exception."""
+    code = context.code()  # set by abort() or set_code(); None if the handler did neither
+    if isinstance(code, int):
+        code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    if code is None and exc is None:
+        code = grpc.StatusCode.OK
+    elif code is None:
+        code = grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
+        span.record_exception(exc)
+    _end(span, code, None if exc is None or isinstance(exc, grpc.aio.AbortError) else exc)
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _traced_method(tracer: trace.Tracer, full_method: str, impl: Callable[..., Any], response_streaming: bool) -> Any:
+    """`impl` run inside a SERVER span (see the module's docstring)."""
+    attributes = _rpc_attributes(full_method)
+    if response_streaming:
+
+        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            with _server_span(tracer, full_method, attributes, context) as span:
+                try:
+                    async for response in impl(request, context):
+                        yield response
+                except BaseException as exc:
+                    _server_end(span, context, exc)
+                    raise
+                _server_end(span, context, None)
+
+        return streaming
+
+    async def unary(request: Any, context: Any) -> Any:
+        with _server_span(tracer, full_method, attributes, context) as span:
+            try:
+                response = await impl(request, context)
+            except BaseException as exc:
+                _server_end(span, context, exc)
+                raise
+            _server_end(span, context, None)
+            return response
+
+    return unary
 
 
 def field_violations(violations: Sequence[tuple[str, str]]) -> any_pb2.Any:
@@ -124,8 +286,10 @@ def add_service(server: Any, service: ServiceDescriptor, servicer: object) -> No
     name. Requests are decoded leniently, so bytes that are not a valid message get
     INVALID_ARGUMENT naming the message type (grpc's default answer is INTERNAL)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
+    tracer = telemetry.tracer("d2d.grpc")
     for method in service.methods:
-        implementation = getattr(servicer, method.name)
+        full_method = f"/{service.full_name}/{method.name}"
+        implementation = _traced_method(tracer, full_method, getattr(servicer, method.name), method.server_streaming)
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
         type_name = method.input_type.full_name

@@ -1,7 +1,7 @@
 """OpenTelemetry for every process: one tracer provider, gRPC interceptors, NATS header context.
 
 Spans go to OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, else as JSON lines to
-`<data dir>/traces/<service>.jsonl`. Trace context travels in gRPC metadata (the interceptors),
+`<data dir>/traces/<service>.jsonl`. Trace context travels in gRPC metadata (`d2d.grpcserver`),
 in NATS message headers (`inject_headers` / `extract_context`) and in each event's metadata
 (`traceparent`), so a consumer's span links to the producer's.
 """
@@ -95,20 +95,6 @@ def shutdown_tracing() -> None:
 
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
-
-
-def server_interceptors() -> list[Any]:
-    """Interceptors for a grpc.aio server: a span per call, parented by the caller's context."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-    return [aio_server_interceptor()]
-
-
-def client_interceptors() -> list[Any]:
-    """Interceptors for a grpc.aio channel: a span per call, context sent in metadata."""
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
-    return list(aio_client_interceptors())
 
 
 def inject_headers(headers: dict[str, str] | None = None, ctx: otel_context.Context | None = None) -> dict[str, str]:

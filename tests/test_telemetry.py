@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
+import grpc
 import nats
 import pytest
 from opentelemetry import trace
@@ -73,3 +74,28 @@ async def test_platform_events_carry_the_trace_of_the_call_that_caused_them(
         e for e in await event_log.read(0, 1000, types=["contract.registered"]) if e.seq == created.registered_seq
     ]
     assert trace_id_of(event.metadata["traceparent"]) == operator.get_span_context().trace_id
+
+
+async def test_grpc_calls_are_client_and_server_spans_of_one_trace_with_their_status(
+    spans: InMemorySpanExporter, ingest: IngestClient
+) -> None:
+    method = "/d2d.v1.IngestService/GetContractVersion"
+    spans.clear()
+    with telemetry.tracer("caller").start_as_current_span("caller") as caller:
+        await ingest.get_contract_version("payment.authorized", 1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ingest.get_contract_version("no.such.type", 1)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    finished = [s for s in spans.get_finished_spans() if s.name == method]
+    clients = [s for s in finished if s.kind == trace.SpanKind.CLIENT]
+    servers = [s for s in finished if s.kind == trace.SpanKind.SERVER]
+    assert len(clients) == len(servers) == 2
+    for client, server, code in zip(clients, servers, (0, 5), strict=True):  # OK, then NOT_FOUND
+        assert client.parent.span_id == caller.get_span_context().span_id
+        assert server.parent.span_id == client.context.span_id, "the server span is the client span's child"
+        assert server.context.trace_id == caller.get_span_context().trace_id
+        for span in (client, server):
+            assert span.attributes["rpc.grpc.status_code"] == code
+            assert span.attributes["rpc.service"] == "d2d.v1.IngestService"
+            assert span.attributes["rpc.method"] == "GetContractVersion"
+            assert span.status.is_ok == (code == 0)
