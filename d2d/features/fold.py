@@ -27,6 +27,12 @@ Semantics, precisely:
   segment of the order and ``prefix (+) remaining rows`` is the same left fold as over all rows:
   results do not depend on when (or whether) pruning happens. Accepted events have
   ``occurred_at >= M - L >= horizon``, so nothing is ever inserted below the horizon.
+- Lifetime totals. A query as of t at or after an entity's newest row takes its lifetime aggregates
+  from the entity's *totals*: the same left fold over all its rows (pruned or buffered), kept up to
+  date lazily -- each query folds in only the rows appended since the previous one, and a row
+  inserted before the newest (an out-of-order event) makes the next query recompute them from the
+  prefix and the buffer. Same inputs in the same order, so the same values as the scan, bit for bit;
+  a query earlier than the newest row scans as before.
 - Staleness. A query as of t is answered only if ``t - W >= horizon`` (that is, ``t >= M - 2L``):
   then no row a window needs can have been pruned. Older queries raise `StaleQueryError` rather
   than answer inexactly -- whether or not pruning actually happened, so the outcome is the same on
@@ -241,6 +247,10 @@ class ViewState:
         self._extract, self._extract_source = _build_extractor(columns)
         self._buffers: dict[str, list[tuple]] = {}
         self._prefixes: dict[str, list[Any]] = {}
+        # Lifetime totals per entity (derived, not snapshotted): [fold over the entity's first n rows
+        # laid out like a prefix, n]; `_pruned[eid]` rows of it have moved from the buffer to the prefix.
+        self._totals: dict[str, list[Any]] = {}
+        self._pruned: dict[str, int] = {}
 
     # ---- folding
 
@@ -293,6 +303,7 @@ class ViewState:
                 buf.append(row)  # seq grows, so (t, seq) is the largest key
             else:
                 insort(buf, row)  # (t, seq) is unique: comparisons never reach the values
+                self._totals.pop(eid, None)  # folded in another order now: recompute when asked
         if self.prune_on_apply and buf and buf[0][0] < self._prune_below:
             self._prune(eid, buf)
         return True
@@ -317,30 +328,39 @@ class ViewState:
             pre = self._prefixes.get(eid)
             if pre is None:
                 pre = self._prefixes[eid] = self._new_prefix()
-            rows = buf[:k]
-            for code, c, s in self._life:
-                vals = [v for r in rows if (v := r[c]) is not None]
-                if not vals:
-                    continue
-                if code == _COUNT:
-                    pre[s] += len(vals)
-                elif code == _SUM:
-                    pre[s] = reduce(add, vals, pre[s])
-                elif code == _MEAN:
-                    pre[s] += len(vals)
-                    pre[s + 1] = reduce(add, vals, pre[s + 1])
-                elif code == _MIN:
-                    mv = min(vals)
-                    pre[s] = mv if pre[s] is None else min(pre[s], mv)
-                elif code == _MAX:
-                    mv = max(vals)
-                    pre[s] = mv if pre[s] is None else max(pre[s], mv)
-                elif code == _LAST:
-                    pre[s] = vals[-1]
-                else:
-                    pre[s].update(vals)
+            self._accumulate(pre, buf[:k])
+            pruned = self._pruned.get(eid, 0)
+            entry = self._totals.get(eid)
+            if entry is not None and entry[1] - pruned < k:  # rows leaving the buffer not yet in the totals
+                self._accumulate(entry[0], buf[entry[1] - pruned : k])
+                entry[1] = pruned + k
+            self._pruned[eid] = pruned + k
         del buf[:k]
         return k
+
+    def _accumulate(self, pre: list[Any], rows: list[tuple]) -> None:
+        """Continue the lifetime aggregates' left fold `pre` with `rows` (in (occurred_at, seq) order)."""
+        for code, c, s in self._life:
+            vals = [v for r in rows if (v := r[c]) is not None]
+            if not vals:
+                continue
+            if code == _COUNT:
+                pre[s] += len(vals)
+            elif code == _SUM:
+                pre[s] = reduce(add, vals, pre[s])
+            elif code == _MEAN:
+                pre[s] += len(vals)
+                pre[s + 1] = reduce(add, vals, pre[s + 1])
+            elif code == _MIN:
+                mv = min(vals)
+                pre[s] = mv if pre[s] is None else min(pre[s], mv)
+            elif code == _MAX:
+                mv = max(vals)
+                pre[s] = mv if pre[s] is None else max(pre[s], mv)
+            elif code == _LAST:
+                pre[s] = vals[-1]
+            else:
+                pre[s].update(vals)
 
     def _new_prefix(self) -> list[Any]:
         pre = list(self._prefix_template)
@@ -377,11 +397,15 @@ class ViewState:
             return None
         pre = self._prefixes.get(entity_id)
         hi = bisect_right(buf, as_of, key=_T)
+        totals = self._lifetime_totals(entity_id, buf) if hi == len(buf) and self._life else None
         los: dict[int | None, int] = {None: 0}
         cache: dict[tuple[int, int], list[Any]] = {}
         out: dict[str, Any] = {}
         count_all = self._count_all
         for fname, code, c, w, s in self._plan:
+            if totals is not None and w is None:  # lifetime, every row: the entity's running totals
+                out[fname] = _result(code, [], totals, s)
+                continue
             lo = los.get(w)
             if lo is None:
                 lo = los[w] = bisect_right(buf, as_of - w, 0, hi, key=_T)  # type: ignore[operator]
@@ -393,6 +417,23 @@ class ViewState:
                 vals = cache[(lo, c)] = [v for r in buf[lo:hi] if (v := r[c]) is not None]
             out[fname] = _result(code, vals, pre, s) if pre is not None and s >= 0 else _result(code, vals, None, -1)
         return out
+
+    def _lifetime_totals(self, eid: str, buf: list[tuple]) -> list[Any]:
+        """The lifetime aggregates' fold over all the entity's rows, brought up to date."""
+        entry = self._totals.get(eid)
+        pruned = self._pruned.get(eid, 0)
+        if entry is None:
+            pre = self._prefixes.get(eid)
+            totals = self._new_prefix() if pre is None else _copy_prefix(pre, self._distinct_slots)
+            self._accumulate(totals, buf)
+            self._totals[eid] = [totals, pruned + len(buf)]
+            return totals
+        totals, folded = entry
+        start = folded - pruned  # buffer index of the first row not yet in the totals
+        if start < len(buf):
+            self._accumulate(totals, buf[start:])
+            entry[1] = pruned + len(buf)
+        return totals
 
     def defaults(self) -> dict[str, Any]:
         """Values for an unknown entity: counts 0, sums 0.0, everything else None."""
@@ -466,6 +507,13 @@ class ViewState:
                 pre[s] = set(pre[s])
             state._prefixes[eid] = pre
         return state
+
+
+def _copy_prefix(pre: list[Any], distinct_slots: tuple[int, ...]) -> list[Any]:
+    copy = list(pre)
+    for s in distinct_slots:
+        copy[s] = set(pre[s])
+    return copy
 
 
 def _result(code: int, vals: list[Any], pre: list[Any] | None, s: int) -> Any:
