@@ -8,6 +8,9 @@ State, per entity: a *buffer* of rows ``(occurred_at, seq, v_0, ..., v_{k-1})`` 
 ``(occurred_at, seq)`` -- one column per distinct input of the view's aggregates (field, filter and
 value kind), None where the event is not an input of that column -- and, for views with lifetime
 aggregates, a *prefix*: per lifetime aggregate, an accumulator of the rows pruned from the buffer.
+Once an entity is queried its buffer is also kept column by column (the same values, with a
+count of Nones per column; rows appended since the last query join the columns at the next one),
+so a window's inputs are a slice of a column rather than a pass over its rows.
 
 Semantics, precisely:
 
@@ -41,12 +44,12 @@ Semantics, precisely:
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import reduce
-from operator import add, itemgetter, methodcaller
+from operator import add, methodcaller
 from typing import Any
 
 from d2d.features.definitions import Aggregation, FeatureView, Filter, resolve_path
@@ -54,8 +57,6 @@ from d2d.features.definitions import Aggregation, FeatureView, Filter, resolve_p
 __all__ = ["FoldEvent", "StaleQueryError", "ViewState", "fold_all", "posix_seconds"]
 
 SNAPSHOT_FORMAT = 1
-
-_T = itemgetter(0)
 
 # Aggregation codes (ints: compared once per feature per query).
 _COUNT, _SUM, _MEAN, _MIN, _MAX, _LAST, _DISTINCT = range(7)
@@ -167,6 +168,16 @@ def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tu
     return ns["_extract"], src
 
 
+def _build_pusher(ncols: int) -> Callable[[list[list[Any]], list[int], tuple], None]:
+    """A function ``(cols, nones, row) -> None`` appending a row to the column lists, unrolled."""
+    lines = ["def _push(cols, nones, row):", "    cols[0].append(row[0])"]
+    for c in range(2, 2 + ncols):
+        lines += [f"    v = row[{c}]", f"    cols[{c}].append(v)", "    if v is None:", f"        nones[{c}] += 1"]
+    ns: dict[str, Any] = {}
+    exec("\n".join(lines) + "\n", ns)  # noqa: S102 -- source built from integers only
+    return ns["_push"]
+
+
 def _sort_key(v: Any) -> tuple[str, Any]:
     return (type(v).__name__, v)
 
@@ -245,7 +256,13 @@ class ViewState:
                 template.append(None)  # MIN, MAX, LAST: none yet; DISTINCT: replaced by a set
         self._prefix_template = template
         self._extract, self._extract_source = _build_extractor(columns)
+        self._push = _build_pusher(len(columns))
         self._buffers: dict[str, list[tuple]] = {}
+        # The first len(cols[0]) rows of an entity's buffer by column, for entities queried so far:
+        # cols[0] the times, cols[c] row position c's values (cols[1], the seqs, stays empty);
+        # nones[c] how many of cols[c] are None. Rows appended later join at the next query.
+        self._cols: dict[str, list[list[Any]]] = {}
+        self._nones: dict[str, list[int]] = {}
         self._prefixes: dict[str, list[Any]] = {}
         # Lifetime totals per entity (derived, not snapshotted): [fold over the entity's first n rows
         # laid out like a prefix, n]; `_pruned[eid]` rows of it have moved from the buffer to the prefix.
@@ -302,7 +319,17 @@ class ViewState:
             if not buf or t >= buf[-1][0]:
                 buf.append(row)  # seq grows, so (t, seq) is the largest key
             else:
-                insort(buf, row)  # (t, seq) is unique: comparisons never reach the values
+                i = bisect_left(buf, row)  # (t, seq) is unique: comparisons never reach the values
+                buf.insert(i, row)
+                cols = self._cols.get(eid)
+                if cols is not None and i < len(cols[0]):  # inside the columned rows: insert there too
+                    nones = self._nones[eid]
+                    cols[0].insert(i, t)
+                    for c in range(2, len(row)):
+                        v = row[c]
+                        cols[c].insert(i, v)
+                        if v is None:
+                            nones[c] += 1
                 self._totals.pop(eid, None)  # folded in another order now: recompute when asked
         if self.prune_on_apply and buf and buf[0][0] < self._prune_below:
             self._prune(eid, buf)
@@ -321,7 +348,7 @@ class ViewState:
         return sum(self._prune(eid, buf) for eid, buf in self._buffers.items() if buf)
 
     def _prune(self, eid: str, buf: list[tuple]) -> int:
-        k = bisect_left(buf, self._horizon, key=_T)
+        k = bisect_left(buf, (self._horizon,))  # rows with occurred_at < horizon
         if not k:
             return 0
         if self._life:
@@ -336,7 +363,28 @@ class ViewState:
                 entry[1] = pruned + k
             self._pruned[eid] = pruned + k
         del buf[:k]
+        cols = self._cols.get(eid)
+        if cols is not None:
+            nones, m = self._nones[eid], min(k, len(cols[0]))
+            del cols[0][:m]
+            for c in range(2, len(cols)):
+                col = cols[c]
+                if nones[c]:
+                    nones[c] -= col[:m].count(None)
+                del col[:m]
         return k
+
+    def _by_column(self, eid: str, buf: list[tuple]) -> tuple[list[list[Any]], list[int]]:
+        """The entity's buffer by column, brought up to date (see `_cols`)."""
+        cols = self._cols.get(eid)
+        if cols is None:
+            cols = self._cols[eid] = [[] for _ in range(2 + self._ncols)]
+            self._nones[eid] = [0] * (2 + self._ncols)
+        nones = self._nones[eid]
+        push = self._push
+        for row in buf[len(cols[0]) :]:
+            push(cols, nones, row)
+        return cols, nones
 
     def _accumulate(self, pre: list[Any], rows: list[tuple]) -> None:
         """Continue the lifetime aggregates' left fold `pre` with `rows` (in (occurred_at, seq) order)."""
@@ -396,7 +444,9 @@ class ViewState:
         if buf is None:
             return None
         pre = self._prefixes.get(entity_id)
-        hi = bisect_right(buf, as_of, key=_T)
+        cols, nones = self._by_column(entity_id, buf)
+        times = cols[0]
+        hi = bisect_right(times, as_of)
         totals = self._lifetime_totals(entity_id, buf) if hi == len(buf) and self._life else None
         los: dict[int | None, int] = {None: 0}
         cache: dict[tuple[int, int], list[Any]] = {}
@@ -408,13 +458,16 @@ class ViewState:
                 continue
             lo = los.get(w)
             if lo is None:
-                lo = los[w] = bisect_right(buf, as_of - w, 0, hi, key=_T)  # type: ignore[operator]
+                lo = los[w] = bisect_right(times, as_of - w, 0, hi)  # type: ignore[operator]
             if c == count_all:  # every row counts: no need to look at the values
                 out[fname] = hi - lo + (pre[s] if pre is not None and s >= 0 else 0)
                 continue
             vals = cache.get((lo, c))
             if vals is None:
-                vals = cache[(lo, c)] = [v for r in buf[lo:hi] if (v := r[c]) is not None]
+                vals = cols[c][lo:hi]
+                if nones[c]:
+                    vals = [v for v in vals if v is not None]
+                cache[(lo, c)] = vals
             out[fname] = _result(code, vals, pre, s) if pre is not None and s >= 0 else _result(code, vals, None, -1)
         return out
 
