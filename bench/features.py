@@ -24,7 +24,7 @@ of 5,000, then `VACUUM ANALYZE events`. The load time is reported, it is not a f
    (`bench.features --serve-empty`), a bare `grpc.aio.server()` answering the same method path
    with an empty GetOnlineFeaturesResponse without decoding the request; the client sends it the
    same requests through the same stub and channel. Also reported: the same empty handler served the
-   platform's way (`d2d.grpcserver.new_server` + `add_service`: tracing interceptors, spans exported
+   platform's way (`d2d.grpcserver.new_server` + `add_service`: a traced span per call, exported
    as JSON lines, lenient request decoding), which says how much of the service's time is the
    platform's gRPC plumbing rather than the feature lookups. The three targets get the same calls,
    interleaved in 5 rounds (a busy moment of the machine falls on all of them alike), each chunk
@@ -40,7 +40,9 @@ of 5,000, then `VACUUM ANALYZE events`. The load time is reported, it is not a f
    entity counts are `ViewState.entities()` of the in-process replay of step 1, which folded the
    same events by the same code (a spot check compares the service's answers with that state).
    Beside it: the live bytes of that in-process state (sys.getsizeof of every object the three
-   ViewStates reach, each once), which leaves out allocator overhead and freed-but-kept memory.
+   ViewStates reach, each once), which leaves out allocator overhead and freed-but-kept memory,
+   and the same once every entity has been queried (a query keeps the entity's rows by column too,
+   and its lifetime totals; the service's RSS above is taken before any query).
 
 Every figure is printed beside its baseline; CPU seconds per process (service, relay, Postgres,
 NATS, this client) are printed per phase, which shows where the time goes, and so is the CPU that
@@ -642,6 +644,12 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         live, live_objects = live_bytes(list(folded.states.values()))
         say(f"    live objects of the 3 ViewStates (sys.getsizeof, each object once): {live / 2**20:,.1f} MB in"
             f" {live_objects:,} objects, counted in {time.perf_counter() - started:.1f}s")  # fmt: skip
+        for state in folded.states.values():  # a query builds an entity's columns and lifetime totals
+            for eid in state.entity_ids():
+                state.values(eid, state.max_event_time)
+        live_queried, _ = live_bytes(list(folded.states.values()))
+        say(f"    the same once every entity has been queried (its columns and lifetime totals built):"
+            f" {live_queried / 2**20:,.1f} MB")  # fmt: skip
 
         # 3. Training frame (in-process, before the service starts, so nothing else runs meanwhile).
         say(f"\n[3] training frame: training_frame(log, VIEWS, rows) for {options.frame_rows:,} rows")
@@ -859,7 +867,7 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         "empty_handler": "bare grpc.aio server in a subprocess, generic handler returning an empty"
         " GetOnlineFeaturesResponse without decoding the request; same requests, stub and channel",
         "platform_empty_handler": "the same empty handler served by d2d.grpcserver.new_server + add_service"
-        " (tracing interceptors, spans exported as JSON lines, request decoded) in the same subprocess",
+        " (a server span per call exported as JSON lines, request decoded) in the same subprocess",
         "replay_ratio_baseline": "EventLog.read paging loop with the same types filter, no folding",
         "service_cpu_us_per_call_1_row": round(measured[("features", 1)].cpu_per_call_us("features service")),
         f"service_cpu_us_per_call_{WIDE_ROWS}_rows": round(
@@ -890,6 +898,7 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         "bytes_per_entity": round(delta / total_entities),
         "bytes_per_row_held": round(delta / max(1, total_rows)),
         "live_state_bytes": live,
+        "live_state_bytes_every_entity_queried": live_queried,
         "live_bytes_per_entity": round(live / total_entities),
         "live_bytes_per_row_held": round(live / max(1, total_rows)),
         "live_measured_as": "in-process: sys.getsizeof of every object the replay's 3 ViewStates reach, once each",

@@ -36,7 +36,7 @@ calls made.
    Targets: Predict throughput >= 0.5 x the empty handler's; Predict p50 <= 3 x and p99 <= 4 x the
    empty handler's.
    Context, measured the same way: the same empty Predict served the platform's way
-   (`d2d.grpcserver.new_server` + `add_service`: tracing interceptors with spans exported as JSON
+   (`d2d.grpcserver.new_server` + `add_service`: a traced span per call, exported as JSON
    lines, lenient decoding: how much of a Predict is the platform's gRPC plumbing), and two parts
    of a Predict alone, from this process: 'features lookup', the GetOnlineFeatures call serving
    makes (the model's views, one entity row, as of the request's time) on the platform's client

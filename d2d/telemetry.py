@@ -1,4 +1,4 @@
-"""OpenTelemetry for every process: one tracer provider, gRPC interceptors, NATS header context.
+"""OpenTelemetry for every process: one tracer provider, trace context for gRPC (see grpcserver) and NATS headers.
 
 Spans go to OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, else as JSON lines to
 `<data dir>/traces/<service>.jsonl`. Trace context travels in gRPC metadata (`d2d.grpcserver`),

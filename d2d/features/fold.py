@@ -44,6 +44,7 @@ Semantics, precisely:
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -124,13 +125,28 @@ def _num(v: Any) -> float | None:
     return None
 
 
+# String values held in rows are interned: the same merchant, device or country is then one object
+# however many rows hold it (less memory, and a window's values sit in fewer cache lines).
+_intern = sys.intern
+
+
 def _scalar(v: Any) -> Any:
     t = type(v)
-    if t is str or t is int or t is bool:
+    if t is str:
+        return _intern(v)
+    if t is int or t is bool:
         return v
     if t is float and v - v == 0.0:
         return v
     return None
+
+
+def _any(v: Any) -> Any:
+    return _intern(v) if type(v) is str else v
+
+
+def _interned(row: Iterable[Any]) -> tuple:
+    return tuple(_intern(v) if type(v) is str else v for v in row)
 
 
 def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tuple[Callable[..., tuple], str]:
@@ -139,7 +155,7 @@ def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tu
     Generated (like dataclasses' methods) so that folding an event costs one call and one tuple.
     Field names are validated identifiers, inserted with repr().
     """
-    ns: dict[str, Any] = {"_num": _num, "_scalar": _scalar, "_get": resolve_path}
+    ns: dict[str, Any] = {"_num": _num, "_scalar": _scalar, "_any": _any, "_get": resolve_path}
     exprs = []
     for i, (kind, field, where) in enumerate(columns):
         if field is None:
@@ -158,7 +174,7 @@ def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tu
             elif kind == "scalar":
                 expr = f"_scalar({get})"
             else:
-                expr = get
+                expr = f"_any({get})"
         if where is not None:
             ns[f"_where{i}"] = where.matches
             expr = f"({expr} if _where{i}(p) else None)"
@@ -166,6 +182,62 @@ def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tu
     src = "def _extract(p, t, seq):\n    return (t, seq, " + "".join(e + ", " for e in exprs) + ")\n"
     exec(src, ns)  # noqa: S102 -- source built above from validated names only
     return ns["_extract"], src
+
+
+def _build_query(plan: list[tuple[str, int, int, int | None, int]], count_all: int) -> tuple[Callable[..., dict], str]:
+    """A function ``(cols, nones, times, hi, as_of, pre, totals) -> values`` computing every feature
+    of the plan in straight-line code (generated like the extractor; names enter only via repr()).
+
+    Per window, ``lo`` is the first row inside it; per (window, column) the column's non-None
+    values in ``[lo, hi)`` are taken once and shared by the aggregates that read them. Lifetime
+    aggregates come from `totals` when given (the query is at or after the newest row), else from
+    the prefix and a pass over the rows. Each value is `_result` of its inputs, as the plan says.
+    """
+    ns: dict[str, Any] = {"_bisect_right": bisect_right, "_result": _result}
+    lines = ["def _compute(cols, nones, times, hi, as_of, pre, totals):", "    out = {}"]
+    windows: dict[int | None, str] = {}
+    taken: dict[tuple[int | None, int], str] = {}
+
+    def lo_of(w: int | None) -> str:
+        if w is None:
+            return "0"
+        if w not in windows:
+            windows[w] = f"lo{len(windows)}"
+            lines.append(f"    {windows[w]} = _bisect_right(times, as_of - {float(w)!r}, 0, hi)")
+        return windows[w]
+
+    def vals_of(w: int | None, c: int, indent: str) -> str:
+        name = f"v{'L' if w is None else windows[w]}_{c}"
+        lines.append(f"{indent}{name} = cols[{c}][{lo_of(w)}:hi]")
+        lines.append(f"{indent}if nones[{c}]:")
+        lines.append(f"{indent}    {name} = [x for x in {name} if x is not None]")
+        return name
+
+    for fname, code, c, w, s in plan:
+        key = repr(fname)
+        if w is None:
+            lines.append("    if totals is not None:")
+            lines.append(f"        out[{key}] = _result({code}, (), totals, {s})")
+            lines.append("    else:")
+            if c == count_all:
+                lines.append(f"        out[{key}] = hi + (pre[{s}] if pre is not None else 0)")
+            else:
+                name = vals_of(None, c, "        ")
+                lines.append(f"        out[{key}] = _result({code}, {name}, pre, {s}) if pre is not None"
+                             f" else _result({code}, {name}, None, -1)")  # fmt: skip
+            continue
+        lo = lo_of(w)
+        if c == count_all:
+            lines.append(f"    out[{key}] = hi - {lo}")
+            continue
+        name = taken.get((w, c))
+        if name is None:
+            name = taken[(w, c)] = vals_of(w, c, "    ")
+        lines.append(f"    out[{key}] = _result({code}, {name}, None, -1)")
+    lines.append("    return out")
+    src = "\n".join(lines) + "\n"
+    exec(src, ns)  # noqa: S102 -- source built from the plan's ints and repr()'d names only
+    return ns["_compute"], src
 
 
 def _build_pusher(ncols: int) -> Callable[[list[list[Any]], list[int], tuple], None]:
@@ -256,6 +328,7 @@ class ViewState:
                 template.append(None)  # MIN, MAX, LAST: none yet; DISTINCT: replaced by a set
         self._prefix_template = template
         self._extract, self._extract_source = _build_extractor(columns)
+        self._compute, self._compute_source = _build_query(plan, self._count_all)
         self._push = _build_pusher(len(columns))
         self._buffers: dict[str, list[tuple]] = {}
         # The first len(cols[0]) rows of an entity's buffer by column, for entities queried so far:
@@ -448,28 +521,7 @@ class ViewState:
         times = cols[0]
         hi = bisect_right(times, as_of)
         totals = self._lifetime_totals(entity_id, buf) if hi == len(buf) and self._life else None
-        los: dict[int | None, int] = {None: 0}
-        cache: dict[tuple[int, int], list[Any]] = {}
-        out: dict[str, Any] = {}
-        count_all = self._count_all
-        for fname, code, c, w, s in self._plan:
-            if totals is not None and w is None:  # lifetime, every row: the entity's running totals
-                out[fname] = _result(code, [], totals, s)
-                continue
-            lo = los.get(w)
-            if lo is None:
-                lo = los[w] = bisect_right(times, as_of - w, 0, hi)  # type: ignore[operator]
-            if c == count_all:  # every row counts: no need to look at the values
-                out[fname] = hi - lo + (pre[s] if pre is not None and s >= 0 else 0)
-                continue
-            vals = cache.get((lo, c))
-            if vals is None:
-                vals = cols[c][lo:hi]
-                if nones[c]:
-                    vals = [v for v in vals if v is not None]
-                cache[(lo, c)] = vals
-            out[fname] = _result(code, vals, pre, s) if pre is not None and s >= 0 else _result(code, vals, None, -1)
-        return out
+        return self._compute(cols, nones, times, hi, as_of, pre, totals)
 
     def _lifetime_totals(self, eid: str, buf: list[tuple]) -> list[Any]:
         """The lifetime aggregates' fold over all the entity's rows, brought up to date."""
@@ -548,7 +600,7 @@ class ViewState:
         state.dropped_late = int(snap["dropped_late"])
         width = 2 + state._ncols
         for eid, rows in snap["buffers"].items():
-            buf = [tuple(r) for r in rows]
+            buf = [_interned(r) for r in rows]
             if any(len(r) != width for r in buf):
                 raise ValueError(f"feature view {view.name}: snapshot rows of {eid!r} are not {width} wide")
             state._buffers[eid] = buf
