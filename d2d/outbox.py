@@ -81,12 +81,14 @@ class OutboxRelay:
 
             await leader.add_listener(NOTIFY_CHANNEL, on_notify)
             try:
-                await self._publish_until(stop, wake)
+                await self._publish_until(stop, wake, leader)
             finally:
                 await leader.remove_listener(NOTIFY_CHANNEL, on_notify)
                 await leader.execute("SELECT pg_advisory_unlock_all()")
 
-    async def _publish_until(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
+    async def _publish_until(self, stop: asyncio.Event, wake: asyncio.Event, conn: asyncpg.Connection) -> None:
+        """Publish from the recorded position on; reads go through `conn`, the connection that
+        holds the leader lock and listens (one from the pool per read costs a reset round trip)."""
         position = await self.log.position(self.name)
         self.stats.position = position
         log.info("relay %s publishing from seq %d", self.name, position)
@@ -95,7 +97,7 @@ class OutboxRelay:
         try:
             while not stop.is_set():
                 wake.clear()
-                batch = await self.log.read_envelopes(position, self.batch_size)
+                batch = await self.log.read_envelopes(position, self.batch_size, conn=conn)
                 if not batch:
                     if not await _wait_any(stop, wake, self.idle_poll) and position != saved:  # idle
                         await self.log.set_position(self.name, position)
