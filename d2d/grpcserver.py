@@ -51,7 +51,7 @@ async def set_serving(health_servicer: health.aio.HealthServicer, service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-def channel(target: str) -> grpc.aio.Channel:
+def channel(target: str) -> TracedChannel:
     """A traced client channel with the platform's message limits."""
     return TracedChannel(grpc.aio.insecure_channel(target, options=_OPTIONS))
 
