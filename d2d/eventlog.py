@@ -244,6 +244,26 @@ class EventLog:
             row = await conn.fetchrow(f"SELECT {_SELECT_COLUMNS} FROM events WHERE event_id = $1", event_id)
         return _stored(row) if row else None
 
+    async def last_seq_by_type(self, at_most: int, *, conn: asyncpg.Connection | None = None) -> dict[str, int]:
+        """For each event type in the log, the position of its last event at or below `at_most`.
+
+        A loose scan of the (type, seq) index: one probe per distinct type, however long the log.
+        """
+        if conn is None:
+            async with self.pool.acquire() as own:
+                return await self.last_seq_by_type(at_most, conn=own)
+        rows = await conn.fetch(
+            "WITH RECURSIVE types AS ("
+            " (SELECT type FROM events ORDER BY type LIMIT 1)"
+            " UNION ALL"
+            " SELECT (SELECT e.type FROM events e WHERE e.type > t.type ORDER BY e.type LIMIT 1)"
+            " FROM types t WHERE t.type IS NOT NULL)"
+            " SELECT t.type, (SELECT max(e.seq) FROM events e WHERE e.type = t.type AND e.seq <= $1)"
+            " FROM types t WHERE t.type IS NOT NULL",
+            at_most,
+        )
+        return {r[0]: r[1] for r in rows if r[1] is not None}
+
     async def read_envelopes(
         self, after: int, limit: int, *, conn: asyncpg.Connection | None = None
     ) -> list[tuple[int, uuid.UUID, str, bytes, str | None]]:

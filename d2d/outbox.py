@@ -1,7 +1,9 @@
 """The outbox relay: publishes the log to JetStream, in order, resuming where it stopped.
 
 An event is in the log first; the relay then publishes it to `d2d.events.<type>` with
-`Nats-Msg-Id = event_id` and, once JetStream has acknowledged a whole batch, moves its position to
+`Nats-Msg-Id = event_id`, `D2D-Seq` (its position) and `D2D-Prev-Of-Type` (the position of the
+previous event of the same type, 0 for the first): a consumer that takes only some types can tell
+from it that it missed none. Once JetStream has acknowledged a whole batch, the relay moves its position to
 the batch's last seq. The position is written to `log_positions` at most once per
 `position_interval` (and whenever the relay falls idle or stops): one write per batch would cost a
 Postgres commit per event when events come one at a time, as decisions do. After a crash it
@@ -64,6 +66,7 @@ class OutboxRelay:
         self.idle_poll = idle_poll
         self.position_interval = position_interval
         self.stats = RelayStats()
+        self._last_of_type: dict[str, int] = {}  # position of the last published event of each type
         self._tracer = telemetry.tracer(__name__)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -90,6 +93,7 @@ class OutboxRelay:
         """Publish from the recorded position on; reads go through `conn`, the connection that
         holds the leader lock and listens (one from the pool per read costs a reset round trip)."""
         position = await self.log.position(self.name)
+        self._last_of_type = await self.log.last_seq_by_type(position, conn=conn)
         self.stats.position = position
         log.info("relay %s publishing from seq %d", self.name, position)
         backoff = 0.1
@@ -136,9 +140,14 @@ class OutboxRelay:
             attributes={"d2d.first_seq": batch[0][0], "d2d.last_seq": batch[-1][0], "d2d.count": len(batch)},
         ):
             futures = []
+            last_of_type = dict(self._last_of_type)  # kept only once the whole batch is acknowledged
             try:
                 for seq, event_id, type_, body, traceparent in batch:
-                    headers = {"Nats-Msg-Id": str(event_id), "D2D-Seq": str(seq)}
+                    headers = {
+                        "Nats-Msg-Id": str(event_id), "D2D-Seq": str(seq),
+                        "D2D-Prev-Of-Type": str(last_of_type.get(type_, 0)),
+                    }  # fmt: skip
+                    last_of_type[type_] = seq
                     if traceparent:
                         headers["traceparent"] = traceparent
                     # No wait_stall: with it nats-py wraps every publish in a task and flushes once
@@ -151,6 +160,7 @@ class OutboxRelay:
                 for f in futures:  # frees their slots in nats-py's in-flight window
                     f.cancel()
                 raise
+        self._last_of_type = last_of_type
         duplicates = sum(1 for a in acks if a.duplicate)
         self.stats.duplicates += duplicates
         self.stats.published += len(acks) - duplicates

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import nats
 import pandas as pd
 import pytest
 
+from d2d import bus
 from d2d.client import FeatureClient, IngestClient, make_event
 from d2d.eventlog import EventLog
 from d2d.features.offline import FrameRow, training_frame
@@ -247,3 +250,37 @@ async def test_frame_and_verify_commands_use_no_event_after_the_row(
 
     registered = await event_log.read(0, 100, types=["feature_view.registered"])
     assert {e.payload["name"] for e in registered} == {v.name for v in VIEWS}
+
+
+async def test_only_source_types_reach_the_service_and_its_watermark_still_reaches_the_head(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service
+) -> None:
+    events = simulated(days=0.1, seed=17)
+    ingest_target, features = await start_platform(start_service, database_url, nats_server.url, namespace, ["f"])
+    target, _, _ = features["f"]
+    await send_all(ingest_target, events)
+    payments = [e for e in events if e.type == "payment.authorized"]
+    assert len(payments) < len(events), "the simulator's log holds other types too"
+    # The log now ends with events no view folds.
+    late = [
+        make_event("merchant.onboarded", "merchant", f"mer_9{i:03d}", {"merchant_id": f"mer_9{i:03d}", "name": "Shop",
+                   "mcc": "5411", "category": "grocery", "country": "DE", "risk_tier": "low"},
+                   occurred_at=datetime.now(UTC))
+        for i in range(300)
+    ]  # fmt: skip
+    async with IngestClient(ingest_target) as ingest:
+        response = await ingest.append(late)
+    assert all(r.WhichOneof("outcome") == "seq" for r in response.results)
+    head = await event_log.head()
+    assert (await event_log.get(uuid.UUID(late[-1].event_id))).seq == head
+    async with FeatureClient(target) as online:
+        await online.wait_ready()
+        await wait_caught_up(online, head)  # no payment is at the head: the idle check moves it there
+    topology = bus.Topology(namespace)
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jetstream().consumer_info(topology.events_stream, "f_" + topology.events_stream)
+        assert info.config.filter_subjects == [f"{topology.events_prefix}.payment.authorized"]
+        assert info.delivered.consumer_seq == len(payments), "only payments were delivered, each once"
+    finally:
+        await nc.close()

@@ -1,9 +1,13 @@
 """Folds the event stream (JetStream D2D_EVENTS) into the online state, and snapshots it.
 
-The durable pull consumer is (re)created at every start right after the stream position of the
-loaded snapshot, so a restart replays exactly the events the snapshot lacks, in order. Messages
-are acknowledged (AckAll) only once a snapshot that includes them is committed to Postgres.
-Events arrive in log order; one whose seq is not the next is a gap, filled from the log itself.
+The durable pull consumer takes only the views' source types (`d2d.events.<type>`), so the rest of
+the log (decisions above all) never reaches this process. It is (re)created at every start right
+after the stream position of the loaded snapshot, so a restart replays exactly the events the
+snapshot lacks, in order. Messages are acknowledged (AckAll) only once a snapshot that includes
+them is committed to Postgres. Each message names the previous event of its type
+(`D2D-Prev-Of-Type`); one whose predecessor was not folded is a gap, filled from the log itself.
+When a fetch finds nothing and the consumer has nothing pending, every source event up to the
+stream's last message is folded, so the watermark moves to that message's position.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
@@ -72,7 +77,8 @@ class Folder:
             ack_wait=600,
             max_ack_pending=-1,
         )
-        sub = await js.pull_subscribe(f"{prefix}.>", durable=self.durable, stream=stream, config=config)
+        config.filter_subjects = [f"{prefix}.{source}" for source in self.state.sources]
+        sub = await js.pull_subscribe("", durable=self.durable, stream=stream, config=config)
         cut = len(prefix) + 1
         last_snapshot_at, folded_since = time.monotonic(), 0
         unacked = None
@@ -82,6 +88,7 @@ class Folder:
                 msgs = await sub.fetch(self.batch, timeout=0.5)
             except NatsTimeout:
                 msgs = []
+                await self._advance_when_idle(js, stream)
                 self.caught_up.set()
             except Exception as exc:  # NATS reconnecting
                 log.warning("features: fetch failed: %s", exc)
@@ -93,12 +100,13 @@ class Folder:
                 ) as span:
                     span.set_attribute("messaging.batch.message_count", len(msgs))
                     for m in msgs:
-                        seq = int(m.headers["D2D-Seq"])
+                        seq, type_ = int(m.headers["D2D-Seq"]), m.subject[cut:]
+                        prev = int(m.headers["D2D-Prev-Of-Type"])
                         try:
-                            self.state.offer(seq, m.subject[cut:], m.data, m.metadata.sequence.stream)
-                        except GapError:
-                            await self._fill_gap(seq - 1)
-                            self.state.offer(seq, m.subject[cut:], m.data, m.metadata.sequence.stream)
+                            self.state.offer(seq, type_, m.data, m.metadata.sequence.stream, prev)
+                        except GapError as gap:
+                            await self._fill_gap(gap)
+                            self.state.offer(seq, type_, m.data, m.metadata.sequence.stream, prev)
                     span.set_attribute("d2d.watermark", self.state.watermark)
                 folded_since += len(msgs)
                 unacked = msgs[-1]
@@ -119,13 +127,32 @@ class Folder:
             await unacked.ack()
         await sub.unsubscribe()
 
-    async def _fill_gap(self, through: int) -> None:
-        """Read the events the stream skipped straight from the log."""
-        log.warning("features: gap after seq %d; reading up to %d from the log", self.state.watermark, through)
-        while self.state.watermark < through:
-            events = await self.log.read(self.state.watermark, min(1000, through - self.state.watermark))
+    async def _fill_gap(self, gap: GapError) -> None:
+        """Read the events of one type the stream skipped straight from the log."""
+        log.warning("features: %s; reading them from the log", gap)
+        after = gap.after
+        while after < gap.through:
+            events = [e for e in await self.log.read(after, 1000, types=[gap.type]) if e.seq <= gap.through]
+            if not events:
+                raise RuntimeError(f"features: the log has no {gap.type} event in ({after}, {gap.through}]")
             for e in events:
                 self.state.offer_event(e.seq, e.type, e.occurred_at.timestamp(), e.payload)
+            after = events[-1].seq
+
+    async def _advance_when_idle(self, js: JetStreamContext, stream: str) -> None:
+        """Nothing came: if the consumer has nothing pending, the watermark may move to the position
+        of the stream's last message, whatever its type (read before the pending count, so no
+        source event at or below it can still be on its way)."""
+        try:
+            last = (await js.stream_info(stream)).state.last_seq
+            if not last or last <= self.state.stream_seq:
+                return
+            message = await js.get_msg(stream, last)
+            seq = int((message.headers or {}).get("D2D-Seq", 0))
+            if (await js.consumer_info(stream, self.durable)).num_pending == 0 and seq:
+                self.state.advance(seq, last)
+        except Exception as exc:  # NATS reconnecting: try at the next idle fetch
+            log.debug("features: idle watermark check failed: %s", exc)
 
     async def snapshot(self) -> None:
         data = await asyncio.to_thread(self.state.to_bytes)

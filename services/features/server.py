@@ -41,7 +41,11 @@ async def restore(event_log: EventLog, views: Sequence[FeatureView], consumer: s
     if snapshot.views != wanted:
         log.warning("features: snapshot has views %s, serving %s: rebuilding from the log", snapshot.views, wanted)
         return OnlineState(views)
-    state = OnlineState.from_bytes(views, snapshot.state, snapshot.stream_seq)
+    try:
+        state = OnlineState.from_bytes(views, snapshot.state, snapshot.stream_seq)
+    except ValueError as exc:
+        log.warning("features: snapshot not usable (%s): rebuilding from the log", exc)
+        return OnlineState(views)
     log.info("features: restored snapshot at seq %d", state.watermark)
     return state
 
