@@ -1,0 +1,43 @@
+"""Every benchmark still runs as README says (`python -m bench.<name> --quick`) and ends with one JSON
+object holding each figure beside its baseline. Figures are not judged here (tests do not time
+things); a benchmark that no longer runs, or drops a figure, fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Per benchmark: figures that must be present, each with the baseline it is printed beside.
+FIGURES = {
+    "ingest": ["durable_ingest_events_per_s", "raw_publish_async_msgs_per_s", "ratio_vs_publish_async"],
+    "features": [
+        "replay_events_per_s", "scan_eventlog_read_events_per_s", "replay_ratio_vs_eventlog_read_scan",
+        "online_1_row", "empty_handler_1_row", "online_1_row_p50_ratio_vs_empty", "frame_rows_per_s",
+        "bytes_per_entity",
+    ],
+    "registry": ["train_examples_per_s", "xgb_alone_train_rows_per_s", "ratio_end_to_end_vs_xgb_alone"],
+    "serving": [
+        "predict_calls_per_s", "empty_calls_per_s", "ratio_throughput_vs_empty", "predict_p50_ms", "empty_p50_ms",
+        "ratio_p50_vs_empty", "ratio_p99_vs_empty", "ratio_batching_on_vs_off",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_benchmark_runs_quick_and_ends_with_its_figures(name: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--quick", "--tmp-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    figures = json.loads(last)
+    assert figures["bench"] == name and figures["quick"] is True
+    missing = [key for key in FIGURES[name] if figures.get(key) in (None, 0, {})]
+    assert not missing, f"bench.{name} printed no {missing}"
