@@ -101,7 +101,8 @@ class Folder:
                     span.set_attribute("messaging.batch.message_count", len(msgs))
                     for m in msgs:
                         seq, type_ = int(m.headers["D2D-Seq"]), m.subject[cut:]
-                        prev = int(m.headers["D2D-Prev-Of-Type"])
+                        prev_of_type = m.headers.get("D2D-Prev-Of-Type")  # absent from older relays' messages
+                        prev = int(prev_of_type) if prev_of_type is not None else None
                         try:
                             self.state.offer(seq, type_, m.data, m.metadata.sequence.stream, prev)
                         except GapError as gap:
