@@ -313,3 +313,62 @@ class CpuMeter:
         total = sum(cpu.values())
         summary = f"total {total:.2f} CPU-s in {wall:.2f}s wall ({100 * total / wall:.0f}% of one core)"
         return ", ".join(parts) + "; " + summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The empty-handler baseline of the latency benchmarks
+
+
+async def serve_empty(service: Any, method: str, bare_port: int, platform_port: int) -> None:
+    """The baseline servers of a latency benchmark, run in a process of their own until SIGTERM.
+
+    On `bare_port`: a bare `grpc.aio.server()` answering `/{service}/{method}` with b"" (an empty
+    response message) without decoding the request: no (de)serializers, bytes in, bytes out. On
+    `platform_port`: every method of `service` (a ServiceDescriptor) answering an empty response,
+    served the platform's way (`grpcserver.new_server` + `add_service`: a traced span per call,
+    exported as JSON lines under D2D_DATA_DIR; requests decoded), as a service's __main__ runs it.
+    """
+    import grpc
+    from google.protobuf import message_factory
+
+    from d2d import grpcserver, telemetry
+    from d2d.runtime.process import stop_on_signals
+
+    stop = stop_on_signals()
+    options = [
+        ("grpc.max_receive_message_length", grpcserver.MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", grpcserver.MAX_MESSAGE_BYTES),
+    ]
+
+    async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b""
+
+    bare = grpc.aio.server(options=options)
+    handler = grpc.unary_unary_rpc_method_handler(empty)
+    bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service.full_name, {method: handler})])
+    if bare.add_insecure_port(f"127.0.0.1:{bare_port}") == 0:
+        raise SystemExit(f"empty server: cannot listen on {bare_port}")
+
+    def empty_answer(response_type: Any) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def answer(request: Any, context: Any) -> Any:
+            return response_type()
+
+        return answer
+
+    # Each method answers an empty message of its response type.
+    responses = {m.name: message_factory.GetMessageClass(m.output_type) for m in service.methods}
+    empty_api = type("EmptyApi", (), {name: staticmethod(empty_answer(t)) for name, t in responses.items()})
+    telemetry.setup_tracing("bench-empty", Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
+    platform_server, health = grpcserver.new_server([service.full_name])
+    grpcserver.add_service(platform_server, service, empty_api())
+    if platform_server.add_insecure_port(f"127.0.0.1:{platform_port}") == 0:
+        raise SystemExit(f"empty server: cannot listen on {platform_port}")
+    await bare.start()
+    await platform_server.start()
+    await grpcserver.set_serving(health, [service.full_name])
+    try:
+        await stop.wait()
+    finally:
+        await bare.stop(1)
+        await platform_server.stop(1)
+        telemetry.shutdown_tracing()

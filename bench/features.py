@@ -93,6 +93,7 @@ from bench._common import (
     percentile,
     rounded,
     say,
+    serve_empty,
     stop_on_sigterm,
     wait_until,
 )
@@ -525,56 +526,6 @@ def mismatches(
 
 
 # ---------------------------------------------------------------------------------------------
-# The empty handler (a process of its own: `python -m bench.features --serve-empty BARE,PLATFORM`)
-
-
-class EmptyFeatureApi:
-    """FeatureService methods that do nothing, served through the platform's add_service."""
-
-    async def GetOnlineFeatures(self, request: Any, context: Any) -> features_pb2.GetOnlineFeaturesResponse:
-        return features_pb2.GetOnlineFeaturesResponse()
-
-    async def GetFeatureView(self, request: Any, context: Any) -> features_pb2.FeatureView:
-        return features_pb2.FeatureView()
-
-    async def ListFeatureViews(self, request: Any, context: Any) -> features_pb2.ListFeatureViewsResponse:
-        return features_pb2.ListFeatureViewsResponse()
-
-
-async def serve_empty(bare_port: int, platform_port: int) -> None:
-    from d2d import telemetry
-    from d2d.runtime.process import stop_on_signals
-
-    stop = stop_on_signals()
-    options = [
-        ("grpc.max_receive_message_length", grpcserver.MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", grpcserver.MAX_MESSAGE_BYTES),
-    ]
-
-    async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return b""  # an empty GetOnlineFeaturesResponse; the request is not even decoded
-
-    bare = grpc.aio.server(options=options)
-    handler = grpc.unary_unary_rpc_method_handler(empty)  # no (de)serializers: bytes in, bytes out
-    bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {"GetOnlineFeatures": handler})])
-    bare.add_insecure_port(f"127.0.0.1:{bare_port}")
-
-    # As the features service is assembled (services/features/__main__.py and server.py).
-    telemetry.setup_tracing("bench-empty", Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
-    platform, _ = grpcserver.new_server([SERVICE_NAME])
-    grpcserver.add_service(platform, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], EmptyFeatureApi())
-    platform.add_insecure_port(f"127.0.0.1:{platform_port}")
-    await bare.start()
-    await platform.start()
-    try:
-        await stop.wait()
-    finally:
-        await bare.stop(1)
-        await platform.stop(1)
-        telemetry.shutdown_tracing()
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -924,7 +875,8 @@ def main() -> None:
     args = p.parse_args()
     if args.serve_empty:
         bare_port, platform_port = (int(x) for x in args.serve_empty.split(","))
-        asyncio.run(serve_empty(bare_port, platform_port))
+        asyncio.run(serve_empty(features_pb2.DESCRIPTOR.services_by_name["FeatureService"], "GetOnlineFeatures",
+                                bare_port, platform_port))  # fmt: skip
         return
     stop_on_sigterm()
     days = args.days or (QUICK_DAYS if args.quick else FULL_DAYS)

@@ -29,7 +29,7 @@ calls made.
    have returned; calls/s = N / wall seconds.
 2. Predict latency at concurrency 1: sequential calls (full 2,000, quick 300), p50 / p99.
    Baseline for both: an EMPTY grpc.aio unary handler in a process of its own (`python -m
-   bench.serving --empty-server BARE,PLATFORM`): a bare `grpc.aio.server()` with a generic handler
+   bench.serving --serve-empty BARE,PLATFORM`): a bare `grpc.aio.server()` with a generic handler
    for `/d2d.v1.ServingService/Predict` that takes the request bytes without decoding them and
    returns b"" (an empty PredictResponse). The client is the same code (the same stub class on the
    same kind of channel, the same serialized PredictRequests, the same concurrency and counts).
@@ -102,10 +102,10 @@ from bench._common import (
     percentile,
     rounded,
     say,
+    serve_empty,
     stop_on_sigterm,
     wait_until,
 )
-from d2d import grpcserver
 from d2d.client import FeatureClient, RegistryClient, ServingClient
 from d2d.eventlog import EventLog, GroupCommitter, NewEvent, create_pool
 from d2d.runtime.servers import free_port
@@ -139,56 +139,6 @@ LOOKUP, COMMIT = "features lookup", "decision commit"
 
 def met(ok: bool) -> str:
     return "met" if ok else "MISSED"
-
-
-# ---------------------------------------------------------------------------------------------
-# The empty handler (a process of its own: `python -m bench.serving --empty-server BARE,PLATFORM`)
-
-
-class EmptyServingApi:
-    """ServingService methods that do nothing, served through the platform's add_service."""
-
-    async def Predict(self, request: Any, context: Any) -> serving_pb2.PredictResponse:
-        return serving_pb2.PredictResponse()
-
-    async def BatchPredict(self, request: Any, context: Any) -> serving_pb2.BatchPredictResponse:
-        return serving_pb2.BatchPredictResponse()
-
-
-async def serve_empty(bare_port: int, platform_port: int) -> None:
-    from d2d import telemetry
-    from d2d.runtime.process import stop_on_signals
-
-    stop = stop_on_signals()
-
-    async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return b""  # an empty PredictResponse; the request is not even decoded
-
-    options = [
-        ("grpc.max_receive_message_length", grpcserver.MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", grpcserver.MAX_MESSAGE_BYTES),
-    ]
-    bare = grpc.aio.server(options=options)
-    handler = grpc.unary_unary_rpc_method_handler(empty)  # no (de)serializers: bytes in, bytes out
-    bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, {"Predict": handler})])
-    if bare.add_insecure_port(f"127.0.0.1:{bare_port}") == 0:
-        raise SystemExit(f"empty server: cannot listen on {bare_port}")
-
-    # As the serving service is assembled (services/serving/__main__.py and server.py).
-    telemetry.setup_tracing("bench-empty", Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
-    platform, health = grpcserver.new_server([SERVICE_NAME])
-    grpcserver.add_service(platform, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], EmptyServingApi())
-    if platform.add_insecure_port(f"127.0.0.1:{platform_port}") == 0:
-        raise SystemExit(f"empty server: cannot listen on {platform_port}")
-    await bare.start()
-    await platform.start()
-    await grpcserver.set_serving(health, [SERVICE_NAME])
-    try:
-        await stop.wait()
-    finally:
-        await bare.stop(1)
-        await platform.stop(1)
-        telemetry.shutdown_tracing()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +497,7 @@ async def run(
     for name, module in (
         ("relay", ["services.ingest", "relay"]), ("features", ["services.features"]),
         ("registry", ["services.registry"]), ("serving", ["services.serving"]),
-        ("empty server", ["bench.serving", "--empty-server", f"{bare_port},{platform_port}"]),
+        ("empty server", ["bench.serving", "--serve-empty", f"{bare_port},{platform_port}"]),
     ):  # fmt: skip
         args = ["-m", *module]
         if options.profile_dir is not None and name in ("features", "serving"):
@@ -839,11 +789,12 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data, traces) afterwards")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="run serving and features under cProfile, writing DIR/*.prof (slows them)")  # fmt: skip
-    p.add_argument("--empty-server", metavar="BARE,PLATFORM", help=argparse.SUPPRESS)
+    p.add_argument("--serve-empty", metavar="BARE,PLATFORM", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.empty_server:
-        bare_port, platform_port = (int(x) for x in args.empty_server.split(","))
-        asyncio.run(serve_empty(bare_port, platform_port))
+    if args.serve_empty:
+        bare_port, platform_port = (int(x) for x in args.serve_empty.split(","))
+        asyncio.run(serve_empty(serving_pb2.DESCRIPTOR.services_by_name["ServingService"], "Predict",
+                                bare_port, platform_port))  # fmt: skip
         return
     stop_on_sigterm()
     quick = args.quick
