@@ -186,6 +186,28 @@ class Servers:
         await eventlog.migrate(url)
         return url
 
+    def cpu_roots(self) -> dict[str, tuple[int, bool]]:
+        """CpuMeter roots for Postgres (with its backends), NATS and this benchmark's own process."""
+        assert self.postgres.process is not None and self.nats.process is not None
+        return {
+            "postgres": (self.postgres.process.pid, True),
+            "nats-server": (self.nats.process.pid, False),
+            "bench client": (os.getpid(), False),
+        }
+
+
+@dataclass
+class Phase:
+    """One timed measurement: how many, how long, and the CPU seconds per process meanwhile."""
+
+    count: int
+    seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return per_second(self.count, self.seconds)
+
 
 def _die_with_parent() -> None:
     """preexec: the kernel sends SIGTERM to the child when the benchmark dies, however it dies."""

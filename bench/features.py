@@ -81,6 +81,7 @@ import psutil
 
 from bench._common import (
     CpuMeter,
+    Phase,
     Servers,
     Service,
     Services,
@@ -89,7 +90,6 @@ from bench._common import (
     filesystem_of,
     machine,
     parser,
-    per_second,
     percentile,
     rounded,
     say,
@@ -168,28 +168,6 @@ def build_workload(days: float) -> Workload:
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
-
-
-@dataclass
-class Phase:
-    """One timed measurement: how many, how long, and the CPU seconds per process meanwhile."""
-
-    count: int
-    seconds: float
-    cpu: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return per_second(self.count, self.seconds)
-
-
-def server_roots(servers: Servers) -> dict[str, tuple[int, bool]]:
-    assert servers.postgres.process is not None and servers.nats.process is not None
-    return {
-        "postgres": (servers.postgres.process.pid, True),
-        "nats-server": (servers.nats.process.pid, False),
-        "bench client": (os.getpid(), False),
-    }
 
 
 OTHERS = "other processes"
@@ -541,7 +519,7 @@ class Options:
 async def run(options: Options, workload: Workload, servers: Servers, services: Services, tmp: Path) -> dict[str, Any]:
     token = f"b{uuid.uuid4().hex[:8]}"
     n = workload.n
-    roots = server_roots(servers)
+    roots = servers.cpu_roots()
     url = await servers.new_database(f"{token}_features")
     owner_pool = await eventlog.create_pool(url, role=None, max_size=2)
     pool = await eventlog.create_pool(url, role="d2d_service", max_size=4)

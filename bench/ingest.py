@@ -41,7 +41,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from nats.js.errors import NotFoundError
 
 from bench._common import (
     CpuMeter,
+    Phase,
     Servers,
     Services,
     bench_dir,
@@ -148,28 +149,6 @@ def build_workload(days: float, singles: int) -> Workload:
 # Measurements
 
 
-@dataclass
-class Phase:
-    """One timed measurement: how many, how long, and the CPU seconds per process meanwhile."""
-
-    count: int
-    seconds: float
-    cpu: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return per_second(self.count, self.seconds)
-
-
-def server_roots(servers: Servers) -> dict[str, tuple[int, bool]]:
-    assert servers.postgres.process is not None and servers.nats.process is not None
-    return {
-        "postgres": (servers.postgres.process.pid, True),
-        "nats-server": (servers.nats.process.pid, False),
-        "bench client": (os.getpid(), False),
-    }
-
-
 async def stream_messages(js: JetStreamContext, stream: str) -> int:
     try:
         return (await js.stream_info(stream)).state.messages
@@ -186,7 +165,7 @@ async def measure_publish_async(servers: Servers, workload: Workload, namespace:
         config = bus.events_stream_config(topology.events_stream, topology.events_prefix)
         await js.add_stream(config)
         prefix = topology.events_prefix
-        meter = CpuMeter(server_roots(servers))
+        meter = CpuMeter(servers.cpu_roots())
         meter.start()
         started = time.perf_counter()
         futures = [
@@ -213,7 +192,7 @@ async def measure_copy(servers: Servers, url: str, rows: Sequence[tuple[Any, ...
     try:
         for table, like in (("events_copy", "INCLUDING DEFAULTS"), ("events_copy_indexed", "INCLUDING ALL")):
             await conn.execute(f"CREATE TABLE {table} (LIKE events {like})")
-            meter = CpuMeter(server_roots(servers))
+            meter = CpuMeter(servers.cpu_roots())
             meter.start()
             started = time.perf_counter()
             await conn.copy_records_to_table(table, records=rows, columns=COPY_COLUMNS)
@@ -405,7 +384,7 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         say(f"    {len(workload.contracts)} contracts registered; {already} events already on the stream;"
             f" sending {n:,} events in batches of {options.batch}, {options.inflight} in flight")  # fmt: skip
 
-        meter = CpuMeter({**service_roots, **server_roots(servers)})
+        meter = CpuMeter({**service_roots, **servers.cpu_roots()})
         ingest = await measure_durable_ingest(
             client, js, stream, workload, already=already, batch=options.batch,
             inflight=options.inflight, meter=meter,

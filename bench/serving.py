@@ -503,13 +503,7 @@ async def run(
         if options.profile_dir is not None and name in ("features", "serving"):
             args = ["-m", "cProfile", "-o", str(options.profile_dir / f"{name}.prof"), *args]
         started_services[name] = services.start(name.replace(" ", "-"), args, env)
-    assert servers.postgres.process is not None and servers.nats.process is not None
-    roots = {
-        **{f"{name}": (s.process.pid, False) for name, s in started_services.items()},
-        "postgres": (servers.postgres.process.pid, True),
-        "nats-server": (servers.nats.process.pid, False),
-        "bench client": (os.getpid(), False),
-    }
+    roots = {**{f"{name}": (s.process.pid, False) for name, s in started_services.items()}, **servers.cpu_roots()}
     say(f"services: relay, features, registry, serving (namespace {token}) and the empty server, each its own"
         " process")  # fmt: skip
 
