@@ -337,10 +337,9 @@ class ViewState:
         self._cols: dict[str, list[list[Any]]] = {}
         self._nones: dict[str, list[int]] = {}
         self._prefixes: dict[str, list[Any]] = {}
-        # Lifetime totals per entity (derived, not snapshotted): [fold over the entity's first n rows
-        # laid out like a prefix, n]; `_pruned[eid]` rows of it have moved from the buffer to the prefix.
+        # Lifetime totals per entity (derived, not snapshotted): [the fold over the entity's pruned
+        # rows and its buffer's rows before index i, laid out like a prefix; i].
         self._totals: dict[str, list[Any]] = {}
-        self._pruned: dict[str, int] = {}
 
     # ---- folding
 
@@ -429,12 +428,11 @@ class ViewState:
             if pre is None:
                 pre = self._prefixes[eid] = self._new_prefix()
             self._accumulate(pre, buf[:k])
-            pruned = self._pruned.get(eid, 0)
             entry = self._totals.get(eid)
-            if entry is not None and entry[1] - pruned < k:  # rows leaving the buffer not yet in the totals
-                self._accumulate(entry[0], buf[entry[1] - pruned : k])
-                entry[1] = pruned + k
-            self._pruned[eid] = pruned + k
+            if entry is not None:  # the buffer's rows shift down by k
+                if entry[1] < k:  # rows leaving the buffer not yet in the totals
+                    self._accumulate(entry[0], buf[entry[1] : k])
+                entry[1] = max(0, entry[1] - k)
         del buf[:k]
         cols = self._cols.get(eid)
         if cols is not None:
@@ -526,18 +524,14 @@ class ViewState:
     def _lifetime_totals(self, eid: str, buf: list[tuple]) -> list[Any]:
         """The lifetime aggregates' fold over all the entity's rows, brought up to date."""
         entry = self._totals.get(eid)
-        pruned = self._pruned.get(eid, 0)
         if entry is None:
             pre = self._prefixes.get(eid)
             totals = self._new_prefix() if pre is None else _copy_prefix(pre, self._distinct_slots)
-            self._accumulate(totals, buf)
-            self._totals[eid] = [totals, pruned + len(buf)]
-            return totals
-        totals, folded = entry
-        start = folded - pruned  # buffer index of the first row not yet in the totals
+            entry = self._totals[eid] = [totals, 0]
+        totals, start = entry  # start: buffer index of the first row not yet in the totals
         if start < len(buf):
             self._accumulate(totals, buf[start:])
-            entry[1] = pruned + len(buf)
+            entry[1] = len(buf)
         return totals
 
     def defaults(self) -> dict[str, Any]:
