@@ -164,18 +164,13 @@ def _server_span(tracer: trace.Tracer, full_method: str, attributes: dict[str, A
 
 def _server_end(span: trace.Span, context: Any, exc: BaseException | None) -> None:
     """Record how the call ended: OK, the code it was aborted with, or UNKNOWN for an exception."""
-    code = context.code()  # set by abort() or set_code(); None if the handler did neither
-    if isinstance(code, int):
-        code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    code = context.code()  # the StatusCode given to abort() or set_code(); None if neither ran
     if code is None and exc is None:
         code = grpc.StatusCode.OK
     elif code is None:
         code = grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
         span.record_exception(exc)
     _end(span, code, None if exc is None or isinstance(exc, grpc.aio.AbortError) else exc)
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def _traced_method(tracer: trace.Tracer, full_method: str, impl: Callable[..., Any], response_streaming: bool) -> Any:
