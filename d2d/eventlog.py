@@ -180,8 +180,9 @@ class EventLog:
     async def append(self, events: Sequence[NewEvent], *, conn: asyncpg.Connection | None = None) -> list[AppendResult]:
         """Append events in order; repeats of a stored event id store nothing and get the first seq.
 
-        With `conn`, runs inside the caller's open transaction (which then holds the append lock
-        until it ends), so the caller can record other effects atomically with the events.
+        With `conn`: on that connection. Inside an open transaction there (which then holds the
+        append lock until it ends) the caller can record other effects atomically with the events;
+        outside one the append is its own transaction, as without `conn`.
         """
         if not events:
             return []

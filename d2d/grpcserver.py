@@ -89,6 +89,12 @@ class _TracedCall:
         self.response_streaming = response_streaming
         self.tracer = telemetry.tracer("d2d.grpc")
 
+    def _span(self) -> Any:
+        return self.tracer.start_as_current_span(
+            self.name, kind=trace.SpanKind.CLIENT, attributes=self.attributes,
+            record_exception=False, set_status_on_exception=False,
+        )  # fmt: skip
+
     def _metadata(self, metadata: Any) -> list[tuple[str, str]]:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
@@ -100,10 +106,7 @@ class _TracedCall:
         return self._unary(request, metadata, kwargs)
 
     async def _unary(self, request: Any, metadata: Any, kwargs: dict[str, Any]) -> Any:
-        with self.tracer.start_as_current_span(
-            self.name, kind=trace.SpanKind.CLIENT, attributes=self.attributes,
-            record_exception=False, set_status_on_exception=False,
-        ) as span:  # fmt: skip
+        with self._span() as span:
             try:
                 response = await self.inner(request, metadata=self._metadata(metadata), **kwargs)
             except BaseException as exc:
@@ -113,10 +116,7 @@ class _TracedCall:
             return response
 
     async def _stream(self, request: Any, metadata: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
-        with self.tracer.start_as_current_span(
-            self.name, kind=trace.SpanKind.CLIENT, attributes=self.attributes,
-            record_exception=False, set_status_on_exception=False,
-        ) as span:  # fmt: skip
+        with self._span() as span:
             try:
                 async for response in self.inner(request, metadata=self._metadata(metadata), **kwargs):
                     yield response
