@@ -452,9 +452,10 @@ class ViewState:
             cols = self._cols[eid] = [[] for _ in range(2 + self._ncols)]
             self._nones[eid] = [0] * (2 + self._ncols)
         nones = self._nones[eid]
-        push = self._push
-        for row in buf[len(cols[0]) :]:
-            push(cols, nones, row)
+        if len(cols[0]) < len(buf):  # rows appended since the last query
+            push = self._push
+            for row in buf[len(cols[0]) :]:
+                push(cols, nones, row)
         return cols, nones
 
     def _accumulate(self, pre: list[Any], rows: list[tuple]) -> None:
