@@ -12,6 +12,7 @@ are named and attributed as the interceptors name them (`/package.Service/Method
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
 from d2d import telemetry
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 ERROR_DOMAIN = "data2data.io"
@@ -49,6 +52,19 @@ def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.ai
 async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Iterable[str]) -> None:
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def serve_until(
+    server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, service_names: Sequence[str],
+    stop: asyncio.Event, description: str,
+) -> None:  # fmt: skip
+    """Mark the (started) server SERVING, run until `stop`, then drain it: health says NOT_SERVING
+    and calls in flight get up to 5 s to finish."""
+    await set_serving(health_servicer, service_names)
+    log.info("%s", description)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5)
 
 
 def channel(target: str) -> TracedChannel:

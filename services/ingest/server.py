@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from d2d import bus, eventlog, grpcserver
 from d2d.config import Settings
@@ -14,8 +13,6 @@ from d2d.eventlog import EventLog, GroupCommitter
 from d2d.runtime.process import stop_on_signals
 from services.ingest import api, nats_in
 from services.ingest.pipeline import Ingestor
-
-log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -42,11 +39,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         nats_in.consume(nc, ingestor, stop, stream=topology.ingest_stream, prefix=topology.ingest_prefix),
         name="nats-intake",
     )
-    await grpcserver.set_serving(health, [api.SERVICE_NAME])
-    log.info("ingest serving on %s", settings.ingest_addr)
-    await stop.wait()
-    await health.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    await grpcserver.serve_until(server, health, [api.SERVICE_NAME], stop, f"ingest serving on {settings.ingest_addr}")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(consumer, 5)
     await committer.close()

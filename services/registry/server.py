@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from d2d import eventlog, grpcserver
 from d2d.config import Settings
@@ -11,8 +10,6 @@ from d2d.eventlog import EventLog
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import registry_pb2
 from services.registry.api import SERVICE_NAME, RegistryApi
-
-log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -28,9 +25,5 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     if server.add_insecure_port(settings.registry_addr) == 0:
         raise SystemExit(f"registry: cannot listen on {settings.registry_addr}")
     await server.start()
-    await grpcserver.set_serving(health, [SERVICE_NAME])
-    log.info("registry serving on %s", settings.registry_addr)
-    await stop.wait()
-    await health.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"registry serving on {settings.registry_addr}")
     await pool.close()

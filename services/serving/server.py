@@ -121,11 +121,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     nc = await bus.connect(settings.require_nats_url(), name="d2d-serving")
     following = asyncio.create_task(follow_model_changes(nc, deployments, bus.Topology(settings.nats_namespace), stop))
     await server.start()
-    await grpcserver.set_serving(health, [SERVICE_NAME])
-    log.info("serving on %s", settings.serving_addr)
-    await stop.wait()
-    await health.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"serving on {settings.serving_addr}")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(following, 5)
     await committer.close()
