@@ -10,7 +10,11 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +24,11 @@ from typing import Any
 
 import asyncpg
 import orjson
+
+from d2d.errors import Refusal
+from d2d.limits import check_event
+
+log = logging.getLogger(__name__)
 
 # Errors that mean Postgres could not be reached or went away mid-call: the transaction did not
 # commit, so the caller may say UNAVAILABLE and a retry is safe.
@@ -186,6 +195,8 @@ class EventLog:
         """
         if not events:
             return []
+        for event in events:
+            check_event(event)
         events = with_trace(events)
         if conn is not None:
             return await self._append_locked(conn, events)
@@ -332,6 +343,17 @@ class EventLog:
             )
 
 
+class CommitDeadlineExceeded(TimeoutError):
+    """The events waited past their deadline before a transaction took them: none was stored."""
+
+
+@dataclass(slots=True)
+class _Waiting:
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[AppendResult]]
+    deadline: float | None  # time.monotonic() after which the events are dropped rather than committed
+
+
 class GroupCommitter:
     """Folds concurrent appends into one transaction each, so the append lock costs little.
 
@@ -339,33 +361,68 @@ class GroupCommitter:
     queue up; the next transaction takes all of them (up to `max_events`). The committer keeps one
     pooled connection for itself (acquiring one per commit costs asyncpg a second round trip, its
     reset query on release) and trades it for a fresh one after a connection error.
+
+    One caller's events never fail another's: each event is checked (`limits.check_event`) before
+    it joins the queue, and a transaction that still fails for its data is split and retried by
+    halves until the failing caller's part fails alone. The queue is bounded (`max_queued_events`;
+    beyond it `append` refuses with RESOURCE_EXHAUSTED), and a caller's `deadline` that passes
+    while its events are queued drops them (`CommitDeadlineExceeded`): nothing is committed for a
+    caller who has stopped waiting, unless a transaction had already taken its events.
     """
 
-    def __init__(self, log: EventLog, *, max_events: int = 20_000) -> None:
+    def __init__(self, log: EventLog, *, max_events: int = 20_000, max_queued_events: int = 200_000) -> None:
         self.log = log
         self.max_events = max_events
-        self._queue: asyncio.Queue[tuple[Sequence[NewEvent], asyncio.Future[list[AppendResult]]]] = asyncio.Queue()
+        self.max_queued_events = max_queued_events
+        self.transactions = 0  # committed or failed, including the retries that isolate a failure
+        self._queue: collections.deque[_Waiting] = collections.deque()
+        self._queued = 0
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
 
-    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+    async def append(self, events: Sequence[NewEvent], *, deadline: float | None = None) -> list[AppendResult]:
+        """Commit `events` in one transaction shared with other callers'.
+
+        `deadline` is a `time.monotonic()` value: if it passes before a transaction takes the events,
+        none is stored and CommitDeadlineExceeded is raised. Raises Refusal for an event that
+        cannot be stored (naming the field) or when the queue is full (RESOURCE_EXHAUSTED).
+        """
         if not events:
             return []
+        for event in events:
+            check_event(event)
+        if self._queued and self._queued + len(events) > self.max_queued_events:
+            raise Refusal(
+                "RESOURCE_EXHAUSTED",
+                f"{self._queued} events are already waiting for the event log (the limit is"
+                f" {self.max_queued_events}); retry shortly",
+                retry_after=1.0,
+            )
         events = with_trace(events)  # here, in the caller's context, not in the committing task
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="group-commit")
         future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
-        await self._queue.put((events, future))
+        self._queue.append(_Waiting(events, future, deadline))
+        self._queued += len(events)
+        self._wake.set()
         return await future
 
     async def _commit(self, events: Sequence[NewEvent]) -> list[AppendResult]:
-        if self._conn is None:
-            self._conn = await self.log.pool.acquire()
-        try:
-            return await self.log.append(events, conn=self._conn)  # autocommit: one transaction
-        except LOG_UNREACHABLE:
-            await self._drop_connection()
-            raise
+        """One transaction. A broken connection is replaced and the append tried once more: the
+        append is idempotent by event id, so a retry after a lost reply cannot store twice."""
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = await self.log.pool.acquire()
+            self.transactions += 1
+            try:
+                # checked in append(); autocommit: the call is one transaction
+                return await self.log._append_locked(self._conn, events)
+            except LOG_UNREACHABLE:
+                await self._drop_connection()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -373,33 +430,62 @@ class GroupCommitter:
             try:
                 await asyncio.wait_for(self.log.pool.release(conn), 5)
             except Exception:  # broken beyond a reset: close it so the pool opens a new one
-                conn.terminate()
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+
+    def _take(self) -> list[_Waiting]:
+        """The next transaction's callers: live ones, in order, up to `max_events` events."""
+        taken: list[_Waiting] = []
+        size = 0
+        now = time.monotonic()
+        while self._queue and size < self.max_events:
+            waiting = self._queue.popleft()
+            self._queued -= len(waiting.events)
+            if waiting.future.done():  # the caller was cancelled
+                continue
+            if waiting.deadline is not None and now >= waiting.deadline:
+                waiting.future.set_exception(
+                    CommitDeadlineExceeded("the deadline passed before the events reached the log; none was stored")
+                )
+                continue
+            taken.append(waiting)
+            size += len(waiting.events)
+        return taken
 
     async def _run(self) -> None:
         while True:
-            pending = [await self._queue.get()]
-            size = len(pending[0][0])
-            while size < self.max_events and not self._queue.empty():
-                item = self._queue.get_nowait()
-                pending.append(item)
-                size += len(item[0])
-            pending = [p for p in pending if not p[1].cancelled()]
-            if not pending:
-                continue
-            combined = [e for events, _ in pending for e in events]
-            try:
-                results = await self._commit(combined)
-            except Exception as exc:  # every waiter learns the transaction failed
-                for _, future in pending:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            offset = 0
-            for events, future in pending:
-                part = results[offset : offset + len(events)]
-                offset += len(events)
-                if not future.done():
-                    future.set_result(part)
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            taken = self._take()
+            if taken:
+                await self._commit_isolating(taken)
+
+    async def _commit_isolating(self, taken: list[_Waiting]) -> None:
+        """Commit the callers' events together; if their data fails the transaction, by halves."""
+        try:
+            results = await self._commit([e for w in taken for e in w.events])
+        except LOG_UNREACHABLE as exc:  # nothing committed: every caller may retry
+            for w in taken:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            return
+        except Exception as exc:
+            if len(taken) == 1:
+                if not taken[0].future.done():
+                    taken[0].future.set_exception(exc)
+                return
+            log.warning("group commit of %d callers failed (%s); retrying them apart", len(taken), exc)
+            half = len(taken) // 2
+            await self._commit_isolating(taken[:half])
+            await self._commit_isolating(taken[half:])
+            return
+        offset = 0
+        for w in taken:
+            part = results[offset : offset + len(w.events)]
+            offset += len(w.events)
+            if not w.future.done():
+                w.future.set_result(part)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -408,4 +494,8 @@ class GroupCommitter:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for w in self._queue:
+            if not w.future.done():
+                w.future.set_exception(ConnectionError("the group committer closed; none was stored"))
+        self._queue.clear()
         await self._drop_connection()

@@ -18,21 +18,13 @@ import jsonschema_rs
 import orjson
 
 from d2d.contracts.compat import CompatibilityMode, check_compatibility
+from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
+from d2d.limits import MAX_EVENT_BYTES
 
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
-MAX_PAYLOAD_BYTES = 1 << 20
-
-
-class Refusal(Exception):
-    """Why input was refused: a gRPC status code name, the offending field, and what to fix."""
-
-    def __init__(self, code: str, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
+__all__ = ["Contract", "ContractRegistry", "Refusal", "check_payload"]
 
 
 @dataclass(frozen=True)
@@ -266,9 +258,9 @@ class ContractRegistry:
 
 def check_payload(validator: Any, payload: bytes) -> str:
     """Validate payload bytes with a compiled validator; returns the JSON text."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
+    if len(payload) > MAX_EVENT_BYTES:
         raise Refusal(
-            "INVALID_ARGUMENT", f"payload is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes", "payload"
+            "INVALID_ARGUMENT", f"payload is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES} bytes", "payload"
         )
     try:
         document = orjson.loads(payload)
