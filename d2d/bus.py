@@ -19,6 +19,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from d2d.limits import check_bus
+
 log = logging.getLogger(__name__)
 
 EVENTS_STREAM = "D2D_EVENTS"
@@ -53,12 +55,15 @@ class Topology:
 
 
 async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1) -> NATS:
-    """Connect, reconnecting forever by default (the relay and ingest outlive NATS restarts)."""
+    """Connect, reconnecting forever by default (the relay and ingest outlive NATS restarts).
+
+    Exits (SystemExit, with what to configure) if the server's `max_payload` could not carry an
+    event of the largest size the log accepts: the relay would otherwise stall on it."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=max_reconnect_attempts,
@@ -66,6 +71,12 @@ async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1) -> N
         connect_timeout=5,
         error_cb=on_error,
     )
+    try:
+        check_bus(nc.max_payload)
+    except SystemExit:
+        await nc.close()
+        raise
+    return nc
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -1,12 +1,19 @@
-"""Dead letters: input that was refused, kept with the exact bytes received and the reason."""
+"""Dead letters: input that was refused, kept with the bytes received and the reason.
+
+Input larger than `limits.DEAD_LETTER_RAW_BYTES` keeps only that prefix, with the size and sha256
+of the whole: a producer sending oversized events cannot fill the database through its refusals.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+
+from d2d.limits import DEAD_LETTER_RAW_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +43,23 @@ class DeadLetter:
     state: str
     redriven_at: datetime | None
     redriven_seq: int | None
+    raw_size: int
+    raw_sha256: str
 
     @property
     def name(self) -> str:
         return f"deadLetters/{self.id}"
 
+    @property
+    def truncated(self) -> bool:
+        """Only a prefix of the input was kept."""
+        return self.raw_size > len(self.raw)
 
-_COLUMNS = "id, received_at, source, event_id, event_type, raw, code, reason, field, state, redriven_at, redriven_seq"
+
+_COLUMNS = (
+    "id, received_at, source, event_id, event_type, raw, code, reason, field, state, redriven_at, redriven_seq,"
+    " raw_size, raw_sha256"
+)
 
 
 class DeadLetters:
@@ -55,12 +72,14 @@ class DeadLetters:
             return []
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "INSERT INTO dead_letters (source, raw, code, reason, field, event_id, event_type)"
-                " SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[],"
-                " $6::text[], $7::text[]) RETURNING id",
-                [r.source for r in rejected], [r.raw for r in rejected], [r.code for r in rejected],
-                [r.reason for r in rejected], [r.field or None for r in rejected],
-                [r.event_id for r in rejected], [r.event_type for r in rejected],
+                "INSERT INTO dead_letters (source, raw, code, reason, field, event_id, event_type, raw_size,"
+                " raw_sha256) SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[],"
+                " $6::text[], $7::text[], $8::bigint[], $9::text[]) RETURNING id",
+                [r.source for r in rejected], [r.raw[:DEAD_LETTER_RAW_BYTES] for r in rejected],
+                [r.code for r in rejected], [_text(r.reason) for r in rejected],
+                [_text(r.field) or None for r in rejected], [_text(r.event_id)[:256] or None for r in rejected],
+                [_text(r.event_type)[:256] or None for r in rejected], [len(r.raw) for r in rejected],
+                [hashlib.sha256(r.raw).hexdigest() for r in rejected],
             )  # fmt: skip
         return [r["id"] for r in rows]
 
@@ -109,3 +128,10 @@ class DeadLetters:
                 "UPDATE dead_letters SET code = $2, reason = $3, field = $4 WHERE id = $1",
                 id_, code, reason, field or None,
             )  # fmt: skip
+
+
+def _text(value: str | None) -> str:
+    """Text Postgres can store, whatever the refused input held (NULs, lone surrogates)."""
+    if not value:
+        return ""
+    return value.replace("\x00", "\\0").encode("utf-8", "replace").decode()

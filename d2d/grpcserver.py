@@ -26,6 +26,8 @@ from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
 from d2d import telemetry
+from d2d.errors import Refusal
+from d2d.eventlog import LOG_UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +199,12 @@ def _traced_method(tracer: trace.Tracer, full_method: str, impl: Callable[..., A
         async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
             with _server_span(tracer, full_method, attributes, context) as span:
                 try:
-                    async for response in impl(request, context):
-                        yield response
+                    try:
+                        async for response in impl(request, context):
+                            yield response
+                    except Exception as exc:
+                        await _answer_exception(context, full_method, exc)
+                        raise
                 except BaseException as exc:
                     _server_end(span, context, exc)
                     raise
@@ -209,7 +215,11 @@ def _traced_method(tracer: trace.Tracer, full_method: str, impl: Callable[..., A
     async def unary(request: Any, context: Any) -> Any:
         with _server_span(tracer, full_method, attributes, context) as span:
             try:
-                response = await impl(request, context)
+                try:
+                    response = await impl(request, context)
+                except Exception as exc:
+                    await _answer_exception(context, full_method, exc)
+                    raise
             except BaseException as exc:
                 _server_end(span, context, exc)
                 raise
@@ -217,6 +227,33 @@ def _traced_method(tracer: trace.Tracer, full_method: str, impl: Callable[..., A
             return response
 
     return unary
+
+
+async def _answer_exception(context: Any, full_method: str, exc: Exception) -> None:
+    """End a call whose handler raised with a precise status, never grpc's UNKNOWN: a Refusal's
+    own code, UNAVAILABLE (with RetryInfo) when Postgres is away, INTERNAL naming the error's type
+    for anything else (logged with its traceback, and its trace id in the message)."""
+    if isinstance(exc, grpc.aio.AbortError) or context.code() is not None:
+        return  # the handler already chose the status
+    if isinstance(exc, Refusal):
+        await abort(context, refusal_status(exc))
+    if isinstance(exc, LOG_UNREACHABLE):
+        await abort(context, unavailable(f"the event log is unreachable ({type(exc).__name__}); retry", 1.0))
+    span_context = trace.get_current_span().get_span_context()
+    trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else "none"
+    log.error("%s failed (trace %s)", full_method, trace_id, exc_info=exc)
+    await abort(
+        context,
+        status(
+            "INTERNAL", f"the service failed on this request ({type(exc).__name__}); trace id {trace_id}",
+            reason="INTERNAL_ERROR",
+        ),
+    )  # fmt: skip
+
+
+def refusal_status(refusal: Refusal) -> status_pb2.Status:
+    """The google.rpc.Status of a Refusal: its code, a BadRequest naming its field, RetryInfo if it has a delay."""
+    return status(refusal.code, refusal.message, field=refusal.field, retry_after=refusal.retry_after)
 
 
 def field_violations(violations: Sequence[tuple[str, str]]) -> any_pb2.Any:
@@ -237,23 +274,28 @@ def error_info(reason: str, **metadata: str) -> any_pb2.Any:
     return detail
 
 
-def status(code: str, message: str, *, field: str = "", reason: str = "") -> status_pb2.Status:
-    """A google.rpc.Status; `field` adds a BadRequest violation, `reason` an ErrorInfo."""
+def status(
+    code: str, message: str, *, field: str = "", reason: str = "", retry_after: float | None = None
+) -> status_pb2.Status:
+    """A google.rpc.Status; `field` adds a BadRequest violation, `reason` an ErrorInfo, `retry_after`
+    (seconds) a RetryInfo telling the caller when to try again."""
     details = []
     if field:
         details.append(field_violations([(field, message)]))
     if reason:
         details.append(error_info(reason))
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     return status_pb2.Status(code=code_pb2.Code.Value(code), message=message, details=details)
 
 
 def unavailable(message: str, retry_after_seconds: float) -> status_pb2.Status:
     """UNAVAILABLE with a RetryInfo telling the caller when to try again."""
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(retry_after_seconds * 1e9))
-    retry = any_pb2.Any()
-    retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[retry, error_info("LOG_UNAVAILABLE")])
+    return status("UNAVAILABLE", message, reason="LOG_UNAVAILABLE", retry_after=retry_after_seconds)
 
 
 async def fail(

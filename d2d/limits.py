@@ -70,11 +70,12 @@ def check_event(event: NewEvent) -> None:
         )
     size = event_size(event)
     if size > MAX_EVENT_BYTES:
+        rest = size - payload_bytes
         raise Refusal(
             "INVALID_ARGUMENT",
-            f"the event is {size} bytes (payload {payload_bytes}, the rest metadata and ids);"
+            f"the event is {size} bytes (payload {payload_bytes}, metadata and ids {rest});"
             f" the limit is {MAX_EVENT_BYTES} bytes for all of it",
-            "metadata",
+            "payload" if payload_bytes >= rest else "metadata",
         )
     if "\\u0000" in event.payload:  # maybe an escaped NUL, which JSONB cannot hold: look closer
         where = _nul_path(orjson.loads(event.payload), "payload")

@@ -11,6 +11,12 @@ republishes what it published since the last write (at most `position_interval` 
 JetStream's duplicate window (minutes) drops, so every event is on the stream exactly once. While NATS is
 down appends go on; the relay retries the same batch until NATS is back and then catches up.
 Only one relay per database publishes at a time (a session advisory lock); others wait.
+
+No single event stops the relay. One the bus cannot carry (larger than the server's `max_payload`,
+which `limits.check_event` makes impossible for events appended since, or refused by the stream)
+is skipped visibly: counted in `RelayStats.skipped`, logged, and recorded in the log as a
+`quality.alert` event (kind `event_not_published`, with its seq, id, size and the reason). Its
+consumers see the gap in `D2D-Prev-Of-Type` and read it from the log, which stays the source of truth.
 """
 
 from __future__ import annotations
@@ -19,18 +25,23 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError
 
 from d2d import bus, telemetry
-from d2d.eventlog import APPEND_LOCK_KEY, NOTIFY_CHANNEL, EventLog
+from d2d.eventlog import APPEND_LOCK_KEY, NOTIFY_CHANNEL, EventLog, NewEvent
 
 log = logging.getLogger(__name__)
 
 _LEADER_LOCK_BASE = APPEND_LOCK_KEY + 100
+_ALERT_NAMESPACE = uuid.UUID("6a1e7c1d-2d2d-4e0f-9a11-0d2d0d2d0a1e")
 
 
 @dataclass
@@ -39,6 +50,7 @@ class RelayStats:
     duplicates: int = 0
     batches: int = 0
     retries: int = 0
+    skipped: int = 0  # events the bus could not carry, recorded as quality.alert events
     position: int = 0
 
 
@@ -55,6 +67,7 @@ class OutboxRelay:
         ack_timeout: float = 5.0,
         idle_poll: float = 0.5,
         position_interval: float = 1.0,
+        max_payload: int | None = None,
     ) -> None:
         self.log = event_log
         self.js = js
@@ -66,6 +79,8 @@ class OutboxRelay:
         self.idle_poll = idle_poll
         self.position_interval = position_interval
         self.stats = RelayStats()
+        # What the server accepts per message (headers included): by default what it said at connect.
+        self.max_payload: int = max_payload or js._nc.max_payload
         self._last_of_type: dict[str, int] = {}  # position of the last published event of each type
         self._tracer = telemetry.tracer(__name__)
 
@@ -140,6 +155,8 @@ class OutboxRelay:
             attributes={"d2d.first_seq": batch[0][0], "d2d.last_seq": batch[-1][0], "d2d.count": len(batch)},
         ):
             futures = []
+            sent = []
+            skipped: list[tuple[int, object, str, int, str]] = []
             last_of_type = dict(self._last_of_type)  # kept only once the whole batch is acknowledged
             try:
                 for seq, event_id, type_, body, traceparent in batch:
@@ -150,20 +167,51 @@ class OutboxRelay:
                     last_of_type[type_] = seq
                     if traceparent:
                         headers["traceparent"] = traceparent
+                    size = len(body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+                    if size > self.max_payload:
+                        skipped.append((seq, event_id, type_, size, f"larger than max_payload {self.max_payload}"))
+                        continue
                     # No wait_stall: with it nats-py wraps every publish in a task and flushes once
                     # per message (5.4k msgs/s instead of 30k here). A batch stays inside the
                     # in-flight window, and wait_for below bounds the wait for acks.
                     subject = f"{self.subject_prefix}.{type_}"
                     futures.append(await self.js.publish_async(subject, body, headers=headers))
-                acks = await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout)
+                    sent.append((seq, event_id, type_, size))
+                acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), self.ack_timeout)
             except BaseException:
                 for f in futures:  # frees their slots in nats-py's in-flight window
                     f.cancel()
                 raise
+            for (seq, event_id, type_, size), ack in zip(sent, acks, strict=True):
+                if isinstance(ack, BadRequestError):  # the stream refuses this message: retrying cannot help
+                    skipped.append((seq, event_id, type_, size, f"refused by the stream: {ack.description}"))
+                elif isinstance(ack, BaseException):  # NATS away or slow: retry the whole batch
+                    raise ack
+            if skipped:
+                await self._record_skipped(skipped)
         self._last_of_type = last_of_type
-        duplicates = sum(1 for a in acks if a.duplicate)
+        published = [a for a in acks if not isinstance(a, BaseException)]
+        duplicates = sum(1 for a in published if a.duplicate)
         self.stats.duplicates += duplicates
-        self.stats.published += len(acks) - duplicates
+        self.stats.published += len(published) - duplicates
+
+    async def _record_skipped(self, skipped: list[tuple[int, object, str, int, str]]) -> None:
+        """Append a quality.alert per event the bus cannot carry (before moving past them)."""
+        alerts = []
+        for seq, event_id, type_, size, reason in skipped:
+            log.error("relay: seq %d (%s, %d bytes) cannot be published (%s); skipped", seq, type_, size, reason)
+            payload = {
+                "kind": "event_not_published", "source": self.name, "seq": seq, "event_id": str(event_id),
+                "event_type": type_, "size": size, "max_payload": self.max_payload, "reason": reason,
+            }  # fmt: skip
+            alerts.append(
+                NewEvent(
+                    uuid.uuid5(_ALERT_NAMESPACE, f"{self.name}/{event_id}"), "quality.alert", 1, "event",
+                    str(event_id), datetime.now(UTC), orjson.dumps(payload).decode(), {"producer": "relay"},
+                )
+            )  # fmt: skip
+        await self.log.append(alerts)  # ids derive from the skipped events: a replay appends none twice
+        self.stats.skipped += len(skipped)
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> bool:

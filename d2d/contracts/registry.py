@@ -25,6 +25,8 @@ from d2d.limits import MAX_EVENT_BYTES
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 __all__ = ["Contract", "ContractRegistry", "Refusal", "check_payload"]
+DEFAULT_MAX_FUTURE_SKEW_SECONDS = 3600
+DEFAULT_MAX_AGE_SECONDS = 3652 * 86_400
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,26 @@ class Contract:
     null_rate_limits: dict[str, float] = field(default_factory=dict)
     created_at: datetime | None = None
     registered_seq: int = 0
+    max_future_skew_seconds: int = DEFAULT_MAX_FUTURE_SKEW_SECONDS
+    max_age_seconds: int = DEFAULT_MAX_AGE_SECONDS
+
+    def check_time(self, occurred_at: datetime, received_at: datetime) -> None:
+        """Refuse an event time outside the contract's bounds around the time it was received."""
+        ahead = (occurred_at - received_at).total_seconds()
+        if ahead > self.max_future_skew_seconds:
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"occurred_at {occurred_at.isoformat()} is {ahead:.0f} s ahead of the time it was received;"
+                f" contract {self.event_type} v{self.version} allows {self.max_future_skew_seconds} s",
+                "occurred_at",
+            )
+        if -ahead > self.max_age_seconds:
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"occurred_at {occurred_at.isoformat()} is {-ahead:.0f} s older than the time it was received;"
+                f" contract {self.event_type} v{self.version} allows {self.max_age_seconds} s",
+                "occurred_at",
+            )
 
     @property
     def name(self) -> str:
@@ -48,7 +70,8 @@ class Contract:
 
 _COLUMNS = (
     "event_type, version, owner, json_schema, description, pii_fields, compatibility,"
-    " allowed_lateness_seconds, null_rate_limits, created_at, registered_seq"
+    " allowed_lateness_seconds, null_rate_limits, created_at, registered_seq, max_future_skew_seconds,"
+    " max_age_seconds"
 )
 
 
@@ -65,6 +88,8 @@ def _contract(row: asyncpg.Record) -> Contract:
         null_rate_limits=row["null_rate_limits"],
         created_at=row["created_at"],
         registered_seq=row["registered_seq"],
+        max_future_skew_seconds=row["max_future_skew_seconds"],
+        max_age_seconds=row["max_age_seconds"],
     )
 
 
@@ -109,6 +134,8 @@ class ContractRegistry:
         compatibility: CompatibilityMode | str = CompatibilityMode.BACKWARD,
         allowed_lateness_seconds: int = 0,
         null_rate_limits: dict[str, float] | None = None,
+        max_future_skew_seconds: int = DEFAULT_MAX_FUTURE_SKEW_SECONDS,
+        max_age_seconds: int = DEFAULT_MAX_AGE_SECONDS,
         validate_only: bool = False,
     ) -> Contract:
         """Register the next version of `event_type`'s contract.
@@ -131,6 +158,10 @@ class ContractRegistry:
                 "INVALID_ARGUMENT", f"unknown compatibility mode {compatibility!r}", "contract_version.compatibility"
             ) from exc
         _check_schema(json_schema)
+        if max_future_skew_seconds < 0 or max_age_seconds <= 0:
+            raise Refusal(
+                "INVALID_ARGUMENT", "max_future_skew must be >= 0 and max_age > 0", "contract_version.max_age"
+            )
         for pointer in pii_fields:
             if not pointer.startswith("/"):
                 raise Refusal(
@@ -154,6 +185,8 @@ class ContractRegistry:
                 compatibility=mode,
                 allowed_lateness_seconds=allowed_lateness_seconds,
                 null_rate_limits=dict(null_rate_limits or {}),
+                max_future_skew_seconds=max_future_skew_seconds,
+                max_age_seconds=max_age_seconds,
             )
             if previous and _same_terms(previous[-1], candidate):
                 return previous[-1]
@@ -171,6 +204,9 @@ class ContractRegistry:
             payload = {
                 "event_type": event_type, "version": candidate.version, "owner": owner,
                 "compatibility": mode.value, "pii_fields": list(pii_fields), "json_schema": json_schema,
+                "description": description, "allowed_lateness_seconds": allowed_lateness_seconds,
+                "null_rate_limits": candidate.null_rate_limits,
+                "max_future_skew_seconds": max_future_skew_seconds, "max_age_seconds": max_age_seconds,
             }  # fmt: skip
             [appended] = await self.log.append(
                 [NewEvent(uuid.uuid4(), "contract.registered", 1, "contract", event_type,
@@ -179,11 +215,13 @@ class ContractRegistry:
             )  # fmt: skip
             row = await conn.fetchrow(
                 "INSERT INTO contracts (event_type, version, owner, json_schema, description, pii_fields,"
-                " compatibility, allowed_lateness_seconds, null_rate_limits, registered_seq)"
-                f" VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9::jsonb, $10) RETURNING {_COLUMNS}",
+                " compatibility, allowed_lateness_seconds, null_rate_limits, registered_seq,"
+                " max_future_skew_seconds, max_age_seconds)"
+                f" VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9::jsonb, $10, $11, $12) RETURNING {_COLUMNS}",
                 event_type, candidate.version, owner, orjson.dumps(json_schema).decode(), description,
                 list(pii_fields), mode.value, allowed_lateness_seconds,
                 orjson.dumps(candidate.null_rate_limits).decode(), appended.seq,
+                max_future_skew_seconds, max_age_seconds,
             )  # fmt: skip
         contract = _contract(row)
         self._remember(contract)
@@ -234,15 +272,20 @@ class ContractRegistry:
 
     # -- validation ---------------------------------------------------------------------------
 
-    async def validate(self, event_type: str, schema_version: int, payload: bytes) -> tuple[int, str]:
-        """Check one payload; returns (the version it was checked against, its JSON text).
+    async def validate(
+        self, event_type: str, schema_version: int, payload: bytes, *,
+        occurred_at: datetime | None = None, received_at: datetime | None = None,
+    ) -> tuple[int, str]:  # fmt: skip
+        """Check one payload (and, with `occurred_at`, its event time against the contract's bounds
+        around `received_at`, default now); returns (the version it was checked against, its JSON text).
 
         Raises Refusal: NOT_FOUND for an unknown type or version, INVALID_ARGUMENT naming the
-        field for bytes that are not one JSON object or break the schema.
+        field for bytes that are not one JSON object, break the schema, or an event time out of bounds.
+        A refusal never repeats a value the contract marks as personal data.
         """
         version = schema_version if schema_version > 0 else self._latest.get(event_type, 0)
-        validator = self._validators.get((event_type, version))
-        if validator is None:
+        compiled = self._validators.get((event_type, version))
+        if compiled is None:
             contract = await self.get(event_type, schema_version)
             if contract is None:
                 if schema_version > 0 and await self.get(event_type) is not None:
@@ -251,13 +294,19 @@ class ContractRegistry:
                     )
                 raise Refusal("NOT_FOUND", f"no contract is registered for event type {event_type!r}", "type")
             version = contract.version
-            validator = jsonschema_rs.validator_for(contract.json_schema)
-            self._validators[(event_type, version)] = validator
-        return version, check_payload(validator, payload)
+            compiled = (jsonschema_rs.validator_for(contract.json_schema), contract)
+            self._validators[(event_type, version)] = compiled
+        validator, contract = compiled
+        if occurred_at is not None:
+            contract.check_time(occurred_at, received_at or datetime.now(UTC))
+        return version, check_payload(validator, payload, contract.pii_fields)
 
 
-def check_payload(validator: Any, payload: bytes) -> str:
-    """Validate payload bytes with a compiled validator; returns the JSON text."""
+def check_payload(validator: Any, payload: bytes, pii_fields: tuple[str, ...] = ()) -> str:
+    """Validate payload bytes with a compiled validator; returns the JSON text.
+
+    A refusal names the field; for a field under one of `pii_fields` (JSON pointers) it says what
+    rule failed without repeating the value."""
     if len(payload) > MAX_EVENT_BYTES:
         raise Refusal(
             "INVALID_ARGUMENT", f"payload is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES} bytes", "payload"
@@ -278,10 +327,20 @@ def check_payload(validator: Any, payload: bytes) -> str:
     elif kind == "AdditionalProperties" and error.kind.unexpected:
         parts.append(error.kind.unexpected[0])
     field_path = "payload" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
-    raise Refusal("INVALID_ARGUMENT", f"{field_path} breaks the contract: {error.message}", field_path)
+    pointer = "".join(f"/{p}" for p in parts)
+    if any(pointer == f or pointer.startswith(f + "/") for f in pii_fields):
+        message = f"{field_path} breaks the contract ({kind}); the value is personal data and is not repeated"
+    else:
+        message = f"{field_path} breaks the contract: {_shortened(error.message)}"
+    raise Refusal("INVALID_ARGUMENT", message, field_path)
+
+
+def _shortened(message: str, limit: int = 300) -> str:
+    """A validator's message, which quotes the offending value, cut to a readable length."""
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message)} characters)"
 
 
 def _same_terms(a: Contract, b: Contract) -> bool:
     keys = ("owner", "json_schema", "description", "pii_fields", "compatibility",
-            "allowed_lateness_seconds", "null_rate_limits")  # fmt: skip
+            "allowed_lateness_seconds", "null_rate_limits", "max_future_skew_seconds", "max_age_seconds")  # fmt: skip
     return all(getattr(a, k) == getattr(b, k) for k in keys)

@@ -21,6 +21,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+from d2d.limits import BUS_MAX_PAYLOAD
+
 PG_USER = "postgres"
 PG_DATABASE = "d2d"
 _PR_SET_PDEATHSIG = 1
@@ -199,8 +201,11 @@ class NatsServer:
         store = self.data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
         log = self.data_dir / "nats.log"
+        config = self.data_dir / "nats.conf"
+        # The one setting with no command-line flag: messages large enough for any event (d2d.limits).
+        config.write_text(f"max_payload: {BUS_MAX_PAYLOAD}\n")
         args = [
-            self.binary(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port),
+            self.binary(), "-c", str(config), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port),
             "-m", str(self.monitor_port), "-n", "d2d", "-l", str(log),
         ]  # fmt: skip
         self.process = subprocess.Popen(

@@ -30,7 +30,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x32\x64/v1/ingest.proto\x12\x06\x64\x32\x64.v1\x1a\x12\x64\x32\x64/v1/event.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\":\n\x13\x41ppendEventsRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\r.d2d.v1.EventB\x04\xe2\x41\x01\x02\"\x86\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x03seq\x18\x02 \x01(\x03H\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x05 \x01(\tB\t\n\x07outcome\"f\n\x14\x41ppendEventsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x05\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"\xb6\x01\n\x1aStreamAppendEventsResponse\x12\x16\n\x0ereceived_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x03\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x12\x16\n\x0erejected_count\x18\x04 \x01(\x03\x12%\n\x08rejected\x18\x05 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x10\n\x08head_seq\x18\x06 \x01(\x03\"\xd7\x04\n\x0f\x43ontractVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05owner\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bjson_schema\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npii_fields\x18\x07 \x03(\tB\x04\xe2\x41\x01\x01\x12\x36\n\rcompatibility\x18\x08 \x01(\x0e\x32\x19.d2d.v1.CompatibilityModeB\x04\xe2\x41\x01\x01\x12\x39\n\x10\x61llowed_lateness\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12K\n\x10null_rate_limits\x18\n \x03(\x0b\x32+.d2d.v1.ContractVersion.NullRateLimitsEntryB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x1a\x35\n\x13NullRateLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01:N\xea\x41K\n d2d.data2data.io/ContractVersion\x12\'contracts/{contract}/versions/{version}\"\x8a\x01\n\x1c\x43reateContractVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x10\x63ontract_version\x18\x02 \x01(\x0b\x32\x17.d2d.v1.ContractVersionB\x04\xe2\x41\x01\x02\x12\x1b\n\rvalidate_only\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"/\n\x19GetContractVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"f\n\x1bListContractVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"k\n\x1cListContractVersionsResponse\x12\x32\n\x11\x63ontract_versions\x18\x01 \x03(\x0b\x32\x17.d2d.v1.ContractVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe2\x02\n\nDeadLetter\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03raw\x18\x05 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x36\n\x0creceive_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12-\n\x05state\x18\x08 \x01(\x0e\x32\x18.d2d.v1.DeadLetter.StateB\x04\xe2\x41\x01\x03\x12\x1a\n\x0credriven_seq\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\"9\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0c\n\x08REDRIVEN\x10\x02\"\x82\x01\n\x16ListDeadLettersRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rshow_redriven\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\\\n\x17ListDeadLettersResponse\x12(\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x12.d2d.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x19RedriveDeadLettersRequest\x12\x13\n\x05names\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07payload\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"Z\n\x1aRedriveDeadLettersResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0eredriven_count\x18\x02 \x01(\x05*\xac\x01\n\x11\x43ompatibilityMode\x12\"\n\x1e\x43OMPATIBILITY_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x17\n\x13\x42\x41\x43KWARD_TRANSITIVE\x10\x03\x12\x0b\n\x07\x46ORWARD\x10\x04\x12\x16\n\x12\x46ORWARD_TRANSITIVE\x10\x05\x12\x08\n\x04\x46ULL\x10\x06\x12\x13\n\x0f\x46ULL_TRANSITIVE\x10\x07\x32\xf1\x04\n\rIngestService\x12I\n\x0c\x41ppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\x1c.d2d.v1.AppendEventsResponse\x12W\n\x12StreamAppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\".d2d.v1.StreamAppendEventsResponse(\x01\x12V\n\x15\x43reateContractVersion\x12$.d2d.v1.CreateContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\x12P\n\x12GetContractVersion\x12!.d2d.v1.GetContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\x12\x61\n\x14ListContractVersions\x12#.d2d.v1.ListContractVersionsRequest\x1a$.d2d.v1.ListContractVersionsResponse\x12R\n\x0fListDeadLetters\x12\x1e.d2d.v1.ListDeadLettersRequest\x1a\x1f.d2d.v1.ListDeadLettersResponse\x12[\n\x12RedriveDeadLetters\x12!.d2d.v1.RedriveDeadLettersRequest\x1a\".d2d.v1.RedriveDeadLettersResponseBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x32\x64/v1/ingest.proto\x12\x06\x64\x32\x64.v1\x1a\x12\x64\x32\x64/v1/event.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\":\n\x13\x41ppendEventsRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\r.d2d.v1.EventB\x04\xe2\x41\x01\x02\"\x86\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x03seq\x18\x02 \x01(\x03H\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x05 \x01(\tB\t\n\x07outcome\"f\n\x14\x41ppendEventsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x05\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"\xb6\x01\n\x1aStreamAppendEventsResponse\x12\x16\n\x0ereceived_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x03\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x12\x16\n\x0erejected_count\x18\x04 \x01(\x03\x12%\n\x08rejected\x18\x05 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x10\n\x08head_seq\x18\x06 \x01(\x03\"\xc3\x05\n\x0f\x43ontractVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05owner\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bjson_schema\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npii_fields\x18\x07 \x03(\tB\x04\xe2\x41\x01\x01\x12\x36\n\rcompatibility\x18\x08 \x01(\x0e\x32\x19.d2d.v1.CompatibilityModeB\x04\xe2\x41\x01\x01\x12\x39\n\x10\x61llowed_lateness\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12K\n\x10null_rate_limits\x18\n \x03(\x0b\x32+.d2d.v1.ContractVersion.NullRateLimitsEntryB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x38\n\x0fmax_future_skew\x18\r \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x30\n\x07max_age\x18\x0e \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x1a\x35\n\x13NullRateLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01:N\xea\x41K\n d2d.data2data.io/ContractVersion\x12\'contracts/{contract}/versions/{version}\"\x8a\x01\n\x1c\x43reateContractVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x10\x63ontract_version\x18\x02 \x01(\x0b\x32\x17.d2d.v1.ContractVersionB\x04\xe2\x41\x01\x02\x12\x1b\n\rvalidate_only\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"/\n\x19GetContractVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"f\n\x1bListContractVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"k\n\x1cListContractVersionsResponse\x12\x32\n\x11\x63ontract_versions\x18\x01 \x03(\x0b\x32\x17.d2d.v1.ContractVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x03\n\nDeadLetter\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03raw\x18\x05 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08raw_size\x18\n \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nraw_sha256\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x36\n\x0creceive_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12-\n\x05state\x18\x08 \x01(\x0e\x32\x18.d2d.v1.DeadLetter.StateB\x04\xe2\x41\x01\x03\x12\x1a\n\x0credriven_seq\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\"9\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0c\n\x08REDRIVEN\x10\x02\"\x82\x01\n\x16ListDeadLettersRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rshow_redriven\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\\\n\x17ListDeadLettersResponse\x12(\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x12.d2d.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x19RedriveDeadLettersRequest\x12\x13\n\x05names\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07payload\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"Z\n\x1aRedriveDeadLettersResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0eredriven_count\x18\x02 \x01(\x05*\xac\x01\n\x11\x43ompatibilityMode\x12\"\n\x1e\x43OMPATIBILITY_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x17\n\x13\x42\x41\x43KWARD_TRANSITIVE\x10\x03\x12\x0b\n\x07\x46ORWARD\x10\x04\x12\x16\n\x12\x46ORWARD_TRANSITIVE\x10\x05\x12\x08\n\x04\x46ULL\x10\x06\x12\x13\n\x0f\x46ULL_TRANSITIVE\x10\x07\x32\xf1\x04\n\rIngestService\x12I\n\x0c\x41ppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\x1c.d2d.v1.AppendEventsResponse\x12W\n\x12StreamAppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\".d2d.v1.StreamAppendEventsResponse(\x01\x12V\n\x15\x43reateContractVersion\x12$.d2d.v1.CreateContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\x12P\n\x12GetContractVersion\x12!.d2d.v1.GetContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\x12\x61\n\x14ListContractVersions\x12#.d2d.v1.ListContractVersionsRequest\x1a$.d2d.v1.ListContractVersionsResponse\x12R\n\x0fListDeadLetters\x12\x1e.d2d.v1.ListDeadLettersRequest\x1a\x1f.d2d.v1.ListDeadLettersResponse\x12[\n\x12RedriveDeadLetters\x12!.d2d.v1.RedriveDeadLettersRequest\x1a\".d2d.v1.RedriveDeadLettersResponseBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -66,6 +66,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTRACTVERSION'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_CONTRACTVERSION'].fields_by_name['registered_seq']._loaded_options = None
   _globals['_CONTRACTVERSION'].fields_by_name['registered_seq']._serialized_options = b'\342A\001\003'
+  _globals['_CONTRACTVERSION'].fields_by_name['max_future_skew']._loaded_options = None
+  _globals['_CONTRACTVERSION'].fields_by_name['max_future_skew']._serialized_options = b'\342A\001\001'
+  _globals['_CONTRACTVERSION'].fields_by_name['max_age']._loaded_options = None
+  _globals['_CONTRACTVERSION'].fields_by_name['max_age']._serialized_options = b'\342A\001\001'
   _globals['_CONTRACTVERSION']._loaded_options = None
   _globals['_CONTRACTVERSION']._serialized_options = b'\352AK\n d2d.data2data.io/ContractVersion\022\'contracts/{contract}/versions/{version}'
   _globals['_CREATECONTRACTVERSIONREQUEST'].fields_by_name['parent']._loaded_options = None
@@ -92,6 +96,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEADLETTER'].fields_by_name['event_type']._serialized_options = b'\342A\001\003'
   _globals['_DEADLETTER'].fields_by_name['raw']._loaded_options = None
   _globals['_DEADLETTER'].fields_by_name['raw']._serialized_options = b'\342A\001\003'
+  _globals['_DEADLETTER'].fields_by_name['raw_size']._loaded_options = None
+  _globals['_DEADLETTER'].fields_by_name['raw_size']._serialized_options = b'\342A\001\003'
+  _globals['_DEADLETTER'].fields_by_name['raw_sha256']._loaded_options = None
+  _globals['_DEADLETTER'].fields_by_name['raw_sha256']._serialized_options = b'\342A\001\003'
   _globals['_DEADLETTER'].fields_by_name['error']._loaded_options = None
   _globals['_DEADLETTER'].fields_by_name['error']._serialized_options = b'\342A\001\003'
   _globals['_DEADLETTER'].fields_by_name['receive_time']._loaded_options = None
@@ -114,8 +122,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REDRIVEDEADLETTERSREQUEST'].fields_by_name['event_type']._serialized_options = b'\342A\001\001'
   _globals['_REDRIVEDEADLETTERSREQUEST'].fields_by_name['payload']._loaded_options = None
   _globals['_REDRIVEDEADLETTERSREQUEST'].fields_by_name['payload']._serialized_options = b'\342A\001\001'
-  _globals['_COMPATIBILITYMODE']._serialized_start=2468
-  _globals['_COMPATIBILITYMODE']._serialized_end=2640
+  _globals['_COMPATIBILITYMODE']._serialized_start=2626
+  _globals['_COMPATIBILITYMODE']._serialized_end=2798
   _globals['_APPENDEVENTSREQUEST']._serialized_start=201
   _globals['_APPENDEVENTSREQUEST']._serialized_end=259
   _globals['_EVENTRESULT']._serialized_start=262
@@ -125,29 +133,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMAPPENDEVENTSRESPONSE']._serialized_start=503
   _globals['_STREAMAPPENDEVENTSRESPONSE']._serialized_end=685
   _globals['_CONTRACTVERSION']._serialized_start=688
-  _globals['_CONTRACTVERSION']._serialized_end=1287
-  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_start=1154
-  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_end=1207
-  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_start=1290
-  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_end=1428
-  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_start=1430
-  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_end=1477
-  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_start=1479
-  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_end=1581
-  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_start=1583
-  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_end=1690
-  _globals['_DEADLETTER']._serialized_start=1693
-  _globals['_DEADLETTER']._serialized_end=2047
-  _globals['_DEADLETTER_STATE']._serialized_start=1990
-  _globals['_DEADLETTER_STATE']._serialized_end=2047
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2050
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2180
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2182
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2274
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=2276
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=2373
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=2375
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=2465
-  _globals['_INGESTSERVICE']._serialized_start=2643
-  _globals['_INGESTSERVICE']._serialized_end=3268
+  _globals['_CONTRACTVERSION']._serialized_end=1395
+  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_start=1262
+  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_end=1315
+  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_start=1398
+  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_end=1536
+  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_start=1538
+  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_end=1585
+  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_start=1587
+  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_end=1689
+  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_start=1691
+  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_end=1798
+  _globals['_DEADLETTER']._serialized_start=1801
+  _globals['_DEADLETTER']._serialized_end=2205
+  _globals['_DEADLETTER_STATE']._serialized_start=2148
+  _globals['_DEADLETTER_STATE']._serialized_end=2205
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2208
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2338
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2340
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2432
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=2434
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=2531
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=2533
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=2623
+  _globals['_INGESTSERVICE']._serialized_start=2801
+  _globals['_INGESTSERVICE']._serialized_end=3426
 # @@protoc_insertion_point(module_scope)

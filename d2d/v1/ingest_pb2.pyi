@@ -81,7 +81,7 @@ class StreamAppendEventsResponse(_message.Message):
     def __init__(self, received_count: _Optional[int] = ..., appended_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., rejected_count: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ..., head_seq: _Optional[int] = ...) -> None: ...
 
 class ContractVersion(_message.Message):
-    __slots__ = ("name", "event_type", "version", "owner", "description", "json_schema", "pii_fields", "compatibility", "allowed_lateness", "null_rate_limits", "create_time", "registered_seq")
+    __slots__ = ("name", "event_type", "version", "owner", "description", "json_schema", "pii_fields", "compatibility", "allowed_lateness", "null_rate_limits", "create_time", "registered_seq", "max_future_skew", "max_age")
     class NullRateLimitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class ContractVersion(_message.Message):
     NULL_RATE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAX_FUTURE_SKEW_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     event_type: str
     version: int
@@ -113,7 +115,9 @@ class ContractVersion(_message.Message):
     null_rate_limits: _containers.ScalarMap[str, float]
     create_time: _timestamp_pb2.Timestamp
     registered_seq: int
-    def __init__(self, name: _Optional[str] = ..., event_type: _Optional[str] = ..., version: _Optional[int] = ..., owner: _Optional[str] = ..., description: _Optional[str] = ..., json_schema: _Optional[str] = ..., pii_fields: _Optional[_Iterable[str]] = ..., compatibility: _Optional[_Union[CompatibilityMode, str]] = ..., allowed_lateness: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., null_rate_limits: _Optional[_Mapping[str, float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_seq: _Optional[int] = ...) -> None: ...
+    max_future_skew: _duration_pb2.Duration
+    max_age: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., event_type: _Optional[str] = ..., version: _Optional[int] = ..., owner: _Optional[str] = ..., description: _Optional[str] = ..., json_schema: _Optional[str] = ..., pii_fields: _Optional[_Iterable[str]] = ..., compatibility: _Optional[_Union[CompatibilityMode, str]] = ..., allowed_lateness: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., null_rate_limits: _Optional[_Mapping[str, float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., registered_seq: _Optional[int] = ..., max_future_skew: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CreateContractVersionRequest(_message.Message):
     __slots__ = ("parent", "contract_version", "validate_only")
@@ -150,7 +154,7 @@ class ListContractVersionsResponse(_message.Message):
     def __init__(self, contract_versions: _Optional[_Iterable[_Union[ContractVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
-    __slots__ = ("name", "source", "event_id", "event_type", "raw", "error", "receive_time", "state", "redriven_seq")
+    __slots__ = ("name", "source", "event_id", "event_type", "raw", "raw_size", "raw_sha256", "error", "receive_time", "state", "redriven_seq")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[DeadLetter.State]
@@ -164,6 +168,8 @@ class DeadLetter(_message.Message):
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RAW_SHA256_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RECEIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -173,11 +179,13 @@ class DeadLetter(_message.Message):
     event_id: str
     event_type: str
     raw: bytes
+    raw_size: int
+    raw_sha256: str
     error: _status_pb2.Status
     receive_time: _timestamp_pb2.Timestamp
     state: DeadLetter.State
     redriven_seq: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., event_id: _Optional[str] = ..., event_type: _Optional[str] = ..., raw: _Optional[bytes] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., receive_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[DeadLetter.State, str]] = ..., redriven_seq: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., event_id: _Optional[str] = ..., event_type: _Optional[str] = ..., raw: _Optional[bytes] = ..., raw_size: _Optional[int] = ..., raw_sha256: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., receive_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[DeadLetter.State, str]] = ..., redriven_seq: _Optional[int] = ...) -> None: ...
 
 class ListDeadLettersRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "event_type", "show_redriven")

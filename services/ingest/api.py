@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
@@ -14,9 +15,10 @@ from google.rpc import status_pb2
 
 from d2d import grpcserver, telemetry
 from d2d.contracts.compat import CompatibilityMode
-from d2d.contracts.registry import Contract, ContractRegistry, Refusal
+from d2d.contracts.registry import Contract, ContractRegistry
 from d2d.deadletters import DeadLetter, DeadLetters
-from d2d.eventlog import LOG_UNREACHABLE, EventLog
+from d2d.errors import Refusal
+from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog
 from d2d.v1 import event_pb2, ingest_pb2
 from services.ingest.pipeline import Candidate, Ingestor, Outcome, candidate_from_json
 
@@ -24,9 +26,23 @@ SERVICE_NAME = "d2d.v1.IngestService"
 # Failures that mean Postgres could not be reached or went away: the transaction did not commit.
 MAX_EVENTS_PER_REQUEST = 10_000
 MAX_PAGE_SIZE = 1000
+# Time kept back from the caller's deadline, so a refusal reaches it before its deadline does.
+DEADLINE_MARGIN = 0.05
 
 
 def _candidate(event: event_pb2.Event) -> Candidate:
+    occurred_at = None
+    refusal = None
+    if event.HasField("occurred_at"):
+        try:
+            occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):  # seconds outside years 1..9999
+            refusal = Refusal(
+                "INVALID_ARGUMENT",
+                f"occurred_at ({event.occurred_at.seconds} s, {event.occurred_at.nanos} ns since 1970)"
+                " is not a time between years 1 and 9999",
+                "occurred_at",
+            )
     return Candidate(
         source="grpc",
         raw=event.SerializeToString(),
@@ -35,9 +51,10 @@ def _candidate(event: event_pb2.Event) -> Candidate:
         schema_version=event.schema_version,
         entity_type=event.entity_type,
         entity_id=event.entity_id,
-        occurred_at=event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None,
+        occurred_at=occurred_at,
         payload=event.payload,
         metadata=dict(event.metadata),
+        refusal=refusal,
     )
 
 
@@ -66,6 +83,8 @@ def contract_to_proto(c: Contract) -> ingest_pb2.ContractVersion:
         allowed_lateness=duration_pb2.Duration(seconds=c.allowed_lateness_seconds),
         null_rate_limits=c.null_rate_limits,
         registered_seq=c.registered_seq,
+        max_future_skew=duration_pb2.Duration(seconds=c.max_future_skew_seconds),
+        max_age=duration_pb2.Duration(seconds=c.max_age_seconds),
     )
     if c.created_at is not None:
         msg.create_time.FromDatetime(c.created_at)
@@ -83,6 +102,8 @@ def dead_letter_to_proto(d: DeadLetter) -> ingest_pb2.DeadLetter:
         receive_time=timestamp_pb2.Timestamp(),
         state=ingest_pb2.DeadLetter.State.Value(d.state),
         redriven_seq=d.redriven_seq or 0,
+        raw_size=d.raw_size,
+        raw_sha256=d.raw_sha256,
     )
     msg.receive_time.FromDatetime(d.received_at)
     return msg
@@ -119,12 +140,23 @@ class IngestApi:
     async def _ingest(
         self, context: grpc.aio.ServicerContext, candidates: list[Candidate], **kwargs: Any
     ) -> list[Outcome]:
-        """Run the pipeline; an unreachable log is UNAVAILABLE (retry: nothing was half-stored)."""
+        """Run the pipeline within the caller's deadline. An unreachable log is UNAVAILABLE and a
+        full queue RESOURCE_EXHAUSTED, both with RetryInfo (nothing was stored: retry); a deadline
+        that passed before the events reached a transaction is DEADLINE_EXCEEDED (nothing stored)."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining - DEADLINE_MARGIN if remaining is not None else None
         try:
-            return await self.ingestor.ingest(candidates, **kwargs)
+            return await self.ingestor.ingest(candidates, deadline=deadline, **kwargs)
         except LOG_UNREACHABLE as exc:
-            await grpcserver.abort(context, grpcserver.unavailable(f"the event log is unreachable ({exc}); retry", 1.0))
-            raise  # abort raises; this line is for type checkers
+            await grpcserver.abort(
+                context, grpcserver.unavailable(f"the event log is unreachable ({type(exc).__name__}); retry", 1.0)
+            )
+        except CommitDeadlineExceeded:
+            await grpcserver.fail(
+                context, "DEADLINE_EXCEEDED",
+                "the deadline passed while the events waited for the event log; none of them was stored",
+            )  # fmt: skip
+        raise AssertionError("unreachable")  # abort raises
 
     async def AppendEvents(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.AppendEventsResponse:
         await self._check_batch(request, context)
@@ -187,6 +219,7 @@ class IngestApi:
                 compatibility=CompatibilityMode.BACKWARD if mode == "COMPATIBILITY_MODE_UNSPECIFIED" else mode,
                 allowed_lateness_seconds=int(cv.allowed_lateness.seconds),
                 null_rate_limits=dict(cv.null_rate_limits),
+                **_time_bounds(cv),
                 validate_only=request.validate_only,
             )
         except Refusal as r:
@@ -292,7 +325,26 @@ class IngestApi:
         return response
 
 
+def _time_bounds(cv: ingest_pb2.ContractVersion) -> dict[str, int]:
+    """The contract's event-time bounds that the request sets (unset ones keep their defaults)."""
+    bounds = {}
+    if cv.HasField("max_future_skew"):
+        bounds["max_future_skew_seconds"] = int(cv.max_future_skew.seconds)
+    if cv.HasField("max_age"):
+        bounds["max_age_seconds"] = int(cv.max_age.seconds)
+    return bounds
+
+
 def _from_dead_letter(d: DeadLetter, payload: bytes | None) -> Candidate:
+    if d.truncated:
+        candidate = Candidate(d.source, d.raw, d.event_id or "", d.event_type or "", 0, "", "", None, b"")
+        candidate.refusal = Refusal(
+            "FAILED_PRECONDITION",
+            f"{d.name} keeps only the first {len(d.raw)} of the {d.raw_size} bytes received;"
+            " the producer must send the event again",
+            "names",
+        )
+        return candidate
     if d.source == "grpc":
         try:
             candidate = _candidate(event_pb2.Event.FromString(d.raw))

@@ -6,17 +6,22 @@ log by the group committer, the refused ones are kept in dead letters; only then
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
-from d2d.contracts.registry import EVENT_TYPE_RE, ContractRegistry, Refusal
+from d2d.contracts.registry import EVENT_TYPE_RE, ContractRegistry
 from d2d.deadletters import DeadLetters, Rejected
-from d2d.eventlog import GroupCommitter, NewEvent
+from d2d.errors import Refusal
+from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, GroupCommitter, NewEvent
+from d2d.limits import check_event, check_text
+
+log = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = 256
 
@@ -69,9 +74,10 @@ def check_envelope(c: Candidate) -> uuid.UUID:
         value = getattr(c, name)
         if not value or len(value) > MAX_ID_LENGTH:
             raise Refusal("INVALID_ARGUMENT", f"{name} is required (1 to {MAX_ID_LENGTH} characters)", name)
+        check_text(value, name)
     if c.occurred_at is None:
         raise Refusal("INVALID_ARGUMENT", "occurred_at is required", "occurred_at")
-    if c.schema_version < 0:
+    if not 0 <= c.schema_version < 2**31:
         raise Refusal("INVALID_ARGUMENT", "schema_version must be 0 (latest) or a version number", "schema_version")
     return event_id
 
@@ -83,40 +89,79 @@ class Ingestor:
         self.dead_letters = dead_letters
 
     async def ingest(
-        self, candidates: Sequence[Candidate], *, traceparent: str | None = None, keep_rejected: bool = True
+        self,
+        candidates: Sequence[Candidate],
+        *,
+        traceparent: str | None = None,
+        keep_rejected: bool = True,
+        deadline: float | None = None,
     ) -> list[Outcome]:
-        """Validate, commit the valid events, keep the refused ones; one outcome per candidate."""
+        """Validate, commit the valid events, keep the refused ones; one outcome per candidate.
+
+        `deadline` (time.monotonic()) is passed to the group committer: if it passes before a
+        transaction takes the events, none is stored and CommitDeadlineExceeded is raised. Raises
+        Refusal(RESOURCE_EXHAUSTED) when the committer's queue is full (nothing stored or kept),
+        and LOG_UNREACHABLE errors when Postgres is away.
+        """
         outcomes = [Outcome(c.event_id) for c in candidates]
         accepted: list[tuple[int, NewEvent]] = []
         rejected: list[tuple[int, Rejected]] = []
+        received_at = datetime.now(UTC)
+
+        def refuse(i: int, r: Refusal) -> None:
+            c = candidates[i]
+            outcomes[i].code, outcomes[i].message, outcomes[i].field = r.code, r.message, r.field
+            kept = Rejected(c.source, c.raw, r.code, r.message, r.field, c.event_id or None, c.type or None)
+            rejected.append((i, kept))
+
         for i, c in enumerate(candidates):
             try:
                 event_id = check_envelope(c)
-                version, text = await self.registry.validate(c.type, c.schema_version, c.payload)
-            except Refusal as r:
-                outcomes[i].code, outcomes[i].message, outcomes[i].field = r.code, r.message, r.field
-                rejected.append(
-                    (i, Rejected(c.source, c.raw, r.code, r.message, r.field, c.event_id or None, c.type or None))
+                version, text = await self.registry.validate(
+                    c.type, c.schema_version, c.payload, occurred_at=c.occurred_at, received_at=received_at
                 )
+                metadata = c.metadata
+                if traceparent and "traceparent" not in metadata:
+                    metadata = {**metadata, "traceparent": traceparent}
+                event = NewEvent(event_id, c.type, version, c.entity_type, c.entity_id, c.occurred_at, text, metadata)  # type: ignore[arg-type]
+                check_event(event)
+            except Refusal as r:
+                refuse(i, r)
                 continue
-            metadata = c.metadata
-            if traceparent and "traceparent" not in metadata:
-                metadata = {**metadata, "traceparent": traceparent}
-            accepted.append(
-                (i, NewEvent(event_id, c.type, version, c.entity_type, c.entity_id, c.occurred_at, text, metadata))  # type: ignore[arg-type]
-            )
-        committing = self.committer.append([e for _, e in accepted])
-        keeping = self.dead_letters.keep([r for _, r in rejected]) if keep_rejected else _nothing()
-        results, dead_ids = await asyncio.gather(committing, keeping)
-        for (i, _), result in zip(accepted, results, strict=True):
+            accepted.append((i, event))
+        results = await self._commit(accepted, refuse, deadline)
+        # Kept after the commit: it may refuse an event the checks above let through.
+        dead_ids = await self.dead_letters.keep([r for _, r in rejected]) if keep_rejected else []
+        for i, result in results:
             outcomes[i].seq, outcomes[i].duplicate = result.seq, result.duplicate
         for (i, _), dead_id in zip(rejected, dead_ids, strict=False):
             outcomes[i].dead_letter_id = dead_id
         return outcomes
 
-
-async def _nothing() -> list[int]:
-    return []
+    async def _commit(self, accepted: list[tuple[int, NewEvent]], refuse: Any, deadline: float | None) -> list[Any]:
+        """Commit the accepted events in one group commit. If the log refuses the transaction for
+        its data (something `check_event` did not foresee), each event is tried on its own, so
+        the culprit is refused alone and every other event is stored."""
+        if not accepted:
+            return []
+        try:
+            results = await self.committer.append([e for _, e in accepted], deadline=deadline)
+            return [(i, r) for (i, _), r in zip(accepted, results, strict=True)]
+        except (Refusal, CommitDeadlineExceeded, *LOG_UNREACHABLE):
+            raise
+        except Exception as exc:
+            log.warning("ingest: the log refused a batch of %d (%s); appending them one by one", len(accepted), exc)
+        done = []
+        for i, event in accepted:
+            try:
+                [result] = await self.committer.append([event], deadline=deadline)
+            except (Refusal, CommitDeadlineExceeded, *LOG_UNREACHABLE):
+                raise
+            except Exception as exc:
+                refuse(i, Refusal("INVALID_ARGUMENT", f"the event log cannot store this event: {type(exc).__name__}"))
+                continue
+            done.append((i, result))
+        return done
 
 
 def candidate_from_json(source: str, event_type: str, raw: bytes) -> Candidate:
