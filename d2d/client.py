@@ -102,8 +102,16 @@ class IngestClient:
         pii_fields: Sequence[str] = (),
         compatibility: str = "BACKWARD",
         allowed_lateness_seconds: int = 0,
+        max_future_skew_seconds: int | None = None,
+        max_age_seconds: int | None = None,
         validate_only: bool = False,
     ) -> ingest_pb2.ContractVersion:
+        """Register the next version of `event_type`'s contract; unset time bounds keep their defaults."""
+        bounds = {}
+        if max_future_skew_seconds is not None:
+            bounds["max_future_skew"] = duration_pb2.Duration(seconds=max_future_skew_seconds)
+        if max_age_seconds is not None:
+            bounds["max_age"] = duration_pb2.Duration(seconds=max_age_seconds)
         return await self.stub.CreateContractVersion(
             ingest_pb2.CreateContractVersionRequest(
                 parent=f"contracts/{event_type}",
@@ -114,6 +122,7 @@ class IngestClient:
                     pii_fields=list(pii_fields),
                     compatibility=ingest_pb2.CompatibilityMode.Value(compatibility),
                     allowed_lateness=duration_pb2.Duration(seconds=allowed_lateness_seconds),
+                    **bounds,
                 ),
                 validate_only=validate_only,
             ),
