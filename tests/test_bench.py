@@ -21,6 +21,10 @@ FIGURES = {
         "online_1_row", "empty_handler_1_row", "online_1_row_p50_ratio_vs_empty", "frame_rows_per_s",
         "bytes_per_entity",
     ],
+    "faults": [
+        "baseline_appends_per_s", "fault_appends_per_s", "load_held", "faults_injected", "events_acknowledged",
+        "events_found", "predicts_answered", "decisions_logged", "poison_inputs",
+    ],
     "registry": ["train_examples_per_s", "xgb_alone_train_rows_per_s", "ratio_end_to_end_vs_xgb_alone"],
     "serving": [
         "predict_calls_per_s", "empty_calls_per_s", "ratio_throughput_vs_empty", "predict_p50_ms", "empty_p50_ms",
@@ -41,3 +45,7 @@ def test_benchmark_runs_quick_and_ends_with_its_figures(name: str, tmp_path: Pat
     assert figures["bench"] == name and figures["quick"] is True
     missing = [key for key in FIGURES[name] if figures.get(key) in (None, 0, {})]
     assert not missing, f"bench.{name} printed no {missing}"
+    if name == "faults":  # what the benchmark exists to show, whatever the speed
+        assert figures["events_lost"] == 0 and figures["events_found"] == figures["events_acknowledged"]
+        assert figures["events_duplicated_in_log"] == 0 and figures["events_duplicated_on_stream"] == 0
+        assert figures["poison_answered_imprecisely"] == 0 and figures["faults_injected"] == 7

@@ -43,7 +43,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(consumer, 5)
     await committer.close()
-    await nc.drain()
+    with contextlib.suppress(Exception):  # NATS may be away (reconnecting): nothing of ours is in flight
+        await nc.drain()
     await pool.close()
 
 
