@@ -40,10 +40,14 @@ _OPTIONS = [
 ]
 
 
-def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def new_server(
+    service_names: Iterable[str], *, max_concurrent_rpcs: int | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with tracing, the health service (all names SERVING once started by the
-    caller) and reflection for `service_names`."""
-    server = grpc.aio.server(options=_OPTIONS)
+    caller) and reflection for `service_names`. With `max_concurrent_rpcs`, calls beyond that many
+    in progress are refused at once with RESOURCE_EXHAUSTED (grpc's own check), which bounds the
+    memory requests can hold: each may carry up to MAX_MESSAGE_BYTES."""
+    server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]

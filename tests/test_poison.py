@@ -319,3 +319,29 @@ async def test_the_relay_skips_an_event_the_bus_cannot_carry_and_records_an_aler
     ids = [m.headers["Nats-Msg-Id"] for m in await sub.fetch(10, timeout=5)]
     assert ids == [str(before.event_id), str(after.event_id), str(biggest_allowed.event_id), str(alert.event_id)]
     await nc.close()
+
+
+async def test_calls_beyond_the_concurrency_bound_are_refused_at_once_and_the_rest_are_stored(
+    ingest: IngestClient, poison_contract: str, database_url: str
+) -> None:
+    """While the log is blocked, ingest holds about MAX_CONCURRENT_CALLS calls (grpc's count is not
+    exact); more are refused (RESOURCE_EXHAUSTED, nothing stored) instead of piling up in memory."""
+    from services.ingest.api import MAX_CONCURRENT_CALLS
+
+    blocker = await asyncpg.connect(database_url)
+    transaction = blocker.transaction()
+    await transaction.start()
+    await blocker.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+    calls = [
+        asyncio.create_task(ingest.append([event({"n": i})], timeout=60)) for i in range(MAX_CONCURRENT_CALLS + 100)
+    ]
+    done, _ = await asyncio.wait(calls, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    refused = [c for c in done if isinstance(c.exception(), grpc.aio.AioRpcError)]
+    assert refused and all(c.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused)
+    await transaction.rollback()
+    await blocker.close()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    stored = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert all(isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+               for o in outcomes if isinstance(o, BaseException))  # fmt: skip
+    assert len(stored) < len(calls) and await log_count(database_url, poison_contract) == len(stored)

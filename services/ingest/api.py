@@ -26,6 +26,9 @@ SERVICE_NAME = "d2d.v1.IngestService"
 # Failures that mean Postgres could not be reached or went away: the transaction did not commit.
 MAX_EVENTS_PER_REQUEST = 10_000
 MAX_PAGE_SIZE = 1000
+# Calls in progress at once; more are refused with RESOURCE_EXHAUSTED. With requests of up to
+# 16 MiB this bounds what ingest holds in memory (the commit queue bounds the events waiting).
+MAX_CONCURRENT_CALLS = 128
 # Time kept back from the caller's deadline, so a refusal reaches it before its deadline does.
 DEADLINE_MARGIN = 0.05
 

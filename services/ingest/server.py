@@ -27,7 +27,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     committer = GroupCommitter(log_)
     ingestor = Ingestor(registry, committer, dead_letters)
 
-    server, health = grpcserver.new_server([api.SERVICE_NAME])
+    server, health = grpcserver.new_server([api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS)
     api.add_to_server(api.IngestApi(ingestor, registry, dead_letters, log_), server)
     port = server.add_insecure_port(settings.ingest_addr)
     if port == 0:
