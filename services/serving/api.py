@@ -153,7 +153,7 @@ class ServingApi:
         self, deployments: Any, features: FeatureClient, log: EventLog, committer: GroupCommitter,
         *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:  # fmt: skip
-        self.deployments = deployments  # services.serving.server.Deployments: get(model) -> Deployment
+        self.deployments = deployments  # services.serving.server.Deployments: loaded(model), get(model)
         self.features = features
         self.lookups = FeatureLookups(features)
         self.log = log
@@ -253,6 +253,9 @@ class ServingApi:
         return Row(request, where, model, deployment, context, as_of)
 
     async def _deployment(self, model: str, where: str, answer_by: float) -> Deployment:
+        loaded = self.deployments.loaded(model)
+        if loaded is not None:
+            return loaded
         try:
             return await self._within(self.deployments.get(model), answer_by, "loading the model")
         except Refusal:

@@ -37,6 +37,10 @@ class Deployments:
         self._cache: dict[str, LoadedVersion] = {}
         self.swaps = 0
 
+    def loaded(self, model: str) -> Deployment | None:
+        """The model's deployment if it is loaded (no waiting)."""
+        return self._loaded.get(model)
+
     async def get(self, model: str) -> Deployment:
         deployment = self._loaded.get(model)
         if deployment is not None:
