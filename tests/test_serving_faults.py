@@ -18,10 +18,11 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from d2d.client import ServingClient, error_details
+from d2d.client import RegistryClient, ServingClient, error_details
 from d2d.config import Settings
 from d2d.eventlog import APPEND_LOCK_KEY
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer
+from d2d.v1 import serving_pb2
 from services.serving.server import serve
 from tests.conftest import MODEL, Platform, context_of, entities_of, serving_platform
 
@@ -329,3 +330,17 @@ async def test_beyond_the_in_flight_limit_calls_are_refused_at_once_and_serving_
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await serving.batch_predict(requests[: MAX_IN_FLIGHT + 1])
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(caught.value) == ["requests"]
+
+
+async def test_a_model_that_cannot_be_served_is_a_precise_status_naming_the_model(platform: Platform) -> None:
+    async with RegistryClient(platform.registry) as registry:
+        await registry.create_model("untrained")
+    payment = platform.payments[-1]
+    async with ServingClient(platform.serving) as serving:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await serving.predict("untrained", entities_of(payment), context_of(payment), unit_id="u")
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert violations(caught.value) == ["model"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await serving.stub.Predict(serving_pb2.PredictRequest(model="fraud", unit_id="u"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(caught.value) == ["model"]
