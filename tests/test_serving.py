@@ -5,134 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 
 import asyncpg
 import grpc
 import pytest
 
 from d2d import eventlog
-from d2d.client import FeatureClient, RegistryClient, ServingClient
+from d2d.client import RegistryClient, ServingClient
 from d2d.eventlog import EventLog
 from d2d.features.offline import FrameRow, training_frame
-from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
-from d2d.sim import PaymentsSimulator, SimConfig
-from d2d.sim.views import TRANSFORMS, VIEWS
-from d2d.training.spec import TrainingSpec
-from tests.conftest import ROOT
-
-SIM = SimConfig(seed=4, days=35, payments_per_day=1200, customers=800, merchants=80)
-MODEL = "fraud"
-NOW = (SIM.start + timedelta(days=SIM.days)).isoformat()
-
-
-@dataclass
-class Platform:
-    database_url: str
-    database: str
-    serving: str
-    features: str
-    registry: str
-    payments: list
-    processes: list[subprocess.Popen[bytes]]
-    logs: Path
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer
+from d2d.sim.views import VIEWS
+from tests.conftest import MODEL, Platform, context_of, entities_of, requests_for, serving_platform
 
 
 @pytest.fixture(scope="module")
 def platform(
     postgres: EmbeddedPostgres, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
-    database = f"srv_{uuid.uuid4().hex[:10]}"
-    url = postgres.create_database(database)
-    logs = tmp_path_factory.mktemp("serving-logs")
-    namespace = f"t{uuid.uuid4().hex[:10]}"
-    ports = {name: free_port() for name in ("features", "registry", "serving")}
-    env = {
-        **os.environ, "D2D_DATABASE_URL": url, "D2D_NATS_URL": nats_server.url, "D2D_NATS_NAMESPACE": namespace,
-        "D2D_DATA_DIR": str(logs), "PYTHONUNBUFFERED": "1",
-        **{f"D2D_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
-    }  # fmt: skip
-    simulated = PaymentsSimulator(SIM)
-    events = list(simulated.events())
-
-    async def load() -> None:
-        await eventlog.migrate(url)
-        pool = await eventlog.create_pool(url, max_size=2)
-        log = EventLog(pool)
-        for i in range(0, len(events), 5000):
-            await log.append([e.as_new_event() for e in events[i : i + 5000]])
-        await pool.close()
-
-    asyncio.run(load())
-    processes = [
-        _start(["-m", "services.ingest", "relay"], env, logs / "relay.log"),
-        _start(["-m", "services.features"], env, logs / "features.log"),
-        _start(["-m", "services.registry"], env, logs / "registry.log"),
-        _start(["-m", "services.serving"], env, logs / "serving.log"),
-    ]
-
-    async def train_and_deploy() -> None:
-        async with RegistryClient(env["D2D_REGISTRY_ADDR"]) as registry, FeatureClient(env["D2D_FEATURES_ADDR"]) as f:
-            await registry.wait_ready()
-            await f.wait_ready()  # the features service registers its views on start
-            for _ in range(600):
-                try:
-                    answer = await f.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
-                    if answer.watermark >= len(events):
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-            spec = TrainingSpec(views=tuple((v.name, v.version) for v in VIEWS), transforms=TRANSFORMS)
-            await registry.create_model(MODEL)
-            await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 60}))
-            await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 30, "seed": 8}))
-            await registry.set_alias(MODEL, "production", 1)
-
-    try:
-        asyncio.run(train_and_deploy())
-        payments = [e for e in events if e.type == "payment.authorized"]
-        yield Platform(url, database, env["D2D_SERVING_ADDR"], env["D2D_FEATURES_ADDR"], env["D2D_REGISTRY_ADDR"],
-                       payments, processes, logs)  # fmt: skip
-    finally:
-        for p in processes:
-            p.terminate()
-        for p in processes:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def entities_of(payment) -> dict[str, str]:  # noqa: ANN001
-    p = payment.payload
-    return {"customer": p["customer_id"], "merchant": p["merchant_id"], "card": p["card_id"]}
-
-
-def context_of(payment) -> dict:  # noqa: ANN001
-    """The payment's fields, as a new payment arriving now (the end of the simulated period)."""
-    return {**payment.payload, "occurred_at": NOW}
-
-
-def requests_for(platform: Platform, n: int, *, offset: int = 0) -> list:
-    chosen = platform.payments[-n - offset : len(platform.payments) - offset]
-    return [
-        ServingClient.request(MODEL, entities_of(p), context_of(p), unit_id=p.payload["customer_id"]) for p in chosen
-    ]
+    yield from serving_platform(postgres, nats_server, tmp_path_factory)
 
 
 async def set_policy(platform: Platform, **policy: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,16 @@ class MicroBatcher:
             self._task.cancel()
 
 
+# What a request input must be (absent or null is always allowed: the model takes it as missing).
+NUMBER = "a number"
+TIME = "an RFC 3339 time or POSIX seconds"
+TEXT = "a string"
+SCALAR = "a string, number or boolean"
+_TRANSFORM_INPUT = {
+    "ratio": NUMBER, "difference": NUMBER, "log1p": NUMBER, "hour_of_day": TIME, "equals": SCALAR, "is_missing": SCALAR,
+}  # fmt: skip
+
+
 @dataclass
 class LoadedVersion:
     model: str
@@ -101,6 +112,24 @@ class Deployment:
 
     def versions(self) -> list[LoadedVersion]:
         return [v for v in (self.production, self.canary, *self.shadows) if v is not None]
+
+    @cached_property
+    def request_inputs(self) -> dict[tuple[str, ...], set[str]]:
+        """The request context fields its versions read (a path of keys) and what each value must be
+        (NUMBER, TIME, TEXT, SCALAR): what Predict checks a context against before deciding."""
+        kinds: dict[tuple[str, ...], set[str]] = {}
+        for version in self.versions():
+            spec = version.spec
+            for name in spec.request_numbers:
+                kinds.setdefault((name,), set()).add(NUMBER)
+            for name, _ in spec.request_flags:
+                kinds.setdefault((name,), set()).add(TEXT)
+            for transform in spec.transforms:
+                for ref in transform.inputs:
+                    head, _, rest = ref.partition(".")
+                    if head == "request":
+                        kinds.setdefault(tuple(rest.split(".")), set()).add(_TRANSFORM_INPUT[transform.op])
+        return kinds
 
     def feature_refs(self) -> list[str]:
         """Every `{view}.*` any of its versions needs: one FeatureService call covers all."""

@@ -19,7 +19,7 @@ from d2d.eventlog import EventLog, GroupCommitter
 from d2d.features.store import registered_views
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import serving_pb2
-from services.serving.api import SERVICE_NAME, ServingApi
+from services.serving.api import DEFAULT_MAX_IN_FLIGHT, SERVICE_NAME, ServingApi
 from services.serving.models import Deployment, LoadedVersion, load_deployment
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ class Deployments:
         self._loading: dict[str, asyncio.Task[Deployment]] = {}
         self._cache: dict[str, LoadedVersion] = {}
         self.swaps = 0
+
+    def loaded(self, model: str) -> Deployment | None:
+        """The model's deployment if it is loaded (no waiting)."""
+        return self._loaded.get(model)
 
     async def get(self, model: str) -> Deployment:
         deployment = self._loaded.get(model)
@@ -102,8 +106,14 @@ async def follow_model_changes(nc, deployments: Deployments, topology: bus.Topol
             await subscription.unsubscribe()
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_batching: bool = True) -> None:
-    """Run the ServingService on settings.serving_addr until `stop` (or SIGINT/SIGTERM)."""
+async def serve(
+    settings: Settings, stop: asyncio.Event | None = None, *, micro_batching: bool = True,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+) -> None:  # fmt: skip
+    """Run the ServingService on settings.serving_addr until `stop` (or SIGINT/SIGTERM).
+
+    `max_in_flight`: rows (Predicts, BatchPredict rows) decided at once; more are refused with
+    RESOURCE_EXHAUSTED and RetryInfo."""
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
@@ -114,7 +124,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     features = FeatureClient(settings.features_addr)
     deployments = Deployments(registry, event_log, micro_batching=micro_batching)
     server, health = grpcserver.new_server([SERVICE_NAME])
-    api = ServingApi(deployments, features, event_log, committer)
+    api = ServingApi(deployments, features, event_log, committer, max_in_flight=max_in_flight)
     grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api)
     if server.add_insecure_port(settings.serving_addr) == 0:
         raise SystemExit(f"serving: cannot listen on {settings.serving_addr}")
@@ -124,6 +134,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"serving on {settings.serving_addr}")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(following, 5)
+    await api.settle()  # late commits and their withdrawals, before the committer closes
     await committer.close()
     await nc.close()
     await registry.channel.close()
