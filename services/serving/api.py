@@ -38,8 +38,7 @@ from typing import Any
 
 import grpc
 import orjson
-from google.protobuf import any_pb2, duration_pb2, struct_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf import struct_pb2
 
 from d2d import grpcserver
 from d2d.client import FeatureClient
@@ -173,7 +172,7 @@ class ServingApi:
                 if not slot.deferred:
                     slot.release()
         except Refusal as r:
-            await grpcserver.abort(context, refusal_status(r))
+            await grpcserver.abort(context, grpcserver.refusal_status(r))
         except Exception as exc:  # a fault of serving itself: still a precise answer, never UNKNOWN
             log.exception("serving: Predict failed")
             await grpcserver.fail(context, "INTERNAL", f"serving failed ({type(exc).__name__}); {NOT_RECORDED}")
@@ -209,7 +208,7 @@ class ServingApi:
                 raise first
             return serving_pb2.BatchPredictResponse(responses=answers)
         except Refusal as r:
-            await grpcserver.abort(context, refusal_status(r))
+            await grpcserver.abort(context, grpcserver.refusal_status(r))
         except Exception as exc:
             log.exception("serving: BatchPredict failed")
             await grpcserver.fail(context, "INTERNAL", f"serving failed ({type(exc).__name__}); {NOT_RECORDED}")
@@ -599,15 +598,3 @@ def _check_declared(context: dict[str, Any], deployment: Deployment, where: str)
                 field = f"{where}context.{'.'.join(path)}"
                 message = f"{field} must be {kind} (models/{deployment.model} reads it as one); got {_json_kind(value)}"
                 raise Refusal("INVALID_ARGUMENT", message, field)
-
-
-def refusal_status(refusal: Refusal) -> status_pb2.Status:
-    """The refusal as a google.rpc.Status: BadRequest naming its field, RetryInfo with its retry_after."""
-    st = grpcserver.status(refusal.code, refusal.message, field=refusal.field)
-    if refusal.retry_after is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(refusal.retry_after * 1e9))
-        retry = any_pb2.Any()
-        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        st.details.append(retry)
-    return st
