@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -167,11 +167,12 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 
 def serving_platform(
     postgres: EmbeddedPostgres, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory,
-    *, serving_process: bool = True,
+    *, serving_process: bool = True, prepare: Callable[[str], Awaitable[None]] | None = None,
 ) -> Iterator[Platform]:  # fmt: skip
     """A log of simulated payments, the relay, features and registry (and serving, unless
     `serving_process` is False: then the caller serves on `Platform.serving`) as their own
-    processes, with model versions 1 and 2 trained and version 1 in production."""
+    processes, with model versions 1 and 2 trained and version 1 in production. `prepare(url)`
+    runs on the database once the log is loaded, before any service starts."""
     database = f"srv_{uuid.uuid4().hex[:10]}"
     url = postgres.create_database(database)
     logs = tmp_path_factory.mktemp("serving-logs")
@@ -194,6 +195,8 @@ def serving_platform(
         await pool.close()
 
     asyncio.run(load())
+    if prepare is not None:
+        asyncio.run(prepare(url))
     processes = [
         _start(["-m", "services.ingest", "relay"], env, logs / "relay.log"),
         _start(["-m", "services.features"], env, logs / "features.log"),

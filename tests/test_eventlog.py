@@ -136,3 +136,40 @@ async def test_group_committer_folds_concurrent_appends_and_answers_each(event_l
     assert all_seqs == list(range(1, 201))
     for result in results:  # a request's events stay contiguous and in order
         assert [r.seq for r in result] == list(range(result[0].seq, result[0].seq + 5))
+
+
+async def transactions_of(log: EventLog, event_ids: list[uuid.UUID]) -> dict[int, list[uuid.UUID]]:
+    """The inserting transaction (`xmin`) of each stored event: rows of one transaction share it."""
+    async with log.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT xmin::text::bigint AS tx, event_id FROM events WHERE event_id = ANY($1) ORDER BY seq", event_ids
+        )
+    by_tx: dict[int, list[uuid.UUID]] = {}
+    for row in rows:
+        by_tx.setdefault(row["tx"], []).append(row["event_id"])
+    return by_tx
+
+
+async def test_group_committer_commits_concurrent_appends_in_fewer_transactions_than_calls(
+    event_log: EventLog,
+) -> None:
+    committer = GroupCommitter(event_log)
+    calls = [[new_event(i * 100 + k) for k in range(3)] for i in range(50)]
+    try:
+        await asyncio.gather(*(committer.append(batch) for batch in calls))
+    finally:
+        await committer.close()
+    by_tx = await transactions_of(event_log, [e.event_id for batch in calls for e in batch])
+    assert sum(len(ids) for ids in by_tx.values()) == 150
+    # The first call may commit alone; every call queued behind it joins the next transaction.
+    assert len(by_tx) <= 3, {tx: len(ids) for tx, ids in by_tx.items()}
+    assert max(len(ids) for ids in by_tx.values()) >= 3 * 40
+    for batch in calls:  # one call's events are never split over transactions
+        assert len({tx for tx, ids in by_tx.items() if batch[0].event_id in ids or batch[-1].event_id in ids}) == 1
+
+
+async def test_without_the_committer_each_append_is_its_own_transaction(event_log: EventLog) -> None:
+    """The contrast that makes the test above mean something: plain concurrent appends do not share."""
+    calls = [[new_event(i)] for i in range(10)]
+    await asyncio.gather(*(event_log.append(batch) for batch in calls))
+    assert len(await transactions_of(event_log, [b[0].event_id for b in calls])) == 10

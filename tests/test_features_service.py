@@ -6,6 +6,7 @@ state as one that never stopped, with no event applied twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -284,3 +285,132 @@ async def test_only_source_types_reach_the_service_and_its_watermark_still_reach
         assert info.delivered.consumer_seq == len(payments), "only payments were delivered, each once"
     finally:
         await nc.close()
+
+
+async def test_the_consumer_acknowledges_only_what_a_snapshot_holds(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service
+) -> None:
+    events = simulated(days=0.3, seed=19)
+    ingest_target, features = await start_platform(start_service, database_url, nats_server.url, namespace, ["f"])
+    topology = bus.Topology(namespace)
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    seen: list[tuple[int, int]] = []
+
+    async def ack_floor_and_snapshot() -> tuple[int, int]:
+        # the acknowledgement first: a snapshot read after it can only be newer
+        try:
+            floor = (await js.consumer_info(topology.events_stream, "f_" + topology.events_stream)).ack_floor.stream_seq
+        except nats.js.errors.NotFoundError:  # not created yet
+            floor = 0
+        async with event_log.pool.acquire() as conn:
+            snapshot = await conn.fetchval("SELECT stream_seq FROM feature_snapshots WHERE consumer LIKE 'f:%'")
+        return floor, snapshot or 0
+
+    async def check(_: list) -> None:
+        floor, snapshot = await ack_floor_and_snapshot()
+        assert floor <= snapshot, f"stream position {floor} acknowledged, the snapshot holds only {snapshot}"
+        seen.append((floor, snapshot))
+
+    try:
+        await send_all(ingest_target, events, check)
+        async with FeatureClient(features["f"][0]) as online:
+            await online.wait_ready()
+            await wait_caught_up(online, await event_log.head())
+        for _ in range(100):  # until a snapshot holds everything and it is acknowledged
+            floor, snapshot = await ack_floor_and_snapshot()
+            assert floor <= snapshot
+            info = await js.stream_info(topology.events_stream)
+            if floor and floor == snapshot:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    assert floor > 0 and floor == snapshot <= info.state.last_seq
+    assert len({f for f, _ in seen}) > 1, "acknowledgements moved while the stream flowed"
+
+
+def payment_at(n: int, at: datetime, amount: float) -> object:
+    payload = {
+        "payment_id": f"pay_{n:08d}", "customer_id": "cus_000001", "card_id": "card_000001_1",
+        "merchant_id": "mer_0001", "amount": amount, "currency": "EUR", "channel": "ecom",
+        "ip_country": "DE", "device_id": "dev_0123456789ab",
+    }  # fmt: skip
+    return make_event("payment.authorized", "payment", payload["payment_id"], payload, occurred_at=at)
+
+
+async def test_too_late_events_are_left_out_online_and_offline_and_counted_and_stale_queries_are_out_of_range(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service
+) -> None:
+    from google.rpc import error_details_pb2
+
+    from d2d.client import error_details
+
+    t0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    lateness = timedelta(seconds=next(v for v in VIEWS if v.name == "customer_payments").allowed_lateness_seconds)
+    assert lateness == timedelta(hours=1)
+    ingest_target, features = await start_platform(start_service, database_url, nats_server.url, namespace, ["f"])
+    newest = t0 + 3 * lateness
+    payments = [
+        payment_at(1, t0, 10.0),
+        payment_at(2, newest, 20.0),
+        payment_at(3, newest - 2 * lateness, 400.0),  # two spans behind the newest: too late
+        payment_at(4, newest - lateness / 2, 30.0),  # half a span behind: folded where it belongs
+    ]
+    async with IngestClient(ingest_target) as ingest:
+        for payment in payments:  # one by one: the order of arrival is the point
+            [result] = (await ingest.append([payment])).results
+            assert result.WhichOneof("outcome") == "seq", result  # every one is in the log
+    head = await event_log.head()
+    wanted = ["customer_payments.count_lifetime", "customer_payments.amount_sum_lifetime"]
+    request = features_pb2.GetOnlineFeaturesRequest(
+        features=wanted, rows=[features_pb2.EntityRow(keys={"customer": "cus_000001"})]
+    )
+    request.as_of.FromDatetime(newest)
+    async with FeatureClient(features["f"][0]) as online:
+        await online.wait_ready()
+        await wait_caught_up(online, head)
+        answer = await online.stub.GetOnlineFeatures(request)
+        assert [v.number_value for v in answer.rows[0].values] == [3, 60.0]
+        assert dict(answer.dropped_late) == {"customer_payments": 1}
+        stale = features_pb2.GetOnlineFeaturesRequest()
+        stale.CopyFrom(request)
+        stale.as_of.FromDatetime(newest - 2 * lateness - timedelta(seconds=1))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await online.stub.GetOnlineFeatures(stale)
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    [violation] = [d for d in error_details(caught.value) if isinstance(d, error_details_pb2.BadRequest)]
+    assert violation.field_violations[0].field == "as_of"
+
+    frame = await training_frame(event_log, VIEWS, [FrameRow({"customer": "cus_000001"}, newest, head)])
+    assert frame.at[0, "customer_payments.count_lifetime"] == 3
+    assert frame.at[0, "customer_payments.amount_sum_lifetime"] == 60.0
+
+
+async def test_a_frame_row_without_a_watermark_uses_no_event_after_its_time(event_log: EventLog) -> None:
+    """A row without a watermark gets max{seq : occurred_at <= as_of}: checked against the log by brute force."""
+    from d2d.eventlog import NewEvent
+
+    rng = random.Random(23)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    events = []
+    for n in range(120):  # arrival order differs from event time (within the views' lateness)
+        at = t0 + timedelta(minutes=n * 5 + rng.uniform(-50, 0))
+        p = payment_at(n + 1, at, float(n + 1))
+        p.payload = json.dumps({**json.loads(p.payload), "customer_id": f"cus_00000{n % 3}"}).encode()
+        events.append(NewEvent(uuid.UUID(p.event_id), p.type, 1, p.entity_type, p.entity_id, at, p.payload.decode()))
+    await event_log.append(events)
+    stored = await event_log.read(0, 1000)
+    times = [t0 - timedelta(hours=2), *(t0 + timedelta(minutes=rng.uniform(0, 600)) for _ in range(40))]
+    rows = [FrameRow({"customer": f"cus_00000{i % 3}"}, as_of) for i, as_of in enumerate(times)]
+    frame = await training_frame(event_log, VIEWS, rows)
+    for i, row in enumerate(rows):
+        watermark = max((e.seq for e in stored if e.occurred_at <= row.as_of), default=0)
+        assert frame.at[i, "watermark"] == watermark, i
+        counted = [
+            e for e in stored
+            if e.seq <= watermark and e.occurred_at <= row.as_of and e.payload["customer_id"] == row.keys["customer"]
+        ]  # fmt: skip
+        assert frame.at[i, "customer_payments.count_lifetime"] == len(counted), i
+    assert frame.at[0, "watermark"] == 0 and frame.at[0, "customer_payments.count_lifetime"] == 0
+    assert len({frame.at[i, "watermark"] for i in range(len(rows))}) > 10, "rows at many points of the log"

@@ -89,6 +89,22 @@ async def test_unknown_event_type_is_not_found_and_kept(ingest: IngestClient) ->
     assert [d.event_id for d in await ingest.list_dead_letters()] == [event.event_id]
 
 
+async def test_unknown_schema_version_is_not_found_naming_the_field_and_kept(ingest: IngestClient) -> None:
+    good = payment_event(payment("pay_00000002"), schema_version=1)
+    unknown = payment_event(payment("pay_00000003"), schema_version=7)
+    results = (await ingest.append([good, unknown])).results
+    assert results[0].WhichOneof("outcome") == "seq"  # the other event of the batch is stored
+    assert results[1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "payment.authorized" in results[1].error.message and "7" in results[1].error.message
+    violation = error_details_pb2.BadRequest()
+    results[1].error.details[0].Unpack(violation)
+    assert violation.field_violations[0].field == "events[1].schema_version"
+    assert [d.event_id for d in await ingest.list_dead_letters()] == [unknown.event_id]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.get_contract_version("payment.authorized", 7)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "versions/7" in caught.value.details()
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [

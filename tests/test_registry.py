@@ -266,3 +266,23 @@ async def test_an_externally_trained_artifact_is_registered_with_its_spec(regist
         )
         await client.stub.RegisterModelVersion(bad)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in caught.value.details()
+
+
+async def test_reproduce_exits_1_when_the_retrained_bytes_differ(registry) -> None:  # noqa: ANN001
+    """A version whose artifact did not come from its stated spec: here trained by the pipeline with
+    another seed than the spec it is registered with. Retraining from the spec gives other bytes."""
+    client, settings = registry
+    model = await new_model(client)
+    stated = spec_json(num_boost_round=8, seed=7)
+    pool = await eventlog.create_pool(settings.database_url, max_size=2)
+    try:
+        actual = await train(EventLog(pool), TrainingSpec.from_json(spec_json(num_boost_round=8, seed=8)), VIEWS)
+    finally:
+        await pool.close()
+    request = registry_pb2.RegisterModelVersionRequest(
+        parent=f"models/{model}", artifact=actual.artifact, spec_json=stated, feature_names=actual.feature_names,
+        evaluation_json=json.dumps({"auc": 0.5}),
+    )  # fmt: skip
+    await client.stub.RegisterModelVersion(request)
+    code, out = await run_cli(cli_env(settings), "models", "reproduce", model, "1")
+    assert code == 1 and "DIFFERENT" in out, out

@@ -118,3 +118,56 @@ async def test_nats_down_during_appends_loses_nothing(
 
 async def _at_least(nats_url: str, namespace: str, n: int) -> bool:
     return await stream_count(nats_url, namespace) >= n
+
+
+async def test_log_positions_is_written_at_most_once_a_second_while_publishing_steadily(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str
+) -> None:
+    """Every write of the relay's position is recorded by a trigger with the database's clock (the
+    test owns its database): while events arrive every few milliseconds for about three seconds,
+    the relay publishes many batches but writes its position at most once a second."""
+    import asyncpg
+
+    from d2d import bus
+    from d2d.outbox import OutboxRelay
+
+    owner = await asyncpg.connect(database_url)
+    await owner.execute(
+        "CREATE TABLE test_position_writes (seq bigint, at timestamptz);"
+        " GRANT INSERT ON test_position_writes TO PUBLIC;"
+        " CREATE FUNCTION test_record_position() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN INSERT INTO test_position_writes VALUES (NEW.seq, clock_timestamp()); RETURN NULL; END $$;"
+        " CREATE TRIGGER test_record_position AFTER INSERT OR UPDATE ON log_positions"
+        " FOR EACH ROW EXECUTE FUNCTION test_record_position();"
+    )
+    topology = bus.Topology(namespace)
+    nc = await nats.connect(nats_server.url)
+    relay = OutboxRelay(
+        event_log, nc.jetstream(), name=f"relay:{topology.events_stream}", stream=topology.events_stream,
+        subject_prefix=topology.events_prefix,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        ids = await append_many(event_log, batches=150, size=3, pause=0.02)  # about three seconds
+        await wait_until(lambda: _published(relay, len(ids)))
+        writes_while_publishing = await owner.fetch("SELECT seq, at FROM test_position_writes ORDER BY at")
+        stop.set()
+        await running
+        final = await owner.fetch("SELECT seq, at FROM test_position_writes ORDER BY at")
+    finally:
+        stop.set()
+        await nc.close()
+        await owner.close()
+    assert final[-1]["seq"] == len(ids)  # stopping keeps what is acknowledged
+    assert relay.stats.batches >= 20, relay.stats
+    assert 3 <= len(writes_while_publishing) <= relay.stats.batches // 5, (len(writes_while_publishing), relay.stats)
+    # Between writes while publishing at least a second passed; only the writes on falling idle or
+    # stopping (at most the last two) may follow sooner.
+    steady = [w["at"] for w in writes_while_publishing[:-1]]
+    gaps = [(b - a).total_seconds() for a, b in zip(steady, steady[1:], strict=False)]
+    assert gaps and all(g >= 1.0 for g in gaps), gaps
+
+
+async def _published(relay, count: int) -> bool:  # noqa: ANN001
+    return relay.stats.position >= count

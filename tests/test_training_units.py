@@ -169,12 +169,28 @@ def test_evaluate_slice_length_mismatch() -> None:
         evaluate([0, 1], [0.1, 0.9], slices={"c": ["a"]})
 
 
-def test_evaluate_is_deterministic() -> None:
+def test_evaluate_slices_equal_brute_force_and_ignore_row_order() -> None:
     rng = np.random.default_rng(7)
     y = rng.integers(0, 2, 200)
     p = rng.random(200)
     groups = rng.choice(["x", "y", "z"], 200)
-    assert evaluate(y, p, slices={"g": groups}).to_dict() == evaluate(y, p, slices={"g": groups}).to_dict()
+    result = evaluate(y, p, slices={"g": groups})
+    for group in ("x", "y", "z"):
+        rows = [i for i in range(200) if groups[i] == group]
+        pos = [p[i] for i in rows if y[i]]
+        neg = [p[i] for i in rows if not y[i]]
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+        brier = sum((p[i] - y[i]) ** 2 for i in rows) / len(rows)
+        nll = -sum(math.log(p[i]) if y[i] else math.log(1 - p[i]) for i in rows) / len(rows)
+        got = result.slices["g"][group]
+        assert (got["rows"], got["positives"]) == (len(rows), len(pos))
+        assert got["auc"] == pytest.approx(wins / (len(pos) * len(neg)))
+        assert got["brier"] == pytest.approx(brier) and got["log_loss"] == pytest.approx(nll)
+    order = rng.permutation(200)  # the metrics describe a set of rows, not a sequence
+    shuffled = evaluate(y[order], p[order], slices={"g": groups[order]})
+    for group in ("x", "y", "z"):
+        assert shuffled.slices["g"][group] == pytest.approx(result.slices["g"][group])
+    assert shuffled.auc == pytest.approx(result.auc)
 
 
 # ---------------------------------------------------------------------------------------------

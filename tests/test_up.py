@@ -156,15 +156,34 @@ def test_up_uses_the_servers_named_in_the_environment(
 def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
     data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
     up = start_up(data_dir, log, port)
-    try:
-        wait_endpoints(data_dir, up, log)
-        demo = subprocess.run(
+
+    def run_demo() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "demo", "--days", "0.25"],
             cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
         )  # fmt: skip
+
+    async def stored(url: str) -> tuple[int, int]:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM events"), await conn.fetchval(
+                "SELECT max(seq) FROM events"
+            )
+        finally:
+            await conn.close()
+
+    try:
+        endpoints = wait_endpoints(data_dir, up, log)
+        demo = run_demo()
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        after_first = asyncio.run(stored(endpoints["database_url"]))
+        again = run_demo()  # the same events again: the log is idempotent
+        assert again.returncode == 0, again.stdout + again.stderr
+        after_second = asyncio.run(stored(endpoints["database_url"]))
     finally:
         stop_up(up, log)
-    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert after_first[0] > 5_000
+    assert after_second == after_first, "a second demo appended events"
     out = demo.stdout
     assert "appended" in out and "dead letters" in out and "head of the log" in out
     assert "online features of" in out and "0 mismatches" in out

@@ -107,6 +107,8 @@ class FeatureApi:
             feature_names=[f"{v}.{f}" for v, f in resolved], watermark=self.state.watermark
         )
         response.as_of.FromMicroseconds(round(as_of * 1e6))
+        for view_name in views:
+            response.dropped_late[view_name] = self.state.states[view_name].dropped_late
         for i, row in enumerate(request.rows):
             row_as_of = row.as_of.ToMicroseconds() / 1e6 if row.HasField("as_of") else as_of
             per_view: dict[str, dict[str, Any]] = {}
