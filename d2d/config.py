@@ -40,6 +40,9 @@ class Settings:
     features_snapshot_seconds: float = field(
         default_factory=lambda: float(os.environ.get("D2D_FEATURES_SNAPSHOT_SECONDS", "5"))
     )
+    # Rows (Predicts, BatchPredict rows) serving decides at once; more are refused with
+    # RESOURCE_EXHAUSTED and RetryInfo rather than queued.
+    serving_max_in_flight: int = field(default_factory=lambda: int(os.environ.get("D2D_SERVING_MAX_IN_FLIGHT", "4000")))
     # Python module whose VIEWS tuple the features service serves.
     feature_views_module: str = field(default_factory=lambda: os.environ.get("D2D_FEATURE_VIEWS", "d2d.sim.views"))
     # Prefix of stream names and subjects (empty in production; tests use one per test).

@@ -42,9 +42,10 @@ async def platform(trained: Platform) -> AsyncIterator[Platform]:
     settings = Settings(
         database_url=trained.database_url, nats_url=trained.nats_url, nats_namespace=trained.namespace,
         features_addr=trained.features, registry_addr=trained.registry, serving_addr=trained.serving,
+        serving_max_in_flight=MAX_IN_FLIGHT,
     )  # fmt: skip
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop, max_in_flight=MAX_IN_FLIGHT))
+    task = asyncio.create_task(serve(settings, stop))
     async with ServingClient(trained.serving) as serving:
         await serving.wait_ready()
         payment = trained.payments[-1]

@@ -19,7 +19,7 @@ from d2d.eventlog import EventLog, GroupCommitter
 from d2d.features.store import registered_views
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import serving_pb2
-from services.serving.api import DEFAULT_MAX_IN_FLIGHT, SERVICE_NAME, ServingApi
+from services.serving.api import SERVICE_NAME, ServingApi
 from services.serving.models import Deployment, LoadedVersion, load_deployment
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,11 @@ async def follow_model_changes(nc, deployments: Deployments, topology: bus.Topol
             await subscription.unsubscribe()
 
 
-async def serve(
-    settings: Settings, stop: asyncio.Event | None = None, *, micro_batching: bool = True,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-) -> None:  # fmt: skip
+async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_batching: bool = True) -> None:
     """Run the ServingService on settings.serving_addr until `stop` (or SIGINT/SIGTERM).
 
-    `max_in_flight`: rows (Predicts, BatchPredict rows) decided at once; more are refused with
-    RESOURCE_EXHAUSTED and RetryInfo."""
+    `settings.serving_max_in_flight`: rows (Predicts, BatchPredict rows) decided at once; more are
+    refused with RESOURCE_EXHAUSTED and RetryInfo."""
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
@@ -124,7 +121,7 @@ async def serve(
     features = FeatureClient(settings.features_addr)
     deployments = Deployments(registry, event_log, micro_batching=micro_batching)
     server, health = grpcserver.new_server([SERVICE_NAME])
-    api = ServingApi(deployments, features, event_log, committer, max_in_flight=max_in_flight)
+    api = ServingApi(deployments, features, event_log, committer, max_in_flight=settings.serving_max_in_flight)
     grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api)
     if server.add_insecure_port(settings.serving_addr) == 0:
         raise SystemExit(f"serving: cannot listen on {settings.serving_addr}")
