@@ -387,11 +387,7 @@ class ServingApi:
             self._settle_late(append, row, event, slot, "its call was cancelled before the commit finished")
             raise
         except LOG_UNREACHABLE as exc:
-            raise Refusal(
-                "UNAVAILABLE",
-                f"the decision log is unreachable ({type(exc).__name__}); {NOT_RECORDED}",
-                retry_after=RETRY_UNAVAILABLE,
-            ) from None
+            raise _log_unreachable(exc) from None
         except Refusal as r:  # the committer's queue is full (RESOURCE_EXHAUSTED), or an event it cannot store
             raise Refusal(r.code, r.message, _under(row.where, r.field), retry_after=r.retry_after) from None
 
@@ -462,11 +458,14 @@ class ServingApi:
                 retry_after=RETRY_UNAVAILABLE,
             ) from None
         except LOG_UNREACHABLE as exc:
-            raise Refusal(
-                "UNAVAILABLE",
-                f"the decision log is unreachable ({type(exc).__name__}); {NOT_RECORDED}",
-                retry_after=RETRY_UNAVAILABLE,
-            ) from None
+            raise _log_unreachable(exc) from None
+
+
+def _log_unreachable(exc: BaseException) -> Refusal:
+    return Refusal(
+        "UNAVAILABLE", f"the decision log is unreachable ({type(exc).__name__}); {NOT_RECORDED}",
+        retry_after=RETRY_UNAVAILABLE,
+    )  # fmt: skip
 
 
 _TRANSIENT = (
