@@ -436,3 +436,10 @@ def test_sim_view_features() -> None:
     ]  # fmt: skip
     assert views_by_name(VIEWS)["card_payments"].feature_names()[0] == "count_10m"
     assert [t.name for t in TRANSFORMS] == ["amount_vs_customer_mean_1d", "hour_of_day", "ip_country_same_as_last"]
+
+
+def test_every_transform_op_says_what_its_request_inputs_must_be() -> None:
+    """Serving checks a Predict's context by these kinds; an op without one could not be served."""
+    from d2d.features import definitions
+
+    assert set(definitions.TRANSFORM_INPUT_KIND) == set(definitions._TRANSFORM_ARITY)

@@ -306,6 +306,16 @@ class Aggregate:
 
 _TRANSFORM_ARITY = {"ratio": 2, "difference": 2, "equals": 2, "log1p": 1, "hour_of_day": 1, "is_missing": 1}
 
+# What a request value read by each transform must be (absent or null is always allowed: missing).
+# Serving checks a Predict's context against these before deciding.
+NUMBER = "a number"
+TIME = "an RFC 3339 time or POSIX seconds"
+TEXT = "a string"
+SCALAR = "a string, number or boolean"
+TRANSFORM_INPUT_KIND = {
+    "ratio": NUMBER, "difference": NUMBER, "log1p": NUMBER, "hour_of_day": TIME, "equals": SCALAR, "is_missing": SCALAR,
+}  # fmt: skip
+
 
 def _number(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float):

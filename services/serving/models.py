@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from d2d.client import RegistryClient
-from d2d.features.definitions import FeatureView
+from d2d.features.definitions import NUMBER, TEXT, TRANSFORM_INPUT_KIND, FeatureView
 from d2d.training.spec import TrainingSpec, model_inputs
 
 
@@ -75,16 +75,6 @@ class MicroBatcher:
             self._task.cancel()
 
 
-# What a request input must be (absent or null is always allowed: the model takes it as missing).
-NUMBER = "a number"
-TIME = "an RFC 3339 time or POSIX seconds"
-TEXT = "a string"
-SCALAR = "a string, number or boolean"
-_TRANSFORM_INPUT = {
-    "ratio": NUMBER, "difference": NUMBER, "log1p": NUMBER, "hour_of_day": TIME, "equals": SCALAR, "is_missing": SCALAR,
-}  # fmt: skip
-
-
 @dataclass
 class LoadedVersion:
     model: str
@@ -128,7 +118,7 @@ class Deployment:
                 for ref in transform.inputs:
                     head, _, rest = ref.partition(".")
                     if head == "request":
-                        kinds.setdefault(tuple(rest.split(".")), set()).add(_TRANSFORM_INPUT[transform.op])
+                        kinds.setdefault(tuple(rest.split(".")), set()).add(TRANSFORM_INPUT_KIND[transform.op])
         return kinds
 
     def feature_refs(self) -> list[str]:
