@@ -7,6 +7,7 @@ Validators are compiled once (jsonschema-rs) and cached per (type, version).
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 __all__ = ["Contract", "ContractRegistry", "Refusal", "check_payload"]
 DEFAULT_MAX_FUTURE_SKEW_SECONDS = 3600
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 DEFAULT_MAX_AGE_SECONDS = 3652 * 86_400
 
 
@@ -317,6 +319,8 @@ def check_payload(validator: Any, payload: bytes, pii_fields: tuple[str, ...] = 
         raise Refusal("INVALID_ARGUMENT", f"payload is not valid UTF-8 JSON: {exc}", "payload") from exc
     if not isinstance(document, dict):
         raise Refusal("INVALID_ARGUMENT", "payload must be a JSON object", "payload")
+    if _LONG_NUMBER.search(payload):  # orjson reads integers beyond 64 bits as rounded floats
+        document = json.loads(payload)  # exact ints; the syntax was checked above
     if validator.is_valid(document):
         return payload.decode()
     error = next(iter(validator.iter_errors(document)))
