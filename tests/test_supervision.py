@@ -25,7 +25,7 @@ from d2d.bus import EVENTS_STREAM
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.runtime.stack import Backoff
 from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
-from tests.test_up import append_one, start_up, stop_up, wait_endpoints
+from tests.test_up import append_one, command_line, start_up, stop_up, wait_endpoints
 
 
 def test_backoff_doubles_from_half_a_second_to_a_cap_and_resets_after_a_stable_run() -> None:
@@ -280,3 +280,22 @@ async def _last_published_id(nats_url: str) -> str | None:
         return None
     finally:
         await nc.close()
+
+
+def test_a_service_that_keeps_dying_is_restarted_later_each_time(platform: Platform) -> None:
+    up, endpoints, _, log = platform
+    seen: list[int] = []
+
+    def new_ingest() -> psutil.Process | None:
+        children = psutil.Process(up.pid).children()
+        return next((p for p in children if p.pid not in seen and "services.ingest serve" in command_line(p)), None)
+
+    for _ in range(3):
+        ingest = eventually(new_ingest, "a new ingest process")
+        assert isinstance(ingest, psutil.Process)
+        seen.append(ingest.pid)
+        ingest.kill()
+    eventually(new_ingest, "ingest restarted a third time")
+    delays = re.findall(r"ingest was killed by SIGKILL after [\d.]+ s up; restart \d+ in ([\d.]+) s", log.read_text())
+    assert [float(d) for d in delays] == [0.5, 1, 2]
+    append_retrying(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000d1")
