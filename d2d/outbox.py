@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
 
 from d2d import bus, telemetry
-from d2d.eventlog import APPEND_LOCK_KEY, NOTIFY_CHANNEL, EventLog, NewEvent
+from d2d.eventlog import APPEND_LOCK_KEY, LOG_UNREACHABLE, NOTIFY_CHANNEL, EventLog, NewEvent
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,23 @@ class OutboxRelay:
         self._tracer = telemetry.tracer(__name__)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Publish until `stop` is set (or forever). Returns only when stopped."""
+        """Publish until `stop` is set (or forever). Returns only when stopped.
+
+        Postgres going away does not end it: the relay waits (backing off to 10 s), takes the
+        leader lock again and resumes from the recorded position (JetStream drops what it repeats)."""
         stop = stop or asyncio.Event()
         await bus.ensure_stream(self.js, bus.events_stream_config(self.stream, self.subject_prefix))
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                await self._run_once(stop)
+                return
+            except LOG_UNREACHABLE as exc:
+                log.warning("relay: the event log is unreachable (%s); resuming in %.1f s", exc, backoff)
+                await _wait_any(stop, asyncio.Event(), backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _run_once(self, stop: asyncio.Event) -> None:
         async with self.log.pool.acquire() as leader:
             await self._lead(leader, stop)
             if stop.is_set():
@@ -101,8 +115,9 @@ class OutboxRelay:
             try:
                 await self._publish_until(stop, wake, leader)
             finally:
-                await leader.remove_listener(NOTIFY_CHANNEL, on_notify)
-                await leader.execute("SELECT pg_advisory_unlock_all()")
+                with contextlib.suppress(*LOG_UNREACHABLE):  # a dead connection holds no lock or listener
+                    await leader.remove_listener(NOTIFY_CHANNEL, on_notify)
+                    await leader.execute("SELECT pg_advisory_unlock_all()")
 
     async def _publish_until(self, stop: asyncio.Event, wake: asyncio.Event, conn: asyncpg.Connection) -> None:
         """Publish from the recorded position on; reads go through `conn`, the connection that

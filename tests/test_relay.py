@@ -171,3 +171,35 @@ async def test_log_positions_is_written_at_most_once_a_second_while_publishing_s
 
 async def _published(relay, count: int) -> bool:  # noqa: ANN001
     return relay.stats.position >= count
+
+
+async def test_the_relay_outlives_postgres_going_away_and_resumes(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service, postgres
+) -> None:
+    """Postgres refusing every connection (its backends terminated) does not end the relay's
+    process: it waits, takes the leader lock again and publishes what came meanwhile, once each."""
+    import asyncpg
+
+    relay = start_service(RELAY, settings_env(database_url, nats_server.url, namespace), "relay")
+    ids = await append_many(event_log, batches=5, size=100)
+    await wait_until(lambda: _at_least(nats_server.url, namespace, len(ids)))
+    database = database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(postgres.admin_url())
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = ''"
+            " AND pid <> pg_backend_pid()",
+            database,
+        )
+        await asyncio.sleep(2.0)  # the relay notices and backs off
+        assert relay.process.poll() is None, relay.log()
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    ids += await append_many(event_log, batches=5, size=100)
+    await wait_until(lambda: _at_least(nats_server.url, namespace, len(ids)), timeout=60)
+    await asyncio.sleep(1.0)
+    assert_exactly_once_in_order(await stream_contents(nats_server.url, namespace), ids)
+    assert "the event log is unreachable" in relay.log()
+    assert relay.terminate() == 0, relay.log()
