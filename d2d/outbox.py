@@ -14,9 +14,10 @@ Only one relay per database publishes at a time (a session advisory lock); other
 
 No single event stops the relay. One the bus cannot carry (larger than the server's `max_payload`,
 which `limits.check_event` makes impossible for events appended since, or refused by the stream)
-is skipped visibly: counted in `RelayStats.skipped`, logged, and recorded in the log as a
-`quality.alert` event (kind `event_not_published`, with its seq, id, size and the reason). Its
-consumers see the gap in `D2D-Prev-Of-Type` and read it from the log, which stays the source of truth.
+is skipped visibly: counted in `RelayStats.skipped` (and on the batch's span, with a span event
+per event), logged, and recorded in the log as a `quality.alert` event (kind `event_not_published`,
+with its seq, id, size and the reason). Its consumers see the gap in `D2D-Prev-Of-Type` and read it
+from the log, which stays the source of truth.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import asyncpg
 import orjson
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
+from opentelemetry import trace
 
 from d2d import bus, telemetry
 from d2d.eventlog import APPEND_LOCK_KEY, LOG_UNREACHABLE, NOTIFY_CHANNEL, EventLog, NewEvent
@@ -227,6 +229,13 @@ class OutboxRelay:
             )  # fmt: skip
         await self.log.append(alerts)  # ids derive from the skipped events: a replay appends none twice
         self.stats.skipped += len(skipped)
+        span = trace.get_current_span()  # the batch's relay.publish span
+        span.set_attribute("d2d.skipped", len(skipped))
+        for seq, event_id, type_, size, reason in skipped:
+            span.add_event(
+                "event_not_published",
+                {"d2d.seq": seq, "d2d.event_id": str(event_id), "d2d.type": type_, "d2d.size": size, "reason": reason},
+            )
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> bool:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from d2d import eventlog
+from d2d import eventlog, telemetry
 from d2d.client import FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.config import Settings
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
@@ -46,6 +48,14 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    """The spans this process finishes from now on (the module's tests share it)."""
+    exporter = InMemorySpanExporter()
+    telemetry.setup_tracing("tests").add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
 
 
 @pytest.fixture

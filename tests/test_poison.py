@@ -17,6 +17,7 @@ import nats
 import orjson
 import pytest
 from google.protobuf import timestamp_pb2
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from d2d import bus
 from d2d.client import IngestClient, make_event
@@ -275,7 +276,7 @@ async def test_nats_intake_dead_letters_a_nul_event_and_commits_the_rest(
 
 
 async def test_the_relay_skips_an_event_the_bus_cannot_carry_and_records_an_alert(
-    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, spans: InMemorySpanExporter
 ) -> None:
     """An event stored before the limits held (appended here through the SQL function itself, as
     the owner) is larger than NATS's max_payload: the relay records it and goes on."""
@@ -319,6 +320,8 @@ async def test_the_relay_skips_an_event_the_bus_cannot_carry_and_records_an_aler
     ids = [m.headers["Nats-Msg-Id"] for m in await sub.fetch(10, timeout=5)]
     assert ids == [str(before.event_id), str(after.event_id), str(biggest_allowed.event_id), str(alert.event_id)]
     await nc.close()
+    [noted] = [e for s in spans.get_finished_spans() if s.name == "relay.publish" for e in s.events]
+    assert noted.name == "event_not_published" and noted.attributes["d2d.event_id"] == str(too_big_id)
 
 
 async def test_calls_beyond_the_concurrency_bound_are_refused_at_once_and_the_rest_are_stored(

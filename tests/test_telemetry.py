@@ -11,7 +11,6 @@ import grpc
 import nats
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from d2d import bus, telemetry
@@ -19,13 +18,6 @@ from d2d.client import IngestClient, make_event
 from d2d.eventlog import EventLog
 from d2d.outbox import OutboxRelay
 from d2d.runtime.servers import NatsServer
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    telemetry.setup_tracing("tests").add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 def trace_id_of(traceparent: str) -> int:
