@@ -203,6 +203,20 @@ class EventLog:
         async with self.pool.acquire() as own:  # autocommit: the function call is the transaction
             return await self._append_locked(own, events)
 
+    @contextlib.asynccontextmanager
+    async def recording(self) -> AsyncIterator[Recording]:
+        """The one way to record a platform fact: a transaction holding the append lock, in which the
+        caller checks what it must (reads on `tx.conn` see every committed event and row) and
+        appends events whose projectors (`d2d.projections`) write the tables: all or nothing.
+
+            async with log.recording() as tx:
+                if await tx.conn.fetchval("SELECT 1 FROM models WHERE name = $1", name): ...
+                [registered] = await tx.append(event)
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.lock_for_append(conn)
+            yield Recording(self, conn)
+
     @staticmethod
     async def lock_for_append(conn: asyncpg.Connection) -> None:
         """Take the append lock in conn's transaction (held until it ends; re-entrant)."""
@@ -341,6 +355,29 @@ class EventLog:
                 name,
                 seq,
             )
+
+
+class Recording:
+    """An open `EventLog.recording()` transaction."""
+
+    def __init__(self, log: EventLog, conn: asyncpg.Connection) -> None:
+        self.log = log
+        self.conn = conn
+
+    async def append(self, *events: NewEvent) -> list[StoredEvent]:
+        """Append events and run their projectors in this transaction; returns them as stored (a
+        repeat of a stored event id is answered with the stored event, and projects nothing)."""
+        from d2d import projections
+
+        results = await self.log.append(events, conn=self.conn)
+        rows = await self.conn.fetch(
+            f"SELECT {_SELECT_COLUMNS} FROM events WHERE seq = ANY($1::bigint[]) ORDER BY seq",
+            [r.seq for r in results],
+        )
+        stored = {row["seq"]: _stored(row) for row in rows}
+        fresh = sorted({r.seq for r in results if not r.duplicate})
+        await projections.apply(self.conn, [stored[seq] for seq in fresh])
+        return [stored[r.seq] for r in results]
 
 
 class CommitDeadlineExceeded(TimeoutError):

@@ -1,8 +1,10 @@
 """The model registry's storage: models, immutable versions, content-addressed artifacts, aliases.
 
-Every change is an event in the log, appended in the same transaction as the row it explains:
-`model.registered` (a model or a version) and `model.alias_set` (an alias moved or removed). The
-alias history is read back from those events.
+Every change is an event in the log whose projector (`d2d.projections`) writes the rows, in the
+same transaction (`EventLog.recording()`): `model.registered` (a model, or a version with its spec,
+evaluation, lineage, input names and the sha256 of its artifact), `model.updated` (its description),
+`model.policy_set` and `model.alias_set` (an alias moved or removed). Artifacts are a
+content-addressed blob store beside them. The alias history is read back from the events.
 """
 
 from __future__ import annotations
@@ -114,19 +116,10 @@ class ModelStore:
             raise RegistryError(
                 "INVALID_ARGUMENT", f"model id {model!r} must be lower case letters, digits and '-'", "model_id"
             )
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self.log.lock_for_append(conn)
-            if await conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
+        async with self.log.recording() as tx:
+            if await tx.conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
                 raise RegistryError("ALREADY_EXISTS", f"models/{model} already exists", "model_id")
-            [event] = await self.log.append(
-                [_event("model.registered", model, {"model": model, "description": description})], conn=conn
-            )
-            await conn.execute(
-                "INSERT INTO models (name, description, registered_seq) VALUES ($1, $2, $3)",
-                model,
-                description,
-                event.seq,
-            )
+            await tx.append(_event("model.registered", model, {"model": model, "description": description}))
         return await self.get_model(model)
 
     async def get_model(self, model: str) -> ModelRecord:
@@ -145,20 +138,13 @@ class ModelStore:
     ) -> ModelRecord:
         """Change the description and/or the deployment policy (a `model.policy_set` event)."""
         await self.get_model(model)
-        async with self.pool.acquire() as conn, conn.transaction():
+        if policy is not None:
+            policy = check_policy(policy)
+        async with self.log.recording() as tx:
             if description is not None:
-                await conn.execute("UPDATE models SET description = $2 WHERE name = $1", model, description)
+                await tx.append(_event("model.updated", model, {"model": model, "description": description}))
             if policy is not None:
-                policy = check_policy(policy)
-                await self.log.lock_for_append(conn)
-                await self.log.append(
-                    [_event("model.policy_set", model, {"model": model, "policy": policy})], conn=conn
-                )
-                await conn.execute(
-                    "UPDATE models SET deployment_policy = $2::jsonb WHERE name = $1",
-                    model,
-                    orjson.dumps(policy).decode(),
-                )
+                await tx.append(_event("model.policy_set", model, {"model": model, "policy": policy}))
         return await self.get_model(model)
 
     async def list_models(self) -> list[ModelRecord]:
@@ -177,28 +163,19 @@ class ModelStore:
     ) -> VersionRecord:
         await self.get_model(model)
         sha = hashlib.sha256(artifact).hexdigest()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self.log.lock_for_append(conn)
-            version = await conn.fetchval(
+        async with self.log.recording() as tx:
+            version = await tx.conn.fetchval(
                 "SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE model = $1", model
             )
-            await conn.execute(
+            await tx.conn.execute(
                 "INSERT INTO artifacts (sha256, data, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
-                sha,
-                artifact,
-                len(artifact),
-            )
-            payload = {
-                "model": model, "version": version, "sha256": sha, "spec": spec,
-                "evaluation": {k: (evaluation or {}).get(k) for k in ("auc", "log_loss", "brier", "rows", "positives")},
-            }  # fmt: skip
-            [event] = await self.log.append([_event("model.registered", model, payload)], conn=conn)
-            await conn.execute(
-                "INSERT INTO model_versions (model, version, sha256, spec, evaluation, lineage, feature_names,"
-                " registered_seq) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb, $7, $8)",
-                model, version, sha, orjson.dumps(spec).decode(), orjson.dumps(evaluation or {}).decode(),
-                orjson.dumps(lineage or {}).decode(), feature_names, event.seq,
+                sha, artifact, len(artifact),
             )  # fmt: skip
+            payload = {
+                "model": model, "version": version, "sha256": sha, "spec": spec, "evaluation": evaluation or {},
+                "lineage": lineage or {}, "feature_names": list(feature_names),
+            }  # fmt: skip
+            await tx.append(_event("model.registered", model, payload))
         return await self.get_version(model, str(version))
 
     async def get_version(self, model: str, version: str) -> VersionRecord:
@@ -261,25 +238,10 @@ class ModelStore:
         if version is not None:
             await self.get_version(model, str(version))
         previous = record.aliases.get(alias)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self.log.lock_for_append(conn)
-            payload = {
-                "model": model,
-                "alias": alias,
-                "version": version,
-                "previous_version": previous,
-                "reason": reason,
-            }
-            [event] = await self.log.append([_event("model.alias_set", model, payload)], conn=conn)
-            if version is None:
-                await conn.execute("DELETE FROM model_aliases WHERE model = $1 AND alias = $2", model, alias)
-            else:
-                await conn.execute(
-                    "INSERT INTO model_aliases (model, alias, version, set_seq) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, set_seq = excluded.set_seq",
-                    model, alias, version, event.seq,
-                )  # fmt: skip
-        return AliasChange(alias, version, previous, event.seq, datetime.now(UTC), reason)
+        payload = {"model": model, "alias": alias, "version": version, "previous_version": previous, "reason": reason}
+        async with self.log.recording() as tx:
+            [event] = await tx.append(_event("model.alias_set", model, payload))
+        return AliasChange(alias, version, previous, event.seq, event.recorded_at, reason)
 
     async def alias_history(self, model: str) -> list[AliasChange]:
         """Every alias change of the model, oldest first, read from the log."""

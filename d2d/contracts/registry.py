@@ -1,7 +1,8 @@
 """Data contracts: versioned JSON Schemas per event type, and validation of payloads against them.
 
 A new version is checked against earlier ones by its compatibility mode before it is stored; the
-registration is recorded as a `contract.registered` event in the same transaction as the row.
+registration is recorded as a `contract.registered` event, whose projector writes the row
+(`EventLog.recording()`).
 Validators are compiled once (jsonschema-rs) and cached per (type, version).
 """
 
@@ -171,9 +172,8 @@ class ContractRegistry:
                     f"pii field {pointer!r} must be a JSON pointer like '/email'",
                     "contract_version.pii_fields",
                 )
-        async with self.log.pool.acquire() as conn, conn.transaction():
-            await self.log.lock_for_append(conn)
-            rows = await conn.fetch(
+        async with self.log.recording() as tx:
+            rows = await tx.conn.fetch(
                 f"SELECT {_COLUMNS} FROM contracts WHERE event_type = $1 ORDER BY version", event_type
             )
             previous = [_contract(r) for r in rows]
@@ -210,20 +210,13 @@ class ContractRegistry:
                 "null_rate_limits": candidate.null_rate_limits,
                 "max_future_skew_seconds": max_future_skew_seconds, "max_age_seconds": max_age_seconds,
             }  # fmt: skip
-            [appended] = await self.log.append(
-                [NewEvent(uuid.uuid4(), "contract.registered", 1, "contract", event_type,
-                          datetime.now(UTC), orjson.dumps(payload).decode())],
-                conn=conn,
+            await tx.append(
+                NewEvent(uuid.uuid4(), "contract.registered", 1, "contract", event_type, datetime.now(UTC),
+                         orjson.dumps(payload).decode())
             )  # fmt: skip
-            row = await conn.fetchrow(
-                "INSERT INTO contracts (event_type, version, owner, json_schema, description, pii_fields,"
-                " compatibility, allowed_lateness_seconds, null_rate_limits, registered_seq,"
-                " max_future_skew_seconds, max_age_seconds)"
-                f" VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9::jsonb, $10, $11, $12) RETURNING {_COLUMNS}",
-                event_type, candidate.version, owner, orjson.dumps(json_schema).decode(), description,
-                list(pii_fields), mode.value, allowed_lateness_seconds,
-                orjson.dumps(candidate.null_rate_limits).decode(), appended.seq,
-                max_future_skew_seconds, max_age_seconds,
+            row = await tx.conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM contracts WHERE event_type = $1 AND version = $2", event_type,
+                candidate.version,
             )  # fmt: skip
         contract = _contract(row)
         self._remember(contract)

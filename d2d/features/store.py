@@ -16,40 +16,21 @@ from d2d.features.definitions import FeatureView
 
 
 async def register_views(log: EventLog, views: Sequence[FeatureView]) -> dict[str, int]:
-    """Record each view version not yet registered; returns {view name: seq of its registration}."""
+    """Record each view version not yet registered (a `feature_view.registered` event, projected into
+    `feature_views`); returns {view name: seq of its registration}."""
     registered: dict[str, int] = {}
-    async with log.pool.acquire() as conn, conn.transaction():
-        await log.lock_for_append(conn)
+    async with log.recording() as tx:
         for view in views:
-            seq = await conn.fetchval(
+            seq = await tx.conn.fetchval(
                 "SELECT registered_seq FROM feature_views WHERE name = $1 AND version = $2", view.name, view.version
             )
             if seq is None:
-                definition = view.to_dict()
-                payload = {"name": view.name, "version": view.version, "definition": definition}
-                [appended] = await log.append(
-                    [
-                        NewEvent(
-                            uuid.uuid4(),
-                            "feature_view.registered",
-                            1,
-                            "feature_view",
-                            view.name,
-                            datetime.now(UTC),
-                            orjson.dumps(payload).decode(),
-                        )  # fmt: skip
-                    ],
-                    conn=conn,
-                )
-                seq = appended.seq
-                await conn.execute(
-                    "INSERT INTO feature_views (name, version, definition, registered_seq)"
-                    " VALUES ($1, $2, $3::jsonb, $4)",
-                    view.name,
-                    view.version,
-                    orjson.dumps(definition).decode(),
-                    seq,
-                )
+                payload = {"name": view.name, "version": view.version, "definition": view.to_dict()}
+                [event] = await tx.append(
+                    NewEvent(uuid.uuid4(), "feature_view.registered", 1, "feature_view", view.name,
+                             datetime.now(UTC), orjson.dumps(payload).decode())
+                )  # fmt: skip
+                seq = event.seq
             registered[view.name] = seq
     return registered
 

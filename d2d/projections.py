@@ -1,0 +1,233 @@
+"""Projections: every table but `events` and `dead_letters` holds rows computed from events.
+
+A projector is a function of one stored event that writes the rows the event implies, registered
+for its event type with `@projects("type")`. The same projectors run in two places:
+
+- live, in the transaction that appends the event (`EventLog.recording()`), so a table can never
+  hold a fact the log lacks: code that records a fact appends an event, and the projector writes
+  the row;
+- offline, over the whole log from seq 0 into a fresh database (`rebuild`), so any projection can
+  be recomputed and compared with the live one (`compare`), row for row.
+
+Rows take their times from the event (`recorded_at`), never from the clock, so a rebuild is equal
+to the live table. Adding a projection is one projector here and one entry in `TABLES`.
+
+Not projections, and why: `artifacts` is a content-addressed blob store (a `model.registered`
+event names the sha256 of its artifact; a rebuild copies the blobs and checks every hash);
+`log_positions` and `feature_snapshots` are checkpoints of consumers (how far the relay
+published, the features service's folded state at its watermark): both are recomputed by their
+consumer from the log when missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from d2d.eventlog import StoredEvent
+
+Projector = Callable[[asyncpg.Connection, StoredEvent], Awaitable[None]]
+PROJECTORS: dict[str, Projector] = {}
+
+# Each projection table and the columns that identify a row, in the order rows are compared.
+TABLES: dict[str, tuple[str, ...]] = {
+    "contracts": ("event_type", "version"),
+    "feature_views": ("name", "version"),
+    "models": ("name",),
+    "model_versions": ("model", "version"),
+    "model_aliases": ("model", "alias"),
+}
+
+
+def projects(event_type: str) -> Callable[[Projector], Projector]:
+    """Register `fn` as the projector of `event_type` (one per type)."""
+
+    def register(fn: Projector) -> Projector:
+        if event_type in PROJECTORS:
+            raise ValueError(f"{event_type} already has a projector: {PROJECTORS[event_type].__name__}")
+        PROJECTORS[event_type] = fn
+        return fn
+
+    return register
+
+
+async def apply(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
+    """Run each event's projector (if its type has one), in order, on `conn`."""
+    for event in events:
+        projector = PROJECTORS.get(event.type)
+        if projector is not None:
+            await projector(conn, event)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The projectors
+
+
+@projects("contract.registered")
+async def _contract_registered(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    defaults = {"description": "", "allowed_lateness_seconds": 0, "null_rate_limits": {}}
+    p = {**defaults, **p}
+    await conn.execute(
+        "INSERT INTO contracts (event_type, version, owner, json_schema, description, pii_fields, compatibility,"
+        " allowed_lateness_seconds, null_rate_limits, created_at, registered_seq, max_future_skew_seconds,"
+        " max_age_seconds)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9::jsonb, $10, $11, coalesce($12, 3600),"
+        " coalesce($13, 315532800))",
+        p["event_type"], p["version"], p["owner"], _json(p["json_schema"]), p["description"], p["pii_fields"],
+        p["compatibility"], p["allowed_lateness_seconds"], _json(p["null_rate_limits"]), e.recorded_at, e.seq,
+        p.get("max_future_skew_seconds"), p.get("max_age_seconds"),
+    )  # fmt: skip
+
+
+@projects("feature_view.registered")
+async def _feature_view_registered(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    await conn.execute(
+        "INSERT INTO feature_views (name, version, definition, registered_seq, created_at)"
+        " VALUES ($1, $2, $3::jsonb, $4, $5)",
+        p["name"], p["version"], _json(p["definition"]), e.seq, e.recorded_at,
+    )  # fmt: skip
+
+
+@projects("model.registered")
+async def _model_registered(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    """A model (payload without `version`) or one of its versions."""
+    p = e.payload
+    if "version" not in p:
+        await conn.execute(
+            "INSERT INTO models (name, description, registered_seq, created_at) VALUES ($1, $2, $3, $4)",
+            p["model"], p.get("description", ""), e.seq, e.recorded_at,
+        )  # fmt: skip
+        return
+    await conn.execute(
+        "INSERT INTO model_versions (model, version, sha256, spec, evaluation, lineage, feature_names,"
+        " registered_seq, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb, $7, $8, $9)",
+        p["model"], p["version"], p["sha256"], _json(p["spec"]), _json(p.get("evaluation", {})),
+        _json(p.get("lineage", {})), p.get("feature_names", []), e.seq, e.recorded_at,
+    )  # fmt: skip
+
+
+@projects("model.updated")
+async def _model_updated(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    await conn.execute("UPDATE models SET description = $2 WHERE name = $1", p["model"], p["description"])
+
+
+@projects("model.policy_set")
+async def _model_policy_set(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    await conn.execute(
+        "UPDATE models SET deployment_policy = $2::jsonb WHERE name = $1", p["model"], _json(p["policy"])
+    )
+
+
+@projects("model.alias_set")
+async def _model_alias_set(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    if p["version"] is None:
+        await conn.execute("DELETE FROM model_aliases WHERE model = $1 AND alias = $2", p["model"], p["alias"])
+        return
+    await conn.execute(
+        "INSERT INTO model_aliases (model, alias, version, set_seq) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (model, alias) DO UPDATE SET version = excluded.version, set_seq = excluded.set_seq",
+        p["model"], p["alias"], p["version"], e.seq,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuilding and comparing
+
+
+async def rebuild(source_url: str, target_url: str, *, batch: int = 5000) -> int:
+    """Recompute every projection of the log at `source_url` into the migrated, empty database at
+    `target_url` (owner connections): copy the log and the artifact blobs (checking each sha256),
+    then run the projectors over every event in order. Returns the number of events replayed."""
+    from d2d.eventlog import _SELECT_COLUMNS, _init_connection
+
+    source = await asyncpg.connect(source_url)
+    target = await asyncpg.connect(target_url)
+    try:
+        for conn in (source, target):
+            await _init_connection(conn, None)
+        for row in await source.fetch("SELECT sha256, data, size_bytes, created_at FROM artifacts"):
+            if hashlib.sha256(row["data"]).hexdigest() != row["sha256"]:
+                raise ValueError(f"artifact {row['sha256']} does not hash to its name")
+            await target.execute(
+                "INSERT INTO artifacts (sha256, data, size_bytes, created_at) VALUES ($1, $2, $3, $4)", *row.values()
+            )
+        after, replayed = 0, 0
+        while True:
+            rows = await source.fetch(
+                f"SELECT {_SELECT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2", after, batch
+            )
+            if not rows:
+                return replayed
+            events = [StoredEvent(*r.values()) for r in rows]
+            async with target.transaction():
+                columns = list(zip(*(r.values() for r in rows), strict=True))
+                await target.execute(
+                    f"INSERT INTO events ({_SELECT_COLUMNS}) SELECT s, i, t, v, et, ei, o, r, p::jsonb, m::jsonb"
+                    " FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[],"
+                    " $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])"
+                    " AS u(s, i, t, v, et, ei, o, r, p, m)",
+                    *columns[:8], [_json(x) for x in columns[8]], [_json(x) for x in columns[9]],
+                )  # fmt: skip
+                await apply(target, events)
+            after, replayed = events[-1].seq, replayed + len(events)
+    finally:
+        await source.close()
+        await target.close()
+
+
+@dataclass(frozen=True)
+class Difference:
+    table: str
+    key: tuple[Any, ...]
+    live: dict[str, Any] | None  # None: the row is missing live
+    rebuilt: dict[str, Any] | None  # None: the rebuild has no such row
+
+    def __str__(self) -> str:
+        where = f"{self.table} {dict(zip(TABLES[self.table], self.key, strict=True))}"
+        if self.live is None:
+            return f"{where}: only in the rebuild"
+        if self.rebuilt is None:
+            return f"{where}: not in the rebuild"
+        changed = sorted(k for k in self.live if self.live[k] != self.rebuilt.get(k))
+        return f"{where}: {', '.join(f'{k} {self.live[k]!r} != {self.rebuilt.get(k)!r}' for k in changed)}"
+
+
+async def compare(live_url: str, rebuilt_url: str) -> list[Difference]:
+    """Every row of every projection table that differs between two databases, by key."""
+    differences = []
+    live, rebuilt = await asyncpg.connect(live_url), await asyncpg.connect(rebuilt_url)
+    try:
+        for table, key in TABLES.items():
+            differences += _diff(table, await _rows(live, table, key), await _rows(rebuilt, table, key))
+    finally:
+        await live.close()
+        await rebuilt.close()
+    return differences
+
+
+async def _rows(conn: asyncpg.Connection, table: str, key: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {tuple(r[c] for c in key): dict(r) for r in await conn.fetch(f"SELECT * FROM {table}")}
+
+
+def _diff(
+    table: str, live: dict[tuple[Any, ...], dict[str, Any]], rebuilt: dict[tuple[Any, ...], dict[str, Any]]
+) -> list[Difference]:
+    return [
+        Difference(table, key, live.get(key), rebuilt.get(key))
+        for key in sorted(live.keys() | rebuilt.keys(), key=repr)
+        if live.get(key) != rebuilt.get(key)
+    ]
