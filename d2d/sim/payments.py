@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from d2d.contracts.files import ContractSpec, load_contract_files
 from d2d.eventlog import NewEvent
 from d2d.private import open_private
 
@@ -95,51 +96,6 @@ class PaymentTruth:
     fraud_probability: float
     is_fraud: bool
     chargeback_at: datetime | None
-
-
-@dataclass(frozen=True)
-class ContractSpec:
-    """A data contract for one event type: owner, payload JSON Schema and PII pointers."""
-
-    event_type: str
-    version: int
-    owner: str
-    schema: dict[str, Any]
-    pii_fields: tuple[str, ...]
-    compatibility: str = "BACKWARD"
-    allowed_lateness_seconds: int = 3600
-    description: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON file representation (as shipped in ``d2d/sim/contracts``)."""
-        return {
-            "event_type": self.event_type,
-            "version": self.version,
-            "owner": self.owner,
-            "description": self.description,
-            "compatibility": self.compatibility,
-            "allowed_lateness_seconds": self.allowed_lateness_seconds,
-            "pii_fields": list(self.pii_fields),
-            "schema": self.schema,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ContractSpec:
-        """Parse the JSON file representation."""
-        return cls(
-            event_type=d["event_type"],
-            version=int(d["version"]),
-            owner=d["owner"],
-            schema=d["schema"],
-            pii_fields=tuple(d.get("pii_fields", ())),
-            compatibility=d.get("compatibility", "BACKWARD"),
-            allowed_lateness_seconds=int(d.get("allowed_lateness_seconds", 3600)),
-            description=d.get("description", ""),
-        )
-
-    @property
-    def file_name(self) -> str:
-        return f"{self.event_type}.v{self.version}.json"
 
 
 # --------------------------------------------------------------------------- domain tables
@@ -368,9 +324,7 @@ def _builtin_contracts() -> list[ContractSpec]:
 
 def load_contracts(directory: str | os.PathLike[str] | None = None) -> list[ContractSpec]:
     """Read the shipped contract files (``d2d/sim/contracts/*.json``), sorted by event type."""
-    d = Path(directory) if directory is not None else CONTRACTS_DIR
-    specs = [ContractSpec.from_dict(json.loads(p.read_text("utf-8"))) for p in d.glob("*.json")]
-    return sorted(specs, key=lambda s: (s.event_type, s.version))
+    return load_contract_files(Path(directory) if directory is not None else CONTRACTS_DIR)
 
 
 def _write_contract_files(directory: str | os.PathLike[str] | None = None) -> None:
