@@ -7,7 +7,8 @@ Every simulator contract is at version 1, so there is none yet. One would read::
     def payment_authorized_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
         return {**without(payload, "amount"), "money": {"amount": payload["amount"], "currency": "EUR"}}
 
-and the v2 contract is registered with `upcaster="d2d.sim.upcasters:payment_authorized_v1_v2"`.
+and registering the v2 contract records `"upcaster": "d2d.sim.upcasters:payment_authorized_v1_v2"` in its
+`contract.registered` event.
 """
 
 from __future__ import annotations
