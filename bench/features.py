@@ -101,7 +101,7 @@ from d2d import bus, eventlog, grpcserver
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features import offline
 from d2d.features.definitions import FeatureView
-from d2d.features.fold import FoldEvent, ViewState
+from d2d.features.fold import ViewState, fold_event
 from d2d.features.offline import PAGE, FrameRow, rows_from_events, training_frame, watermarks_at
 from d2d.runtime.servers import free_port
 from d2d.sim import PaymentsSimulator, SimConfig
@@ -264,7 +264,7 @@ async def replay(log: EventLog, into: Replay) -> int:
     while True:
         page = await log.read(after, PAGE, types=SOURCES)
         for e in page:
-            event = FoldEvent(e.seq, e.type, e.occurred_at.timestamp(), e.payload)
+            event = fold_event(e.seq, e.type, e.schema_version, e.occurred_at.timestamp(), e.payload)
             for state in by_source[e.type]:
                 applied += state.apply(event)
         count += len(page)

@@ -45,6 +45,9 @@ class Settings:
     serving_max_in_flight: int = field(default_factory=lambda: int(os.environ.get("D2D_SERVING_MAX_IN_FLIGHT", "4000")))
     # Python module whose VIEWS tuple the features service serves.
     feature_views_module: str = field(default_factory=lambda: os.environ.get("D2D_FEATURE_VIEWS", "d2d.sim.views"))
+    # Python modules (comma-separated) that declare upcasters (d2d.contracts.upcasting), imported at
+    # the first upcast by every process that reads payloads.
+    upcaster_modules: str = field(default_factory=lambda: os.environ.get("D2D_UPCASTERS", "d2d.sim.upcasters"))
     # Prefix of stream names and subjects (empty in production; tests use one per test).
     nats_namespace: str = field(default_factory=lambda: os.environ.get("D2D_NATS_NAMESPACE", ""))
     # The role every service connection switches to: INSERT and SELECT on the log, nothing more.

@@ -17,8 +17,8 @@ SOURCE = "payment.authorized"
 def envelope(seq: int, customer: str = "c1", amount: float = 10.0) -> bytes:
     payload = {"customer_id": customer, "merchant_id": "m1", "card_id": "k1", "amount": amount, "channel": "ecom",
                "ip_country": "DE", "device_id": "d1"}  # fmt: skip
-    return orjson.dumps({"seq": seq, "type": SOURCE, "occurred_at": f"2026-01-01T00:00:{seq:02d}+00:00",
-                         "payload": payload})  # fmt: skip
+    return orjson.dumps({"seq": seq, "type": SOURCE, "schema_version": 1,
+                         "occurred_at": f"2026-01-01T00:00:{seq:02d}+00:00", "payload": payload})  # fmt: skip
 
 
 def test_events_chain_by_type_and_the_watermark_follows_the_last_folded() -> None:
@@ -38,7 +38,7 @@ def test_a_missed_event_of_the_type_is_a_gap_not_a_hole() -> None:
         state.offer(9, SOURCE, envelope(9), prev=5)  # 5 was never folded
     assert (gap.value.type, gap.value.after, gap.value.through) == (SOURCE, 3, 5)
     assert state.watermark == 3, "nothing past the gap is claimed"
-    state.offer_event(5, SOURCE, 1767225605.0, orjson.loads(envelope(5))["payload"])  # filled from the log
+    state.offer_event(5, SOURCE, 1, 1767225605.0, orjson.loads(envelope(5))["payload"])  # filled from the log
     assert state.offer(9, SOURCE, envelope(9), prev=5)
     assert state.states["customer_payments"].values("c1", 1767225660.0)["count_lifetime"] == 3
 

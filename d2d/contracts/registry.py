@@ -20,6 +20,7 @@ import jsonschema_rs
 import orjson
 
 from d2d.contracts.compat import CompatibilityMode, check_compatibility
+from d2d.contracts.upcasting import upgraded_by
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
 from d2d.limits import MAX_EVENT_BYTES
@@ -210,6 +211,8 @@ class ContractRegistry:
                 "null_rate_limits": candidate.null_rate_limits,
                 "max_future_skew_seconds": max_future_skew_seconds, "max_age_seconds": max_age_seconds,
             }  # fmt: skip
+            if upcaster := upgraded_by(event_type, candidate.version):  # the code that reads older payloads as this
+                payload["upcaster"] = upcaster
             await tx.append(
                 NewEvent(uuid.uuid4(), "contract.registered", 1, "contract", event_type, datetime.now(UTC),
                          orjson.dumps(payload).decode())

@@ -44,6 +44,7 @@ Semantics, precisely:
 
 from __future__ import annotations
 
+import logging
 import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
@@ -53,9 +54,12 @@ from functools import reduce
 from operator import add, methodcaller
 from typing import Any
 
+from d2d.contracts.upcasting import UpcastError, upcast
 from d2d.features.definitions import Aggregation, FeatureView, Filter, resolve_path
 
-__all__ = ["FoldEvent", "StaleQueryError", "ViewState", "fold_all", "posix_seconds"]
+__all__ = ["FoldEvent", "StaleQueryError", "ViewState", "fold_all", "fold_event", "posix_seconds"]
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 1
 
@@ -95,6 +99,20 @@ class FoldEvent:
     type: str
     occurred_at: float
     payload: dict[str, Any]
+
+
+def fold_event(seq: int, type_: str, schema_version: int, occurred_at: float, payload: dict[str, Any]) -> FoldEvent:
+    """The FoldEvent of a stored event, its payload upcast to its type's newest version.
+
+    Both paths (the online consumer, the offline frame) build their FoldEvents here, so both fold
+    the same upcast payloads. An event whose upcaster fails is folded with an empty payload (no
+    entity key: it only advances the watermark), on both paths alike, and logged."""
+    try:
+        payload = upcast(type_, schema_version, payload)[1]
+    except UpcastError as exc:
+        log.warning("fold: event seq %d skipped: %s", seq, exc)
+        payload = {}
+    return FoldEvent(seq, type_, occurred_at, payload)
 
 
 def posix_seconds(value: datetime | str) -> float:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from d2d.contracts.upcasting import upcast_event
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.features.definitions import FeatureView
-from d2d.features.fold import FoldEvent, StaleQueryError, ViewState
+from d2d.features.fold import StaleQueryError, ViewState, fold_event
 
 PAGE = 10_000
 
@@ -84,7 +85,9 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
     pending: StoredEvent | None = await anext(events, None)
     for i in order:
         while pending is not None and pending.seq <= watermarks[i]:
-            event = FoldEvent(pending.seq, pending.type, pending.occurred_at.timestamp(), pending.payload)
+            event = fold_event(
+                pending.seq, pending.type, pending.schema_version, pending.occurred_at.timestamp(), pending.payload
+            )
             for state in by_source[pending.type]:
                 state.apply(event)
             pending = await anext(events, None)
@@ -129,7 +132,7 @@ async def rows_from_events(
     after = 0
     while limit is None or len(rows) < limit:
         page = await log.read(after, PAGE, types=[event_type])
-        for e in page:
+        for e in map(upcast_event, page):
             keys = {v.entity: str(e.payload[v.entity_key]) for v in keyed if v.entity_key in e.payload}
             rows.append(FrameRow(keys, e.occurred_at, e.seq - 1, str(e.event_id)))
         if len(page) < PAGE:

@@ -1,6 +1,6 @@
 """Training a model version from a spec against the log, deterministically.
 
-labels (from the log, by the label definition) -> point-in-time features (the offline frame, the
+labels (from the log's upcast payloads, by the label definition) -> point-in-time features (the offline frame, the
 same fold as online) -> model inputs -> time-based split -> XGBoost (fixed seed, one thread) ->
 evaluation on the held-out test split. The same spec against the same log gives the same
 artifact bytes, which `reproduce` checks.
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from d2d.contracts.upcasting import upcast_event
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.offline import FrameRow, training_frame
@@ -50,7 +51,7 @@ async def labeled_examples(log: EventLog, spec: TrainingSpec) -> list[LabeledExa
     after = spec.after_seq
     while after < spec.to_seq:
         page = await log.read(after, PAGE, types=[label.example_type, label.outcome_type])
-        page = [e for e in page if e.seq <= spec.to_seq]
+        page = [upcast_event(e) for e in page if e.seq <= spec.to_seq]
         events.extend(page)
         if len(page) < PAGE:
             break
@@ -176,7 +177,7 @@ async def _lookup(log: EventLog, event_type: str, key: str, value_field: str, to
     after = 0
     while True:
         page = await log.read(after, PAGE, types=[event_type])
-        for e in page:
+        for e in map(upcast_event, page):
             if e.seq <= to_seq and key in e.payload:
                 found[e.payload[key]] = e.payload.get(value_field)
         if len(page) < PAGE or page[-1].seq >= to_seq:
@@ -233,7 +234,7 @@ async def compare_on_rows(
             break
         examples.extend(
             LabeledExample(str(e.event_id), e.seq, e.occurred_at, e.payload, wanted[str(e.event_id)])
-            for e in page
+            for e in map(upcast_event, page)
             if str(e.event_id) in wanted
         )
         after = page[-1].seq

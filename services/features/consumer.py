@@ -137,7 +137,7 @@ class Folder:
             if not events:
                 raise RuntimeError(f"features: the log has no {gap.type} event in ({after}, {gap.through}]")
             for e in events:
-                self.state.offer_event(e.seq, e.type, e.occurred_at.timestamp(), e.payload)
+                self.state.offer_event(e.seq, e.type, e.schema_version, e.occurred_at.timestamp(), e.payload)
             after = events[-1].seq
 
     async def _advance_when_idle(self, js: JetStreamContext, stream: str) -> None:

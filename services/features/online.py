@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from d2d.features.definitions import FeatureView
-from d2d.features.fold import FoldEvent, ViewState
+from d2d.features.fold import ViewState, fold_event
 
 
 class GapError(RuntimeError):
@@ -60,18 +60,20 @@ class OnlineState:
         if prev is not None and prev != last:
             raise GapError(type_, last, prev)
         envelope = orjson.loads(body)
-        self._fold(seq, type_, event_time(envelope["occurred_at"]), envelope["payload"])
+        self._fold(seq, type_, envelope["schema_version"], event_time(envelope["occurred_at"]), envelope["payload"])
         if stream_seq:
             self.stream_seq = stream_seq
         return True
 
-    def offer_event(self, seq: int, type_: str, occurred_at: float, payload: dict[str, Any]) -> None:
+    def offer_event(
+        self, seq: int, type_: str, schema_version: int, occurred_at: float, payload: dict[str, Any]
+    ) -> None:
         """Fold one event read straight from the log (gap filling), in seq order within its type."""
         if type_ in self.by_source and seq > self.last_of_type.get(type_, 0):
-            self._fold(seq, type_, occurred_at, payload)
+            self._fold(seq, type_, schema_version, occurred_at, payload)
 
-    def _fold(self, seq: int, type_: str, occurred_at: float, payload: dict[str, Any]) -> None:
-        event = FoldEvent(seq, type_, occurred_at, payload)
+    def _fold(self, seq: int, type_: str, schema_version: int, occurred_at: float, payload: dict[str, Any]) -> None:
+        event = fold_event(seq, type_, schema_version, occurred_at, payload)
         for state in self.by_source[type_]:
             if state.apply(event):
                 self.applied += 1
