@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from d2d.contracts.platform import check_platform_event
 from d2d.errors import Refusal
 from d2d.limits import check_event
 
@@ -197,6 +198,7 @@ class EventLog:
             return []
         for event in events:
             check_event(event)
+            check_platform_event(event)
         events = with_trace(events)
         if conn is not None:
             return await self._append_locked(conn, events)
@@ -429,6 +431,7 @@ class GroupCommitter:
             return []
         for event in events:
             check_event(event)
+            check_platform_event(event)
         if self._queued and self._queued + len(events) > self.max_queued_events:
             raise Refusal(
                 "RESOURCE_EXHAUSTED",

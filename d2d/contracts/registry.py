@@ -8,7 +8,6 @@ Validators are compiled once (jsonschema-rs) and cached per (type, version).
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -20,16 +19,16 @@ import jsonschema_rs
 import orjson
 
 from d2d.contracts.compat import CompatibilityMode, check_compatibility
+from d2d.contracts.platform import is_platform_type
 from d2d.contracts.upcasting import upgraded_by
+from d2d.contracts.validation import check_payload
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
-from d2d.limits import MAX_EVENT_BYTES
 
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 __all__ = ["Contract", "ContractRegistry", "Refusal", "check_payload"]
 DEFAULT_MAX_FUTURE_SKEW_SECONDS = 3600
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 DEFAULT_MAX_AGE_SECONDS = 3652 * 86_400
 
 
@@ -141,6 +140,7 @@ class ContractRegistry:
         max_future_skew_seconds: int = DEFAULT_MAX_FUTURE_SKEW_SECONDS,
         max_age_seconds: int = DEFAULT_MAX_AGE_SECONDS,
         validate_only: bool = False,
+        platform: bool = False,
     ) -> Contract:
         """Register the next version of `event_type`'s contract.
 
@@ -153,6 +153,11 @@ class ContractRegistry:
                 f"event type {event_type!r} must be lower-case and dotted, like 'payment.authorized'",
                 "parent",
             )
+        if is_platform_type(event_type) and not platform:
+            raise Refusal(
+                "PERMISSION_DENIED", f"{event_type} is a platform event type: its contract is the platform's own",
+                "parent",
+            )  # fmt: skip
         if not owner:
             raise Refusal("INVALID_ARGUMENT", "owner is required", "contract_version.owner")
         try:
@@ -298,46 +303,6 @@ class ContractRegistry:
         if occurred_at is not None:
             contract.check_time(occurred_at, received_at or datetime.now(UTC))
         return version, check_payload(validator, payload, contract.pii_fields)
-
-
-def check_payload(validator: Any, payload: bytes, pii_fields: tuple[str, ...] = ()) -> str:
-    """Validate payload bytes with a compiled validator; returns the JSON text.
-
-    A refusal names the field; for a field under one of `pii_fields` (JSON pointers) it says what
-    rule failed without repeating the value."""
-    if len(payload) > MAX_EVENT_BYTES:
-        raise Refusal(
-            "INVALID_ARGUMENT", f"payload is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES} bytes", "payload"
-        )
-    try:
-        document = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise Refusal("INVALID_ARGUMENT", f"payload is not valid UTF-8 JSON: {exc}", "payload") from exc
-    if not isinstance(document, dict):
-        raise Refusal("INVALID_ARGUMENT", "payload must be a JSON object", "payload")
-    if _LONG_NUMBER.search(payload):  # orjson reads integers beyond 64 bits as rounded floats
-        document = json.loads(payload)  # exact ints; the syntax was checked above
-    if validator.is_valid(document):
-        return payload.decode()
-    error = next(iter(validator.iter_errors(document)))
-    parts = list(error.instance_path)
-    kind = type(error.kind).__name__
-    if kind == "Required":
-        parts.append(error.kind.property)
-    elif kind == "AdditionalProperties" and error.kind.unexpected:
-        parts.append(error.kind.unexpected[0])
-    field_path = "payload" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
-    pointer = "".join(f"/{p}" for p in parts)
-    if any(pointer == f or pointer.startswith(f + "/") for f in pii_fields):
-        message = f"{field_path} breaks the contract ({kind}); the value is personal data and is not repeated"
-    else:
-        message = f"{field_path} breaks the contract: {_shortened(error.message)}"
-    raise Refusal("INVALID_ARGUMENT", message, field_path)
-
-
-def _shortened(message: str, limit: int = 300) -> str:
-    """A validator's message, which quotes the offending value, cut to a readable length."""
-    return message if len(message) <= limit else message[:limit] + f"... ({len(message)} characters)"
 
 
 def _same_terms(a: Contract, b: Contract) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from d2d.contracts.platform import is_platform_type
 from d2d.contracts.registry import EVENT_TYPE_RE, ContractRegistry
 from d2d.deadletters import DeadLetters, Rejected
 from d2d.errors import Refusal
@@ -66,6 +67,8 @@ def check_envelope(c: Candidate) -> uuid.UUID:
         event_id = uuid.UUID(c.event_id)
     except ValueError:
         raise Refusal("INVALID_ARGUMENT", f"event_id {c.event_id[:64]!r} is not a UUID", "event_id") from None
+    if is_platform_type(c.type):
+        raise Refusal("PERMISSION_DENIED", f"{c.type} is a platform event type: only the platform appends it", "type")
     if not EVENT_TYPE_RE.match(c.type):
         raise Refusal(
             "INVALID_ARGUMENT", f"type {c.type[:64]!r} must be lower-case and dotted, like 'payment.authorized'", "type"

@@ -7,6 +7,7 @@ import contextlib
 
 from d2d import bus, eventlog, grpcserver
 from d2d.config import Settings
+from d2d.contracts.platform import register_platform_contracts
 from d2d.contracts.registry import ContractRegistry
 from d2d.deadletters import DeadLetters
 from d2d.eventlog import EventLog, GroupCommitter
@@ -23,6 +24,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     pool = await eventlog.create_pool(url, role=settings.db_role, max_size=10)
     log_ = EventLog(pool)
     registry = ContractRegistry(log_)
+    await register_platform_contracts(registry)  # `d2d contracts list` shows them beside producers' own
     dead_letters = DeadLetters(pool)
     committer = GroupCommitter(log_)
     ingestor = Ingestor(registry, committer, dead_letters)

@@ -1,0 +1,58 @@
+"""Checking a payload against a compiled JSON Schema: what a refusal says, and what it never repeats.
+
+Shared by the contracts registry (producers' events) and the platform's own contracts
+(`d2d.contracts.platform`); it needs nothing of the log, so the log can use it too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+from d2d.errors import Refusal
+from d2d.limits import MAX_EVENT_BYTES
+
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+
+
+def check_payload(validator: Any, payload: bytes, pii_fields: tuple[str, ...] = ()) -> str:
+    """Validate payload bytes with a compiled validator; returns the JSON text.
+
+    A refusal names the field; for a field under one of `pii_fields` (JSON pointers) it says what
+    rule failed without repeating the value."""
+    if len(payload) > MAX_EVENT_BYTES:
+        raise Refusal(
+            "INVALID_ARGUMENT", f"payload is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES} bytes", "payload"
+        )
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise Refusal("INVALID_ARGUMENT", f"payload is not valid UTF-8 JSON: {exc}", "payload") from exc
+    if not isinstance(document, dict):
+        raise Refusal("INVALID_ARGUMENT", "payload must be a JSON object", "payload")
+    if _LONG_NUMBER.search(payload):  # orjson reads integers beyond 64 bits as rounded floats
+        document = json.loads(payload)  # exact ints; the syntax was checked above
+    if validator.is_valid(document):
+        return payload.decode()
+    error = next(iter(validator.iter_errors(document)))
+    parts = list(error.instance_path)
+    kind = type(error.kind).__name__
+    if kind == "Required":
+        parts.append(error.kind.property)
+    elif kind == "AdditionalProperties" and error.kind.unexpected:
+        parts.append(error.kind.unexpected[0])
+    field_path = "payload" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+    pointer = "".join(f"/{p}" for p in parts)
+    if any(pointer == f or pointer.startswith(f + "/") for f in pii_fields):
+        message = f"{field_path} breaks the contract ({kind}); the value is personal data and is not repeated"
+    else:
+        message = f"{field_path} breaks the contract: {_shortened(error.message)}"
+    raise Refusal("INVALID_ARGUMENT", message, field_path)
+
+
+def _shortened(message: str, limit: int = 300) -> str:
+    """A validator's message, which quotes the offending value, cut to a readable length."""
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message)} characters)"
