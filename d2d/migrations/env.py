@@ -2,7 +2,8 @@
 
 `d2d.eventlog.migrate` hands over its connection (an async engine on asyncpg, run through
 `run_sync`, holding the migration lock) in `config.attributes["connection"]`. Without one, as from
-the `alembic` command line (`[tool.alembic]` in pyproject.toml), it connects to D2D_DATABASE_URL.
+the `alembic` command line (`[tool.alembic]` in pyproject.toml: `alembic check`, `alembic revision`),
+it connects to D2D_DATABASE_URL, without that lock: migrate deployments with `d2d migrate`.
 """
 
 from __future__ import annotations
