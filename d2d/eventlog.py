@@ -23,11 +23,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-import sqlalchemy
-from alembic import command
-from alembic.script import ScriptDirectory
 
-from d2d import db
 from d2d.errors import Refusal
 from d2d.limits import check_event
 
@@ -134,52 +130,16 @@ async def migrate(url: str) -> list[str]:
     Runs as the connecting (owner) role, under an advisory lock, so services starting together
     on an empty database create the schema once.
     """
+    from d2d import db  # SQLAlchemy and Alembic load only in the processes that migrate
+
     engine = db.async_engine(url)
     try:
         async with engine.connect() as conn:
-            await conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": APPEND_LOCK_KEY + 1})
+            await conn.execute(db.text("SELECT pg_advisory_lock(:key)"), {"key": APPEND_LOCK_KEY + 1})
             await conn.commit()  # the lock is the session's; each revision then commits on its own
-            return await conn.run_sync(_upgrade_to_head)
+            return await conn.run_sync(db.upgrade_to_head)
     finally:
         await engine.dispose()  # closing the connection releases the lock
-
-
-def _upgrade_to_head(conn: sqlalchemy.Connection) -> list[str]:
-    applied: list[str] = []
-
-    def on_version_apply(*, step: Any, **_: Any) -> None:
-        if step.is_upgrade:
-            applied.append(step.up_revision_id)
-
-    _adopt_numbered_sql_history(conn)
-    command.upgrade(db.alembic_config(connection=conn, on_version_apply=on_version_apply), "head")
-    return applied
-
-
-def _adopt_numbered_sql_history(conn: sqlalchemy.Connection) -> None:
-    """A database that the numbered-SQL runner migrated (a `schema_migrations` table, no
-    `alembic_version`) already has the schema up to its last file. Upgrading it from nothing would
-    fail on the first CREATE TABLE, so it is stamped at the revision of that file and upgraded from
-    there; its `schema_migrations` table goes in the same transaction, so one record of what ran
-    remains and the schema equals a fresh database's."""
-    found = conn.execute(
-        sqlalchemy.text("SELECT to_regclass('schema_migrations') IS NOT NULL, to_regclass('alembic_version') IS NULL")
-    ).one()
-    if not all(found):
-        conn.commit()
-        return
-    last = conn.execute(sqlalchemy.text("SELECT max(version) FROM schema_migrations")).scalar_one()
-    if last is not None:
-        # Revision ids begin with the number of the SQL file they replace (0001_event_log.sql is
-        # revision 0001_event_log), and that runner applied its files in order, with no gaps.
-        config = db.alembic_config(connection=conn)
-        revisions = [r.revision for r in ScriptDirectory.from_config(config).walk_revisions()]
-        matching = [r for r in revisions if r.startswith(f"{last:04d}_")]
-        if len(matching) != 1:
-            raise RuntimeError(f"schema_migrations ends at {last}: no single revision in d2d/migrations matches it")
-        command.stamp(config, matching[0])
-    conn.execute(sqlalchemy.text("DROP TABLE schema_migrations"))
-    conn.commit()
 
 
 # ---------------------------------------------------------------------------------------------
