@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -125,41 +124,23 @@ async def create_pool(
     )
 
 
-def _migration_files() -> list[tuple[int, str, str]]:
-    files = []
-    for entry in resources.files("d2d.migrations").iterdir():
-        if entry.name.endswith(".sql"):
-            number = int(entry.name.split("_", 1)[0])
-            files.append((number, entry.name, entry.read_text()))
-    return sorted(files)
-
-
 async def migrate(url: str) -> list[str]:
-    """Apply the numbered SQL files in d2d/migrations that this database has not seen.
+    """Bring the database to the newest Alembic revision (d2d/migrations/versions); returns the
+    revisions applied.
 
     Runs as the connecting (owner) role, under an advisory lock, so services starting together
-    on an empty database create the schema once. Returns the names applied.
+    on an empty database create the schema once.
     """
-    conn = await asyncpg.connect(url)
-    applied: list[str] = []
+    from d2d import db  # SQLAlchemy and Alembic load only in the processes that migrate
+
+    engine = db.async_engine(url)
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", APPEND_LOCK_KEY + 1)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for number, name, sql in _migration_files():
-            if number in done:
-                continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", number, name)
-            applied.append(name)
+        async with engine.connect() as conn:
+            await conn.execute(db.text("SELECT pg_advisory_lock(:key)"), {"key": APPEND_LOCK_KEY + 1})
+            await conn.commit()  # the lock is the session's; each revision then commits on its own
+            return await conn.run_sync(db.upgrade_to_head)
     finally:
-        await conn.close()
-    return applied
+        await engine.dispose()  # closing the connection releases the lock
 
 
 # ---------------------------------------------------------------------------------------------

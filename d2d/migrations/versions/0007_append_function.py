@@ -1,11 +1,25 @@
--- One round trip per append: the lock, the idempotency check, the numbering and the insert run in
--- the database. Called in autocommit it is its own transaction; inside an open transaction it
--- takes the (re-entrant) append lock there, which is then held until that transaction ends.
---
--- Input: the append lock's key, then parallel arrays, one element per event, in order. Output:
--- one row per input element, in order: the event's position and whether it was already stored (a repeat of a stored event id,
--- or a second copy of an id earlier in the same call, stores nothing and gets the first position).
+"""One round trip per append: the lock, the idempotency check, the numbering and the insert run in
+the database. Called in autocommit it is its own transaction; inside an open transaction it takes
+the (re-entrant) append lock there, which is then held until that transaction ends.
 
+Input: the append lock's key, then parallel arrays, one element per event, in order. Output: one
+row per input element, in order: the event's position and whether it was already stored (a repeat
+of a stored event id, or a second copy of an id earlier in the same call, stores nothing and gets
+the first position).
+
+Revision ID: 0007_append_function
+"""
+
+from alembic import op
+
+revision = "0007_append_function"
+down_revision = "0006_deployment_policy"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("""
 CREATE FUNCTION append_events(
     p_lock_key bigint, p_event_ids uuid[], p_types text[], p_schema_versions integer[], p_entity_types text[],
     p_entity_ids text[], p_occurred_at timestamptz[], p_payloads text[], p_metadata text[]
@@ -51,7 +65,14 @@ BEGIN
     LEFT JOIN numbered n ON n.event_id = i.event_id
     ORDER BY i.ord;
 END;
-$$;
+$$
+""")
+    op.execute("""
+        GRANT EXECUTE ON FUNCTION
+            append_events(bigint, uuid[], text[], integer[], text[], text[], timestamptz[], text[], text[])
+            TO d2d_service
+    """)
 
-GRANT EXECUTE ON FUNCTION append_events(bigint, uuid[], text[], integer[], text[], text[], timestamptz[], text[], text[])
-    TO d2d_service;
+
+def downgrade() -> None:
+    raise NotImplementedError("the schema only moves forward: restore a backup to go back")
