@@ -273,6 +273,8 @@ async def test_dlq_commands_list_and_redrive(ingest: IngestClient, database_url:
     assert code == 0 and "1 of 1 redriven" in out
     code, head = await run_cli(env, "log", "head", "-n", "1")
     assert code == 0 and "payment.authorized" in head
+    code, head = await run_cli(env, "log", "head", "-n", "3", "--type", "contract.registered")
+    assert code == 0 and "contract/payment.authorized" in head and "payment/pay_" not in head, head
 
 
 async def test_unreachable_log_is_unavailable_with_retry_info_and_then_recovers(
