@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -25,6 +25,9 @@ from d2d.v1 import (
     serving_pb2,
     serving_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from d2d.features.definitions import FeatureView
 
 
 def make_event(
@@ -171,6 +174,32 @@ class IngestClient:
             ingest_pb2.RedriveDeadLettersRequest(names=list(names), event_type=event_type, payload=payload), timeout=60
         )
 
+    async def list_events(
+        self, *, limit: int = 100, event_type: str = "", entity_type: str = "", entity_id: str = ""
+    ) -> tuple[list[event_pb2.Event], int]:
+        """The newest `limit` events matching the filters, newest first, and the log's head seq."""
+        found: list[event_pb2.Event] = []
+        token, head = "", 0
+        while len(found) < limit:
+            page = await self.stub.ListEvents(
+                ingest_pb2.ListEventsRequest(
+                    page_size=min(limit - len(found), 1000), page_token=token, event_type=event_type,
+                    entity_type=entity_type, entity_id=entity_id,
+                ),
+                timeout=30,
+            )  # fmt: skip
+            found.extend(page.events)
+            head = head or page.head_seq
+            token = page.next_page_token
+            if not token:
+                break
+        return found, head
+
+    async def get_event_log(self, *, counts: bool = False) -> ingest_pb2.EventLog:
+        """Head, published position and pending dead letters; with `counts`, events per type (reads the whole log)."""
+        view = ingest_pb2.EVENT_LOG_VIEW_FULL if counts else ingest_pb2.EVENT_LOG_VIEW_BASIC
+        return await self.stub.GetEventLog(ingest_pb2.GetEventLogRequest(name="eventLog", view=view), timeout=60)
+
 
 def error_details(error: grpc.aio.AioRpcError) -> list[Any]:
     """The google.rpc details (BadRequest, ErrorInfo, ...) carried by a failed call."""
@@ -249,9 +278,21 @@ class FeatureClient:
         )
 
     async def list_views(self) -> list[features_pb2.FeatureView]:
-        return list(
-            (await self.stub.ListFeatureViews(features_pb2.ListFeatureViewsRequest(), timeout=30)).feature_views
-        )
+        """Every view the service serves, all pages."""
+        found: list[features_pb2.FeatureView] = []
+        token = ""
+        while True:
+            page = await self.stub.ListFeatureViews(features_pb2.ListFeatureViewsRequest(page_token=token), timeout=30)
+            found.extend(page.feature_views)
+            token = page.next_page_token
+            if not token:
+                return found
+
+    async def view_definitions(self) -> list[FeatureView]:
+        """The served views as definitions, for offline recomputation of exactly what is served."""
+        from d2d.features.definitions import FeatureView  # noqa: PLC0415 - pandas-free clients stay light
+
+        return [FeatureView.from_dict(json.loads(v.definition_json)) for v in await self.list_views()]
 
 
 class RegistryClient:

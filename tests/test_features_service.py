@@ -205,8 +205,18 @@ async def test_unknown_view_or_feature_is_not_found_and_unknown_entity_gets_defa
         answer = await online.get_online(["customer_payments.*"], [{"customer": "cus_999999"}])
         assert answer.unknown_entities == [["customer"]]
         assert answer.rows[0]["customer_payments.count_lifetime"] == 0
-        views = {v.name for v in await online.list_views()}
-        assert views == {f"featureViews/{v.name}" for v in VIEWS}
+        views = [v.name for v in await online.list_views()]
+        assert views == [f"featureViews/{v.name}" for v in VIEWS]  # in declaration order, all pages
+        first = await online.stub.ListFeatureViews(features_pb2.ListFeatureViewsRequest(page_size=1))
+        rest = await online.stub.ListFeatureViews(
+            features_pb2.ListFeatureViewsRequest(page_size=5, page_token=first.next_page_token)
+        )
+        assert [v.name for v in [*first.feature_views, *rest.feature_views]] == views and not rest.next_page_token
+        assert [v.version for v in await online.view_definitions()] == [v.version for v in VIEWS]
+        for bad, field in [({"page_token": "nosuch"}, "page_token"), ({"page_size": -1}, "page_size")]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await online.stub.ListFeatureViews(features_pb2.ListFeatureViewsRequest(**bad))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caught.value.details()
         got = await online.stub.GetFeatureView(features_pb2.GetFeatureViewRequest(name="featureViews/card_payments"))
         card = next(v for v in VIEWS if v.name == "card_payments")
         assert got.version == card.version and list(got.features) == card.feature_names()
@@ -226,6 +236,8 @@ async def test_frame_and_verify_commands_use_no_event_after_the_row(
         await online.wait_ready()
         await wait_caught_up(online, await event_log.head())
 
+    code, out = await run_cli(env, "features", "views")
+    assert code == 0 and all(v.name in out and v.version in out for v in VIEWS), out
     code, out = await run_cli(env, "features", "verify", "--sample", "150")
     assert code == 0 and "0 mismatches" in out and "of 150 entity rows" in out, out
 

@@ -18,7 +18,9 @@ from google.rpc import error_details_pb2
 
 from d2d.client import IngestClient, error_details, make_event
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer
-from tests.conftest import run_cli
+from d2d.v1 import ingest_pb2
+from services.ingest.server import relay
+from tests.conftest import run_cli, settings_for
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
@@ -271,6 +273,8 @@ async def test_dlq_commands_list_and_redrive(ingest: IngestClient, database_url:
     assert code == 0 and "1 of 1 redriven" in out
     code, head = await run_cli(env, "log", "head", "-n", "1")
     assert code == 0 and "payment.authorized" in head
+    code, head = await run_cli(env, "log", "head", "-n", "3", "--type", "contract.registered")
+    assert code == 0 and "contract/payment.authorized" in head and "payment/pay_" not in head, head
 
 
 async def test_unreachable_log_is_unavailable_with_retry_info_and_then_recovers(
@@ -292,3 +296,92 @@ async def test_unreachable_log_is_unavailable_with_retry_info_and_then_recovers(
     event = payment_event(payment())
     [result] = (await ingest.append([event])).results
     assert result.WhichOneof("outcome") == "seq" and not result.duplicate
+
+
+# -- the log over gRPC: ListEvents and GetEventLog (what `d2d log head` and `d2d demo` show) --------
+
+
+def _violated_field(error: grpc.aio.AioRpcError) -> str:
+    [bad_request] = [d for d in error_details(error) if isinstance(d, error_details_pb2.BadRequest)]
+    return bad_request.field_violations[0].field
+
+
+async def test_list_events_pages_newest_first_and_filters_by_type_and_entity(ingest: IngestClient) -> None:
+    events = [
+        make_event("payment.authorized", "payment", f"pay_{i:08d}", payment(f"pay_{i:08d}"), occurred_at=NOW)
+        for i in range(1, 8)
+    ]
+    seqs = [r.seq for r in (await ingest.append(events)).results]
+    listed, token = [], ""
+    while True:
+        page = await ingest.stub.ListEvents(
+            ingest_pb2.ListEventsRequest(page_size=3, page_token=token, event_type="payment.authorized")
+        )
+        assert len(page.events) <= 3 and page.head_seq == seqs[-1]
+        listed += page.events
+        token = page.next_page_token
+        if not token:
+            break
+    assert [e.seq for e in listed] == seqs[::-1]
+    newest = listed[0]
+    assert (newest.event_id, newest.type, newest.entity_type, newest.entity_id) == (
+        events[-1].event_id, "payment.authorized", "payment", "pay_00000007",
+    )  # fmt: skip
+    assert json.loads(newest.payload) == payment("pay_00000007")
+    assert newest.occurred_at.ToDatetime(tzinfo=UTC) == NOW and newest.recorded_at.seconds > 0
+
+    everything, head = await ingest.list_events(limit=1000)  # the contracts' registrations are events too
+    assert head == seqs[-1] and [e.seq for e in everything[:7]] == seqs[::-1]
+    assert [e.seq for e in everything] == sorted((e.seq for e in everything), reverse=True)
+    assert len(everything) > 7 and everything[-1].type == "contract.registered"
+
+    [one], _ = await ingest.list_events(entity_type="payment", entity_id="pay_00000004")
+    assert one.seq == seqs[3]
+    assert (await ingest.list_events(entity_type="customer"))[0] == []
+    assert (await ingest.list_events(event_type="payment.captured"))[0] == []
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [({"page_token": "x"}, "page_token"), ({"page_size": -1}, "page_size"), ({"entity_id": "pay_1"}, "entity_type")],
+)
+async def test_list_events_refuses_bad_requests_naming_the_field(
+    ingest: IngestClient, request_fields: dict[str, object], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.ListEvents(ingest_pb2.ListEventsRequest(**request_fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _violated_field(caught.value) == field
+
+
+async def test_event_log_reports_head_published_position_dead_letters_and_counts(
+    ingest: IngestClient, database_url: str, nats_server: NatsServer, namespace: str
+) -> None:
+    before = await ingest.get_event_log(counts=True)
+    good = [payment_event(payment(f"pay_{i:08d}")) for i in range(1, 4)]
+    response = await ingest.append([*good, payment_event(payment(currency="USD"))])
+    head = max(r.seq for r in response.results if r.WhichOneof("outcome") == "seq")
+
+    after = await ingest.get_event_log(counts=True)
+    assert after.name == "eventLog" and after.head_seq == head
+    assert after.pending_dead_letters == before.pending_dead_letters + 1
+    assert after.event_counts["payment.authorized"] == before.event_counts.get("payment.authorized", 0) + 3
+    assert after.event_counts["contract.registered"] == before.event_counts["contract.registered"] > 0
+    basic = await ingest.get_event_log()
+    assert basic.head_seq == head and not basic.event_counts
+
+    # the relay of this namespace publishes the log; GetEventLog reads its checkpoint
+    stop = asyncio.Event()
+    relaying = asyncio.create_task(relay(settings_for(database_url, nats_server.url, namespace, 0), stop))
+    try:
+        for _ in range(600):
+            if (await ingest.get_event_log()).published_seq >= head:
+                break
+            await asyncio.sleep(0.1)
+        assert (await ingest.get_event_log()).published_seq == head
+    finally:
+        stop.set()
+        await asyncio.wait_for(relaying, 30)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.GetEventLog(ingest_pb2.GetEventLogRequest(name="eventLogs/1"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and _violated_field(caught.value) == "name"

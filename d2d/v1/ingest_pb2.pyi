@@ -25,6 +25,12 @@ class CompatibilityMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FORWARD_TRANSITIVE: _ClassVar[CompatibilityMode]
     FULL: _ClassVar[CompatibilityMode]
     FULL_TRANSITIVE: _ClassVar[CompatibilityMode]
+
+class EventLogView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_LOG_VIEW_UNSPECIFIED: _ClassVar[EventLogView]
+    EVENT_LOG_VIEW_BASIC: _ClassVar[EventLogView]
+    EVENT_LOG_VIEW_FULL: _ClassVar[EventLogView]
 COMPATIBILITY_MODE_UNSPECIFIED: CompatibilityMode
 NONE: CompatibilityMode
 BACKWARD: CompatibilityMode
@@ -33,6 +39,9 @@ FORWARD: CompatibilityMode
 FORWARD_TRANSITIVE: CompatibilityMode
 FULL: CompatibilityMode
 FULL_TRANSITIVE: CompatibilityMode
+EVENT_LOG_VIEW_UNSPECIFIED: EventLogView
+EVENT_LOG_VIEW_BASIC: EventLogView
+EVENT_LOG_VIEW_FULL: EventLogView
 
 class AppendEventsRequest(_message.Message):
     __slots__ = ("events",)
@@ -224,3 +233,56 @@ class RedriveDeadLettersResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[EventResult]
     redriven_count: int
     def __init__(self, results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ..., redriven_count: _Optional[int] = ...) -> None: ...
+
+class ListEventsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "event_type", "entity_type", "entity_id")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_ID_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    event_type: str
+    entity_type: str
+    entity_id: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., event_type: _Optional[str] = ..., entity_type: _Optional[str] = ..., entity_id: _Optional[str] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events", "next_page_token", "head_seq")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]
+    next_page_token: str
+    head_seq: int
+    def __init__(self, events: _Optional[_Iterable[_Union[_event_pb2.Event, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., head_seq: _Optional[int] = ...) -> None: ...
+
+class GetEventLogRequest(_message.Message):
+    __slots__ = ("name", "view")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    view: EventLogView
+    def __init__(self, name: _Optional[str] = ..., view: _Optional[_Union[EventLogView, str]] = ...) -> None: ...
+
+class EventLog(_message.Message):
+    __slots__ = ("name", "head_seq", "published_seq", "pending_dead_letters", "event_counts")
+    class EventCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PENDING_DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    head_seq: int
+    published_seq: int
+    pending_dead_letters: int
+    event_counts: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., head_seq: _Optional[int] = ..., published_seq: _Optional[int] = ..., pending_dead_letters: _Optional[int] = ..., event_counts: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -74,6 +74,16 @@ class IngestServiceStub:
                 request_serializer=d2d_dot_v1_dot_ingest__pb2.RedriveDeadLettersRequest.SerializeToString,
                 response_deserializer=d2d_dot_v1_dot_ingest__pb2.RedriveDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/d2d.v1.IngestService/ListEvents',
+                request_serializer=d2d_dot_v1_dot_ingest__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=d2d_dot_v1_dot_ingest__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.GetEventLog = channel.unary_unary(
+                '/d2d.v1.IngestService/GetEventLog',
+                request_serializer=d2d_dot_v1_dot_ingest__pb2.GetEventLogRequest.SerializeToString,
+                response_deserializer=d2d_dot_v1_dot_ingest__pb2.EventLog.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -140,6 +150,21 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """Lists the events in the log, newest first, optionally only those of one type or one entity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEventLog(self, request, context):
+        """The log as a whole: its head, how far the relay has published it, the dead letters pending
+        and (with view `EVENT_LOG_VIEW_FULL`) how many events of each type it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +202,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.RedriveDeadLetters,
                     request_deserializer=d2d_dot_v1_dot_ingest__pb2.RedriveDeadLettersRequest.FromString,
                     response_serializer=d2d_dot_v1_dot_ingest__pb2.RedriveDeadLettersResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=d2d_dot_v1_dot_ingest__pb2.ListEventsRequest.FromString,
+                    response_serializer=d2d_dot_v1_dot_ingest__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'GetEventLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEventLog,
+                    request_deserializer=d2d_dot_v1_dot_ingest__pb2.GetEventLogRequest.FromString,
+                    response_serializer=d2d_dot_v1_dot_ingest__pb2.EventLog.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +408,60 @@ class IngestService:
             '/d2d.v1.IngestService/RedriveDeadLetters',
             d2d_dot_v1_dot_ingest__pb2.RedriveDeadLettersRequest.SerializeToString,
             d2d_dot_v1_dot_ingest__pb2.RedriveDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/d2d.v1.IngestService/ListEvents',
+            d2d_dot_v1_dot_ingest__pb2.ListEventsRequest.SerializeToString,
+            d2d_dot_v1_dot_ingest__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEventLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/d2d.v1.IngestService/GetEventLog',
+            d2d_dot_v1_dot_ingest__pb2.GetEventLogRequest.SerializeToString,
+            d2d_dot_v1_dot_ingest__pb2.EventLog.FromString,
             options,
             channel_credentials,
             insecure,

@@ -151,8 +151,14 @@ class FeatureApi:
     async def ListFeatureViews(
         self, request: features_pb2.ListFeatureViewsRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.ListFeatureViewsResponse:
-        names = sorted(self.state.views)
-        start = names.index(request.page_token) + 1 if request.page_token in names else 0
+        names = list(self.state.views)  # declaration order: offline frames keep the module's column order
+        if request.page_token and request.page_token not in names:
+            await grpcserver.fail(context, "INVALID_ARGUMENT", "bad page_token", "page_token")
+        if request.page_size < 0:
+            await grpcserver.fail(
+                context, "INVALID_ARGUMENT", f"page_size must not be negative ({request.page_size})", "page_size"
+            )
+        start = names.index(request.page_token) + 1 if request.page_token else 0
         size = request.page_size or 100
         page = names[start : start + size]
         token = page[-1] if start + size < len(names) else ""

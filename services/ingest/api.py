@@ -13,13 +13,14 @@ import orjson
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import status_pb2
 
-from d2d import grpcserver, telemetry
+from d2d import bus, grpcserver, telemetry
 from d2d.contracts.compat import CompatibilityMode
 from d2d.contracts.registry import Contract, ContractRegistry
 from d2d.deadletters import DeadLetter, DeadLetters
 from d2d.errors import Refusal
-from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog
+from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog, StoredEvent
 from d2d.v1 import event_pb2, ingest_pb2
+from services.ingest.log_reads import newest_events
 from services.ingest.pipeline import Candidate, Ingestor, Outcome, candidate_from_json
 
 SERVICE_NAME = "d2d.v1.IngestService"
@@ -112,18 +113,36 @@ def dead_letter_to_proto(d: DeadLetter) -> ingest_pb2.DeadLetter:
     return msg
 
 
+def event_to_proto(e: StoredEvent) -> event_pb2.Event:
+    msg = event_pb2.Event(
+        event_id=str(e.event_id),
+        type=e.type,
+        schema_version=e.schema_version,
+        entity_type=e.entity_type,
+        entity_id=e.entity_id,
+        payload=orjson.dumps(e.payload),
+        metadata=e.metadata,
+        seq=e.seq,
+    )
+    msg.occurred_at.FromDatetime(e.occurred_at)
+    msg.recorded_at.FromDatetime(e.recorded_at)
+    return msg
+
+
 def _refused(r: Refusal) -> status_pb2.Status:
     return grpcserver.status(r.code, r.message, field=r.field)
 
 
 class IngestApi:
     def __init__(
-        self, ingestor: Ingestor, registry: ContractRegistry, dead_letters: DeadLetters, log: EventLog
-    ) -> None:
+        self, ingestor: Ingestor, registry: ContractRegistry, dead_letters: DeadLetters, log: EventLog,
+        *, relay_name: str = f"relay:{bus.EVENTS_STREAM}",
+    ) -> None:  # fmt: skip
         self.ingestor = ingestor
         self.registry = registry
         self.dead_letters = dead_letters
         self.log = log
+        self.relay_name = relay_name  # the relay's checkpoint in log_positions: how far the bus has the log
 
     # -- appends ----------------------------------------------------------------------------
 
@@ -326,6 +345,50 @@ class IngestApi:
                 await self.dead_letters.note_new_reason(letter.id, outcome.code, outcome.message, outcome.field)
             response.results.append(_result(outcome))
         return response
+
+    # -- the log ----------------------------------------------------------------------------
+
+    async def ListEvents(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.ListEventsResponse:
+        if request.page_size < 0:
+            await grpcserver.fail(
+                context, "INVALID_ARGUMENT", f"page_size must not be negative ({request.page_size})", field="page_size"
+            )
+        if request.page_token and not request.page_token.isdigit():
+            await grpcserver.fail(context, "INVALID_ARGUMENT", "bad page_token", field="page_token")
+        if request.entity_id and not request.entity_type:
+            await grpcserver.fail(
+                context,
+                "INVALID_ARGUMENT",
+                "entity_id needs entity_type (ids are unique per type)",
+                field="entity_type",
+            )
+        size = min(request.page_size or 100, MAX_PAGE_SIZE)
+        head = await self.log.head()
+        found = await newest_events(
+            self.log.pool, below=int(request.page_token) if request.page_token else None, limit=size + 1,
+            event_type=request.event_type, entity_type=request.entity_type, entity_id=request.entity_id,
+        )  # fmt: skip
+        page = found[:size]
+        return ingest_pb2.ListEventsResponse(
+            events=[event_to_proto(e) for e in page],
+            next_page_token=str(page[-1].seq) if len(found) > size else "",
+            head_seq=head,
+        )
+
+    async def GetEventLog(self, request: Any, context: grpc.aio.ServicerContext) -> ingest_pb2.EventLog:
+        if request.name != "eventLog":
+            await grpcserver.fail(
+                context, "NOT_FOUND", f"{request.name!r} does not exist (the log is 'eventLog')", "name"
+            )
+        answer = ingest_pb2.EventLog(
+            name="eventLog",
+            head_seq=await self.log.head(),
+            published_seq=await self.log.position(self.relay_name),
+            pending_dead_letters=await self.dead_letters.count(),
+        )
+        if request.view == ingest_pb2.EVENT_LOG_VIEW_FULL:
+            answer.event_counts.update(dict(await self.log.count_by_type()))
+        return answer
 
 
 def _time_bounds(cv: ingest_pb2.ContractVersion) -> dict[str, int]:

@@ -29,14 +29,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     committer = GroupCommitter(log_)
     ingestor = Ingestor(registry, committer, dead_letters)
 
+    topology = bus.Topology(settings.nats_namespace)
     server, health = grpcserver.new_server([api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS)
-    api.add_to_server(api.IngestApi(ingestor, registry, dead_letters, log_), server)
+    ingest_api = api.IngestApi(ingestor, registry, dead_letters, log_, relay_name=f"relay:{topology.events_stream}")
+    api.add_to_server(ingest_api, server)
     port = server.add_insecure_port(settings.ingest_addr)
     if port == 0:
         raise SystemExit(f"ingest: cannot listen on {settings.ingest_addr}")
     nc = await bus.connect(settings.require_nats_url(), name="d2d-ingest")
     await server.start()
-    topology = bus.Topology(settings.nats_namespace)
     consumer = asyncio.create_task(
         nats_in.consume(nc, ingestor, stop, stream=topology.ingest_stream, prefix=topology.ingest_prefix),
         name="nats-intake",

@@ -1,0 +1,46 @@
+"""`d2d`: run the platform and talk to it.
+
+d2d up                      start Postgres, NATS and the services; Ctrl-C stops them
+d2d demo                    push a simulated day of payments through ingest and show the log
+d2d contracts list|show|register
+d2d dlq list|redrive        dead letters
+d2d log head                the newest events
+d2d features views|frame|verify
+d2d models list|show|train|promote|rollback|reproduce
+d2d predict MODEL           one decision
+d2d migrate                 apply database migrations
+
+Every command but `up` and `migrate` talks to the services over gRPC; `features frame|verify`,
+`models reproduce` and the demo's skew check also read the log themselves, because recomputing
+offline, apart from the services, is what they are for. A command group is one module here with a
+`register(subparsers)` function, listed once in GROUPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from d2d.cli import contracts, dlq, features, log, migrate, models, predict, up
+from d2d.private import PRIVATE_UMASK
+
+GROUPS = (up, contracts, dlq, log, features, models, predict, migrate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="d2d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", help="data directory (default $D2D_DATA_DIR or ./.d2d)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)  # what the CLI and the servers and services it starts write is the owner's only
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
