@@ -37,6 +37,9 @@ def open_private(path: Path, mode: str = "ab", **kwargs: Any) -> IO[Any]:
 
 
 def write_private_text(path: Path, text: str) -> None:
-    """Replace the contents of a private file."""
-    with open_private(path, "w", encoding="utf-8") as out:
+    """Replace the contents of a private file at once: a reader sees the old text or the new one,
+    never an empty or half-written file (written beside it, then renamed over it)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open_private(partial, "w", encoding="utf-8") as out:
         out.write(text)
+    os.replace(partial, path)
