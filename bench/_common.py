@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import math
 import os
 import platform
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -33,9 +30,9 @@ import psutil
 
 from d2d import eventlog
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.runtime.supervisor import Backoff, Child, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
-_PR_SET_PDEATHSIG = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,75 +206,20 @@ class Phase:
         return per_second(self.count, self.seconds)
 
 
-def _die_with_parent() -> None:
-    """preexec: the kernel sends SIGTERM to the child when the benchmark dies, however it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+Service = Child  # a started service process: its name, process and log
 
 
-@dataclass
-class Service:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-@dataclass
-class Services:
-    """Python processes of the project (`python -m services.<x> <role>`), as `d2d up` starts them.
-
-    Use as a context manager: every process started is terminated (then killed) on exit.
+class Services(Supervisor):
+    """Python processes of the project (`python -m services.<x> <role>`), as `d2d up` starts them:
+    each dies with the benchmark however it dies, and all are stopped on exit. A dead one is
+    restarted only by `watch_once`, after `backoff()`'s delay (bench/faults.py's restart policy).
     """
 
-    log_dir: Path
-    started: list[Service] = field(default_factory=list)
+    def __init__(self, log_dir: Path, backoff: Callable[[], Backoff] = Backoff) -> None:
+        super().__init__(log_dir, cwd=ROOT, backoff=backoff)
 
     def start(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> Service:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, *args], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent, start_new_session=True,
-            )  # fmt: skip
-        service = Service(name, process, log_path)
-        self.started.append(service)
-        return service
-
-    def check_alive(self) -> None:
-        """Raise, with the end of its log, if a started process has exited."""
-        for s in self.started:
-            code = s.process.poll()
-            if code is not None:
-                raise RuntimeError(f"{s.name} exited with {code}; end of {s.log_path}:\n{s.log_tail()}")
-
-    def stop_all(self, timeout: float = 15) -> None:
-        for s in self.started:
-            if s.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    s.process.terminate()
-        deadline = time.monotonic() + timeout
-        for s in self.started:
-            try:
-                s.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    s.process.kill()
-                s.process.wait()
-
-    def __enter__(self) -> Services:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop_all()
+        return self.spawn(name, args, env)
 
 
 # ---------------------------------------------------------------------------------------------

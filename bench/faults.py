@@ -45,6 +45,8 @@ from bench.serving import MODEL, build_workload, default_spec, load_log
 from d2d.client import IngestClient, RegistryClient, ServingClient, make_event
 from d2d.limits import MAX_EVENT_BYTES
 from d2d.runtime.servers import free_port
+from d2d.runtime.services import SERVICES
+from d2d.runtime.supervisor import Backoff
 from d2d.sim import SimConfig, load_contracts
 from d2d.v1 import event_pb2, serving_pb2
 
@@ -55,14 +57,15 @@ PRODUCERS, APPLICATIONS = 4, 8  # concurrent appenders (batches of BATCH events)
 BATCH = 50
 CALL_TIMEOUT = 5.0
 SETTLE_TIMEOUT = 180.0
-SERVICES = {
-    "ingest": ["services.ingest", "serve"],
-    "relay": ["services.ingest", "relay"],
-    "features": ["services.features"],
-    "registry": ["services.registry"],
-    "serving": ["services.serving"],
-}
 CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+FAULTED = (*(spec.name for spec in SERVICES), "nats", "postgres")  # killed in this order
+RESTART_DELAY = 0.5  # a short, constant backoff: the servers may still be coming back
+
+
+def restart_policy() -> Backoff:
+    return Backoff(first=RESTART_DELAY, cap=RESTART_DELAY)
+
+
 SKIPPED_SQL = "SELECT count(*) FROM events WHERE type = 'quality.alert' AND payload->>'kind' = 'event_not_published'"
 
 
@@ -81,28 +84,29 @@ class Load:
 
 
 class Platform:
-    """The five service processes, restarted when they die (as `d2d up` does), and the servers."""
+    """The registered services, restarted when they die (as `d2d up` does, by the same supervisor,
+    after `RESTART_DELAY`), and the servers."""
 
     def __init__(self, servers: Servers, services: Services, env: dict[str, str]) -> None:
         self.servers = servers
         self.services = services
-        self.env = env
-        self.running = {name: services.start(name, ["-m", *args], env) for name, args in SERVICES.items()}
-        self.restarts: Counter[str] = Counter()
+        for spec in SERVICES:
+            services.start(spec.name, spec.args, env)
+        self.server_restarts: Counter[str] = Counter()
+
+    @property
+    def restarts(self) -> Counter[str]:
+        return Counter({c.name: c.restarts for c in self.services.children if c.restarts}) + self.server_restarts
 
     async def supervise(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            for name, service in list(self.running.items()):
-                if service.process.poll() is not None:
-                    await asyncio.sleep(0.5)  # a short backoff: the servers may still be coming back
-                    self.running[name] = self.services.start(name, ["-m", *SERVICES[name]], self.env)
-                    self.restarts[name] += 1
+            self.services.watch_once()
             await asyncio.sleep(0.1)
 
     async def kill(self, name: str) -> None:
         """SIGKILL one component; servers are restarted here, services by `supervise`."""
-        if name in self.running:
-            os.kill(self.running[name].process.pid, signal.SIGKILL)
+        if any(spec.name == name for spec in SERVICES):
+            os.kill(self.services.child(name).process.pid, signal.SIGKILL)
             return
         server = self.servers.nats if name == "nats" else self.servers.postgres
         assert server.process is not None
@@ -118,7 +122,7 @@ class Platform:
                     raise
                 say(f"  {name} restart failed ({str(exc).splitlines()[0]}); retrying")
                 await asyncio.sleep(0.5)
-        self.restarts[name] += 1
+        self.server_restarts[name] += 1
 
 
 def payment_events(workload_payments: list[dict[str, Any]], start: datetime, producer: int, n: int) -> list[Any]:
@@ -287,7 +291,7 @@ async def run(quick: bool, servers: Servers, services: Services, tmp: Path) -> d
         say(f"baseline: {phase_seconds:.0f}s of load without faults")
         await asyncio.sleep(phase_seconds)
         load.phase = "faults"
-        faults = list(SERVICES) + ["nats", "postgres"]
+        faults = list(FAULTED)
         interval = phase_seconds / (len(faults) + 1)
         poisons: dict[str, str] = {}
         say(f"faults: SIGKILL each of {', '.join(faults)} in turn, every {interval:.1f}s, and every poison input")
@@ -362,7 +366,7 @@ async def run(quick: bool, servers: Servers, services: Services, tmp: Path) -> d
         "load_held": round(held, 3),
         "baseline_predicts_per_s": round(load.predicts_in_phase["baseline"] / phase_seconds, 1),
         "fault_predicts_per_s": round(load.predicts_in_phase["faults"] / phase_seconds, 1),
-        "faults_injected": sum(platform.restarts[n] > 0 for n in (*SERVICES, "nats", "postgres")),
+        "faults_injected": sum(platform.restarts[n] > 0 for n in FAULTED),
         "restarts": dict(platform.restarts),
         "events_acknowledged": len(load.acknowledged), "events_found": len(load.acknowledged & stored),
         "events_lost": lost, "events_duplicated_in_log": in_log - distinct,
@@ -383,7 +387,7 @@ def main() -> None:
     stop_on_sigterm()
     started = time.perf_counter()
     with bench_dir("faults", args.tmp_dir, args.keep) as tmp:
-        with Servers(tmp, fsync=False) as servers, Services(tmp / "logs") as services:
+        with Servers(tmp, fsync=False) as servers, Services(tmp / "logs", restart_policy) as services:
             result = asyncio.run(run(args.quick, servers, services, tmp))
     say(f"done in {time.perf_counter() - started:.1f}s")
     emit(result)

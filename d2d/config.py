@@ -7,13 +7,11 @@ embedded ones under `D2D_DATA_DIR` (default `./.d2d`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_INGEST_PORT = 50051
-DEFAULT_FEATURES_PORT = 50052
-DEFAULT_REGISTRY_PORT = 50053
-DEFAULT_SERVING_PORT = 50054
+from d2d.runtime.services import APIS, service
 
 
 @dataclass(frozen=True)
@@ -21,18 +19,9 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
     database_url: str | None = field(default_factory=lambda: os.environ.get("D2D_DATABASE_URL"))
     nats_url: str | None = field(default_factory=lambda: os.environ.get("D2D_NATS_URL"))
-    ingest_addr: str = field(
-        default_factory=lambda: os.environ.get("D2D_INGEST_ADDR", f"127.0.0.1:{DEFAULT_INGEST_PORT}")
-    )
-    features_addr: str = field(
-        default_factory=lambda: os.environ.get("D2D_FEATURES_ADDR", f"127.0.0.1:{DEFAULT_FEATURES_PORT}")
-    )
-    registry_addr: str = field(
-        default_factory=lambda: os.environ.get("D2D_REGISTRY_ADDR", f"127.0.0.1:{DEFAULT_REGISTRY_PORT}")
-    )
-    serving_addr: str = field(
-        default_factory=lambda: os.environ.get("D2D_SERVING_ADDR", f"127.0.0.1:{DEFAULT_SERVING_PORT}")
-    )
+    # Address of each gRPC service (d2d.runtime.services), from its D2D_<NAME>_ADDR: where it
+    # listens, and where its clients call it. A service left out is read from the environment.
+    addrs: Mapping[str, str] = field(default_factory=lambda: {spec.name: spec.addr_from_env() for spec in APIS})
     # Name of the features service's durable consumer and snapshot: instances with the same name
     # share them (one at a time); another name folds the stream independently.
     features_consumer: str = field(default_factory=lambda: os.environ.get("D2D_FEATURES_CONSUMER", "features"))
@@ -52,6 +41,10 @@ class Settings:
     nats_namespace: str = field(default_factory=lambda: os.environ.get("D2D_NATS_NAMESPACE", ""))
     # The role every service connection switches to: INSERT and SELECT on the log, nothing more.
     db_role: str | None = field(default_factory=lambda: os.environ.get("D2D_DB_ROLE", "d2d_service") or None)
+
+    def addr(self, name: str) -> str:
+        """The address of the gRPC service called `name`."""
+        return self.addrs.get(name) or service(name).addr_from_env()
 
     def require_database_url(self) -> str:
         if not self.database_url:

@@ -4,7 +4,6 @@ from their wheels in a temp dir on free ports; a fresh database and NATS namespa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -25,6 +24,8 @@ from d2d import eventlog, telemetry
 from d2d.client import FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.config import Settings
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.runtime.services import service
+from d2d.runtime.supervisor import Child, Supervisor
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
 from d2d.sim.views import TRANSFORMS, VIEWS
 from d2d.training.spec import TrainingSpec
@@ -79,27 +80,6 @@ async def event_log(database_url: str) -> AsyncIterator[eventlog.EventLog]:
     await pool.close()
 
 
-@dataclass
-class ServiceProcess:
-    """A service started as its own OS process, as `d2d up` starts it."""
-
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-        self.process.wait(10)
-
-    def terminate(self, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        return self.process.wait(timeout)
-
-
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     import time
 
@@ -115,25 +95,16 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 
 
 @pytest.fixture
-def start_service(tmp_path: Path) -> Iterator:
-    """start_service(args, env) -> ServiceProcess; every process is stopped after the test."""
-    started: list[ServiceProcess] = []
+def start_service(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    """start_service(args, env, name) -> the started Child, as `d2d up` starts it; never restarted
+    (a test that kills one sees it stay dead); every process is stopped after the test."""
+    supervisor = Supervisor(tmp_path, cwd=ROOT, base_env={"D2D_DATA_DIR": str(tmp_path / "data")})
 
-    def start(args: list[str], settings_env: dict[str, str], name: str = "svc") -> ServiceProcess:
-        env = {**os.environ, **settings_env, "D2D_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
-        log_path = tmp_path / f"{name}-{len(started)}.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        service = ServiceProcess(proc, log_path)
-        started.append(service)
-        return service
+    def start(args: list[str], settings_env: dict[str, str], name: str = "svc") -> Child:
+        return supervisor.spawn(f"{name}-{len(supervisor.children)}", args, settings_env)
 
-    yield start
-    for service in started:
-        with contextlib.suppress(Exception):
-            service.terminate(10)
-        if service.process.poll() is None:
-            service.kill()
+    with supervisor:
+        yield start
 
 
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
@@ -170,11 +141,6 @@ class Platform:
     nats_url: str
 
 
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
 def serving_platform(
     postgres: EmbeddedPostgres, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory,
     *, serving_process: bool = True, prepare: Callable[[str], Awaitable[None]] | None = None,
@@ -189,9 +155,9 @@ def serving_platform(
     namespace = f"t{uuid.uuid4().hex[:10]}"
     ports = {name: free_port() for name in ("features", "registry", "serving")}
     env = {
-        **os.environ, "D2D_DATABASE_URL": url, "D2D_NATS_URL": nats_server.url, "D2D_NATS_NAMESPACE": namespace,
-        "D2D_DATA_DIR": str(logs), "PYTHONUNBUFFERED": "1",
-        **{f"D2D_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
+        "D2D_DATABASE_URL": url, "D2D_NATS_URL": nats_server.url, "D2D_NATS_NAMESPACE": namespace,
+        "D2D_DATA_DIR": str(logs),
+        **{service(name).addr_env: f"127.0.0.1:{port}" for name, port in ports.items()},
     }  # fmt: skip
     simulated = PaymentsSimulator(SIM)
     events = list(simulated.events())
@@ -207,13 +173,10 @@ def serving_platform(
     asyncio.run(load())
     if prepare is not None:
         asyncio.run(prepare(url))
-    processes = [
-        _start(["-m", "services.ingest", "relay"], env, logs / "relay.log"),
-        _start(["-m", "services.features"], env, logs / "features.log"),
-        _start(["-m", "services.registry"], env, logs / "registry.log"),
-    ]
-    if serving_process:
-        processes.append(_start(["-m", "services.serving"], env, logs / "serving.log"))
+    supervisor = Supervisor(logs, cwd=ROOT, base_env=env)
+    for name in ("ingest-relay", "features", "registry", *(["serving"] if serving_process else [])):
+        supervisor.spawn(name, service(name).args)
+    processes = [child.process for child in supervisor.children if child.process is not None]
 
     async def train_and_deploy() -> None:
         async with RegistryClient(env["D2D_REGISTRY_ADDR"]) as registry, FeatureClient(env["D2D_FEATURES_ADDR"]) as f:
@@ -239,13 +202,7 @@ def serving_platform(
         yield Platform(url, database, env["D2D_SERVING_ADDR"], env["D2D_FEATURES_ADDR"], env["D2D_REGISTRY_ADDR"],
                        payments, processes, logs, namespace, nats_server.url)  # fmt: skip
     finally:
-        for p in processes:
-            p.terminate()
-        for p in processes:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        supervisor.stop_all()
 
 
 def entities_of(payment) -> dict[str, str]:  # noqa: ANN001
@@ -277,7 +234,7 @@ def settings_for(database_url: str, nats_url: str, namespace: str, ingest_port: 
         database_url=database_url,
         nats_url=nats_url,
         nats_namespace=namespace,
-        ingest_addr=f"127.0.0.1:{ingest_port}",
+        addrs={"ingest": f"127.0.0.1:{ingest_port}"},
     )
 
 

@@ -63,10 +63,10 @@ def spec_json(**overrides: object) -> str:
 
 @pytest.fixture
 async def registry(loaded_url: str) -> AsyncIterator[tuple[RegistryClient, Settings]]:
-    settings = Settings(database_url=loaded_url, registry_addr=f"127.0.0.1:{free_port()}")
+    settings = Settings(database_url=loaded_url, addrs={"registry": f"127.0.0.1:{free_port()}"})
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
-    client = RegistryClient(settings.registry_addr)
+    client = RegistryClient(settings.addr("registry"))
     await client.wait_ready()
     yield client, settings
     stop.set()
@@ -158,10 +158,10 @@ async def test_gated_promotion_of_a_worse_model_is_refused_and_rollback_works(re
 
 
 async def test_aliases_and_their_history_survive_a_restart(loaded_url: str) -> None:
-    settings = Settings(database_url=loaded_url, registry_addr=f"127.0.0.1:{free_port()}")
+    settings = Settings(database_url=loaded_url, addrs={"registry": f"127.0.0.1:{free_port()}"})
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
-    async with RegistryClient(settings.registry_addr) as client:
+    async with RegistryClient(settings.addr("registry")) as client:
         await client.wait_ready()
         model = await new_model(client)
         await client.train(model, spec_json(num_boost_round=20))
@@ -174,7 +174,7 @@ async def test_aliases_and_their_history_survive_a_restart(loaded_url: str) -> N
 
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
-    async with RegistryClient(settings.registry_addr) as client:
+    async with RegistryClient(settings.addr("registry")) as client:
         await client.wait_ready()
         after = await client.get_model(model)
         production = await client.get_version(model, "canary")
@@ -212,7 +212,7 @@ async def test_unknown_model_is_not_found(registry) -> None:  # noqa: ANN001
 
 def cli_env(settings: Settings) -> dict[str, str]:
     return {"D2D_DATABASE_URL": settings.database_url or "", "D2D_NATS_URL": "nats://unused",
-            "D2D_REGISTRY_ADDR": settings.registry_addr}  # fmt: skip
+            "D2D_REGISTRY_ADDR": settings.addr("registry")}  # fmt: skip
 
 
 async def test_models_commands_train_show_promote_rollback_reproduce(registry) -> None:  # noqa: ANN001

@@ -41,7 +41,7 @@ async def platform(trained: Platform) -> AsyncIterator[Platform]:
     """Serving in this process, with a small in-flight limit."""
     settings = Settings(
         database_url=trained.database_url, nats_url=trained.nats_url, nats_namespace=trained.namespace,
-        features_addr=trained.features, registry_addr=trained.registry, serving_addr=trained.serving,
+        addrs={"features": trained.features, "registry": trained.registry, "serving": trained.serving},
         serving_max_in_flight=MAX_IN_FLIGHT,
     )  # fmt: skip
     stop = asyncio.Event()

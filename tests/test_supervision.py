@@ -23,7 +23,7 @@ import pytest
 
 from d2d.bus import EVENTS_STREAM
 from d2d.runtime.servers import EmbeddedPostgres, free_port
-from d2d.runtime.stack import Backoff
+from d2d.runtime.supervisor import Backoff
 from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
 from tests.test_up import append_one, command_line, start_up, stop_up, wait_endpoints
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from d2d.config import Settings
+from d2d.runtime.services import APIS
 from d2d.runtime.stack import Endpoints, running_endpoints
 
 if TYPE_CHECKING:
@@ -35,14 +36,11 @@ def endpoints(found: Settings) -> Endpoints:
     """Where the platform is: the environment, else the stack `d2d up` runs on the data dir."""
     running = running_endpoints(found.data_dir)
     if found.database_url and found.nats_url:
-        return Endpoints(
-            found.database_url, found.nats_url,
-            os.environ.get("D2D_INGEST_ADDR") or (running.ingest if running else found.ingest_addr),
-            os.environ.get("D2D_FEATURES_ADDR") or (running.features if running else found.features_addr),
-            os.environ.get("D2D_REGISTRY_ADDR") or (running.registry if running else found.registry_addr),
-            os.environ.get("D2D_SERVING_ADDR") or (running.serving if running else found.serving_addr),
-            str(found.data_dir), 0,
-        )  # fmt: skip
+        addrs = {
+            spec.name: os.environ.get(spec.addr_env) or (running.addr(spec.name) if running else found.addr(spec.name))
+            for spec in APIS
+        }
+        return Endpoints(found.database_url, found.nats_url, addrs, str(found.data_dir), 0)
     if running is None:
         raise SystemExit(f"no platform is running on {found.data_dir}; start one with `d2d up`")
     return running

@@ -32,7 +32,7 @@ def _mode_name(mode: int) -> str:
 def cmd_contracts(args: argparse.Namespace) -> int:
     from d2d.client import IngestClient
 
-    target = endpoints(settings(args)).ingest
+    target = endpoints(settings(args)).addr("ingest")
 
     async def work() -> int:
         async with IngestClient(target) as ingest:

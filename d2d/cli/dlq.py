@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_dlq(args: argparse.Namespace) -> int:
     from d2d.client import IngestClient
 
-    target = endpoints(settings(args)).ingest
+    target = endpoints(settings(args)).addr("ingest")
 
     async def work() -> int:
         async with IngestClient(target) as ingest:

@@ -46,9 +46,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     where = endpoints(settings(args))
 
     async def work() -> int:
-        async with FeatureClient(where.features) as online:
+        async with FeatureClient(where.addr("features")) as online:
             if args.action == "views":
-                table = Table(title=f"feature views served by {where.features}")
+                table = Table(title=f"feature views served by {where.addr('features')}")
                 for col in ("name", "version", "entity", "source", "features"):
                     table.add_column(col, overflow="fold")
                 for v in await online.list_views():

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_log(args: argparse.Namespace) -> int:
     from d2d.client import IngestClient
 
-    target = endpoints(settings(args)).ingest
+    target = endpoints(settings(args)).addr("ingest")
     entity_type, _, entity_id = args.entity.partition("/")
 
     async def work() -> int:

@@ -55,7 +55,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     endpoints = resolve_endpoints(settings)
 
     async def work() -> int:
-        async with RegistryClient(endpoints.registry) as registry:
+        async with RegistryClient(endpoints.addr("registry")) as registry:
             handler = {
                 "list": _models_list, "show": _models_show, "train": _models_train, "promote": _models_promote,
                 "rollback": _models_rollback, "reproduce": _models_reproduce,

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from d2d.client import ServingClient
 
-    target = endpoints(settings(args)).serving
+    target = endpoints(settings(args)).addr("serving")
     entities = dict(pair.split("=", 1) for pair in args.entity)
     context = json.loads(args.context) if args.context else {}
 

@@ -42,10 +42,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         with console.status("starting Postgres, NATS and the services..."):
             started = stack.start()
         table = Table(title="Data2Data is up", show_header=False)
-        table.add_row("ingest (gRPC)", started.ingest)
-        table.add_row("features (gRPC)", started.features)
-        table.add_row("registry (gRPC)", started.registry)
-        table.add_row("serving (gRPC)", started.serving)
+        for name, addr in started.addrs.items():
+            table.add_row(f"{name} (gRPC)", addr)
         table.add_row("Postgres", started.database_url)
         table.add_row("NATS JetStream", started.nats_url)
         table.add_row("data directory", started.data_dir)
@@ -93,7 +91,7 @@ async def _demo(where: Endpoints, days: float, seed: int, broken_every: int) -> 
     write_truth_csv(sim.truth(), truth_path)
     console.print(f"simulated {len(events):,} events over {days:g} day(s), seed {seed}; truth in {truth_path}")
 
-    async with IngestClient(where.ingest) as ingest:
+    async with IngestClient(where.addr("ingest")) as ingest:
         await ingest.wait_ready()
         for spec in sim.contracts():
             await ingest.create_contract_version(
@@ -169,7 +167,7 @@ async def _demo_features(where: Endpoints, head: int, events: list) -> int:  # n
 
     payments = [e for e in events if e.type == "payment.authorized"]
     as_of = max(e.occurred_at for e in events)
-    async with FeatureClient(where.features) as online:
+    async with FeatureClient(where.addr("features")) as online:
         deadline = time.monotonic() + 60
         while True:
             answer = await online.get_online(

@@ -14,27 +14,21 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from d2d import eventlog
-from d2d.config import (
-    DEFAULT_FEATURES_PORT,
-    DEFAULT_INGEST_PORT,
-    DEFAULT_REGISTRY_PORT,
-    DEFAULT_SERVING_PORT,
-    Settings,
-)
-from d2d.private import PRIVATE_UMASK, open_private, private_dir, write_private_text
+from d2d.config import Settings
+from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
+from d2d.runtime.services import APIS, SERVICES, ServiceSpec
+from d2d.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -42,43 +36,36 @@ ENDPOINTS_FILE = "endpoints.json"
 
 
 @dataclass(frozen=True)
-class ServiceSpec:
-    name: str
-    args: tuple[str, ...]
-    grpc_service: str | None = None  # health-checked name, for services with a gRPC server
-    endpoint: str | None = None  # the Endpoints field holding its address
-
-
-SERVICES = (
-    ServiceSpec("ingest", ("-m", "services.ingest", "serve"), "d2d.v1.IngestService", "ingest"),
-    ServiceSpec("ingest-relay", ("-m", "services.ingest", "relay")),
-    ServiceSpec("features", ("-m", "services.features"), "d2d.v1.FeatureService", "features"),
-    ServiceSpec("registry", ("-m", "services.registry"), "d2d.v1.RegistryService", "registry"),
-    ServiceSpec("serving", ("-m", "services.serving"), "d2d.v1.ServingService", "serving"),
-)
-
-
-@dataclass(frozen=True)
 class Endpoints:
+    """Where a running platform is: its servers and each gRPC service's address (by service name)."""
+
     database_url: str
     nats_url: str
-    ingest: str
-    features: str
-    registry: str
-    serving: str
+    addrs: Mapping[str, str]
     data_dir: str
     pid: int
+
+    def addr(self, name: str) -> str:
+        return self.addrs[name]
 
     def env(self) -> dict[str, str]:
         return {
             "D2D_DATABASE_URL": self.database_url,
             "D2D_NATS_URL": self.nats_url,
-            "D2D_INGEST_ADDR": self.ingest,
-            "D2D_FEATURES_ADDR": self.features,
-            "D2D_REGISTRY_ADDR": self.registry,
-            "D2D_SERVING_ADDR": self.serving,
+            **{spec.addr_env: self.addrs[spec.name] for spec in APIS},
             "D2D_DATA_DIR": self.data_dir,
         }
+
+    def to_json(self) -> str:
+        """Flat: each service's address under its name, beside the servers' URLs."""
+        fields = {"database_url": self.database_url, "nats_url": self.nats_url, **self.addrs}
+        return json.dumps({**fields, "data_dir": self.data_dir, "pid": self.pid}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Endpoints:
+        found = json.loads(text)
+        addrs = {spec.name: found[spec.name] for spec in APIS}
+        return cls(found["database_url"], found["nats_url"], addrs, found["data_dir"], found["pid"])
 
 
 def running_endpoints(data_dir: Path) -> Endpoints | None:
@@ -86,64 +73,12 @@ def running_endpoints(data_dir: Path) -> Endpoints | None:
     path = Path(data_dir) / ENDPOINTS_FILE
     if not path.exists():
         return None
-    endpoints = Endpoints(**json.loads(path.read_text()))
+    endpoints = Endpoints.from_json(path.read_text())
     try:
         os.kill(endpoints.pid, 0)
     except OSError:
         return None
     return endpoints
-
-
-@dataclass
-class Backoff:
-    """How long to wait before restarting a child that died: `first`, doubling on each death up to
-    `cap`; back to `first` when the child had stayed up `stable_after` seconds. A crash loop slows
-    to one attempt per `cap` instead of spinning; a rare crash is restarted at once.
-
-    Pure (the caller supplies the uptime), so the schedule can be pinned without a clock.
-    """
-
-    first: float = 0.5
-    cap: float = 30.0
-    stable_after: float = 60.0
-    _next: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._next = self.first
-
-    def delay_after(self, uptime: float) -> float:
-        """The delay before the next start of a child that ran `uptime` seconds and died."""
-        if uptime >= self.stable_after:
-            self._next = self.first
-        delay = self._next
-        self._next = min(self._next * 2, self.cap)
-        return delay
-
-
-@dataclass
-class Child:
-    """One supervised process: how to start it, the running process, and its restart schedule."""
-
-    name: str
-    launch: Callable[[], subprocess.Popen[bytes]]  # starts it (servers: until ready) and returns it
-    process: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    restart_at: float | None = None  # set while it is dead and waiting out its backoff
-    restarts: int = 0
-    backoff: Backoff = field(default_factory=Backoff)
-
-    def start(self) -> None:
-        self.process = self.launch()
-        self.started_at = time.monotonic()
-        self.restart_at = None
-
-
-def exit_reason(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-returncode).name}"
-        return f"was killed by signal {-returncode}"
-    return f"exited with {returncode}"
 
 
 class Stack:
@@ -152,67 +87,47 @@ class Stack:
         self.data_dir = Path(settings.data_dir).resolve()
         self.postgres: EmbeddedPostgres | None = None
         self.nats: NatsServer | None = None
-        self.children: dict[str, Child] = {}  # servers first, then SERVICES, in start order
+        # Servers first, then SERVICES, in start order; logs and files under the data dir are private.
+        self.supervisor = Supervisor(self.data_dir / "logs", private=True)
         self.endpoints: Endpoints | None = None
 
     @property
     def processes(self) -> dict[str, subprocess.Popen[bytes]]:
-        return {name: child.process for name, child in self.children.items() if child.process is not None}
+        return {child.name: child.process for child in self.supervisor.children if child.process is not None}
 
     def start(self, timeout: float = 60) -> Endpoints:
         private_dir(self.data_dir)
         database_url = self.settings.database_url
         if not database_url:
             postgres = self.postgres = EmbeddedPostgres(self.data_dir)
-            self._start_child("postgres", lambda: _started(postgres))
+            self.supervisor.adopt("postgres", lambda: _started(postgres), stop=postgres.stop)
             database_url = postgres.url
         nats_url = self.settings.nats_url
         if not nats_url:
             nats = self.nats = NatsServer(self.data_dir)
-            self._start_child("nats", lambda: _started(nats))
+            self.supervisor.adopt("nats", lambda: _started(nats), stop=nats.stop)
             nats_url = nats.url
         asyncio.run(eventlog.migrate(database_url))
-        ingest = os.environ.get("D2D_INGEST_ADDR") or self._default_addr("ingest", DEFAULT_INGEST_PORT)
-        features = os.environ.get("D2D_FEATURES_ADDR") or self._default_addr("features", DEFAULT_FEATURES_PORT)
-        registry = os.environ.get("D2D_REGISTRY_ADDR") or self._default_addr("registry", DEFAULT_REGISTRY_PORT)
-        serving = os.environ.get("D2D_SERVING_ADDR") or self._default_addr("serving", DEFAULT_SERVING_PORT)
-        self.endpoints = Endpoints(
-            database_url, nats_url, ingest, features, registry, serving, str(self.data_dir), os.getpid()
-        )
+        addrs = {spec.name: os.environ.get(spec.addr_env) or self._default_addr(spec) for spec in APIS}
+        self.endpoints = Endpoints(database_url, nats_url, addrs, str(self.data_dir), os.getpid())
+        # One OpenMP thread per service: XGBoost's default pool spins on the few cores the services share.
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.endpoints.env()}
         for spec in SERVICES:
-            self._start_child(spec.name, lambda spec=spec: self._spawn(spec))
+            self.supervisor.spawn(spec.name, spec.args, env)
         deadline = time.monotonic() + timeout
-        for spec in SERVICES:
-            if spec.grpc_service:
-                self._wait_healthy(spec, deadline)
-        write_private_text(self.data_dir / ENDPOINTS_FILE, json.dumps(asdict(self.endpoints), indent=2))
+        for spec in APIS:
+            self._wait_healthy(spec, deadline)
+        write_private_text(self.data_dir / ENDPOINTS_FILE, self.endpoints.to_json())
         return self.endpoints
 
-    def _start_child(self, name: str, launch: Callable[[], subprocess.Popen[bytes]]) -> None:
-        child = self.children[name] = Child(name, launch)
-        child.start()
-
-    def _default_addr(self, name: str, port: int) -> str:
-        if port_is_free(port):
-            return f"127.0.0.1:{port}"
-        return f"127.0.0.1:{_remembered_port(self.data_dir / 'ports.json', name)}"
-
-    def _spawn(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
-        assert self.endpoints is not None
-        logs = private_dir(self.data_dir / "logs")
-        # One OpenMP thread per service: XGBoost's default pool spins on the few cores the services share.
-        env = {"OMP_NUM_THREADS": "1", **os.environ, **self.endpoints.env(), "PYTHONUNBUFFERED": "1"}
-        with open_private(logs / f"{spec.name}.log") as out:
-            return subprocess.Popen(
-                [sys.executable, *spec.args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops them in order
-                umask=PRIVATE_UMASK,  # its traces and anything else it writes under the data dir
-            )  # fmt: skip
+    def _default_addr(self, spec: ServiceSpec) -> str:
+        if port_is_free(spec.port):
+            return spec.default_addr
+        return f"127.0.0.1:{_remembered_port(self.data_dir / 'ports.json', spec.name)}"
 
     def _wait_healthy(self, spec: ServiceSpec, deadline: float) -> None:
-        assert self.endpoints is not None and spec.endpoint is not None
-        target = getattr(self.endpoints, spec.endpoint)
-        with grpc.insecure_channel(target) as channel:
+        assert self.endpoints is not None
+        with grpc.insecure_channel(self.endpoints.addr(spec.name)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 process = self.processes[spec.name]
@@ -221,7 +136,7 @@ class Stack:
                         f"{spec.name} exited with {process.returncode}; see {self.data_dir / 'logs' / spec.name}.log"
                     )
                 with contextlib.suppress(grpc.RpcError):
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=spec.grpc_service), timeout=1)
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=spec.api), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 if time.monotonic() > deadline:
@@ -229,64 +144,15 @@ class Stack:
                 time.sleep(0.1)
 
     def watch_once(self) -> list[str]:
-        """One supervision round: reap children that died and schedule their restart after their
-        backoff; restart those whose delay is over. Returns one line per death and per restart.
-
-        Servers come back on the same port and data directory; a server that fails to start
-        counts as dying again (so its next attempt waits longer).
-        """
-        lines = []
-        for child in self.children.values():
-            assert child.process is not None
-            now = time.monotonic()
-            if child.restart_at is None:
-                returncode = child.process.poll()  # reaps it: no zombie
-                if returncode is None:
-                    continue
-                uptime = now - child.started_at
-                delay = child.backoff.delay_after(uptime)
-                child.restart_at = now + delay
-                child.restarts += 1
-                lines.append(
-                    f"{child.name} {exit_reason(returncode)} after {uptime:.1f} s up; "
-                    f"restart {child.restarts} in {delay:g} s"
-                )
-            elif now >= child.restart_at:
-                try:
-                    child.start()
-                except Exception as exc:  # noqa: BLE001 - any failure to start is retried later
-                    delay = child.backoff.delay_after(0.0)
-                    child.restart_at = time.monotonic() + delay
-                    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    lines.append(f"{child.name} did not start ({first_line}); next attempt in {delay:g} s")
-                else:
-                    lines.append(f"{child.name} restarted (pid {child.process.pid})")
-        for line in lines:
-            log.info("%s", line)
-        return lines
+        """One supervision round (`Supervisor.watch_once`): dead children, servers included, are
+        restarted in place (same port, same data) after their backoff."""
+        return self.supervisor.watch_once()
 
     def stop(self) -> None:
         """Services first (they drain), then NATS, then Postgres."""
-        services = [self.children[spec.name] for spec in SERVICES if spec.name in self.children]
-        for child in services:
-            if child.process is not None and child.process.poll() is None:
-                child.process.terminate()
-        for child in services:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(20)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in 20s; killing it", child.name)
-                child.process.kill()
-                child.process.wait()
-        self.children.clear()
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / ENDPOINTS_FILE).unlink()
-        if self.nats is not None:
-            self.nats.stop()
-        if self.postgres is not None:
-            self.postgres.stop()
+        self.supervisor.stop_all()
 
 
 def _started(server: EmbeddedPostgres | NatsServer) -> subprocess.Popen[bytes]:

@@ -51,7 +51,7 @@ async def restore(event_log: EventLog, views: Sequence[FeatureView], consumer: s
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the FeatureService on settings.features_addr until `stop` (or SIGINT/SIGTERM)."""
+    """Run the FeatureService on settings.addr("features") until `stop` (or SIGINT/SIGTERM)."""
     stop = stop or stop_on_signals()
     views = load_views(settings.feature_views_module)
     url = settings.require_database_url()
@@ -65,8 +65,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     server, health = grpcserver.new_server([SERVICE_NAME])
     grpcserver.add_service(server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], FeatureApi(state))
-    if server.add_insecure_port(settings.features_addr) == 0:
-        raise SystemExit(f"features: cannot listen on {settings.features_addr}")
+    addr = settings.addr("features")
+    if server.add_insecure_port(addr) == 0:
+        raise SystemExit(f"features: cannot listen on {addr}")
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     nc = await bus.connect(settings.require_nats_url(), name="d2d-features")
@@ -81,7 +82,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         folding.result()  # a folding failure ends the process (the supervisor restarts it)
     if not stop.is_set():
         await grpcserver.set_serving(health, [SERVICE_NAME])
-        log.info("features serving on %s at seq %d", settings.features_addr, state.watermark)
+        log.info("features serving on %s at seq %d", addr, state.watermark)
         await asyncio.wait([folding, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     await health.enter_graceful_shutdown()

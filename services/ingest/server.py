@@ -17,7 +17,7 @@ from services.ingest.pipeline import Ingestor
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the IngestService on settings.ingest_addr until `stop` (or SIGINT/SIGTERM)."""
+    """Run the IngestService on settings.addr("ingest") until `stop` (or SIGINT/SIGTERM)."""
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
@@ -33,16 +33,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server, health = grpcserver.new_server([api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS)
     ingest_api = api.IngestApi(ingestor, registry, dead_letters, log_, relay_name=f"relay:{topology.events_stream}")
     api.add_to_server(ingest_api, server)
-    port = server.add_insecure_port(settings.ingest_addr)
+    addr = settings.addr("ingest")
+    port = server.add_insecure_port(addr)
     if port == 0:
-        raise SystemExit(f"ingest: cannot listen on {settings.ingest_addr}")
+        raise SystemExit(f"ingest: cannot listen on {addr}")
     nc = await bus.connect(settings.require_nats_url(), name="d2d-ingest")
     await server.start()
     consumer = asyncio.create_task(
         nats_in.consume(nc, ingestor, stop, stream=topology.ingest_stream, prefix=topology.ingest_prefix),
         name="nats-intake",
     )
-    await grpcserver.serve_until(server, health, [api.SERVICE_NAME], stop, f"ingest serving on {settings.ingest_addr}")
+    await grpcserver.serve_until(server, health, [api.SERVICE_NAME], stop, f"ingest serving on {addr}")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(consumer, 5)
     await committer.close()

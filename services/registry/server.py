@@ -13,7 +13,7 @@ from services.registry.api import SERVICE_NAME, RegistryApi
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the RegistryService on settings.registry_addr until `stop` (or SIGINT/SIGTERM)."""
+    """Run the RegistryService on settings.addr("registry") until `stop` (or SIGINT/SIGTERM)."""
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
@@ -22,8 +22,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     grpcserver.add_service(
         server, registry_pb2.DESCRIPTOR.services_by_name["RegistryService"], RegistryApi(EventLog(pool))
     )
-    if server.add_insecure_port(settings.registry_addr) == 0:
-        raise SystemExit(f"registry: cannot listen on {settings.registry_addr}")
+    addr = settings.addr("registry")
+    if server.add_insecure_port(addr) == 0:
+        raise SystemExit(f"registry: cannot listen on {addr}")
     await server.start()
-    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"registry serving on {settings.registry_addr}")
+    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"registry serving on {addr}")
     await pool.close()

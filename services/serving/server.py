@@ -107,7 +107,7 @@ async def follow_model_changes(nc, deployments: Deployments, topology: bus.Topol
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_batching: bool = True) -> None:
-    """Run the ServingService on settings.serving_addr until `stop` (or SIGINT/SIGTERM).
+    """Run the ServingService on settings.addr("serving") until `stop` (or SIGINT/SIGTERM).
 
     `settings.serving_max_in_flight`: rows (Predicts, BatchPredict rows) decided at once; more are
     refused with RESOURCE_EXHAUSTED and RetryInfo."""
@@ -117,18 +117,19 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     pool = await eventlog.create_pool(url, role=settings.db_role, max_size=8)
     event_log = EventLog(pool)
     committer = GroupCommitter(event_log)
-    registry = RegistryClient(settings.registry_addr)
-    features = FeatureClient(settings.features_addr)
+    registry = RegistryClient(settings.addr("registry"))
+    features = FeatureClient(settings.addr("features"))
     deployments = Deployments(registry, event_log, micro_batching=micro_batching)
     server, health = grpcserver.new_server([SERVICE_NAME])
     api = ServingApi(deployments, features, event_log, committer, max_in_flight=settings.serving_max_in_flight)
     grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api)
-    if server.add_insecure_port(settings.serving_addr) == 0:
-        raise SystemExit(f"serving: cannot listen on {settings.serving_addr}")
+    addr = settings.addr("serving")
+    if server.add_insecure_port(addr) == 0:
+        raise SystemExit(f"serving: cannot listen on {addr}")
     nc = await bus.connect(settings.require_nats_url(), name="d2d-serving")
     following = asyncio.create_task(follow_model_changes(nc, deployments, bus.Topology(settings.nats_namespace), stop))
     await server.start()
-    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"serving on {settings.serving_addr}")
+    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"serving on {addr}")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(following, 5)
     await api.settle()  # late commits and their withdrawals, before the committer closes
