@@ -42,12 +42,12 @@ from google.protobuf import struct_pb2
 
 from d2d import grpcserver
 from d2d.client import FeatureClient
-from d2d.decisions import choose, decision_id, route
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog, GroupCommitter, NewEvent
 from d2d.features.definitions import NUMBER, SCALAR, TEXT, TIME, resolve_path
 from d2d.training.spec import SpecError
 from d2d.v1 import serving_pb2
+from services.serving.decisions import choose, decision_id, route
 from services.serving.models import Deployment, FeatureLookups, NoProductionVersion, plain
 
 log = logging.getLogger(__name__)
