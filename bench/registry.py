@@ -89,7 +89,8 @@ from d2d.eventlog import EventLog, NewEvent
 from d2d.features.store import register_views
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig
-from d2d.sim.views import TRANSFORMS, VIEWS
+from d2d.sim.training import default_spec
+from d2d.sim.views import VIEWS
 from d2d.training.evaluation import evaluate
 from d2d.training.pipeline import predict
 from d2d.training.spec import TrainingSpec, input_names
@@ -111,10 +112,6 @@ BIG_PARAMS = {
 }  # fmt: skip
 BIG_PROBE_ROUNDS = 10
 SEED = 7
-
-
-def default_spec() -> TrainingSpec:
-    return TrainingSpec(views=tuple((v.name, v.version) for v in VIEWS), transforms=TRANSFORMS)
 
 
 def spec_json(**overrides: object) -> str:

@@ -110,7 +110,8 @@ from d2d.client import FeatureClient, RegistryClient, ServingClient
 from d2d.eventlog import EventLog, GroupCommitter, NewEvent, create_pool
 from d2d.runtime.servers import free_port
 from d2d.sim import PaymentsSimulator, SimConfig
-from d2d.sim.views import TRANSFORMS, VIEWS
+from d2d.sim.training import default_spec
+from d2d.sim.views import VIEWS
 from d2d.training.spec import TrainingSpec, model_inputs
 from d2d.v1 import features_pb2, serving_pb2, serving_pb2_grpc
 from services.serving.models import MicroBatcher
@@ -457,10 +458,6 @@ async def postgres_settings(url: str) -> dict[str, str]:
         return {n: await conn.fetchval(f"SHOW {n}") for n in names}
     finally:
         await conn.close()
-
-
-def default_spec() -> TrainingSpec:
-    return TrainingSpec(views=tuple((v.name, v.version) for v in VIEWS), transforms=TRANSFORMS)
 
 
 def cpu_line(cpu: Mapping[str, float], calls: int, wall: float) -> str:

@@ -321,8 +321,9 @@ class RegistryClient:
 
     async def set_policy(
         self, model: str, *, canary_share: float = 0.0, epsilon: float = 0.0, threshold: float = 0.5,
-        actions: Sequence[str] = ("approve", "decline"),
+        actions: Sequence[str] = (),
     ) -> registry_pb2.Model:  # fmt: skip
+        """Set the model's deployment policy; no `actions` keeps the model's current ones."""
         from google.protobuf import field_mask_pb2
 
         policy = registry_pb2.DeploymentPolicy(

@@ -34,6 +34,11 @@ class Settings:
     serving_max_in_flight: int = field(default_factory=lambda: int(os.environ.get("D2D_SERVING_MAX_IN_FLIGHT", "4000")))
     # Python module whose VIEWS tuple the features service serves.
     feature_views_module: str = field(default_factory=lambda: os.environ.get("D2D_FEATURE_VIEWS", "d2d.sim.views"))
+    # Python module whose `default_spec()` returns the TrainingSpec `d2d models train` uses without
+    # --spec (label, request inputs, slices: the domain's choices; its views should be those served).
+    training_defaults_module: str = field(
+        default_factory=lambda: os.environ.get("D2D_TRAINING_DEFAULTS", "d2d.sim.training")
+    )
     # Python modules (comma-separated) that declare upcasters (d2d.contracts.upcasting), imported at
     # the first upcast by every process that reads payloads.
     upcaster_modules: str = field(default_factory=lambda: os.environ.get("D2D_UPCASTERS", "d2d.sim.upcasters"))

@@ -27,8 +27,7 @@ from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Child, Supervisor
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
-from d2d.sim.views import TRANSFORMS, VIEWS
-from d2d.training.spec import TrainingSpec
+from d2d.sim.training import default_spec
 from services.ingest.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +189,7 @@ def serving_platform(
                 except grpc.aio.AioRpcError:
                     pass
                 await asyncio.sleep(0.1)
-            spec = TrainingSpec(views=tuple((v.name, v.version) for v in VIEWS), transforms=TRANSFORMS)
+            spec = default_spec()
             await registry.create_model(MODEL)
             await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 60}))
             await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 30, "seed": 8}))

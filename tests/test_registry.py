@@ -21,7 +21,8 @@ from d2d.eventlog import EventLog
 from d2d.features.store import register_views
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
-from d2d.sim.views import TRANSFORMS, VIEWS
+from d2d.sim.training import CHARGEBACK_LABEL, default_spec
+from d2d.sim.views import VIEWS
 from d2d.training.evaluation import roc_auc
 from d2d.training.pipeline import train
 from d2d.training.spec import TrainingSpec
@@ -57,8 +58,7 @@ def loaded_url(postgres: EmbeddedPostgres, simulated: PaymentsSimulator) -> Iter
 
 
 def spec_json(**overrides: object) -> str:
-    spec = TrainingSpec(views=tuple((v.name, v.version) for v in VIEWS), transforms=TRANSFORMS)
-    return json.dumps({**spec.to_dict(), **overrides})
+    return json.dumps({**default_spec().to_dict(), **overrides})
 
 
 @pytest.fixture
@@ -188,7 +188,12 @@ async def test_aliases_and_their_history_survive_a_restart(loaded_url: str) -> N
 @pytest.mark.parametrize(
     ("overrides", "code", "needle"),
     [
-        ({"label": {"outcome_type": "payment.refunded"}}, "FAILED_PRECONDITION", "only class 0"),
+        (
+            {"label": {**CHARGEBACK_LABEL.to_dict(), "outcome_type": "payment.refunded"}},
+            "FAILED_PRECONDITION",
+            "only class 0",
+        ),
+        ({"label": None}, "INVALID_ARGUMENT", "label (example_type, outcome_type, join_field, window_seconds)"),
         ({"after_seq": 50, "to_seq": 60}, "FAILED_PRECONDITION", "holds no payment.authorized events"),
         ({"views": [["customer_payments", "0000000000000000"]]}, "NOT_FOUND", "'customer_payments' version"),
         ({"views": [["no_such_view", "abc"]]}, "NOT_FOUND", "'no_such_view'"),

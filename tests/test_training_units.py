@@ -7,12 +7,14 @@ import json
 import math
 import random
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 
 from d2d.eventlog import StoredEvent
+from d2d.sim.training import CHARGEBACK_LABEL
 from d2d.training import (
     Evaluation,
     LabelDefinition,
@@ -257,7 +259,7 @@ def test_labels_window_rules() -> None:
     log.chargeback("pay_outside_range", T0 + 20 * DAY)  # its payment is not in this range
     log.add("payment.authorized", as_of, payment_id="pay_newest", customer_id="c", merchant_id="m", amount=1.0)
 
-    examples = label_examples(log.events, LabelDefinition(), as_of=as_of)
+    examples = label_examples(log.events, CHARGEBACK_LABEL, as_of=as_of)
     assert labels_by_payment(examples) == {
         "pay_within": 1,
         "pay_late": 0,
@@ -278,9 +280,9 @@ def test_labels_censor_young_examples() -> None:
     log.payment("pay_young", as_of - 30 * DAY + timedelta(seconds=1))
     log.payment("pay_very_young", as_of - DAY)
     log.chargeback("pay_very_young", as_of)  # a young example is left out even when its outcome came
-    examples = label_examples(log.events, LabelDefinition(), as_of=as_of)
+    examples = label_examples(log.events, CHARGEBACK_LABEL, as_of=as_of)
     assert labels_by_payment(examples) == {"pay_old_enough": 0}
-    short = label_examples(log.events, LabelDefinition(window_seconds=86400), as_of=as_of)
+    short = label_examples(log.events, replace(CHARGEBACK_LABEL, window_seconds=86400), as_of=as_of)
     assert labels_by_payment(short) == {"pay_old_enough": 0, "pay_young": 0, "pay_very_young": 1}
 
 
@@ -290,7 +292,7 @@ def test_labels_duplicate_outcomes_count_once() -> None:
     log.chargeback("pay_1", T0 + 5 * DAY)
     log.chargeback("pay_1", T0 + 5 * DAY)
     log.chargeback("pay_1", T0 + 6 * DAY)
-    examples = label_examples(log.events, LabelDefinition(), as_of=T0 + 90 * DAY)
+    examples = label_examples(log.events, CHARGEBACK_LABEL, as_of=T0 + 90 * DAY)
     assert [(e.payload["payment_id"], e.label) for e in examples] == [("pay_1", 1)]
 
 
@@ -301,12 +303,12 @@ def test_labels_in_seq_order() -> None:
     log.payment("pay_c", T0 + 2 * DAY)
     log.chargeback("pay_a", T0 + DAY)
     as_of = T0 + 60 * DAY
-    examples = label_examples(log.events, LabelDefinition(), as_of=as_of)
+    examples = label_examples(log.events, CHARGEBACK_LABEL, as_of=as_of)
     assert [e.payload["payment_id"] for e in examples] == ["pay_b", "pay_a", "pay_c"]
     assert [e.seq for e in examples] == [1, 2, 3]
     assert [e.label for e in examples] == [0, 1, 0]
     # any iterable, in any order, gives the same result
-    assert label_examples(iter(reversed(log.events)), LabelDefinition(), as_of=as_of) == examples
+    assert label_examples(iter(reversed(log.events)), CHARGEBACK_LABEL, as_of=as_of) == examples
 
 
 def test_labels_custom_definition() -> None:
@@ -323,14 +325,14 @@ def test_labels_errors() -> None:
     log = Log()
     log.payment("pay_1", T0)
     with pytest.raises(ValueError, match="aware"):
-        label_examples(log.events, LabelDefinition(), as_of=datetime(2024, 6, 1))
+        label_examples(log.events, CHARGEBACK_LABEL, as_of=datetime(2024, 6, 1))
     log.add("payment.chargeback", T0 + DAY, chargeback_id="cb_00000001")
     with pytest.raises(ValueError, match="payment_id"):
-        label_examples(log.events, LabelDefinition(), as_of=T0 + 60 * DAY)
+        label_examples(log.events, CHARGEBACK_LABEL, as_of=T0 + 60 * DAY)
 
 
 def test_label_definition_round_trip_and_validation() -> None:
-    definition = LabelDefinition(window_seconds=7 * 86400)
+    definition = replace(CHARGEBACK_LABEL, window_seconds=7 * 86400)
     d = definition.to_dict()
     assert d == {
         "example_type": "payment.authorized",
@@ -339,15 +341,16 @@ def test_label_definition_round_trip_and_validation() -> None:
         "window_seconds": 604800,
     }
     assert LabelDefinition.from_dict(json.loads(json.dumps(d))) == definition
-    assert LabelDefinition.from_dict({}) == LabelDefinition()
+    with pytest.raises(ValueError, match="missing field.*window_seconds"):
+        LabelDefinition.from_dict({k: v for k, v in d.items() if k != "window_seconds"})
     with pytest.raises(ValueError, match="unknown"):
         LabelDefinition.from_dict({**d, "extra": 1})
     with pytest.raises(ValueError):
-        LabelDefinition(window_seconds=-1)
+        replace(definition, window_seconds=-1)
     with pytest.raises(ValueError):
-        LabelDefinition(window_seconds=1.5)  # type: ignore[arg-type]
+        replace(definition, window_seconds=1.5)
     with pytest.raises(ValueError):
-        LabelDefinition(join_field="")
+        replace(definition, join_field="")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mshow.add_argument("version", nargs="?")
     mtrain = msub.add_parser("train", help="train a new version from the log (creates the model if needed)")
     mtrain.add_argument("model")
-    mtrain.add_argument("--spec", help="training spec JSON file (default: the served views, default parameters)")
+    mtrain.add_argument("--spec", help="training spec JSON file (default: D2D_TRAINING_DEFAULTS's default_spec())")
     mtrain.add_argument("--rounds", type=int, help="boosting rounds for the default spec")
     mtrain.add_argument("--description", default="")
     mtrain.add_argument("--truth", help="CSV of true probabilities (the simulator's), to evaluate against")
@@ -137,10 +137,12 @@ def _default_spec(settings: Settings, rounds: int | None, truth: str | None = No
 
     from d2d.training.spec import TrainingSpec
 
-    module = importlib.import_module(settings.feature_views_module)
-    spec = TrainingSpec(
-        views=tuple((v.name, v.version) for v in module.VIEWS), transforms=tuple(getattr(module, "TRANSFORMS", ()))
-    )
+    module = importlib.import_module(settings.training_defaults_module)
+    default_spec = getattr(module, "default_spec", None)
+    if default_spec is None:
+        raise SystemExit(f"{settings.training_defaults_module} (D2D_TRAINING_DEFAULTS) has no default_spec(); "
+                         "pass --spec FILE")  # fmt: skip
+    spec: TrainingSpec = default_spec()
     d = spec.to_dict()
     if rounds:
         d["num_boost_round"] = rounds

@@ -24,12 +24,13 @@ class LabelDefinition:
     """A binary label from the log: an example per `example_type` event; label 1 if an `outcome_type`
     event with the same `join_field` value occurs within `window_seconds` after the example's
     occurred_at, else 0. Examples younger than the window at the end of the log range (their outcome
-    could still come) are left out."""
+    could still come) are left out. Every field is the domain's to name (the simulator's label, a
+    chargeback within 30 days of a payment, is `d2d.sim.training.CHARGEBACK_LABEL`)."""
 
-    example_type: str = "payment.authorized"
-    outcome_type: str = "payment.chargeback"
-    join_field: str = "payment_id"
-    window_seconds: int = 30 * 86400
+    example_type: str
+    outcome_type: str
+    join_field: str
+    window_seconds: int
 
     def __post_init__(self) -> None:
         for name in ("example_type", "outcome_type", "join_field"):
@@ -50,11 +51,14 @@ class LabelDefinition:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabelDefinition:
-        """The inverse of `to_dict`. Unknown keys are an error; missing keys take the defaults."""
+        """The inverse of `to_dict`. Unknown and missing keys are an error (ValueError)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown label definition fields: {unknown}")
+        missing = [name for name in known if name not in d]
+        if missing:
+            raise ValueError(f"label definition: missing field(s) {', '.join(sorted(missing))}")
         return cls(**d)
 
 

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from d2d.features.definitions import Aggregation, FeatureView, RequestTransform
@@ -41,28 +41,30 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class TrainingSpec:
+    """Views, label and request inputs are the domain's to name; the defaults here name none of them
+    (the simulator's default spec is `d2d.sim.training.default_spec`, which `d2d models train` uses
+    through `D2D_TRAINING_DEFAULTS`)."""
+
     views: tuple[tuple[str, str], ...]  # (feature view name, version)
-    label: LabelDefinition = field(default_factory=LabelDefinition)
+    label: LabelDefinition
     after_seq: int = 0  # the log range used: after_seq < seq <= to_seq
     to_seq: int = 0  # 0: the log's head when the run starts (the stored spec holds the number)
     params: tuple[tuple[str, Any], ...] = tuple(sorted(DEFAULT_PARAMS.items()))
     num_boost_round: int = 300
     early_stopping_rounds: int = 30
     seed: int = 7
-    request_numbers: tuple[str, ...] = ("amount",)  # request fields used as numbers
-    request_flags: tuple[tuple[str, str], ...] = (("channel", "ecom"),)  # 1.0 when field == value
+    request_numbers: tuple[str, ...] = ()  # request fields used as numbers
+    request_flags: tuple[tuple[str, str], ...] = ()  # 1.0 when field == value
     transforms: tuple[RequestTransform, ...] = ()
-    slice_fields: tuple[str, ...] = ("channel",)  # example payload fields to slice the evaluation by
+    slice_fields: tuple[str, ...] = ()  # example payload fields to slice the evaluation by
     # Slices looked up in the log: (name, event type, key field shared with the example, value field),
     # e.g. the merchant's category from merchant.onboarded.
-    slice_lookups: tuple[tuple[str, str, str, str], ...] = (
-        ("merchant_category", "merchant.onboarded", "merchant_id", "category"),
-    )
+    slice_lookups: tuple[tuple[str, str, str, str], ...] = ()
     # Where the true probabilities are known (the simulator writes them beside the log): a CSV with
     # `truth_key` and `fraud_probability` columns; the evaluation then reports the truth's own AUC on the
     # same held-out rows. Empty: not known.
     truth_path: str = ""
-    truth_key: str = "payment_id"
+    truth_key: str = ""
     train_share: float = 0.7
     validation_share: float = 0.15
 
@@ -92,30 +94,32 @@ class TrainingSpec:
             raise SpecError("INVALID_ARGUMENT", f"training spec: unknown field(s) {', '.join(unknown)}")
         if not d.get("views"):
             raise SpecError("INVALID_ARGUMENT", "training spec: views (name, version pairs) are required")
+        if not d.get("label"):
+            raise SpecError(
+                "INVALID_ARGUMENT", "training spec: label (example_type, outcome_type, join_field, window_seconds)"
+                " is required",
+            )  # fmt: skip
+        if d.get("truth_path") and not d.get("truth_key"):
+            raise SpecError("INVALID_ARGUMENT", "training spec: truth_path needs truth_key (the column to join on)")
         try:
             return cls(
                 views=tuple((str(n), str(v)) for n, v in d["views"]),
-                label=LabelDefinition.from_dict(d["label"]) if "label" in d else LabelDefinition(),
+                label=LabelDefinition.from_dict(d["label"]),
                 after_seq=int(d.get("after_seq", 0)),
                 to_seq=int(d.get("to_seq", 0)),
                 params=tuple(sorted({**DEFAULT_PARAMS, **d.get("params", {})}.items())),
                 num_boost_round=int(d.get("num_boost_round", 300)),
                 early_stopping_rounds=int(d.get("early_stopping_rounds", 30)),
                 seed=int(d.get("seed", 7)),
-                request_numbers=tuple(d.get("request_numbers", ("amount",))),
-                request_flags=tuple((str(k), str(v)) for k, v in d.get("request_flags", (("channel", "ecom"),))),
+                request_numbers=tuple(d.get("request_numbers", ())),
+                request_flags=tuple((str(k), str(v)) for k, v in d.get("request_flags", ())),
                 transforms=tuple(
                     RequestTransform(t["name"], t["op"], tuple(t["inputs"])) for t in d.get("transforms", ())
                 ),
-                slice_fields=tuple(d.get("slice_fields", ("channel",))),
-                slice_lookups=tuple(
-                    tuple(x)
-                    for x in d.get(
-                        "slice_lookups", (("merchant_category", "merchant.onboarded", "merchant_id", "category"),)
-                    )
-                ),
+                slice_fields=tuple(d.get("slice_fields", ())),
+                slice_lookups=tuple(tuple(x) for x in d.get("slice_lookups", ())),
                 truth_path=str(d.get("truth_path", "")),
-                truth_key=str(d.get("truth_key", "payment_id")),
+                truth_key=str(d.get("truth_key", "")),
                 train_share=float(d.get("train_share", 0.7)),
                 validation_share=float(d.get("validation_share", 0.15)),
             )

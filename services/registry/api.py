@@ -1,22 +1,27 @@
-"""`d2d.v1.RegistryService` over gRPC."""
+"""`d2d.v1.RegistryService` over gRPC.
+
+Refusals (`d2d.errors.Refusal`, raised here and by the store) propagate: `d2d.grpcserver` answers
+each with its status. A `SpecError` is translated here, naming the field that carried the spec.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 
-from d2d import grpcserver
+from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.store import registered_views
-from d2d.models import AliasChange, ModelRecord, ModelStore, RegistryError, VersionRecord
 from d2d.training.pipeline import compare_on_rows, train
 from d2d.training.spec import SpecError, TrainingSpec
 from d2d.v1 import registry_pb2
+from services.registry.store import AliasChange, ModelRecord, ModelStore, VersionRecord
 
 SERVICE_NAME = "d2d.v1.RegistryService"
 CHUNK = 1 << 20
@@ -25,15 +30,24 @@ CHUNK = 1 << 20
 def _model_name(name: str) -> str:
     parts = name.split("/")
     if len(parts) != 2 or parts[0] != "models" or not parts[1]:
-        raise RegistryError("INVALID_ARGUMENT", f"{name!r} is not a model name 'models/{{model}}'", "name")
+        raise Refusal("INVALID_ARGUMENT", f"{name!r} is not a model name 'models/{{model}}'", "name")
     return parts[1]
 
 
 def _version_name(name: str) -> tuple[str, str]:
     parts = name.split("/")
     if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions":
-        raise RegistryError("INVALID_ARGUMENT", f"{name!r} is not 'models/{{model}}/versions/{{version}}'", "name")
+        raise Refusal("INVALID_ARGUMENT", f"{name!r} is not 'models/{{model}}/versions/{{version}}'", "name")
     return parts[1], parts[3]
+
+
+@contextlib.contextmanager
+def spec_refusals(field: str) -> Iterator[None]:
+    """A training spec that cannot be used (`SpecError`) refused with its code, naming `field`."""
+    try:
+        yield
+    except SpecError as e:
+        raise Refusal(e.code, str(e), field) from e
 
 
 def _change(c: AliasChange) -> registry_pb2.AliasChange:
@@ -89,44 +103,35 @@ class RegistryApi:
             if view is None:
                 versions = sorted(v for n, v in known if n == name)
                 detail = f"registered versions: {', '.join(versions)}" if versions else "no version is registered"
-                raise RegistryError(
+                raise Refusal(
                     "NOT_FOUND", f"feature view {name!r} version {version!r} is unknown ({detail})", "spec_json"
                 )
             views.append(view)
         return views
 
     async def CreateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
-        try:
-            return await self._model_proto(await self.store.create_model(request.model_id, request.model.description))
-        except RegistryError as e:
-            await grpcserver.fail(context, e.code, e.message, e.field)
+        return await self._model_proto(await self.store.create_model(request.model_id, request.model.description))
 
     async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
-        try:
-            return await self._model_proto(await self.store.get_model(_model_name(request.name)))
-        except RegistryError as e:
-            await grpcserver.fail(context, e.code, e.message, e.field)
+        return await self._model_proto(await self.store.get_model(_model_name(request.name)))
 
     async def UpdateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
-        try:
-            model = _model_name(request.model.name)
-            paths = set(request.update_mask.paths)
-            unknown = sorted(paths - {"description", "deployment_policy"})
-            if not paths or unknown:
-                raise RegistryError(
-                    "INVALID_ARGUMENT",
-                    f"update_mask must name description and/or deployment_policy (got {sorted(paths) or 'nothing'})",
-                    "update_mask",
-                )
-            policy = None
-            if "deployment_policy" in paths:
-                p = request.model.deployment_policy
-                policy = {"canary_share": p.canary_share, "epsilon": p.epsilon, "threshold": p.threshold,
-                          "actions": list(p.actions)}  # fmt: skip
-            description = request.model.description if "description" in paths else None
-            return await self._model_proto(await self.store.update_model(model, description=description, policy=policy))
-        except RegistryError as e:
-            await grpcserver.fail(context, e.code, e.message, e.field)
+        model = _model_name(request.model.name)
+        paths = set(request.update_mask.paths)
+        unknown = sorted(paths - {"description", "deployment_policy"})
+        if not paths or unknown:
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"update_mask must name description and/or deployment_policy (got {sorted(paths) or 'nothing'})",
+                "update_mask",
+            )
+        policy = None
+        if "deployment_policy" in paths:
+            p = request.model.deployment_policy
+            policy = {"canary_share": p.canary_share, "epsilon": p.epsilon, "threshold": p.threshold,
+                      "actions": list(p.actions)}  # fmt: skip
+        description = request.model.description if "description" in paths else None
+        return await self._model_proto(await self.store.update_model(model, description=description, policy=policy))
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ListModelsResponse:
         return registry_pb2.ListModelsResponse(
@@ -145,10 +150,11 @@ class RegistryApi:
             try:
                 model = _model_name(request.parent)
                 await self.store.get_model(model)
-                spec = TrainingSpec.from_json(request.spec_json)
-                views = await self.views_for(spec)
-                async with self._training:
-                    trained = await train(self.log, spec, views, progress)
+                with spec_refusals("spec_json"):
+                    spec = TrainingSpec.from_json(request.spec_json)
+                    views = await self.views_for(spec)
+                    async with self._training:
+                        trained = await train(self.log, spec, views, progress)
                 return await self.store.add_version(
                     model, trained.artifact, trained.spec.to_dict(), trained.feature_names,
                     trained.evaluation, trained.lineage,
@@ -159,54 +165,40 @@ class RegistryApi:
         task = asyncio.create_task(run())
         while (update := await updates.get()) is not None:
             yield update
-        try:
-            version = await task
-        except (RegistryError, SpecError) as e:
-            await grpcserver.fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
+        version = await task
         yield registry_pb2.TrainingProgress(
             stage="stored", message=f"registered {version.name} ({version.sha256[:12]})", fraction=1.0,
             model_version=version_to_proto(version),
         )  # fmt: skip
 
     async def RegisterModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
-        try:
-            model = _model_name(request.parent)
+        model = _model_name(request.parent)
+        with spec_refusals("spec_json"):
             spec = TrainingSpec.from_json(request.spec_json)
-            await self.views_for(spec)
-            if not request.artifact:
-                raise RegistryError("INVALID_ARGUMENT", "artifact is required", "artifact")
-            if not request.feature_names:
-                raise RegistryError("INVALID_ARGUMENT", "feature_names are required", "feature_names")
-            evaluation = json.loads(request.evaluation_json) if request.evaluation_json else {}
-            record = await self.store.add_version(
-                model, request.artifact, spec.to_dict(), list(request.feature_names), evaluation, {"external": True}
-            )
-            return version_to_proto(record)
-        except (RegistryError, SpecError) as e:
-            await grpcserver.fail(context, e.code, str(e), getattr(e, "field", "") or "spec_json")
+        await self.views_for(spec)
+        if not request.artifact:
+            raise Refusal("INVALID_ARGUMENT", "artifact is required", "artifact")
+        if not request.feature_names:
+            raise Refusal("INVALID_ARGUMENT", "feature_names are required", "feature_names")
+        evaluation = json.loads(request.evaluation_json) if request.evaluation_json else {}
+        record = await self.store.add_version(
+            model, request.artifact, spec.to_dict(), list(request.feature_names), evaluation, {"external": True}
+        )
+        return version_to_proto(record)
 
     async def GetModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
-        try:
-            return version_to_proto(await self.store.get_version(*_version_name(request.name)))
-        except RegistryError as e:
-            await grpcserver.fail(context, e.code, e.message, e.field)
+        return version_to_proto(await self.store.get_version(*_version_name(request.name)))
 
     async def ListModelVersions(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ListModelVersionsResponse:
-        try:
-            versions = await self.store.list_versions(_model_name(request.parent))
-        except RegistryError as e:
-            await grpcserver.fail(context, e.code, e.message, e.field or "parent")
+        versions = await self.store.list_versions(_model_name(request.parent))
         return registry_pb2.ListModelVersionsResponse(model_versions=[version_to_proto(v) for v in versions])
 
     async def GetArtifact(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[registry_pb2.ArtifactChunk]:
-        try:
-            sha256, data = await self.store.artifact_of(*_version_name(request.name))
-        except RegistryError as e:
-            await grpcserver.fail(context, e.code, e.message, e.field)
+        sha256, data = await self.store.artifact_of(*_version_name(request.name))
         for offset in range(0, len(data), CHUNK):
             chunk = registry_pb2.ArtifactChunk(data=data[offset : offset + CHUNK])
             if offset == 0:
@@ -214,23 +206,21 @@ class RegistryApi:
             yield chunk
 
     async def SetAlias(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
-        try:
-            model = _model_name(request.name)
-            if not request.version.isdigit():
-                raise RegistryError("INVALID_ARGUMENT", "version must be a version number", "version")
-            candidate = await self.store.get_version(model, request.version)
-            current = (await self.store.get_model(model)).aliases.get(request.alias)
-            if request.HasField("require_improvement") and current is not None and current != candidate.version:
+        model = _model_name(request.name)
+        if not request.version.isdigit():
+            raise Refusal("INVALID_ARGUMENT", "version must be a version number", "version")
+        candidate = await self.store.get_version(model, request.version)
+        current = (await self.store.get_model(model)).aliases.get(request.alias)
+        if request.HasField("require_improvement") and current is not None and current != candidate.version:
+            with spec_refusals("version"):  # a stored spec this code can no longer read
                 await self._gate(candidate, await self.store.get_version(model, str(current)), request)
-            await self.store.set_alias(model, request.alias, candidate.version, request.reason)
-            return await self._model_proto(await self.store.get_model(model))
-        except (RegistryError, SpecError) as e:
-            await grpcserver.fail(context, e.code, str(e), getattr(e, "field", ""))
+        await self.store.set_alias(model, request.alias, candidate.version, request.reason)
+        return await self._model_proto(await self.store.get_model(model))
 
     async def _gate(self, candidate: VersionRecord, incumbent: VersionRecord, request: Any) -> None:
         rows = candidate.lineage.get("test_examples")
         if not rows:
-            raise RegistryError(
+            raise Refusal(
                 "FAILED_PRECONDITION", f"{candidate.name} has no held-out rows to compare on (registered externally)"
             )
         sides = []
@@ -240,7 +230,7 @@ class RegistryApi:
         auc_new, auc_old, n = await compare_on_rows(self.log, [tuple(r) for r in rows], sides[0], sides[1])
         margin = request.require_improvement
         if auc_new < auc_old + margin:
-            raise RegistryError(
+            raise Refusal(
                 "FAILED_PRECONDITION",
                 f"promotion refused: version {candidate.version} has AUC {auc_new:.4f} on its {n} held-out rows, "
                 f"{request.alias} version {incumbent.version} has {auc_old:.4f} on the same rows; the gate asks for "
@@ -249,11 +239,8 @@ class RegistryApi:
             )
 
     async def DeleteAlias(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
-        try:
-            model = _model_name(request.name)
-            if request.alias not in (await self.store.get_model(model)).aliases:
-                raise RegistryError("NOT_FOUND", f"models/{model} has no alias {request.alias!r}", "alias")
-            await self.store.set_alias(model, request.alias, None)
-            return await self._model_proto(await self.store.get_model(model))
-        except RegistryError as e:
-            await grpcserver.fail(context, e.code, e.message, e.field)
+        model = _model_name(request.name)
+        if request.alias not in (await self.store.get_model(model)).aliases:
+            raise Refusal("NOT_FOUND", f"models/{model} has no alias {request.alias!r}", "alias")
+        await self.store.set_alias(model, request.alias, None)
+        return await self._model_proto(await self.store.get_model(model))

@@ -1,6 +1,6 @@
 """`d2d.v1.ServingService` over gRPC: admit, check, route, fetch features, score, decide, log, answer.
 
-Every refusal is a `d2d.errors.Refusal` answered with its precise status (a BadRequest naming the
+Every refusal is a `d2d.errors.Refusal`, answered by `d2d.grpcserver` with its precise status (a BadRequest naming the
 field where there is one, RetryInfo where a retry later can succeed); nothing answers UNKNOWN.
 
 - Admission: at most `max_in_flight` rows (Predicts, BatchPredict rows) are being decided at once;
@@ -40,14 +40,13 @@ import grpc
 import orjson
 from google.protobuf import struct_pb2
 
-from d2d import grpcserver
 from d2d.client import FeatureClient
-from d2d.decisions import choose, decision_id, route
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog, GroupCommitter, NewEvent
 from d2d.features.definitions import NUMBER, SCALAR, TEXT, TIME, resolve_path
 from d2d.training.spec import SpecError
 from d2d.v1 import serving_pb2
+from services.serving.decisions import choose, decision_id, route
 from services.serving.models import Deployment, FeatureLookups, NoProductionVersion, plain
 
 log = logging.getLogger(__name__)
@@ -171,17 +170,17 @@ class ServingApi:
             finally:
                 if not slot.deferred:
                     slot.release()
-        except Refusal as r:
-            await grpcserver.abort(context, grpcserver.refusal_status(r))
+        except Refusal:
+            raise  # grpcserver answers it with its status
         except Exception as exc:  # a fault of serving itself: still a precise answer, never UNKNOWN
             log.exception("serving: Predict failed")
-            await grpcserver.fail(context, "INTERNAL", f"serving failed ({type(exc).__name__}); {NOT_RECORDED}")
+            raise Refusal("INTERNAL", f"serving failed ({type(exc).__name__}); {NOT_RECORDED}") from exc
 
     async def BatchPredict(self, request: Any, context: grpc.aio.ServicerContext) -> serving_pb2.BatchPredictResponse:
         most = min(MAX_BATCH, self.in_flight.limit)
         if not request.requests or len(request.requests) > most:
             message = f"requests: {len(request.requests)} given; 1 to {most} per call"
-            await grpcserver.fail(context, "INVALID_ARGUMENT", message, "requests")
+            raise Refusal("INVALID_ARGUMENT", message, "requests")
         answer_by = _answer_by(context)
         try:
             slots = self.in_flight.admit(len(request.requests))
@@ -207,11 +206,11 @@ class ServingApi:
                     )  # fmt: skip
                 raise first
             return serving_pb2.BatchPredictResponse(responses=answers)
-        except Refusal as r:
-            await grpcserver.abort(context, grpcserver.refusal_status(r))
+        except Refusal:
+            raise
         except Exception as exc:
             log.exception("serving: BatchPredict failed")
-            await grpcserver.fail(context, "INTERNAL", f"serving failed ({type(exc).__name__}); {NOT_RECORDED}")
+            raise Refusal("INTERNAL", f"serving failed ({type(exc).__name__}); {NOT_RECORDED}") from exc
 
     def _batch_failed(self, rows: list[Row], answers: list[Any]) -> None:
         """The call fails as a whole: rows decided and recorded without a request_id are withdrawn."""

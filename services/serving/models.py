@@ -155,7 +155,7 @@ async def load_deployment(
         "canary_share": record.deployment_policy.canary_share,
         "epsilon": record.deployment_policy.epsilon,
         "threshold": record.deployment_policy.threshold,
-        "actions": list(record.deployment_policy.actions) or ["approve", "decline"],
+        "actions": list(record.deployment_policy.actions),  # the registry always names both
     }
 
     async def load(number: str) -> LoadedVersion:

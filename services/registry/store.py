@@ -1,4 +1,4 @@
-"""The model registry's storage: models, immutable versions, content-addressed artifacts, aliases.
+"""The registry service's model store: models, immutable versions, content-addressed artifacts, aliases.
 
 Every change is an event in the log whose projector (`d2d.projections`) writes the rows, in the
 same transaction (`EventLog.recording()`): `model.registered` (a model, or a version with its spec,
@@ -19,26 +19,11 @@ from typing import Any
 import asyncpg
 import orjson
 
+from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
 
 MODEL_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ALIASES = ("production", "canary", "shadow")
-
-
-class RegistryError(Exception):
-    def __init__(self, code: str, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field
-
-
-DEFAULT_POLICY: dict[str, Any] = {
-    "canary_share": 0.0,
-    "epsilon": 0.0,
-    "threshold": 0.5,
-    "actions": ["approve", "decline"],
-}
 
 
 @dataclass(frozen=True)
@@ -51,19 +36,22 @@ class ModelRecord:
     aliases: dict[str, int]
 
 
-def check_policy(policy: dict[str, Any]) -> dict[str, Any]:
-    """A complete, valid deployment policy (defaults filled in) or RegistryError naming the field."""
-    merged = {**DEFAULT_POLICY, **{k: v for k, v in policy.items() if v not in (None, [])}}
+def check_policy(current: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
+    """A complete, valid deployment policy or a Refusal naming the field.
+
+    What `policy` leaves out (None, no actions) keeps its `current` value: the platform names no
+    actions of its own (a new model's come from the `models` table's default until a policy is set)."""
+    merged = {**current, **{k: v for k, v in policy.items() if v not in (None, [])}}
     for key in ("canary_share", "epsilon", "threshold"):
         value = merged[key]
         if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-            raise RegistryError("INVALID_ARGUMENT", f"deployment_policy.{key} must be within 0..1, got {value!r}",
-                                f"model.deployment_policy.{key}")  # fmt: skip
+            raise Refusal("INVALID_ARGUMENT", f"deployment_policy.{key} must be within 0..1, got {value!r}",
+                          f"model.deployment_policy.{key}")  # fmt: skip
         merged[key] = float(value)
     actions = merged["actions"]
     if len(actions) != 2 or len(set(actions)) != 2 or not all(isinstance(a, str) and a for a in actions):
-        raise RegistryError("INVALID_ARGUMENT", "deployment_policy.actions must be two distinct names, e.g. "
-                            "['approve', 'decline']", "model.deployment_policy.actions")  # fmt: skip
+        raise Refusal("INVALID_ARGUMENT", "deployment_policy.actions must be two distinct names (the first"
+                      " taken below the threshold)", "model.deployment_policy.actions")  # fmt: skip
     merged["actions"] = list(actions)
     return merged
 
@@ -113,12 +101,12 @@ class ModelStore:
 
     async def create_model(self, model: str, description: str = "") -> ModelRecord:
         if not MODEL_ID.match(model):
-            raise RegistryError(
+            raise Refusal(
                 "INVALID_ARGUMENT", f"model id {model!r} must be lower case letters, digits and '-'", "model_id"
             )
         async with self.log.recording() as tx:
             if await tx.conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
-                raise RegistryError("ALREADY_EXISTS", f"models/{model} already exists", "model_id")
+                raise Refusal("ALREADY_EXISTS", f"models/{model} already exists", "model_id")
             await tx.append(_event("model.registered", model, {"model": model, "description": description}))
         return await self.get_model(model)
 
@@ -129,7 +117,7 @@ class ModelStore:
                 model,
             )
             if row is None:
-                raise RegistryError("NOT_FOUND", f"models/{model} does not exist", "name")
+                raise Refusal("NOT_FOUND", f"models/{model} does not exist", "name")
             aliases = await conn.fetch("SELECT alias, version FROM model_aliases WHERE model = $1", model)
         return ModelRecord(*row.values(), aliases={a["alias"]: a["version"] for a in aliases})
 
@@ -137,9 +125,9 @@ class ModelStore:
         self, model: str, *, description: str | None = None, policy: dict[str, Any] | None = None
     ) -> ModelRecord:
         """Change the description and/or the deployment policy (a `model.policy_set` event)."""
-        await self.get_model(model)
+        record = await self.get_model(model)
         if policy is not None:
-            policy = check_policy(policy)
+            policy = check_policy(record.deployment_policy, policy)
         async with self.log.recording() as tx:
             if description is not None:
                 await tx.append(_event("model.updated", model, {"model": model, "description": description}))
@@ -186,7 +174,7 @@ class ModelStore:
         elif version.isdigit():
             number = int(version)
         else:
-            raise RegistryError("NOT_FOUND", f"models/{model} has no version or alias {version!r}", "name")
+            raise Refusal("NOT_FOUND", f"models/{model} has no version or alias {version!r}", "name")
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN artifacts a USING (sha256)"
@@ -195,7 +183,7 @@ class ModelStore:
                 number,
             )
         if row is None:
-            raise RegistryError("NOT_FOUND", f"models/{model}/versions/{version} does not exist", "name")
+            raise Refusal("NOT_FOUND", f"models/{model}/versions/{version} does not exist", "name")
         return VersionRecord(*row.values())
 
     async def artifact_of(self, model: str, version: str) -> tuple[str, bytes]:
@@ -210,7 +198,7 @@ class ModelStore:
                 number,
             )
         if row is None:
-            raise RegistryError("NOT_FOUND", f"models/{model}/versions/{version} does not exist", "name")
+            raise Refusal("NOT_FOUND", f"models/{model}/versions/{version} does not exist", "name")
         return row["sha256"], row["data"]
 
     async def list_versions(self, model: str) -> list[VersionRecord]:
@@ -227,13 +215,13 @@ class ModelStore:
         async with self.pool.acquire() as conn:
             data = await conn.fetchval("SELECT data FROM artifacts WHERE sha256 = $1", sha256)
         if data is None:
-            raise RegistryError("NOT_FOUND", f"no artifact {sha256}")
+            raise Refusal("NOT_FOUND", f"no artifact {sha256}")
         return data
 
     async def set_alias(self, model: str, alias: str, version: int | None, reason: str = "") -> AliasChange:
         """Point `alias` at `version` (None removes it), recorded as a `model.alias_set` event."""
         if alias not in ALIASES:
-            raise RegistryError("INVALID_ARGUMENT", f"alias {alias!r} is not one of {', '.join(ALIASES)}", "alias")
+            raise Refusal("INVALID_ARGUMENT", f"alias {alias!r} is not one of {', '.join(ALIASES)}", "alias")
         record = await self.get_model(model)
         if version is not None:
             await self.get_version(model, str(version))

@@ -1,0 +1,34 @@
+"""The simulator's training defaults: its label (a chargeback within 30 days of a payment) and the
+spec `d2d models train` uses without `--spec` (named by `D2D_TRAINING_DEFAULTS`, see `d2d.config`).
+
+Payments-domain choices live here, not in `d2d.training`: the platform's spec names no event type,
+field or window of its own.
+"""
+
+from __future__ import annotations
+
+from d2d.sim.views import TRANSFORMS, VIEWS
+from d2d.training.labels import LabelDefinition
+from d2d.training.spec import TrainingSpec
+
+CHARGEBACK_LABEL = LabelDefinition(
+    example_type="payment.authorized",
+    outcome_type="payment.chargeback",
+    join_field="payment_id",
+    window_seconds=30 * 86400,
+)
+
+
+def default_spec() -> TrainingSpec:
+    """The served views and transforms, the chargeback label, the payment's amount and channel as
+    request inputs, evaluation sliced by channel and merchant category, truth joined on payment_id."""
+    return TrainingSpec(
+        views=tuple((v.name, v.version) for v in VIEWS),
+        label=CHARGEBACK_LABEL,
+        request_numbers=("amount",),
+        request_flags=(("channel", "ecom"),),
+        transforms=TRANSFORMS,
+        slice_fields=("channel",),
+        slice_lookups=(("merchant_category", "merchant.onboarded", "merchant_id", "category"),),
+        truth_key="payment_id",
+    )
