@@ -102,9 +102,12 @@ async def test_trained_model_beats_a_constant_and_nears_the_truth(
     # the truth's own AUC on the same held-out rows, computed here independently of the pipeline
     pool = await eventlog.create_pool(settings.database_url, max_size=2)
     async with pool.acquire() as conn:
-        test_examples = await conn.fetchval(
-            "SELECT lineage->'test_examples' FROM model_versions WHERE model = $1 AND version = 1", model
+        held_out = await conn.fetchval(  # a blob the version's lineage names by sha256
+            "SELECT a.data FROM model_versions v JOIN artifacts a ON a.sha256 = v.lineage->>'test_examples_sha256'"
+            " WHERE v.model = $1 AND v.version = 1",
+            model,
         )
+        test_examples = json.loads(held_out)
     await pool.close()
     by_id = {e.event_id: e for e in simulated.events()}
     truth = simulated.truth()

@@ -69,7 +69,7 @@ def version_to_proto(v: VersionRecord) -> registry_pb2.ModelVersion:
         artifact_bytes=v.size_bytes,
         spec_json=json.dumps(v.spec, sort_keys=True),
         evaluation_json=json.dumps(v.evaluation, sort_keys=True),
-        lineage_json=json.dumps({k: x for k, x in v.lineage.items() if k != "test_examples"}, sort_keys=True),
+        lineage_json=json.dumps(v.lineage, sort_keys=True),
         feature_names=v.feature_names,
         registered_seq=v.registered_seq,
     )
@@ -218,7 +218,7 @@ class RegistryApi:
         return await self._model_proto(await self.store.get_model(model))
 
     async def _gate(self, candidate: VersionRecord, incumbent: VersionRecord, request: Any) -> None:
-        rows = candidate.lineage.get("test_examples")
+        rows = await self.store.test_examples(candidate)
         if not rows:
             raise Refusal(
                 "FAILED_PRECONDITION", f"{candidate.name} has no held-out rows to compare on (registered externally)"

@@ -151,20 +151,26 @@ class ModelStore:
     ) -> VersionRecord:
         await self.get_model(model)
         sha = hashlib.sha256(artifact).hexdigest()
+        lineage = dict(lineage or {})
+        held_out = lineage.pop("test_examples", None)
         async with self.log.recording() as tx:
             version = await tx.conn.fetchval(
                 "SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE model = $1", model
             )
-            await tx.conn.execute(
-                "INSERT INTO artifacts (sha256, data, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
-                sha, artifact, len(artifact),
-            )  # fmt: skip
+            await _store_blob(tx.conn, artifact)
+            if held_out is not None:  # one row per held-out example: a blob the event names, not in the event
+                lineage["test_examples_sha256"] = await _store_blob(tx.conn, orjson.dumps(held_out))
             payload = {
                 "model": model, "version": version, "sha256": sha, "spec": spec, "evaluation": evaluation or {},
-                "lineage": lineage or {}, "feature_names": list(feature_names),
+                "lineage": lineage, "feature_names": list(feature_names),
             }  # fmt: skip
             await tx.append(_event("model.registered", model, payload))
         return await self.get_version(model, str(version))
+
+    async def test_examples(self, record: VersionRecord) -> list[list[Any]]:
+        """The version's held-out rows, [event id, label] each ([] for a version registered without)."""
+        sha = record.lineage.get("test_examples_sha256")
+        return orjson.loads(await self.artifact(sha)) if sha else []
 
     async def get_version(self, model: str, version: str) -> VersionRecord:
         """A version by number or by alias."""
@@ -250,3 +256,13 @@ class ModelStore:
             )  # fmt: skip
             for r in rows
         ]
+
+
+async def _store_blob(conn: asyncpg.Connection, data: bytes) -> str:
+    """Keep `data` in the content-addressed blob store (once); returns its sha256."""
+    sha = hashlib.sha256(data).hexdigest()
+    await conn.execute(
+        "INSERT INTO artifacts (sha256, data, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
+        sha, data, len(data),
+    )  # fmt: skip
+    return sha
