@@ -108,6 +108,10 @@ async def _model_registered(conn: asyncpg.Connection, e: StoredEvent) -> None:
             "INSERT INTO models (name, description, registered_seq, created_at) VALUES ($1, $2, $3, $4)",
             p["model"], p.get("description", ""), e.seq, e.recorded_at,
         )  # fmt: skip
+        if "policy" in p:  # a model registered before its event carried one keeps the table's default
+            await conn.execute(
+                "UPDATE models SET deployment_policy = $2::jsonb WHERE name = $1", p["model"], _json(p["policy"])
+            )
         return
     await conn.execute(
         "INSERT INTO model_versions (model, version, sha256, spec, evaluation, lineage, feature_names,"

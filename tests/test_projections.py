@@ -82,6 +82,11 @@ async def test_every_projection_rebuilt_from_the_log_alone_equals_the_live_one(
             assert await live.fetchval(f"SELECT count(*) FROM {table}") > 0, table
         assert await live.fetchval("SELECT description FROM models WHERE name = $1", MODEL) == "fraud on card payments"
         assert await live.fetchval("SELECT count(*) FROM events WHERE type = 'decision.made'") >= 20
+        first_policy = await live.fetchval(  # a new model's policy is a fact of its model.registered event
+            "SELECT payload->'policy'->'actions'->>0 FROM events"
+            " WHERE type = 'model.registered' AND NOT payload ? 'version'"
+        )
+        assert first_policy == "approve"
     finally:
         await live.close()
 

@@ -1,5 +1,6 @@
-"""The simulator's training defaults: its label (a chargeback within 30 days of a payment) and the
-spec `d2d models train` uses without `--spec` (named by `D2D_TRAINING_DEFAULTS`, see `d2d.config`).
+"""The simulator's training defaults: its label (a chargeback within 30 days of a payment), the
+spec `d2d models train` uses without `--spec`, and a new model's deployment policy (its actions,
+approve and decline) — named by `D2D_TRAINING_DEFAULTS`, see `d2d.config`.
 
 Payments-domain choices live here, not in `d2d.training`: the platform's spec names no event type,
 field or window of its own.
@@ -32,3 +33,9 @@ def default_spec() -> TrainingSpec:
         slice_lookups=(("merchant_category", "merchant.onboarded", "merchant_id", "category"),),
         truth_key="payment_id",
     )
+
+
+def default_policy() -> dict[str, object]:
+    """A new model's deployment policy: approve below the threshold, decline at or above it; no
+    canary, no exploration until a policy is set."""
+    return {"canary_share": 0.0, "epsilon": 0.0, "threshold": 0.5, "actions": ["approve", "decline"]}

@@ -78,9 +78,10 @@ def version_to_proto(v: VersionRecord) -> registry_pb2.ModelVersion:
 
 
 class RegistryApi:
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, *, default_policy: dict[str, Any] | None = None) -> None:
+        """`default_policy`: a new model's deployment policy (the domain's, from D2D_TRAINING_DEFAULTS)."""
         self.log = log
-        self.store = ModelStore(log)
+        self.store = ModelStore(log, default_policy=default_policy)
         self._training = asyncio.Lock()  # one run at a time: XGBoost has the machine
 
     async def _model_proto(self, record: ModelRecord) -> registry_pb2.Model:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 
 from d2d import eventlog, grpcserver
 from d2d.config import Settings
@@ -19,9 +20,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await eventlog.migrate(url)
     pool = await eventlog.create_pool(url, role=settings.db_role, max_size=6)
     server, health = grpcserver.new_server([SERVICE_NAME])
-    grpcserver.add_service(
-        server, registry_pb2.DESCRIPTOR.services_by_name["RegistryService"], RegistryApi(EventLog(pool))
-    )
+    defaults = importlib.import_module(settings.training_defaults_module)
+    api = RegistryApi(EventLog(pool), default_policy=getattr(defaults, "default_policy", lambda: None)())
+    grpcserver.add_service(server, registry_pb2.DESCRIPTOR.services_by_name["RegistryService"], api)
     addr = settings.addr("registry")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"registry: cannot listen on {addr}")

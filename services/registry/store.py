@@ -40,7 +40,7 @@ def check_policy(current: dict[str, Any], policy: dict[str, Any]) -> dict[str, A
     """A complete, valid deployment policy or a Refusal naming the field.
 
     What `policy` leaves out (None, no actions) keeps its `current` value: the platform names no
-    actions of its own (a new model's come from the `models` table's default until a policy is set)."""
+    actions of its own (a new model's come from the domain's defaults, D2D_TRAINING_DEFAULTS)."""
     merged = {**current, **{k: v for k, v in policy.items() if v not in (None, [])}}
     for key in ("canary_share", "epsilon", "threshold"):
         value = merged[key]
@@ -95,8 +95,10 @@ _VERSION_COLUMNS = (
 
 
 class ModelStore:
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, *, default_policy: dict[str, Any] | None = None) -> None:
         self.log = log
+        # A new model's policy, recorded in its model.registered event (None: the table's default).
+        self.default_policy = check_policy(default_policy, {}) if default_policy else None
         self.pool: asyncpg.Pool = log.pool
 
     async def create_model(self, model: str, description: str = "") -> ModelRecord:
@@ -107,7 +109,10 @@ class ModelStore:
         async with self.log.recording() as tx:
             if await tx.conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
                 raise Refusal("ALREADY_EXISTS", f"models/{model} already exists", "model_id")
-            await tx.append(_event("model.registered", model, {"model": model, "description": description}))
+            payload: dict[str, Any] = {"model": model, "description": description}
+            if self.default_policy is not None:
+                payload["policy"] = self.default_policy
+            await tx.append(_event("model.registered", model, payload))
         return await self.get_model(model)
 
     async def get_model(self, model: str) -> ModelRecord:
