@@ -92,11 +92,12 @@ class Batcher(Generic[Item, Result]):
         """Total weight waiting for a call."""
         return self._queued
 
-    async def submit(self, item: Item, *, deadline: float | None = None) -> Result:
-        """Queue `item` and return its result once a call has run it.
+    def submit(self, item: Item, *, deadline: float | None = None) -> asyncio.Future[Result]:
+        """Queue `item`; the future returned holds its result once a call has run it.
 
-        Raises what `run` raised or returned for it, `expired()` if `deadline` passes first, and
-        Refusal (RESOURCE_EXHAUSTED) when `max_waiting` is already reached."""
+        The future fails with what `run` raised or returned for the item, or `expired()` if
+        `deadline` passes first. Raises Refusal (RESOURCE_EXHAUSTED) at once when `max_waiting` is
+        already reached. (A plain function, not a coroutine: one frame less per item on hot paths.)"""
         weight = 1 if self._weight is None else self._weight(item)
         if self.max_waiting is not None and self._queued and self._queued + weight > self.max_waiting:
             raise Refusal(
@@ -113,7 +114,7 @@ class Batcher(Generic[Item, Result]):
         self._queue.append(_Waiting(item, weight, deadline, future, caller))
         self._queued += weight
         self._wake.set()
-        return await future
+        return future
 
     async def _loop(self) -> None:
         while True:
