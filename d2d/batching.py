@@ -17,15 +17,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from opentelemetry import trace
-
-from d2d import telemetry
 from d2d.errors import Refusal
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-MAX_LINKS = 32  # span links a shared call carries to the requests it serves (the first ones)
 
 
 @dataclass(slots=True)
@@ -34,7 +29,6 @@ class _Waiting(Generic[Item, Result]):
     weight: int
     deadline: float | None  # time.monotonic() after which the item is dropped rather than run
     future: asyncio.Future[Result]
-    caller: trace.SpanContext | None  # whose span the shared call links to (when it is traced)
 
 
 class Batcher(Generic[Item, Result]):
@@ -51,9 +45,10 @@ class Batcher(Generic[Item, Result]):
     - `deadline` (per item, a `time.monotonic()` value): an item whose deadline has passed when a
       call would take it is dropped, its caller failed with `expired()`: no work is done for a
       caller who stopped waiting. A caller who was cancelled is dropped the same way.
-    - `span`: when named, each call runs in a span of that name linked to the spans of (the first
-      MAX_LINKS of) the requests it serves; otherwise in no trace. Either way a call never
-      continues the trace of whichever request happened to start the batcher.
+
+    The calls run in a task of their own with an empty context: a call is no part of the trace of
+    whichever request happened to start the batcher (the spans it makes start traces of their
+    own; the group committer's events carry each caller's trace context themselves).
     """
 
     def __init__(
@@ -66,7 +61,6 @@ class Batcher(Generic[Item, Result]):
         max_waiting: int | None = None,
         unit: str = "requests",
         expired: Callable[[], BaseException] | None = None,
-        span: str | None = None,
     ) -> None:
         self.name = name  # what the items wait for, as a refusal names it ("the event log")
         self.max_weight = max_weight
@@ -75,8 +69,6 @@ class Batcher(Generic[Item, Result]):
         self._run_items = run
         self._weight = weight
         self._expired = expired or (lambda: TimeoutError(f"the deadline passed before {name} took the request"))
-        self._span = span
-        self._tracer = telemetry.tracer(__name__) if span else None
         self._queue: collections.deque[_Waiting[Item, Result]] = collections.deque()
         self._queued = 0  # total weight in the queue
         self._wake = asyncio.Event()
@@ -109,9 +101,8 @@ class Batcher(Generic[Item, Result]):
         if self._task is None or self._task.done():
             # an empty context: the shared loop is no part of the trace of the caller who starts it
             self._task = asyncio.create_task(self._loop(), name=f"batcher: {self.name}", context=contextvars.Context())
-        caller = trace.get_current_span().get_span_context() if self._span else None
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(item, weight, deadline, future, caller))
+        self._queue.append(_Waiting(item, weight, deadline, future))
         self._queued += weight
         self._wake.set()
         return future
@@ -146,13 +137,7 @@ class Batcher(Generic[Item, Result]):
 
     async def _call(self, taken: list[_Waiting[Item, Result]]) -> None:
         try:
-            if self._tracer is None or self._span is None:
-                results = await self._run_items([w.item for w in taken])
-            else:
-                links = [trace.Link(w.caller) for w in taken[:MAX_LINKS] if w.caller and w.caller.is_valid]
-                with self._tracer.start_as_current_span(self._span, links=links) as span:
-                    span.set_attribute("batch.size", len(taken))
-                    results = await self._run_items([w.item for w in taken])
+            results = await self._run_items([w.item for w in taken])
             if len(results) != len(taken):
                 raise RuntimeError(f"{self.name}: a call returned {len(results)} results for {len(taken)} requests")
         except asyncio.CancelledError:

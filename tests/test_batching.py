@@ -7,9 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from d2d import telemetry
 from d2d.batching import Batcher
 from d2d.errors import Refusal
 
@@ -144,30 +142,3 @@ async def test_a_cancelled_caller_is_dropped_and_closing_fails_the_ones_still_wa
         await stranded
     with pytest.raises(ConnectionError, match="outcome is unknown"):
         await running
-
-
-async def test_a_traced_call_links_to_the_requests_it_serves_and_to_no_one_as_parent(
-    spans: InMemorySpanExporter,
-) -> None:
-    run = Stalled()
-    batcher: Batcher[int, int] = Batcher(run, name="the test", max_weight=100, span="test.shared")
-    tracer = telemetry.tracer("test")
-    spans.clear()
-
-    async def request(i: int) -> int:
-        with tracer.start_as_current_span(f"request {i}") as span:
-            await batcher.submit(i)
-            return span.get_span_context().span_id
-
-    run.release.clear()
-    first = asyncio.ensure_future(request(1))
-    await until(lambda: len(run.calls) == 1)
-    others = [asyncio.ensure_future(request(i)) for i in (2, 3)]
-    await until(lambda: len(batcher) == 2)
-    run.release.set()
-    first_id = await first
-    other_ids = await asyncio.gather(*others)
-    shared = [s for s in spans.get_finished_spans() if s.name == "test.shared"]
-    assert [{link.context.span_id for link in s.links} for s in shared] == [{first_id}, set(other_ids)]
-    assert all(s.parent is None for s in shared), "the call that serves many is no one request's child"
-    batcher.close()

@@ -182,16 +182,13 @@ class FeatureLookups:
 
     While one call is in flight, new lookups queue; the next call takes all of them (a
     `d2d.batching.Batcher`; one GetOnlineFeatures call per distinct set of refs among them), so under
-    load a call answers many Predicts and they reach the scorer together (where they batch again).
-    A call's span links to the Predicts it answers."""
+    load a call answers many Predicts and they reach the scorer together (where they batch again)."""
 
     def __init__(self, client: Any, *, max_rows: int = 1000) -> None:
         self.client = client
         self.calls = 0
         self.rows = 0
-        self._batcher: Batcher[Lookup, Any] = Batcher(
-            self._fetch, name="the features service", max_weight=max_rows, span="serving.features"
-        )
+        self._batcher: Batcher[Lookup, Any] = Batcher(self._fetch, name="the features service", max_weight=max_rows)
 
     async def get(self, refs: tuple[str, ...], entities: dict[str, str], as_of: Any, deadline: float) -> Any:
         """(values by feature, unknown entity types, watermark) for one row."""
