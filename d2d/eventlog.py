@@ -10,11 +10,9 @@ transaction.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +22,8 @@ from typing import Any
 import asyncpg
 import orjson
 
+from d2d.batching import Batcher
 from d2d.contracts.platform import check_platform_event
-from d2d.errors import Refusal
 from d2d.limits import check_event
 
 log = logging.getLogger(__name__)
@@ -367,20 +365,14 @@ class CommitDeadlineExceeded(TimeoutError):
     """The events waited past their deadline before a transaction took them: none was stored."""
 
 
-@dataclass(slots=True)
-class _Waiting:
-    events: Sequence[NewEvent]
-    future: asyncio.Future[list[AppendResult]]
-    deadline: float | None  # time.monotonic() after which the events are dropped rather than committed
-
-
 class GroupCommitter:
     """Folds concurrent appends into one transaction each, so the append lock costs little.
 
     `append()` returns once its events are committed. While one transaction runs, new requests
-    queue up; the next transaction takes all of them (up to `max_events`). The committer keeps one
-    pooled connection for itself (acquiring one per commit costs asyncpg a second round trip, its
-    reset query on release) and trades it for a fresh one after a connection error.
+    queue up; the next transaction takes all of them (up to `max_events`): a `d2d.batching.Batcher`
+    whose call is one transaction. The committer keeps one pooled connection for itself (acquiring
+    one per commit costs asyncpg a second round trip, its reset query on release) and trades it for
+    a fresh one after a connection error.
 
     One caller's events never fail another's: each event is checked (`limits.check_event`) before
     it joins the queue, and a transaction that still fails for its data is split and retried by
@@ -392,13 +384,18 @@ class GroupCommitter:
 
     def __init__(self, log: EventLog, *, max_events: int = 20_000, max_queued_events: int = 200_000) -> None:
         self.log = log
-        self.max_events = max_events
-        self.max_queued_events = max_queued_events
         self.transactions = 0  # committed or failed, including the retries that isolate a failure
-        self._queue: collections.deque[_Waiting] = collections.deque()
-        self._queued = 0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.batcher: Batcher[Sequence[NewEvent], list[AppendResult]] = Batcher(
+            self._commit_isolating,
+            name="the event log",
+            max_weight=max_events,
+            weight=len,
+            max_waiting=max_queued_events,
+            unit="events",
+            expired=lambda: CommitDeadlineExceeded(
+                "the deadline passed before the events reached the log; none was stored"
+            ),
+        )
         self._conn: asyncpg.Connection | None = None
 
     async def append(self, events: Sequence[NewEvent], *, deadline: float | None = None) -> list[AppendResult]:
@@ -413,21 +410,8 @@ class GroupCommitter:
         for event in events:
             check_event(event)
             check_platform_event(event)
-        if self._queued and self._queued + len(events) > self.max_queued_events:
-            raise Refusal(
-                "RESOURCE_EXHAUSTED",
-                f"{self._queued} events are already waiting for the event log (the limit is"
-                f" {self.max_queued_events}); retry shortly",
-                retry_after=1.0,
-            )
         events = with_trace(events)  # here, in the caller's context, not in the committing task
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="group-commit")
-        future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(events, future, deadline))
-        self._queued += len(events)
-        self._wake.set()
-        return await future
+        return await self.batcher.submit(events, deadline=deadline)
 
     async def _commit(self, events: Sequence[NewEvent]) -> list[AppendResult]:
         """One transaction. A broken connection is replaced and the append tried once more: the
@@ -454,69 +438,26 @@ class GroupCommitter:
                 with contextlib.suppress(Exception):
                     conn.terminate()
 
-    def _take(self) -> list[_Waiting]:
-        """The next transaction's callers: live ones, in order, up to `max_events` events."""
-        taken: list[_Waiting] = []
-        size = 0
-        now = time.monotonic()
-        while self._queue and size < self.max_events:
-            waiting = self._queue.popleft()
-            self._queued -= len(waiting.events)
-            if waiting.future.done():  # the caller was cancelled
-                continue
-            if waiting.deadline is not None and now >= waiting.deadline:
-                waiting.future.set_exception(
-                    CommitDeadlineExceeded("the deadline passed before the events reached the log; none was stored")
-                )
-                continue
-            taken.append(waiting)
-            size += len(waiting.events)
-        return taken
-
-    async def _run(self) -> None:
-        while True:
-            while not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            taken = self._take()
-            if taken:
-                await self._commit_isolating(taken)
-
-    async def _commit_isolating(self, taken: list[_Waiting]) -> None:
+    async def _commit_isolating(self, calls: list[Sequence[NewEvent]]) -> list[list[AppendResult] | BaseException]:
         """Commit the callers' events together; if their data fails the transaction, by halves."""
         try:
-            results = await self._commit([e for w in taken for e in w.events])
+            results = await self._commit([e for events in calls for e in events])
         except LOG_UNREACHABLE as exc:  # nothing committed: every caller may retry
-            for w in taken:
-                if not w.future.done():
-                    w.future.set_exception(exc)
-            return
+            return [exc] * len(calls)
         except Exception as exc:
-            if len(taken) == 1:
-                if not taken[0].future.done():
-                    taken[0].future.set_exception(exc)
-                return
-            log.warning("group commit of %d callers failed (%s); retrying them apart", len(taken), exc)
-            half = len(taken) // 2
-            await self._commit_isolating(taken[:half])
-            await self._commit_isolating(taken[half:])
-            return
+            if len(calls) == 1:
+                return [exc]
+            log.warning("group commit of %d callers failed (%s); retrying them apart", len(calls), exc)
+            half = len(calls) // 2
+            return [*await self._commit_isolating(calls[:half]), *await self._commit_isolating(calls[half:])]
+        parts: list[list[AppendResult] | BaseException] = []
         offset = 0
-        for w in taken:
-            part = results[offset : offset + len(w.events)]
-            offset += len(w.events)
-            if not w.future.done():
-                w.future.set_result(part)
+        for events in calls:
+            parts.append(results[offset : offset + len(events)])
+            offset += len(events)
+        return parts
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        for w in self._queue:
-            if not w.future.done():
-                w.future.set_exception(ConnectionError("the group committer closed; none was stored"))
-        self._queue.clear()
+        self.batcher.close(ConnectionError("the group committer closed; none was stored"))
+        await self.batcher.wait_closed()
         await self._drop_connection()

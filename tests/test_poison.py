@@ -98,7 +98,7 @@ async def test_the_commit_queue_is_bounded_with_a_retry_delay(event_log: EventLo
     first = asyncio.create_task(committer.append([new_event(i) for i in range(50)]))
     await wait_until(lambda: _true(committer.transactions == 1))  # taken: blocked on the lock
     queued = [asyncio.create_task(committer.append([new_event(100 + i) for i in range(50)])) for _ in range(2)]
-    await wait_until(lambda: _true(len(committer._queue) == 2))
+    await wait_until(lambda: _true(len(committer.batcher) == 2))
     with pytest.raises(Refusal) as refused:
         await committer.append([new_event(999)])
     assert refused.value.code == "RESOURCE_EXHAUSTED" and refused.value.retry_after

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
+from d2d.batching import Batcher
 from d2d.client import RegistryClient
 from d2d.features.definitions import NUMBER, TEXT, TRANSFORM_INPUT_KIND, FeatureView
 from d2d.training.spec import TrainingSpec, model_inputs
@@ -18,8 +19,9 @@ from d2d.training.spec import TrainingSpec, model_inputs
 class MicroBatcher:
     """Scores rows of model inputs; concurrent requests are folded into one predict call.
 
-    While a predict call runs, new rows queue; the next call takes all of them (up to `max_batch`).
-    With `enabled=False` every row is its own call (the baseline the benchmark compares with).
+    While a predict call runs, new rows queue; the next call takes all of them (up to `max_batch`):
+    a `d2d.batching.Batcher` whose call is one `inplace_predict`. With `enabled=False` every row is
+    its own call (the baseline the benchmark compares with).
     """
 
     def __init__(self, booster: Any, *, max_batch: int = 512, enabled: bool = True) -> None:
@@ -27,12 +29,12 @@ class MicroBatcher:
         self.booster = booster
         best = int(booster.attr("best_iteration") or -1)
         self.iteration_range = (0, best + 1) if best >= 0 else (0, 0)
-        self.max_batch = max_batch
         self.enabled = enabled
         self.calls = 0
         self.rows = 0
-        self._queue: asyncio.Queue[tuple[list[float], asyncio.Future[float]]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._batcher: Batcher[list[float], float] = Batcher(
+            self._predict_rows, name="the scorer", max_weight=max_batch
+        )
 
     def _predict(self, rows: list[list[float]]) -> list[float]:
         self.calls += 1
@@ -43,36 +45,16 @@ class MicroBatcher:
         )  # fmt: skip
         return [float(s) for s in scores]
 
+    async def _predict_rows(self, rows: list[list[float]]) -> list[float]:
+        return self._predict(rows)
+
     async def score(self, row: list[float]) -> float:
         if not self.enabled:
             return self._predict([row])[0]
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="micro-batch")
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((row, future))
-        return await future
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            await asyncio.sleep(0)  # let requests already on their way join this batch
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            live = [(row, f) for row, f in batch if not f.done()]
-            if not live:
-                continue
-            try:
-                scores = self._predict([row for row, _ in live])
-            except Exception as exc:
-                for _, f in live:
-                    f.set_exception(exc)
-                continue
-            for (_, f), s in zip(live, scores, strict=True):
-                f.set_result(s)
+        return await self._batcher.submit(row)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._batcher.close()
 
 
 @dataclass
@@ -184,59 +166,56 @@ def plain(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One Predict's feature row: the refs its deployment reads, its entities, as of when, and the
+    time its answer is due (a `time.monotonic()` value)."""
+
+    refs: tuple[str, ...]
+    entities: dict[str, str]
+    as_of: Any
+    answer_by: float
+
+
 class FeatureLookups:
     """Concurrent feature lookups folded into one GetOnlineFeatures call (rows carry their own time).
 
-    While one call is in flight, new lookups queue; the next call takes all of them, so under load a
-    call answers many Predicts and they reach the scorer together (where they batch again)."""
+    While one call is in flight, new lookups queue; the next call takes all of them (a
+    `d2d.batching.Batcher`; one GetOnlineFeatures call per distinct set of refs among them), so under
+    load a call answers many Predicts and they reach the scorer together (where they batch again)."""
 
     def __init__(self, client: Any, *, max_rows: int = 1000) -> None:
         self.client = client
-        self.max_rows = max_rows
         self.calls = 0
         self.rows = 0
-        self._queue: asyncio.Queue[tuple[tuple[str, ...], dict[str, str], Any, float, asyncio.Future[Any]]] = (
-            asyncio.Queue()
-        )
-        self._task: asyncio.Task[None] | None = None
+        self._batcher: Batcher[Lookup, Any] = Batcher(self._fetch, name="the features service", max_weight=max_rows)
 
     async def get(self, refs: tuple[str, ...], entities: dict[str, str], as_of: Any, deadline: float) -> Any:
         """(values by feature, unknown entity types, watermark) for one row."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="feature-lookups")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((refs, entities, as_of, deadline, future))
-        return await future
+        return await self._batcher.submit(Lookup(refs, entities, as_of, deadline))
 
-    async def _run(self) -> None:
-        import time as _time
-
-        while True:
-            batch = [await self._queue.get()]
-            await asyncio.sleep(0)
-            while len(batch) < self.max_rows and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            groups: dict[tuple[str, ...], list[Any]] = {}
-            for item in batch:
-                if not item[4].done():
-                    groups.setdefault(item[0], []).append(item)
-            for refs, items in groups.items():
-                timeout = max(0.001, max(i[3] for i in items) - _time.monotonic())
-                try:
-                    answer = await self.client.get_online(
-                        list(refs), [i[1] for i in items], row_as_of=[i[2] for i in items], timeout=timeout
-                    )
-                except Exception as exc:
-                    for item in items:
-                        if not item[4].done():
-                            item[4].set_exception(exc)
-                    continue
-                self.calls += 1
-                self.rows += len(items)
-                for k, item in enumerate(items):
-                    if not item[4].done():
-                        item[4].set_result((answer.rows[k], answer.unknown_entities[k], answer.watermark))
+    async def _fetch(self, lookups: list[Lookup]) -> list[Any]:
+        """One call per set of refs, with the latest of its rows' deadlines; a failed call fails its rows."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for k, lookup in enumerate(lookups):
+            groups.setdefault(lookup.refs, []).append(k)
+        answers: list[Any] = [None] * len(lookups)
+        for refs, indexes in groups.items():
+            rows = [lookups[k] for k in indexes]
+            timeout = max(0.001, max(r.answer_by for r in rows) - time.monotonic())
+            try:
+                answer = await self.client.get_online(
+                    list(refs), [r.entities for r in rows], row_as_of=[r.as_of for r in rows], timeout=timeout
+                )
+            except Exception as exc:
+                for k in indexes:
+                    answers[k] = exc
+                continue
+            self.calls += 1
+            self.rows += len(rows)
+            for j, k in enumerate(indexes):
+                answers[k] = (answer.rows[j], answer.unknown_entities[j], answer.watermark)
+        return answers
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._batcher.close()
