@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,9 +34,26 @@ _PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
+    """A port free now, for a server to listen on soon. Chosen below the kernel's ephemeral range:
+    a port from `bind(0)` is one the kernel also hands out as the source port of outgoing
+    connections, so between this call and the server's start a client could take it."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(10_000, low)
+        if port_is_free(port):
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        if low > 11_000:
+            return low
+    return 32_768
 
 
 def port_is_free(port: int) -> bool:
