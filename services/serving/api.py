@@ -41,6 +41,7 @@ import orjson
 from google.protobuf import struct_pb2
 
 from d2d.client import FeatureClient
+from d2d.contracts.upcasting import upcast_event
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog, GroupCommitter, NewEvent
 from d2d.features.definitions import NUMBER, SCALAR, TEXT, TIME, resolve_path
@@ -282,7 +283,7 @@ class ServingApi:
         if request.request_id:
             earlier = await self._within(self.log.get(decision), answer_by, "reading the decision log")
             if earlier is not None:
-                return response_from_payload(earlier.payload, earlier.seq)
+                return response_from_payload(upcast_event(earlier).payload, earlier.seq)
         arm = (
             route(row.model, request.unit_id, deployment.policy["canary_share"]) if deployment.canary else "production"
         )
@@ -321,7 +322,7 @@ class ServingApi:
         if logged.duplicate:  # a concurrent repeat of the same request id got there first
             earlier = await self._within(self.log.get(decision), answer_by, "reading the recorded decision")
             assert earlier is not None
-            return response_from_payload(earlier.payload, earlier.seq)
+            return response_from_payload(upcast_event(earlier).payload, earlier.seq)
         return response_from_payload(payload, logged.seq)
 
     async def _features(self, row: Row, answer_by: float) -> tuple[dict[str, Any], list[str], int]:
