@@ -241,6 +241,29 @@ class EventLog:
                 )
         return [_stored(r) for r in rows]
 
+    async def newest(
+        self, *, below: int | None, limit: int, event_type: str = "", entity_type: str = "", entity_id: str = ""
+    ) -> list[StoredEvent]:
+        """At most `limit` events with seq < `below` (all when None) that match every filter given,
+        newest first: browsing (`ListEvents`), not the hot path. Each filter combination has an index
+        to walk backwards (`events_type_seq`, `events_entity_seq`, or the primary key)."""
+        conditions: list[str] = []
+        args: list[object] = []
+        for column, value in (("type", event_type), ("entity_type", entity_type), ("entity_id", entity_id)):
+            if value:
+                args.append(value)
+                conditions.append(f"{column} = ${len(args)}")
+        if below is not None:
+            args.append(below)
+            conditions.append(f"seq < ${len(args)}")
+        args.append(limit)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_SELECT_COLUMNS} FROM events{where} ORDER BY seq DESC LIMIT ${len(args)}", *args
+            )
+        return [_stored(r) for r in rows]
+
     async def count_by_type(self) -> list[tuple[str, int]]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch("SELECT type, count(*) FROM events GROUP BY type ORDER BY type")

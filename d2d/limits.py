@@ -64,10 +64,7 @@ def check_event(event: NewEvent) -> None:
     if event.occurred_at.tzinfo is None:
         raise Refusal("INVALID_ARGUMENT", "occurred_at must carry a time zone", "occurred_at")
     payload_bytes = _utf8_len(event.payload)
-    if payload_bytes > MAX_EVENT_BYTES:
-        raise Refusal(
-            "INVALID_ARGUMENT", f"payload is {payload_bytes} bytes; the limit is {MAX_EVENT_BYTES} bytes", "payload"
-        )
+    check_payload_size(payload_bytes)
     size = event_size(event)
     if size > MAX_EVENT_BYTES:
         rest = size - payload_bytes
@@ -81,6 +78,12 @@ def check_event(event: NewEvent) -> None:
         where = _nul_path(orjson.loads(event.payload), "payload")
         if where:
             raise Refusal("INVALID_ARGUMENT", f"{where} contains a NUL character, which cannot be stored", where)
+
+
+def check_payload_size(size: int) -> None:
+    """Refuse a payload larger than an event may be (before anything parses it, or stores it)."""
+    if size > MAX_EVENT_BYTES:
+        raise Refusal("INVALID_ARGUMENT", f"payload is {size} bytes; the limit is {MAX_EVENT_BYTES} bytes", "payload")
 
 
 def check_text(value: str, field: str) -> None:

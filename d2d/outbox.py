@@ -56,13 +56,18 @@ class RelayStats:
     position: int = 0
 
 
+def relay_name(stream: str) -> str:
+    """The relay's name for `stream`: its leader lock and its position in `log_positions`."""
+    return f"relay:{stream}"
+
+
 class OutboxRelay:
     def __init__(
         self,
         event_log: EventLog,
         js: JetStreamContext,
         *,
-        name: str = "relay:" + bus.EVENTS_STREAM,
+        name: str = relay_name(bus.EVENTS_STREAM),
         stream: str = bus.EVENTS_STREAM,
         subject_prefix: str = bus.EVENTS_SUBJECT_PREFIX,
         batch_size: int = 2000,
@@ -261,7 +266,7 @@ async def run_relay(
     try:
         relay = OutboxRelay(
             EventLog(pool), nc.jetstream(publish_async_max_pending=4000),
-            name=f"relay:{topology.events_stream}", stream=topology.events_stream,
+            name=relay_name(topology.events_stream), stream=topology.events_stream,
             subject_prefix=topology.events_prefix,
         )  # fmt: skip
         started = time.monotonic()

@@ -11,6 +11,7 @@ import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from d2d.eventlog import EventLog
+from d2d.outbox import relay_name
 from d2d.runtime.servers import NatsServer, free_port
 from tests.conftest import settings_env
 from tests.test_eventlog import new_event
@@ -88,7 +89,7 @@ async def test_relay_killed_mid_stream_publishes_every_event_exactly_once(
     await wait_until(lambda: _at_least(nats_server.url, namespace, len(ids)), timeout=120)
     await asyncio.sleep(1.0)  # anything published twice would show up as extra messages now
     assert_exactly_once_in_order(await stream_contents(nats_server.url, namespace), ids)
-    assert await event_log.position(f"relay:{namespace.upper()}_D2D_EVENTS") == len(ids)
+    assert await event_log.position(relay_name(f"{namespace.upper()}_D2D_EVENTS")) == len(ids)
     assert restarted.terminate() == 0, restarted.log()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from d2d.errors import Refusal
-from d2d.limits import MAX_EVENT_BYTES
+from d2d.limits import check_payload_size
 
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
@@ -23,10 +23,7 @@ def check_payload(validator: Any, payload: bytes, pii_fields: tuple[str, ...] = 
 
     A refusal names the field; for a field under one of `pii_fields` (JSON pointers) it says what
     rule failed without repeating the value."""
-    if len(payload) > MAX_EVENT_BYTES:
-        raise Refusal(
-            "INVALID_ARGUMENT", f"payload is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES} bytes", "payload"
-        )
+    check_payload_size(len(payload))
     try:
         document = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:

@@ -13,14 +13,13 @@ import orjson
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import status_pb2
 
-from d2d import bus, grpcserver, telemetry
+from d2d import bus, grpcserver, outbox, telemetry
 from d2d.contracts.compat import CompatibilityMode
 from d2d.contracts.registry import Contract, ContractRegistry
 from d2d.deadletters import DeadLetter, DeadLetters
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog, StoredEvent
 from d2d.v1 import event_pb2, ingest_pb2
-from services.ingest.log_reads import newest_events
 from services.ingest.pipeline import Candidate, Ingestor, Outcome, candidate_from_json
 
 SERVICE_NAME = "d2d.v1.IngestService"
@@ -136,7 +135,7 @@ def _refused(r: Refusal) -> status_pb2.Status:
 class IngestApi:
     def __init__(
         self, ingestor: Ingestor, registry: ContractRegistry, dead_letters: DeadLetters, log: EventLog,
-        *, relay_name: str = f"relay:{bus.EVENTS_STREAM}",
+        *, relay_name: str = outbox.relay_name(bus.EVENTS_STREAM),
     ) -> None:  # fmt: skip
         self.ingestor = ingestor
         self.registry = registry
@@ -364,8 +363,8 @@ class IngestApi:
             )
         size = min(request.page_size or 100, MAX_PAGE_SIZE)
         head = await self.log.head()
-        found = await newest_events(
-            self.log.pool, below=int(request.page_token) if request.page_token else None, limit=size + 1,
+        found = await self.log.newest(
+            below=int(request.page_token) if request.page_token else None, limit=size + 1,
             event_type=request.event_type, entity_type=request.entity_type, entity_id=request.entity_id,
         )  # fmt: skip
         page = found[:size]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from d2d import bus, eventlog, grpcserver
+from d2d import bus, eventlog, grpcserver, outbox
 from d2d.config import Settings
 from d2d.contracts.platform import register_platform_contracts
 from d2d.contracts.registry import ContractRegistry
@@ -31,7 +31,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     topology = bus.Topology(settings.nats_namespace)
     server, health = grpcserver.new_server([api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS)
-    ingest_api = api.IngestApi(ingestor, registry, dead_letters, log_, relay_name=f"relay:{topology.events_stream}")
+    ingest_api = api.IngestApi(
+        ingestor, registry, dead_letters, log_, relay_name=outbox.relay_name(topology.events_stream)
+    )
     api.add_to_server(ingest_api, server)
     addr = settings.addr("ingest")
     port = server.add_insecure_port(addr)
