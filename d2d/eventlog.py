@@ -218,6 +218,18 @@ class EventLog:
         )
         return [AppendResult(e.event_id, r[0], r[1]) for e, r in zip(events, rows, strict=True)]
 
+    @staticmethod
+    async def copy_in(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
+        """Insert stored events verbatim (their seq and recorded_at kept) on `conn`: only for rebuilding
+        a log's projections into a fresh database (`d2d.projections.rebuild`), never for appending."""
+        columns = [[getattr(e, f.name) for e in events] for f in dataclasses.fields(StoredEvent)]
+        await conn.execute(
+            f"INSERT INTO events ({_SELECT_COLUMNS}) SELECT s, i, t, v, et, ei, o, r, p::jsonb, m::jsonb"
+            " FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[],"
+            " $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[]) AS u(s, i, t, v, et, ei, o, r, p, m)",
+            *columns[:8], *([orjson.dumps(x).decode() for x in c] for c in columns[8:]),
+        )  # fmt: skip
+
     async def head(self) -> int:
         """The highest committed position (0 for an empty log)."""
         async with self.pool.acquire() as conn:

@@ -156,40 +156,30 @@ async def rebuild(source_url: str, target_url: str, *, batch: int = 5000) -> int
     """Recompute every projection of the log at `source_url` into the migrated, empty database at
     `target_url` (owner connections): copy the log and the artifact blobs (checking each sha256),
     then run the projectors over every event in order. Returns the number of events replayed."""
-    from d2d.eventlog import _SELECT_COLUMNS, _init_connection
+    from d2d.eventlog import EventLog, create_pool
 
-    source = await asyncpg.connect(source_url)
-    target = await asyncpg.connect(target_url)
+    source = EventLog(await create_pool(source_url, role=None, max_size=1))
+    target = await create_pool(target_url, role=None, max_size=1)
     try:
-        for conn in (source, target):
-            await _init_connection(conn, None)
-        for row in await source.fetch("SELECT sha256, data, size_bytes, created_at FROM artifacts"):
-            if hashlib.sha256(row["data"]).hexdigest() != row["sha256"]:
-                raise ValueError(f"artifact {row['sha256']} does not hash to its name")
-            await target.execute(
-                "INSERT INTO artifacts (sha256, data, size_bytes, created_at) VALUES ($1, $2, $3, $4)", *row.values()
-            )
-        after, replayed = 0, 0
-        while True:
-            rows = await source.fetch(
-                f"SELECT {_SELECT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2", after, batch
-            )
-            if not rows:
-                return replayed
-            events = [StoredEvent(*r.values()) for r in rows]
-            async with target.transaction():
-                columns = list(zip(*(r.values() for r in rows), strict=True))
-                await target.execute(
-                    f"INSERT INTO events ({_SELECT_COLUMNS}) SELECT s, i, t, v, et, ei, o, r, p::jsonb, m::jsonb"
-                    " FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[],"
-                    " $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])"
-                    " AS u(s, i, t, v, et, ei, o, r, p, m)",
-                    *columns[:8], [_json(x) for x in columns[8]], [_json(x) for x in columns[9]],
-                )  # fmt: skip
-                await apply(target, events)
-            after, replayed = events[-1].seq, replayed + len(events)
+        async with source.pool.acquire() as conn:
+            artifacts = await conn.fetch("SELECT sha256, data, size_bytes, created_at FROM artifacts")
+        async with target.acquire() as conn:
+            for row in artifacts:
+                if hashlib.sha256(row["data"]).hexdigest() != row["sha256"]:
+                    raise ValueError(f"artifact {row['sha256']} does not hash to its name")
+                await conn.execute(
+                    "INSERT INTO artifacts (sha256, data, size_bytes, created_at) VALUES ($1, $2, $3, $4)",
+                    *row.values(),
+                )
+            after, replayed = 0, 0
+            while events := await source.read(after, batch):
+                async with conn.transaction():
+                    await EventLog.copy_in(conn, events)
+                    await apply(conn, events)
+                after, replayed = events[-1].seq, replayed + len(events)
+            return replayed
     finally:
-        await source.close()
+        await source.pool.close()
         await target.close()
 
 
