@@ -312,8 +312,15 @@ class RegistryClient:
     async def wait_ready(self, timeout: float = 60) -> None:
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
-    async def create_model(self, model_id: str, description: str = "") -> registry_pb2.Model:
-        request = registry_pb2.CreateModelRequest(model_id=model_id, model=registry_pb2.Model(description=description))
+    async def create_model(
+        self, model_id: str, description: str = "", policy: dict[str, Any] | None = None
+    ) -> registry_pb2.Model:
+        """A new model; `policy` (canary_share, epsilon, threshold, actions) is its whole deployment
+        policy, default the domain's."""
+        model = registry_pb2.Model(description=description)
+        if policy is not None:
+            model.deployment_policy.CopyFrom(registry_pb2.DeploymentPolicy(**policy))
+        request = registry_pb2.CreateModelRequest(model_id=model_id, model=model)
         return await self.stub.CreateModel(request, timeout=30)
 
     async def get_model(self, model: str) -> registry_pb2.Model:

@@ -44,6 +44,13 @@ TABLES: dict[str, tuple[str, ...]] = {
 }
 
 
+# What migration 0006 gave a model registered before its model.registered event carried a policy
+# (every event has carried one since): a rebuild of such a log equals the table it produced.
+POLICY_BEFORE_EVENTS_CARRIED_IT = {
+    "canary_share": 0.0, "epsilon": 0.0, "threshold": 0.5, "actions": ["approve", "decline"]
+}  # fmt: skip
+
+
 def projects(event_type: str) -> Callable[[Projector], Projector]:
     """Register `fn` as the projector of `event_type` (one per type)."""
 
@@ -105,13 +112,11 @@ async def _model_registered(conn: asyncpg.Connection, e: StoredEvent) -> None:
     p = e.payload
     if "version" not in p:
         await conn.execute(
-            "INSERT INTO models (name, description, registered_seq, created_at) VALUES ($1, $2, $3, $4)",
-            p["model"], p.get("description", ""), e.seq, e.recorded_at,
+            "INSERT INTO models (name, description, deployment_policy, registered_seq, created_at)"
+            " VALUES ($1, $2, $3::jsonb, $4, $5)",
+            p["model"], p.get("description", ""), _json(p.get("policy", POLICY_BEFORE_EVENTS_CARRIED_IT)), e.seq,
+            e.recorded_at,
         )  # fmt: skip
-        if "policy" in p:  # a model registered before its event carried one keeps the table's default
-            await conn.execute(
-                "UPDATE models SET deployment_policy = $2::jsonb WHERE name = $1", p["model"], _json(p["policy"])
-            )
         return
     await conn.execute(
         "INSERT INTO model_versions (model, version, sha256, spec, evaluation, lineage, feature_names,"

@@ -38,9 +38,6 @@ metadata = MetaData(
 
 NOW = text("now()")
 EMPTY_JSON = text("'{}'::jsonb")
-DEFAULT_DEPLOYMENT_POLICY = text(
-    """'{"canary_share": 0.0, "epsilon": 0.0, "threshold": 0.5, "actions": ["approve", "decline"]}'::jsonb"""
-)
 
 
 def _timestamp(name: str, **kwargs: object) -> Column:
@@ -154,7 +151,7 @@ models = Table(
     Column("description", Text, nullable=False, server_default=text("''::text")),
     _seq_of("registered_seq"),
     _timestamp("created_at", server_default=NOW),
-    Column("deployment_policy", JSONB, nullable=False, server_default=DEFAULT_DEPLOYMENT_POLICY),
+    Column("deployment_policy", JSONB, nullable=False),
 )
 
 # Model artifacts, content-addressed.

@@ -17,6 +17,7 @@ import pytest
 from d2d import eventlog
 from d2d.client import RegistryClient
 from d2d.config import Settings
+from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.store import register_views
 from d2d.runtime.servers import EmbeddedPostgres, free_port
@@ -28,6 +29,7 @@ from d2d.training.pipeline import train
 from d2d.training.spec import TrainingSpec
 from d2d.v1 import registry_pb2
 from services.registry.server import serve
+from services.registry.store import ModelStore
 from tests.conftest import run_cli
 
 SIM = SimConfig(seed=3, days=40, payments_per_day=1500, customers=1000, merchants=100)
@@ -216,6 +218,28 @@ async def test_unknown_model_is_not_found(registry) -> None:  # noqa: ANN001
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.get_version("no-such-model", 1)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "models/no-such-model" in caught.value.details()
+
+
+async def test_a_new_models_policy_is_in_its_event_and_a_model_without_one_is_refused(registry) -> None:  # noqa: ANN001
+    client, settings = registry
+    given = {"canary_share": 0.25, "epsilon": 0.05, "threshold": 0.3, "actions": ["pass", "review"]}
+    created = await client.create_model("policy-given", policy=given)
+    assert list(created.deployment_policy.actions) == ["pass", "review"] and created.deployment_policy.threshold == 0.3
+    defaulted = await client.create_model("policy-defaulted")
+    assert list(defaulted.deployment_policy.actions) == ["approve", "decline"]  # the simulator's default_policy()
+
+    pool = await eventlog.create_pool(settings.database_url or "", max_size=1)
+    try:
+        log = EventLog(pool)
+        [event] = await log.newest(below=None, limit=1, event_type="model.registered", entity_id="policy-given")
+        assert event.payload["policy"] == given
+        # A domain without a default_policy(): the creator must name the actions.
+        with pytest.raises(Refusal) as refused:
+            await ModelStore(log).create_model("policy-missing")
+        assert refused.value.code == "INVALID_ARGUMENT" and refused.value.field == "model.deployment_policy.actions"
+        assert await log.newest(below=None, limit=1, event_type="model.registered", entity_id="policy-missing") == []
+    finally:
+        await pool.close()
 
 
 def cli_env(settings: Settings) -> dict[str, str]:

@@ -32,6 +32,7 @@ def default_spec() -> TrainingSpec:
         slice_fields=("channel",),
         slice_lookups=(("merchant_category", "merchant.onboarded", "merchant_id", "category"),),
         truth_key="payment_id",
+        truth_column="fraud_probability",
     )
 
 

@@ -193,9 +193,9 @@ def _against_truth(
 
     try:
         with open(spec.truth_path, newline="", encoding="utf-8") as fh:
-            truth = {row[spec.truth_key]: float(row["fraud_probability"]) for row in csv.DictReader(fh)}
-    except OSError as exc:
-        return {"error": f"truth not readable: {exc}"}
+            truth = {row[spec.truth_key]: float(row[spec.truth_column]) for row in csv.DictReader(fh)}
+    except (OSError, KeyError, ValueError) as exc:
+        return {"error": f"truth not readable: {exc!r}"}
     known = [(label, truth[e.payload[spec.truth_key]]) for e, label in zip(examples, labels, strict=True)
              if e.payload.get(spec.truth_key) in truth]  # fmt: skip
     if len({label for label, _ in known}) < 2:

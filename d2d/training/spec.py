@@ -60,11 +60,13 @@ class TrainingSpec:
     # Slices looked up in the log: (name, event type, key field shared with the example, value field),
     # e.g. the merchant's category from merchant.onboarded.
     slice_lookups: tuple[tuple[str, str, str, str], ...] = ()
-    # Where the true probabilities are known (the simulator writes them beside the log): a CSV with
-    # `truth_key` and `fraud_probability` columns; the evaluation then reports the truth's own AUC on the
-    # same held-out rows. Empty: not known.
+    # Where the true probabilities are known (the simulator writes them beside the log): a CSV with a
+    # `truth_key` column (joined with the example payload's field of that name) and a `truth_column` of
+    # probabilities; the evaluation then reports the truth's own AUC on the same held-out rows.
+    # Empty: not known.
     truth_path: str = ""
     truth_key: str = ""
+    truth_column: str = ""
     train_share: float = 0.7
     validation_share: float = 0.15
 
@@ -99,8 +101,11 @@ class TrainingSpec:
                 "INVALID_ARGUMENT", "training spec: label (example_type, outcome_type, join_field, window_seconds)"
                 " is required",
             )  # fmt: skip
-        if d.get("truth_path") and not d.get("truth_key"):
-            raise SpecError("INVALID_ARGUMENT", "training spec: truth_path needs truth_key (the column to join on)")
+        if d.get("truth_path") and not (d.get("truth_key") and d.get("truth_column")):
+            raise SpecError(
+                "INVALID_ARGUMENT",
+                "training spec: truth_path needs truth_key (the column to join on) and truth_column (the probability)",
+            )
         try:
             return cls(
                 views=tuple((str(n), str(v)) for n, v in d["views"]),
@@ -120,6 +125,7 @@ class TrainingSpec:
                 slice_lookups=tuple(tuple(x) for x in d.get("slice_lookups", ())),
                 truth_path=str(d.get("truth_path", "")),
                 truth_key=str(d.get("truth_key", "")),
+                truth_column=str(d.get("truth_column", "")),
                 train_share=float(d.get("train_share", 0.7)),
                 validation_share=float(d.get("validation_share", 0.15)),
             )

@@ -111,7 +111,10 @@ class RegistryApi:
         return views
 
     async def CreateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
-        return await self._model_proto(await self.store.create_model(request.model_id, request.model.description))
+        policy = _policy(request.model.deployment_policy) if request.model.HasField("deployment_policy") else None
+        return await self._model_proto(
+            await self.store.create_model(request.model_id, request.model.description, policy)
+        )
 
     async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
         return await self._model_proto(await self.store.get_model(_model_name(request.name)))
@@ -128,9 +131,7 @@ class RegistryApi:
             )
         policy = None
         if "deployment_policy" in paths:
-            p = request.model.deployment_policy
-            policy = {"canary_share": p.canary_share, "epsilon": p.epsilon, "threshold": p.threshold,
-                      "actions": list(p.actions)}  # fmt: skip
+            policy = _policy(request.model.deployment_policy)
         description = request.model.description if "description" in paths else None
         return await self._model_proto(await self.store.update_model(model, description=description, policy=policy))
 
@@ -245,3 +246,7 @@ class RegistryApi:
             raise Refusal("NOT_FOUND", f"models/{model} has no alias {request.alias!r}", "alias")
         await self.store.set_alias(model, request.alias, None)
         return await self._model_proto(await self.store.get_model(model))
+
+
+def _policy(p: registry_pb2.DeploymentPolicy) -> dict[str, Any]:
+    return {"canary_share": p.canary_share, "epsilon": p.epsilon, "threshold": p.threshold, "actions": list(p.actions)}

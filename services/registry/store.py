@@ -36,6 +36,9 @@ class ModelRecord:
     aliases: dict[str, int]
 
 
+_NO_POLICY: dict[str, Any] = {"canary_share": 0.0, "epsilon": 0.0, "threshold": 0.5, "actions": []}
+
+
 def check_policy(current: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
     """A complete, valid deployment policy or a Refusal naming the field.
 
@@ -97,21 +100,31 @@ _VERSION_COLUMNS = (
 class ModelStore:
     def __init__(self, log: EventLog, *, default_policy: dict[str, Any] | None = None) -> None:
         self.log = log
-        # A new model's policy, recorded in its model.registered event (None: the table's default).
+        # A new model's policy where its creator names none (None: the creator must name one).
         self.default_policy = check_policy(default_policy, {}) if default_policy else None
         self.pool: asyncpg.Pool = log.pool
 
-    async def create_model(self, model: str, description: str = "") -> ModelRecord:
+    async def create_model(
+        self, model: str, description: str = "", policy: dict[str, Any] | None = None
+    ) -> ModelRecord:
+        """Record a new model with its deployment policy: `policy` completed by the domain's default,
+        which is all of it when `policy` is None. Its model.registered event carries the policy."""
         if not MODEL_ID.match(model):
             raise Refusal(
                 "INVALID_ARGUMENT", f"model id {model!r} must be lower case letters, digits and '-'", "model_id"
             )
+        if self.default_policy is None and not (policy or {}).get("actions"):
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                "a new model needs its deployment policy's actions: set them, or give the domain a"
+                " default_policy() (D2D_TRAINING_DEFAULTS)",
+                "model.deployment_policy.actions",
+            )
+        policy = check_policy(self.default_policy or _NO_POLICY, policy or {})
         async with self.log.recording() as tx:
             if await tx.conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
                 raise Refusal("ALREADY_EXISTS", f"models/{model} already exists", "model_id")
-            payload: dict[str, Any] = {"model": model, "description": description}
-            if self.default_policy is not None:
-                payload["policy"] = self.default_policy
+            payload: dict[str, Any] = {"model": model, "description": description, "policy": policy}
             await tx.append(_event("model.registered", model, payload))
         return await self.get_model(model)
 
