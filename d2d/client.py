@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -295,6 +295,19 @@ class FeatureClient:
         return [FeatureView.from_dict(json.loads(v.definition_json)) for v in await self.list_views()]
 
 
+async def _last_progress(
+    updates: AsyncIterator[registry_pb2.TrainingProgress],
+    on_progress: Callable[[registry_pb2.TrainingProgress], None] | None,
+) -> registry_pb2.TrainingProgress:
+    """The last message of a training stream, each one shown to `on_progress` first."""
+    last = registry_pb2.TrainingProgress()
+    async for update in updates:
+        if on_progress is not None:
+            on_progress(update)
+        last = update
+    return last
+
+
 class RegistryClient:
     """`async with RegistryClient("127.0.0.1:50053") as registry: ...`."""
 
@@ -348,14 +361,17 @@ class RegistryClient:
     async def train(self, model: str, spec_json: str, on_progress=None) -> registry_pb2.ModelVersion:  # noqa: ANN001
         """Train a version; `on_progress(TrainingProgress)` sees each update. Returns the version."""
         request = registry_pb2.TrainModelVersionRequest(parent=f"models/{model}", spec_json=spec_json)
-        version = None
-        async for update in self.stub.TrainModelVersion(request, timeout=3600):
-            if on_progress is not None:
-                on_progress(update)
-            if update.HasField("model_version"):
-                version = update.model_version
-        assert version is not None, "the registry ended the run without a version"
-        return version
+        last = await _last_progress(self.stub.TrainModelVersion(request, timeout=3600), on_progress)
+        assert last.HasField("model_version"), "the registry ended the run without a version"
+        return last.model_version
+
+    async def reproduce(self, model: str, version: str | int, on_progress=None) -> registry_pb2.Reproduction:  # noqa: ANN001
+        """Retrain a version from its stored spec (the registry keeps nothing of it) and compare the
+        bytes; `on_progress(TrainingProgress)` sees each update."""
+        request = registry_pb2.ReproduceModelVersionRequest(name=f"models/{model}/versions/{version}")
+        last = await _last_progress(self.stub.ReproduceModelVersion(request, timeout=3600), on_progress)
+        assert last.HasField("reproduction"), "the registry ended the run without a reproduction"
+        return last.reproduction
 
     async def get_version(self, model: str, version: str | int) -> registry_pb2.ModelVersion:
         name = f"models/{model}/versions/{version}"

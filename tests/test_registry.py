@@ -5,17 +5,20 @@ errors for specs that cannot work."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 
 from d2d import eventlog
-from d2d.client import RegistryClient
+from d2d.client import RegistryClient, error_details
 from d2d.config import Settings
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
@@ -23,7 +26,7 @@ from d2d.features.store import register_views
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
 from d2d.sim.training import CHARGEBACK_LABEL, default_spec
-from d2d.sim.views import VIEWS
+from d2d.sim.views import MERCHANT_PAYMENTS, VIEWS
 from d2d.training.evaluation import roc_auc
 from d2d.training.pipeline import train
 from d2d.training.spec import TrainingSpec
@@ -318,3 +321,89 @@ async def test_reproduce_exits_1_when_the_retrained_bytes_differ(registry) -> No
     await client.stub.RegisterModelVersion(request)
     code, out = await run_cli(cli_env(settings), "models", "reproduce", model, "1")
     assert code == 1 and "DIFFERENT" in out, out
+    assert "evaluation.auc: stored 0.5, retrained 0." in out, out  # what else differs is shown
+
+
+def refused_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    return [v.field for d in error_details(error) if isinstance(d, error_details_pb2.BadRequest)
+            for v in d.field_violations]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("", "INVALID_ARGUMENT"),
+        ("models/{model}", "INVALID_ARGUMENT"),
+        ("models//versions/1", "INVALID_ARGUMENT"),
+        ("models/{model}/versions/", "INVALID_ARGUMENT"),
+        ("models/{model}/revisions/1", "INVALID_ARGUMENT"),
+        ("models/no-such-model/versions/1", "NOT_FOUND"),
+        ("models/{model}/versions/7", "NOT_FOUND"),
+        ("models/{model}/versions/production", "NOT_FOUND"),
+    ],
+)
+async def test_reproducing_an_unknown_or_malformed_version_name_is_refused_naming_it(
+    registry, name: str, code: str
+) -> None:  # noqa: ANN001
+    client, _ = registry
+    model = await new_model(client)  # a model without versions or aliases
+    request = registry_pb2.ReproduceModelVersionRequest(name=name.format(model=model))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in client.stub.ReproduceModelVersion(request, timeout=60):
+            pass
+    assert caught.value.code() == getattr(grpc.StatusCode, code), caught.value.details()
+    assert refused_fields(caught.value) == ["name"]
+
+
+async def test_reproducing_a_version_appends_nothing_to_the_log(registry) -> None:  # noqa: ANN001
+    client, settings = registry
+    model = await new_model(client)
+    version = await client.train(model, spec_json(num_boost_round=20))
+    await client.set_alias(model, "canary", 1)
+    pool = await eventlog.create_pool(settings.database_url, max_size=2)
+    try:
+        head = await EventLog(pool).head()
+        stages = []
+        result = await client.reproduce(model, "canary", on_progress=lambda p: stages.append(p.stage))
+        assert await EventLog(pool).head() == head
+    finally:
+        await pool.close()
+    assert result.identical and result.retrained_sha256 == result.stored_sha256 == version.sha256
+    assert result.name == f"models/{model}/versions/1" and not result.differences
+    assert result.duration.ToTimedelta().total_seconds() > 0
+    assert stages[0] == "labels" and stages[-1] == "compared"
+    assert len(await client.list_versions(model)) == 1
+
+
+async def test_reproducing_a_spec_whose_view_version_the_log_no_longer_knows_fails_naming_the_view(
+    registry,
+) -> None:  # noqa: ANN001
+    """The registered views no longer hold the version a stored spec names (here its projection row
+    is deleted; in life, a view's version hash computed differently since): retraining cannot start,
+    and the fault is the state, not the name asked for."""
+    client, settings = registry
+    model = await new_model(client)
+    gone = dataclasses.replace(MERCHANT_PAYMENTS, name="merchant_payments_gone")
+    pool = await eventlog.create_pool(settings.database_url, max_size=2)
+    try:
+        await register_views(EventLog(pool), [gone])
+        request = registry_pb2.RegisterModelVersionRequest(
+            parent=f"models/{model}", artifact=b"{}", feature_names=["a"],
+            spec_json=spec_json(views=[[gone.name, gone.version]], transforms=[], request_numbers=[], request_flags=[]),
+        )  # fmt: skip
+        await client.stub.RegisterModelVersion(request)
+    finally:
+        await pool.close()
+    owner = await asyncpg.connect(settings.database_url)  # the table refuses deletes: only its owner can lift that
+    try:
+        async with owner.transaction():
+            await owner.execute("ALTER TABLE feature_views DISABLE TRIGGER feature_views_no_update_delete")
+            await owner.execute("DELETE FROM feature_views WHERE name = $1", gone.name)
+            await owner.execute("ALTER TABLE feature_views ENABLE TRIGGER feature_views_no_update_delete")
+    finally:
+        await owner.close()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.reproduce(model, 1)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"'merchant_payments_gone' version '{gone.version}'" in caught.value.details()
+    assert refused_fields(caught.value) == ["name"]

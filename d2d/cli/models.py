@@ -1,14 +1,15 @@
 """`d2d models list|show|train|promote|rollback|reproduce`: the model registry, through RegistryService.
 
-`reproduce` retrains offline from the log (through the library) to check a stored artifact's bytes;
-that the registry's own training and this one agree is the point, so it does not ask the registry.
+`reproduce` asks the registry to retrain a version from its stored spec (`ReproduceModelVersion`,
+which registers nothing) and exits 1 when the bytes differ from the stored artifact's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.table import Table
@@ -151,9 +152,22 @@ def _default_spec(settings: Settings, rounds: int | None, truth: str | None = No
     return json.dumps(d)
 
 
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[..., None]]:
+    """A bar that follows a training stream: pass what it yields as `on_progress`."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), console=console) as bar:
+        task = bar.add_task("training", total=1.0)
+
+        def show(update) -> None:  # noqa: ANN001
+            bar.update(task, completed=update.fraction, description=f"{update.stage}: {update.message}"[:70])
+
+        yield show
+
+
 async def _models_train(registry, args, settings, endpoints) -> int:  # noqa: ANN001
     import grpc
-    from rich.progress import BarColumn, Progress, TextColumn
 
     spec = Path(args.spec).read_text() if args.spec else _default_spec(settings, args.rounds, args.truth)  # noqa: ASYNC240
     try:
@@ -162,12 +176,7 @@ async def _models_train(registry, args, settings, endpoints) -> int:  # noqa: AN
         if exc.code() != grpc.StatusCode.NOT_FOUND:
             raise
         await registry.create_model(args.model, args.description)
-    with Progress(TextColumn("{task.description}"), BarColumn(), console=console) as bar:
-        task = bar.add_task("training", total=1.0)
-
-        def show(update) -> None:  # noqa: ANN001
-            bar.update(task, completed=update.fraction, description=f"{update.stage}: {update.message}"[:70])
-
+    with _progress_bar() as show:
         version = await registry.train(args.model, spec, on_progress=show)
     ev = json.loads(version.evaluation_json)
     console.print(
@@ -203,26 +212,13 @@ async def _models_rollback(registry, args, settings, endpoints) -> int:  # noqa:
 
 
 async def _models_reproduce(registry, args, settings, endpoints) -> int:  # noqa: ANN001
-    from d2d import eventlog
-    from d2d.features.store import registered_views
-    from d2d.training.pipeline import train
-    from d2d.training.spec import TrainingSpec
-
-    version = await registry.get_version(args.model, args.version)
-    spec = TrainingSpec.from_json(version.spec_json)
-    pool = await eventlog.create_pool(endpoints.database_url, max_size=2)
-    try:
-        # Every version ever registered, not only the served ones: the spec may name older ones.
-        known = {(v.name, v.version): v for v in await registered_views(pool)}
-        views = [known[v] for v in spec.views]
-        started = time.perf_counter()
-        again = await train(eventlog.EventLog(pool), spec, views)
-    finally:
-        await pool.close()
-    same = again.sha256 == version.sha256
-    verdict = "[green]identical[/green]" if same else "[red]DIFFERENT[/red]"
+    with _progress_bar() as show:
+        result = await registry.reproduce(args.model, args.version, on_progress=show)
+    verdict = "[green]identical[/green]" if result.identical else "[red]DIFFERENT[/red]"
     console.print(
-        f"retrained {version.name} from its stored spec in {time.perf_counter() - started:.1f}s: "
-        f"sha256 {again.sha256[:16]}... vs stored {version.sha256[:16]}...: {verdict}"
+        f"retrained {result.name} from its stored spec in {result.duration.ToTimedelta().total_seconds():.1f}s: "
+        f"sha256 {result.retrained_sha256[:16]}... vs stored {result.stored_sha256[:16]}...: {verdict}"
     )
-    return 0 if same else 1
+    for d in result.differences:  # values are JSON: no rich markup
+        console.print(f"  {d.field}: stored {d.stored[:60]}, retrained {d.retrained[:60]}", markup=False)
+    return 0 if result.identical else 1

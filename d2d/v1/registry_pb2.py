@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/registry.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x02\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x19\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x1a.d2d.v1.Model.AliasesEntryB\x04\xe2\x41\x01\x03\x12\x30\n\ralias_history\x18\x04 \x03(\x0b\x32\x13.d2d.v1.AliasChangeB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x39\n\x11\x64\x65ployment_policy\x18\x06 \x01(\x0b\x32\x18.d2d.v1.DeploymentPolicyB\x04\xe2\x41\x01\x01\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:+\xea\x41(\n\x16\x64\x32\x64.data2data.io/Model\x12\x0emodels/{model}\"]\n\x10\x44\x65ploymentPolicy\x12\x14\n\x0c\x63\x61nary_share\x18\x01 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0f\n\x07\x61\x63tions\x18\x04 \x03(\t\"o\n\x12UpdateModelRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"\x8e\x01\n\x0b\x41liasChange\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xe3\x02\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61rtifact_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x17\n\tspec_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1d\n\x0f\x65valuation_json\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clineage_json\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rfeature_names\x18\x07 \x03(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:E\xea\x41\x42\n\x1d\x64\x32\x64.data2data.io/ModelVersion\x12!models/{model}/versions/{version}\"P\n\x12\x43reateModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x01\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x11ListModelsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"L\n\x12ListModelsResponse\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.d2d.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x18TrainModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"q\n\x10TrainingProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12+\n\rmodel_version\x18\x04 \x01(\x0b\x32\x14.d2d.v1.ModelVersion\"\xa0\x01\n\x1bRegisterModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61rtifact\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65valuation_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rfeature_names\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\",\n\x16GetModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"c\n\x18ListModelVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"b\n\x19ListModelVersionsResponse\x12,\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x14.d2d.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12GetArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\xa7\x01\n\x0fSetAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x13require_improvement\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x14\n\x06reason\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x42\x16\n\x14_require_improvement\"=\n\x12\x44\x65leteAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x32\xf9\x05\n\x0fRegistryService\x12\x38\n\x0b\x43reateModel\x12\x1a.d2d.v1.CreateModelRequest\x1a\r.d2d.v1.Model\x12\x32\n\x08GetModel\x12\x17.d2d.v1.GetModelRequest\x1a\r.d2d.v1.Model\x12\x38\n\x0bUpdateModel\x12\x1a.d2d.v1.UpdateModelRequest\x1a\r.d2d.v1.Model\x12\x43\n\nListModels\x12\x19.d2d.v1.ListModelsRequest\x1a\x1a.d2d.v1.ListModelsResponse\x12Q\n\x11TrainModelVersion\x12 .d2d.v1.TrainModelVersionRequest\x1a\x18.d2d.v1.TrainingProgress0\x01\x12Q\n\x14RegisterModelVersion\x12#.d2d.v1.RegisterModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\x12G\n\x0fGetModelVersion\x12\x1e.d2d.v1.GetModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\x12X\n\x11ListModelVersions\x12 .d2d.v1.ListModelVersionsRequest\x1a!.d2d.v1.ListModelVersionsResponse\x12\x42\n\x0bGetArtifact\x12\x1a.d2d.v1.GetArtifactRequest\x1a\x15.d2d.v1.ArtifactChunk0\x01\x12\x32\n\x08SetAlias\x12\x17.d2d.v1.SetAliasRequest\x1a\r.d2d.v1.Model\x12\x38\n\x0b\x44\x65leteAlias\x12\x1a.d2d.v1.DeleteAliasRequest\x1a\r.d2d.v1.ModelBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/registry.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x02\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x19\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x1a.d2d.v1.Model.AliasesEntryB\x04\xe2\x41\x01\x03\x12\x30\n\ralias_history\x18\x04 \x03(\x0b\x32\x13.d2d.v1.AliasChangeB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x39\n\x11\x64\x65ployment_policy\x18\x06 \x01(\x0b\x32\x18.d2d.v1.DeploymentPolicyB\x04\xe2\x41\x01\x01\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:+\xea\x41(\n\x16\x64\x32\x64.data2data.io/Model\x12\x0emodels/{model}\"]\n\x10\x44\x65ploymentPolicy\x12\x14\n\x0c\x63\x61nary_share\x18\x01 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0f\n\x07\x61\x63tions\x18\x04 \x03(\t\"o\n\x12UpdateModelRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"\x8e\x01\n\x0b\x41liasChange\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xe3\x02\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61rtifact_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x17\n\tspec_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1d\n\x0f\x65valuation_json\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clineage_json\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rfeature_names\x18\x07 \x03(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:E\xea\x41\x42\n\x1d\x64\x32\x64.data2data.io/ModelVersion\x12!models/{model}/versions/{version}\"P\n\x12\x43reateModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x01\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x11ListModelsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"L\n\x12ListModelsResponse\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.d2d.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x18TrainModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x9d\x01\n\x10TrainingProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12+\n\rmodel_version\x18\x04 \x01(\x0b\x32\x14.d2d.v1.ModelVersion\x12*\n\x0creproduction\x18\x05 \x01(\x0b\x32\x14.d2d.v1.Reproduction\"2\n\x1cReproduceModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xe6\x01\n\x0cReproduction\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rstored_sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10retrained_sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tidentical\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x31\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12\x39\n\x0b\x64ifferences\x18\x06 \x03(\x0b\x32\x1e.d2d.v1.ReproductionDifferenceB\x04\xe2\x41\x01\x03\"J\n\x16ReproductionDifference\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\t\x12\x11\n\tretrained\x18\x03 \x01(\t\"\xa0\x01\n\x1bRegisterModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61rtifact\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65valuation_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rfeature_names\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\",\n\x16GetModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"c\n\x18ListModelVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"b\n\x19ListModelVersionsResponse\x12,\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x14.d2d.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12GetArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\xa7\x01\n\x0fSetAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x13require_improvement\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x14\n\x06reason\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x42\x16\n\x14_require_improvement\"=\n\x12\x44\x65leteAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x32\xd4\x06\n\x0fRegistryService\x12\x38\n\x0b\x43reateModel\x12\x1a.d2d.v1.CreateModelRequest\x1a\r.d2d.v1.Model\x12\x32\n\x08GetModel\x12\x17.d2d.v1.GetModelRequest\x1a\r.d2d.v1.Model\x12\x38\n\x0bUpdateModel\x12\x1a.d2d.v1.UpdateModelRequest\x1a\r.d2d.v1.Model\x12\x43\n\nListModels\x12\x19.d2d.v1.ListModelsRequest\x1a\x1a.d2d.v1.ListModelsResponse\x12Q\n\x11TrainModelVersion\x12 .d2d.v1.TrainModelVersionRequest\x1a\x18.d2d.v1.TrainingProgress0\x01\x12Y\n\x15ReproduceModelVersion\x12$.d2d.v1.ReproduceModelVersionRequest\x1a\x18.d2d.v1.TrainingProgress0\x01\x12Q\n\x14RegisterModelVersion\x12#.d2d.v1.RegisterModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\x12G\n\x0fGetModelVersion\x12\x1e.d2d.v1.GetModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\x12X\n\x11ListModelVersions\x12 .d2d.v1.ListModelVersionsRequest\x1a!.d2d.v1.ListModelVersionsResponse\x12\x42\n\x0bGetArtifact\x12\x1a.d2d.v1.GetArtifactRequest\x1a\x15.d2d.v1.ArtifactChunk0\x01\x12\x32\n\x08SetAlias\x12\x17.d2d.v1.SetAliasRequest\x1a\r.d2d.v1.Model\x12\x38\n\x0b\x44\x65leteAlias\x12\x1a.d2d.v1.DeleteAliasRequest\x1a\r.d2d.v1.ModelBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -90,6 +91,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINMODELVERSIONREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002'
   _globals['_TRAINMODELVERSIONREQUEST'].fields_by_name['spec_json']._loaded_options = None
   _globals['_TRAINMODELVERSIONREQUEST'].fields_by_name['spec_json']._serialized_options = b'\342A\001\002'
+  _globals['_REPRODUCEMODELVERSIONREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_REPRODUCEMODELVERSIONREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_REPRODUCTION'].fields_by_name['name']._loaded_options = None
+  _globals['_REPRODUCTION'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_REPRODUCTION'].fields_by_name['stored_sha256']._loaded_options = None
+  _globals['_REPRODUCTION'].fields_by_name['stored_sha256']._serialized_options = b'\342A\001\003'
+  _globals['_REPRODUCTION'].fields_by_name['retrained_sha256']._loaded_options = None
+  _globals['_REPRODUCTION'].fields_by_name['retrained_sha256']._serialized_options = b'\342A\001\003'
+  _globals['_REPRODUCTION'].fields_by_name['identical']._loaded_options = None
+  _globals['_REPRODUCTION'].fields_by_name['identical']._serialized_options = b'\342A\001\003'
+  _globals['_REPRODUCTION'].fields_by_name['duration']._loaded_options = None
+  _globals['_REPRODUCTION'].fields_by_name['duration']._serialized_options = b'\342A\001\003'
+  _globals['_REPRODUCTION'].fields_by_name['differences']._loaded_options = None
+  _globals['_REPRODUCTION'].fields_by_name['differences']._serialized_options = b'\342A\001\003'
   _globals['_REGISTERMODELVERSIONREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_REGISTERMODELVERSIONREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002'
   _globals['_REGISTERMODELVERSIONREQUEST'].fields_by_name['artifact']._loaded_options = None
@@ -124,46 +139,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEALIASREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_DELETEALIASREQUEST'].fields_by_name['alias']._loaded_options = None
   _globals['_DELETEALIASREQUEST'].fields_by_name['alias']._serialized_options = b'\342A\001\002'
-  _globals['_MODEL']._serialized_start=161
-  _globals['_MODEL']._serialized_end=523
-  _globals['_MODEL_ALIASESENTRY']._serialized_start=432
-  _globals['_MODEL_ALIASESENTRY']._serialized_end=478
-  _globals['_DEPLOYMENTPOLICY']._serialized_start=525
-  _globals['_DEPLOYMENTPOLICY']._serialized_end=618
-  _globals['_UPDATEMODELREQUEST']._serialized_start=620
-  _globals['_UPDATEMODELREQUEST']._serialized_end=731
-  _globals['_ALIASCHANGE']._serialized_start=734
-  _globals['_ALIASCHANGE']._serialized_end=876
-  _globals['_MODELVERSION']._serialized_start=879
-  _globals['_MODELVERSION']._serialized_end=1234
-  _globals['_CREATEMODELREQUEST']._serialized_start=1236
-  _globals['_CREATEMODELREQUEST']._serialized_end=1316
-  _globals['_GETMODELREQUEST']._serialized_start=1318
-  _globals['_GETMODELREQUEST']._serialized_end=1355
-  _globals['_LISTMODELSREQUEST']._serialized_start=1357
-  _globals['_LISTMODELSREQUEST']._serialized_end=1427
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1429
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1505
-  _globals['_TRAINMODELVERSIONREQUEST']._serialized_start=1507
-  _globals['_TRAINMODELVERSIONREQUEST']._serialized_end=1580
-  _globals['_TRAININGPROGRESS']._serialized_start=1582
-  _globals['_TRAININGPROGRESS']._serialized_end=1695
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=1698
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=1858
-  _globals['_GETMODELVERSIONREQUEST']._serialized_start=1860
-  _globals['_GETMODELVERSIONREQUEST']._serialized_end=1904
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1906
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=2005
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=2007
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=2105
-  _globals['_GETARTIFACTREQUEST']._serialized_start=2107
-  _globals['_GETARTIFACTREQUEST']._serialized_end=2147
-  _globals['_ARTIFACTCHUNK']._serialized_start=2149
-  _globals['_ARTIFACTCHUNK']._serialized_end=2215
-  _globals['_SETALIASREQUEST']._serialized_start=2218
-  _globals['_SETALIASREQUEST']._serialized_end=2385
-  _globals['_DELETEALIASREQUEST']._serialized_start=2387
-  _globals['_DELETEALIASREQUEST']._serialized_end=2448
-  _globals['_REGISTRYSERVICE']._serialized_start=2451
-  _globals['_REGISTRYSERVICE']._serialized_end=3212
+  _globals['_MODEL']._serialized_start=193
+  _globals['_MODEL']._serialized_end=555
+  _globals['_MODEL_ALIASESENTRY']._serialized_start=464
+  _globals['_MODEL_ALIASESENTRY']._serialized_end=510
+  _globals['_DEPLOYMENTPOLICY']._serialized_start=557
+  _globals['_DEPLOYMENTPOLICY']._serialized_end=650
+  _globals['_UPDATEMODELREQUEST']._serialized_start=652
+  _globals['_UPDATEMODELREQUEST']._serialized_end=763
+  _globals['_ALIASCHANGE']._serialized_start=766
+  _globals['_ALIASCHANGE']._serialized_end=908
+  _globals['_MODELVERSION']._serialized_start=911
+  _globals['_MODELVERSION']._serialized_end=1266
+  _globals['_CREATEMODELREQUEST']._serialized_start=1268
+  _globals['_CREATEMODELREQUEST']._serialized_end=1348
+  _globals['_GETMODELREQUEST']._serialized_start=1350
+  _globals['_GETMODELREQUEST']._serialized_end=1387
+  _globals['_LISTMODELSREQUEST']._serialized_start=1389
+  _globals['_LISTMODELSREQUEST']._serialized_end=1459
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1461
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1537
+  _globals['_TRAINMODELVERSIONREQUEST']._serialized_start=1539
+  _globals['_TRAINMODELVERSIONREQUEST']._serialized_end=1612
+  _globals['_TRAININGPROGRESS']._serialized_start=1615
+  _globals['_TRAININGPROGRESS']._serialized_end=1772
+  _globals['_REPRODUCEMODELVERSIONREQUEST']._serialized_start=1774
+  _globals['_REPRODUCEMODELVERSIONREQUEST']._serialized_end=1824
+  _globals['_REPRODUCTION']._serialized_start=1827
+  _globals['_REPRODUCTION']._serialized_end=2057
+  _globals['_REPRODUCTIONDIFFERENCE']._serialized_start=2059
+  _globals['_REPRODUCTIONDIFFERENCE']._serialized_end=2133
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=2136
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=2296
+  _globals['_GETMODELVERSIONREQUEST']._serialized_start=2298
+  _globals['_GETMODELVERSIONREQUEST']._serialized_end=2342
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=2344
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=2443
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=2445
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=2543
+  _globals['_GETARTIFACTREQUEST']._serialized_start=2545
+  _globals['_GETARTIFACTREQUEST']._serialized_end=2585
+  _globals['_ARTIFACTCHUNK']._serialized_start=2587
+  _globals['_ARTIFACTCHUNK']._serialized_end=2653
+  _globals['_SETALIASREQUEST']._serialized_start=2656
+  _globals['_SETALIASREQUEST']._serialized_end=2823
+  _globals['_DELETEALIASREQUEST']._serialized_start=2825
+  _globals['_DELETEALIASREQUEST']._serialized_end=2886
+  _globals['_REGISTRYSERVICE']._serialized_start=2889
+  _globals['_REGISTRYSERVICE']._serialized_end=3741
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.api import resource_pb2 as _resource_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -132,16 +133,50 @@ class TrainModelVersionRequest(_message.Message):
     def __init__(self, parent: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("stage", "message", "fraction", "model_version")
+    __slots__ = ("stage", "message", "fraction", "model_version", "reproduction")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPRODUCTION_FIELD_NUMBER: _ClassVar[int]
     stage: str
     message: str
     fraction: float
     model_version: ModelVersion
-    def __init__(self, stage: _Optional[str] = ..., message: _Optional[str] = ..., fraction: _Optional[float] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
+    reproduction: Reproduction
+    def __init__(self, stage: _Optional[str] = ..., message: _Optional[str] = ..., fraction: _Optional[float] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., reproduction: _Optional[_Union[Reproduction, _Mapping]] = ...) -> None: ...
+
+class ReproduceModelVersionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class Reproduction(_message.Message):
+    __slots__ = ("name", "stored_sha256", "retrained_sha256", "identical", "duration", "differences")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STORED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RETRAINED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    IDENTICAL_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stored_sha256: str
+    retrained_sha256: str
+    identical: bool
+    duration: _duration_pb2.Duration
+    differences: _containers.RepeatedCompositeFieldContainer[ReproductionDifference]
+    def __init__(self, name: _Optional[str] = ..., stored_sha256: _Optional[str] = ..., retrained_sha256: _Optional[str] = ..., identical: _Optional[bool] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., differences: _Optional[_Iterable[_Union[ReproductionDifference, _Mapping]]] = ...) -> None: ...
+
+class ReproductionDifference(_message.Message):
+    __slots__ = ("field", "stored", "retrained")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    RETRAINED_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    stored: str
+    retrained: str
+    def __init__(self, field: _Optional[str] = ..., stored: _Optional[str] = ..., retrained: _Optional[str] = ...) -> None: ...
 
 class RegisterModelVersionRequest(_message.Message):
     __slots__ = ("parent", "artifact", "spec_json", "evaluation_json", "feature_names")

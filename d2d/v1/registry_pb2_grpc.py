@@ -62,6 +62,11 @@ class RegistryServiceStub:
                 request_serializer=d2d_dot_v1_dot_registry__pb2.TrainModelVersionRequest.SerializeToString,
                 response_deserializer=d2d_dot_v1_dot_registry__pb2.TrainingProgress.FromString,
                 _registered_method=True)
+        self.ReproduceModelVersion = channel.unary_stream(
+                '/d2d.v1.RegistryService/ReproduceModelVersion',
+                request_serializer=d2d_dot_v1_dot_registry__pb2.ReproduceModelVersionRequest.SerializeToString,
+                response_deserializer=d2d_dot_v1_dot_registry__pb2.TrainingProgress.FromString,
+                _registered_method=True)
         self.RegisterModelVersion = channel.unary_unary(
                 '/d2d.v1.RegistryService/RegisterModelVersion',
                 request_serializer=d2d_dot_v1_dot_registry__pb2.RegisterModelVersionRequest.SerializeToString,
@@ -135,6 +140,17 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReproduceModelVersion(self, request, context):
+        """Retrains a version from its stored spec against the log, with every feature view version ever
+        registered, and compares the bytes with the stored artifact. Registers nothing: the log is
+        unchanged. Streams progress; the last message carries the `reproduction`. NOT_FOUND for an
+        unknown model or version; FAILED_PRECONDITION when the spec names a view version the log no
+        longer knows, or when its log range cannot be trained on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterModelVersion(self, request, context):
         """Registers an externally trained artifact with the spec it was trained from.
         """
@@ -202,6 +218,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
             'TrainModelVersion': grpc.unary_stream_rpc_method_handler(
                     servicer.TrainModelVersion,
                     request_deserializer=d2d_dot_v1_dot_registry__pb2.TrainModelVersionRequest.FromString,
+                    response_serializer=d2d_dot_v1_dot_registry__pb2.TrainingProgress.SerializeToString,
+            ),
+            'ReproduceModelVersion': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReproduceModelVersion,
+                    request_deserializer=d2d_dot_v1_dot_registry__pb2.ReproduceModelVersionRequest.FromString,
                     response_serializer=d2d_dot_v1_dot_registry__pb2.TrainingProgress.SerializeToString,
             ),
             'RegisterModelVersion': grpc.unary_unary_rpc_method_handler(
@@ -372,6 +393,33 @@ class RegistryService:
             target,
             '/d2d.v1.RegistryService/TrainModelVersion',
             d2d_dot_v1_dot_registry__pb2.TrainModelVersionRequest.SerializeToString,
+            d2d_dot_v1_dot_registry__pb2.TrainingProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReproduceModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/d2d.v1.RegistryService/ReproduceModelVersion',
+            d2d_dot_v1_dot_registry__pb2.ReproduceModelVersionRequest.SerializeToString,
             d2d_dot_v1_dot_registry__pb2.TrainingProgress.FromString,
             options,
             channel_credentials,

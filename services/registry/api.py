@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -18,10 +19,10 @@ from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.store import registered_views
-from d2d.training.pipeline import compare_on_rows, train
+from d2d.training.pipeline import Progress, TrainedModel, compare_on_rows, train
 from d2d.training.spec import SpecError, TrainingSpec
 from d2d.v1 import registry_pb2
-from services.registry.store import AliasChange, ModelRecord, ModelStore, VersionRecord
+from services.registry.store import AliasChange, ModelRecord, ModelStore, VersionRecord, stored_lineage
 
 SERVICE_NAME = "d2d.v1.RegistryService"
 CHUNK = 1 << 20
@@ -36,7 +37,7 @@ def _model_name(name: str) -> str:
 
 def _version_name(name: str) -> tuple[str, str]:
     parts = name.split("/")
-    if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions":
+    if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions" or not parts[1] or not parts[3]:
         raise Refusal("INVALID_ARGUMENT", f"{name!r} is not 'models/{{model}}/versions/{{version}}'", "name")
     return parts[1], parts[3]
 
@@ -59,6 +60,59 @@ def _change(c: AliasChange) -> registry_pb2.AliasChange:
         reason=c.reason,
     )
     msg.time.FromDatetime(c.time)
+    return msg
+
+
+async def _progress_stream(
+    work: Callable[[Progress], Awaitable[registry_pb2.TrainingProgress]],
+) -> AsyncIterator[registry_pb2.TrainingProgress]:
+    """`work(progress)`'s progress updates as they come, then the last message it returns."""
+    updates: asyncio.Queue[registry_pb2.TrainingProgress | None] = asyncio.Queue()
+
+    def progress(stage: str, message: str, fraction: float) -> None:
+        updates.put_nowait(registry_pb2.TrainingProgress(stage=stage, message=message, fraction=fraction))
+
+    async def run() -> registry_pb2.TrainingProgress:
+        try:
+            return await work(progress)
+        finally:
+            updates.put_nowait(None)
+
+    task = asyncio.create_task(run())
+    while (update := await updates.get()) is not None:
+        yield update
+    yield await task
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def reproduction_to_proto(stored: VersionRecord, again: TrainedModel, seconds: float) -> registry_pb2.Reproduction:
+    """Stored and retrained compared; when the bytes differ, every other property that differs too
+    (the size, the inputs, what the log gave: rows and held-out examples, the libraries, and the
+    evaluation's scalar metrics), so a reader sees whether the data or the training moved."""
+    msg = registry_pb2.Reproduction(
+        name=stored.name, stored_sha256=stored.sha256, retrained_sha256=again.sha256,
+        identical=again.sha256 == stored.sha256,
+    )  # fmt: skip
+    msg.duration.FromNanoseconds(round(seconds * 1e9))
+    if msg.identical:
+        return msg
+    pairs = [("artifact_bytes", stored.size_bytes, len(again.artifact)),
+             ("feature_names", stored.feature_names, again.feature_names)]  # fmt: skip
+    lineage, _ = stored_lineage(again.lineage)
+    pairs += [(f"lineage.{k}", stored.lineage[k], lineage[k]) for k in sorted(stored.lineage.keys() & lineage.keys())]
+    pairs += [
+        (f"evaluation.{k}", stored.evaluation[k], again.evaluation[k])
+        for k in sorted(stored.evaluation.keys() & again.evaluation.keys())
+        if not isinstance(stored.evaluation[k], dict | list)
+    ]
+    msg.differences.extend(
+        registry_pb2.ReproductionDifference(field=field, stored=_as_json(old), retrained=_as_json(new))
+        for field, old, new in pairs
+        if _as_json(old) != _as_json(new)
+    )
     return msg
 
 
@@ -95,8 +149,11 @@ class RegistryApi:
         msg.create_time.FromDatetime(record.created_at)
         return msg
 
-    async def views_for(self, spec: TrainingSpec) -> list[FeatureView]:
-        """The registered definitions the spec names; NOT_FOUND for one that is not registered."""
+    async def views_for(
+        self, spec: TrainingSpec, *, unknown: str = "NOT_FOUND", field: str = "spec_json"
+    ) -> list[FeatureView]:
+        """Every registered definition the spec names (any version ever registered); one that is not
+        registered is refused with the code `unknown`, naming `field`."""
         known = {(v.name, v.version): v for v in await registered_views(self.log.pool)}
         views = []
         for name, version in spec.views:
@@ -104,9 +161,7 @@ class RegistryApi:
             if view is None:
                 versions = sorted(v for n, v in known if n == name)
                 detail = f"registered versions: {', '.join(versions)}" if versions else "no version is registered"
-                raise Refusal(
-                    "NOT_FOUND", f"feature view {name!r} version {version!r} is unknown ({detail})", "spec_json"
-                )
+                raise Refusal(unknown, f"feature view {name!r} version {version!r} is unknown ({detail})", field)
             views.append(view)
         return views
 
@@ -140,38 +195,54 @@ class RegistryApi:
             models=[await self._model_proto(m) for m in await self.store.list_models()]
         )
 
-    async def TrainModelVersion(
+    async def _train(
+        self, spec: TrainingSpec, views: list[FeatureView], progress: Progress
+    ) -> tuple[TrainedModel, float]:
+        """One run at a time (XGBoost has the machine); also the seconds the run took, waiting aside."""
+        async with self._training:
+            started = time.perf_counter()
+            return await train(self.log, spec, views, progress), time.perf_counter() - started
+
+    def TrainModelVersion(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[registry_pb2.TrainingProgress]:
-        updates: asyncio.Queue[registry_pb2.TrainingProgress | None] = asyncio.Queue()
+        async def run(progress: Progress) -> registry_pb2.TrainingProgress:
+            model = _model_name(request.parent)
+            await self.store.get_model(model)
+            with spec_refusals("spec_json"):
+                spec = TrainingSpec.from_json(request.spec_json)
+                trained, _ = await self._train(spec, await self.views_for(spec), progress)
+            version = await self.store.add_version(
+                model, trained.artifact, trained.spec.to_dict(), trained.feature_names,
+                trained.evaluation, trained.lineage,
+            )  # fmt: skip
+            return registry_pb2.TrainingProgress(
+                stage="stored", message=f"registered {version.name} ({version.sha256[:12]})", fraction=1.0,
+                model_version=version_to_proto(version),
+            )  # fmt: skip
 
-        def progress(stage: str, message: str, fraction: float) -> None:
-            updates.put_nowait(registry_pb2.TrainingProgress(stage=stage, message=message, fraction=fraction))
+        return _progress_stream(run)
 
-        async def run() -> VersionRecord:
-            try:
-                model = _model_name(request.parent)
-                await self.store.get_model(model)
-                with spec_refusals("spec_json"):
-                    spec = TrainingSpec.from_json(request.spec_json)
-                    views = await self.views_for(spec)
-                    async with self._training:
-                        trained = await train(self.log, spec, views, progress)
-                return await self.store.add_version(
-                    model, trained.artifact, trained.spec.to_dict(), trained.feature_names,
-                    trained.evaluation, trained.lineage,
-                )  # fmt: skip
-            finally:
-                updates.put_nowait(None)
+    def ReproduceModelVersion(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[registry_pb2.TrainingProgress]:
+        """Retrain from the stored spec and compare; the retrained artifact is not kept (nothing is appended)."""
 
-        task = asyncio.create_task(run())
-        while (update := await updates.get()) is not None:
-            yield update
-        version = await task
-        yield registry_pb2.TrainingProgress(
-            stage="stored", message=f"registered {version.name} ({version.sha256[:12]})", fraction=1.0,
-            model_version=version_to_proto(version),
-        )  # fmt: skip
+        async def run(progress: Progress) -> registry_pb2.TrainingProgress:
+            stored = await self.store.get_version(*_version_name(request.name))
+            with spec_refusals("name"):  # a stored spec this code can no longer read, or a range it cannot train on
+                spec = TrainingSpec.from_dict(stored.spec)
+                # The log registered every view version the spec names when the version was stored.
+                views = await self.views_for(spec, unknown="FAILED_PRECONDITION", field="name")
+                again, seconds = await self._train(spec, views, progress)
+            reproduction = reproduction_to_proto(stored, again, seconds)
+            verdict = "identical" if reproduction.identical else "DIFFERENT"
+            return registry_pb2.TrainingProgress(
+                stage="compared", message=f"{stored.name}: {verdict} ({again.sha256[:12]})", fraction=1.0,
+                reproduction=reproduction,
+            )  # fmt: skip
+
+        return _progress_stream(run)
 
     async def RegisterModelVersion(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ModelVersion:
         model = _model_name(request.parent)

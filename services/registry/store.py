@@ -169,15 +169,14 @@ class ModelStore:
     ) -> VersionRecord:
         await self.get_model(model)
         sha = hashlib.sha256(artifact).hexdigest()
-        lineage = dict(lineage or {})
-        held_out = lineage.pop("test_examples", None)
+        lineage, held_out = stored_lineage(lineage or {})
         async with self.log.recording() as tx:
             version = await tx.conn.fetchval(
                 "SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE model = $1", model
             )
             await _store_blob(tx.conn, artifact)
-            if held_out is not None:  # one row per held-out example: a blob the event names, not in the event
-                lineage["test_examples_sha256"] = await _store_blob(tx.conn, orjson.dumps(held_out))
+            if held_out is not None:
+                await _store_blob(tx.conn, held_out)
             payload = {
                 "model": model, "version": version, "sha256": sha, "spec": spec, "evaluation": evaluation or {},
                 "lineage": lineage, "feature_names": list(feature_names),
@@ -274,6 +273,20 @@ class ModelStore:
             )  # fmt: skip
             for r in rows
         ]
+
+
+def stored_lineage(lineage: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+    """A training lineage as a version stores it, and the blob of its held-out rows (None without them).
+
+    One row per held-out example is too much for an event: the rows are a blob, which the stored
+    lineage names by its sha256 (`test_examples_sha256`)."""
+    lineage = dict(lineage)
+    held_out = lineage.pop("test_examples", None)
+    if held_out is None:
+        return lineage, None
+    blob = orjson.dumps(held_out)
+    lineage["test_examples_sha256"] = hashlib.sha256(blob).hexdigest()
+    return lineage, blob
 
 
 async def _store_blob(conn: asyncpg.Connection, data: bytes) -> str:
