@@ -264,6 +264,14 @@ async def test_frame_and_verify_commands_use_no_event_after_the_row(
         expected_max = max(e.payload["amount"] for e in day) if day else None
         assert _none(row["customer_payments.amount_max_1d"]) == expected_max
 
+    given = frame.sample(5, random_state=2)[["customer", "merchant", "card", "as_of", "watermark"]]
+    given.to_csv(tmp_path / "rows.csv", index=False)
+    again = tmp_path / "again.parquet"
+    code, out = await run_cli(env, "features", "frame", "--rows", str(tmp_path / "rows.csv"), "--out", str(again))
+    assert code == 0 and "wrote 5 rows" in out, out
+    expected = given.reset_index(drop=True).merge(frame, on=list(given.columns))
+    assert pd.read_parquet(again).equals(expected[pd.read_parquet(again).columns]), "the same rows, the same values"
+
     registered = await event_log.read(0, 100, types=["feature_view.registered"])
     assert {e.payload["name"] for e in registered} == {v.name for v in VIEWS}
 

@@ -79,6 +79,16 @@ def _utc(timestamp: Any) -> datetime:
     return timestamp.ToDatetime(tzinfo=UTC)
 
 
+def _check_rows(rows: Sequence[Any], views: Sequence[FeatureView], most: int) -> None:
+    """Refuse more than `most` rows, or a row that names no entity of `views`."""
+    if len(rows) > most:
+        raise Refusal("INVALID_ARGUMENT", f"rows: {len(rows)} given, at most {most}", "rows")
+    entities = {v.entity for v in views}
+    for i, row in enumerate(rows):
+        if not any(row.keys.get(e) for e in entities):
+            raise Refusal("INVALID_ARGUMENT", f"rows[{i}].keys names none of {sorted(entities)}", f"rows[{i}].keys")
+
+
 class FeatureApi:
     def __init__(self, state: OnlineState, event_log: EventLog) -> None:
         self.state = state
@@ -245,13 +255,9 @@ class FeatureApi:
             return await rows_from_events(self.event_log, request.from_event_type, views, limit=request.limit or None)
         if request.limit:
             raise Refusal("INVALID_ARGUMENT", "limit applies to from_event_type only", "limit")
-        if len(request.rows) > MAX_FRAME_ROWS:
-            raise Refusal("INVALID_ARGUMENT", f"rows: {len(request.rows)} given, at most {MAX_FRAME_ROWS}", "rows")
+        _check_rows(request.rows, views, MAX_FRAME_ROWS)
         rows = []
         for i, row in enumerate(request.rows):
-            if not any(row.keys.get(v.entity) for v in views):
-                entities = sorted({v.entity for v in views})
-                raise Refusal("INVALID_ARGUMENT", f"rows[{i}].keys names none of {entities}", f"rows[{i}].keys")
             if not row.HasField("as_of"):
                 raise Refusal("INVALID_ARGUMENT", f"rows[{i}].as_of is required", f"rows[{i}].as_of")
             if row.HasField("watermark") and row.watermark < 0:
@@ -289,13 +295,9 @@ class FeatureApi:
         if request.rows:
             if request.sample:
                 raise Refusal("INVALID_ARGUMENT", "give exactly one of sample and rows", "sample")
-            if len(request.rows) > MAX_SKEW_ROWS:
-                raise Refusal("INVALID_ARGUMENT", f"rows: {len(request.rows)} given, at most {MAX_SKEW_ROWS}", "rows")
+            _check_rows(request.rows, views, MAX_SKEW_ROWS)
             rows = []
             for i, row in enumerate(request.rows):
-                if not any(row.keys.get(v.entity) for v in views):
-                    entities = sorted({v.entity for v in views})
-                    raise Refusal("INVALID_ARGUMENT", f"rows[{i}].keys names none of {entities}", f"rows[{i}].keys")
                 row_as_of = _utc(row.as_of) if row.HasField("as_of") else given_as_of
                 if row_as_of is None:
                     raise Refusal("INVALID_ARGUMENT", f"rows[{i}] has no as_of and neither has the request", "as_of")
