@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -234,6 +236,24 @@ def _plain(value: Any) -> Any:
     return None if kind in (None, "null_value") else getattr(value, kind)
 
 
+@dataclass
+class TrainingFrameFile:
+    path: Path
+    rows: int
+    columns: list[str]
+    bytes: int
+
+
+@dataclass
+class SkewCheck:
+    checked_rows: int
+    checked_values: int
+    watermark: int
+    as_of: datetime
+    mismatches: list[tuple[dict[str, str], str, Any, Any]]  # keys, feature, online, offline: the first 100
+    mismatch_count: int  # all of them
+
+
 class FeatureClient:
     """`async with FeatureClient("127.0.0.1:50052") as features: await features.get_online(...)`."""
 
@@ -293,6 +313,72 @@ class FeatureClient:
         from d2d.features.definitions import FeatureView  # noqa: PLC0415 - pandas-free clients stay light
 
         return [FeatureView.from_dict(json.loads(v.definition_json)) for v in await self.list_views()]
+
+    async def export_frame(
+        self,
+        out: str | Path,
+        *,
+        views: Sequence[str] = (),
+        from_event_type: str = "",
+        limit: int | None = None,
+        rows: Sequence[tuple[dict[str, str], datetime, int | None]] = (),
+        timeout: float = 3600,
+    ) -> TrainingFrameFile:
+        """Write the service's point-in-time training frame to `out` as Parquet: one row per event of
+        `from_event_type`, or one per (keys, as_of, watermark or None) of `rows`. `views` are view
+        names (default: all served). The file appears only once it is complete."""
+        request = features_pb2.ExportTrainingFrameRequest(
+            feature_views=[f"featureViews/{v}" for v in views], from_event_type=from_event_type, limit=limit or 0
+        )
+        for keys, as_of, watermark in rows:
+            row = request.rows.add(keys=keys)
+            row.as_of.FromDatetime(as_of)
+            if watermark is not None:
+                row.watermark = watermark
+        path = Path(out)
+        partial = path.with_name(path.name + ".partial")
+        first: features_pb2.TrainingFrameChunk | None = None
+        try:
+            with partial.open("wb") as file:
+                async for chunk in self.stub.ExportTrainingFrame(request, timeout=timeout):
+                    first = first or chunk
+                    file.write(chunk.data)
+            if first is None:
+                raise RuntimeError(f"{self.target} answered ExportTrainingFrame with no data")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return TrainingFrameFile(path, first.rows, list(first.columns), first.total_bytes)
+
+    async def check_skew(
+        self,
+        *,
+        views: Sequence[str] = (),
+        sample: int = 0,
+        rows: Sequence[dict[str, str]] = (),
+        as_of: datetime | None = None,
+        seed: int = 0,
+        timeout: float = 3600,
+    ) -> SkewCheck:
+        """The service's online answers against their offline recomputation from the log, for a
+        `sample` of entity rows drawn from the log (with `seed`) or for explicit `rows`, as of `as_of`."""
+        request = features_pb2.CheckFeatureSkewRequest(
+            feature_views=[f"featureViews/{v}" for v in views], sample=sample, seed=seed,
+            rows=[features_pb2.EntityRow(keys=keys) for keys in rows],
+        )  # fmt: skip
+        if as_of is not None:
+            request.as_of.FromDatetime(as_of)
+        report = await self.stub.CheckFeatureSkew(request, timeout=timeout)
+        return SkewCheck(
+            checked_rows=report.checked_rows,
+            checked_values=report.checked_values,
+            watermark=report.watermark,
+            as_of=report.as_of.ToDatetime(tzinfo=UTC),
+            mismatches=[
+                (dict(m.keys), m.feature, _plain(m.online_value), _plain(m.offline_value)) for m in report.mismatches
+            ],
+            mismatch_count=report.mismatch_count,
+        )
 
 
 async def _last_progress(

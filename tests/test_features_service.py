@@ -6,9 +6,11 @@ state as one that never stopped, with no event applied twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from d2d.runtime.servers import NatsServer, free_port
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
 from d2d.sim.views import VIEWS
 from d2d.v1 import features_pb2
+from services.features.online import OnlineState
 from tests.conftest import run_cli, settings_env
 
 ALL_FEATURES = [f"{v.name}.*" for v in VIEWS]
@@ -261,6 +264,14 @@ async def test_frame_and_verify_commands_use_no_event_after_the_row(
         expected_max = max(e.payload["amount"] for e in day) if day else None
         assert _none(row["customer_payments.amount_max_1d"]) == expected_max
 
+    given = frame.sample(5, random_state=2)[["customer", "merchant", "card", "as_of", "watermark"]]
+    given.to_csv(tmp_path / "rows.csv", index=False)
+    again = tmp_path / "again.parquet"
+    code, out = await run_cli(env, "features", "frame", "--rows", str(tmp_path / "rows.csv"), "--out", str(again))
+    assert code == 0 and "wrote 5 rows" in out, out
+    expected = given.reset_index(drop=True).merge(frame, on=list(given.columns))
+    assert pd.read_parquet(again).equals(expected[pd.read_parquet(again).columns]), "the same rows, the same values"
+
     registered = await event_log.read(0, 100, types=["feature_view.registered"])
     assert {e.payload["name"] for e in registered} == {v.name for v in VIEWS}
 
@@ -426,3 +437,130 @@ async def test_a_frame_row_without_a_watermark_uses_no_event_after_its_time(even
         assert frame.at[i, "customer_payments.count_lifetime"] == len(counted), i
     assert frame.at[0, "watermark"] == 0 and frame.at[0, "customer_payments.count_lifetime"] == 0
     assert len({frame.at[i, "watermark"] for i in range(len(rows))}) > 10, "rows at many points of the log"
+
+
+@contextlib.asynccontextmanager
+async def feature_service(event_log: EventLog, state: OnlineState) -> AsyncIterator[FeatureClient]:
+    """The FeatureService over `state` in this process, built as `services.features` builds it."""
+    from d2d import grpcserver
+    from services.features.api import SERVICE_NAME, FeatureApi
+
+    server, _ = grpcserver.new_server([SERVICE_NAME])
+    grpcserver.add_service(
+        server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], FeatureApi(state, event_log)
+    )
+    port = free_port()
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    await server.start()
+    try:
+        async with FeatureClient(f"127.0.0.1:{port}") as client:
+            yield client
+    finally:
+        await server.stop(None)
+
+
+async def refused(call) -> tuple[grpc.StatusCode, str]:  # noqa: ANN001
+    """(code, the field its BadRequest names) of a call that must fail; streaming calls are drained."""
+    from google.rpc import error_details_pb2
+
+    from d2d.client import error_details
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        answer = call()
+        if hasattr(answer, "__aiter__"):
+            [_ async for _ in answer]
+        else:
+            await answer
+    [violation] = [d for d in error_details(caught.value) if isinstance(d, error_details_pb2.BadRequest)]
+    return caught.value.code(), violation.field_violations[0].field
+
+
+async def append_payments(event_log: EventLog, customers: list[str], t0: datetime) -> list:
+    """Ten payments per customer, five minutes apart, straight into the log; the stored events."""
+    from d2d.eventlog import NewEvent
+
+    new = []
+    for n in range(10 * len(customers)):
+        p = payment_at(n + 1, t0 + timedelta(minutes=5 * n), float(n + 1))
+        p.payload = json.dumps({**json.loads(p.payload), "customer_id": customers[n % len(customers)]}).encode()
+        new.append(
+            NewEvent(uuid.UUID(p.event_id), p.type, 1, p.entity_type, p.entity_id, p.occurred_at.ToDatetime(UTC),
+                     p.payload.decode())
+        )  # fmt: skip
+    await event_log.append(new)
+    return await event_log.read(0, 1000)
+
+
+async def test_frame_and_skew_requests_that_cannot_be_answered_are_refused_naming_the_field(
+    event_log: EventLog,
+) -> None:
+    Frame, Skew = features_pb2.ExportTrainingFrameRequest, features_pb2.CheckFeatureSkewRequest  # noqa: N806
+    at = features_pb2.TrainingFrameRow(keys={"customer": "cus_000001"})
+    at.as_of.FromDatetime(datetime(2026, 3, 1, tzinfo=UTC))
+    no_time = features_pb2.TrainingFrameRow(keys={"customer": "cus_000001"})
+    nobody = features_pb2.TrainingFrameRow(keys={"planet": "mars"}, as_of=at.as_of)
+    below_zero = features_pb2.TrainingFrameRow(keys={"customer": "cus_000001"}, as_of=at.as_of, watermark=-1)
+    customer = features_pb2.EntityRow(keys={"customer": "cus_000001"})
+    frame_cases = [
+        (Frame(), grpc.StatusCode.INVALID_ARGUMENT, "from_event_type"),
+        (Frame(from_event_type="payment.authorized", rows=[at]), grpc.StatusCode.INVALID_ARGUMENT, "from_event_type"),
+        (Frame(from_event_type="merchant.onboarded"), grpc.StatusCode.INVALID_ARGUMENT, "from_event_type"),
+        (Frame(from_event_type="payment.authorized", limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        (Frame(rows=[at], limit=5), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        (Frame(rows=[at, no_time]), grpc.StatusCode.INVALID_ARGUMENT, "rows[1].as_of"),
+        (Frame(rows=[nobody]), grpc.StatusCode.INVALID_ARGUMENT, "rows[0].keys"),
+        (Frame(rows=[below_zero]), grpc.StatusCode.INVALID_ARGUMENT, "rows[0].watermark"),
+        (Frame(rows=[at], feature_views=["featureViews/nosuch"]), grpc.StatusCode.NOT_FOUND, "feature_views[0]"),
+        (Frame(rows=[at], feature_views=["customer_payments"]), grpc.StatusCode.INVALID_ARGUMENT, "feature_views[0]"),
+    ]
+    skew_cases = [
+        (Skew(), grpc.StatusCode.INVALID_ARGUMENT, "sample"),
+        (Skew(sample=-3), grpc.StatusCode.INVALID_ARGUMENT, "sample"),
+        (Skew(sample=10_001), grpc.StatusCode.INVALID_ARGUMENT, "sample"),
+        (Skew(sample=5, rows=[customer]), grpc.StatusCode.INVALID_ARGUMENT, "sample"),
+        (Skew(sample=5), grpc.StatusCode.FAILED_PRECONDITION, "sample"),  # the log is empty
+        (Skew(rows=[customer]), grpc.StatusCode.INVALID_ARGUMENT, "as_of"),
+        (
+            Skew(rows=[features_pb2.EntityRow(keys={})], as_of=at.as_of),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "rows[0].keys",
+        ),
+        (Skew(sample=5, feature_views=["featureViews/nosuch"]), grpc.StatusCode.NOT_FOUND, "feature_views[0]"),
+    ]
+    async with feature_service(event_log, OnlineState(VIEWS)) as features:
+        for request, code, field in frame_cases:
+            assert await refused(lambda r=request: features.stub.ExportTrainingFrame(r)) == (code, field), request
+        for request, code, field in skew_cases:
+            assert await refused(lambda r=request: features.stub.CheckFeatureSkew(r)) == (code, field), request
+
+
+async def test_the_skew_check_reports_an_online_state_that_missed_an_event(event_log: EventLog, tmp_path: Path) -> None:
+    t0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    stored = await append_payments(event_log, ["cus_000001", "cus_000002"], t0)
+    missed = next(e for e in stored[5:] if e.payload["customer_id"] == "cus_000002")
+    state = OnlineState(VIEWS)
+    for e in stored:
+        if e.seq != missed.seq:  # as if a delivery had been lost
+            state.offer_event(e.seq, e.type, e.schema_version, e.occurred_at.timestamp(), e.payload)
+    assert state.watermark == stored[-1].seq
+    as_of = stored[-1].occurred_at
+    intact, harmed = {"customer": "cus_000001"}, {"customer": "cus_000002"}
+    async with feature_service(event_log, state) as features:
+        fine = await features.check_skew(rows=[intact], as_of=as_of, views=["customer_payments"])
+        report = await features.check_skew(rows=[intact, harmed], as_of=as_of, views=["customer_payments"])
+        sampled = await features.check_skew(sample=50, seed=3)
+        written = await features.export_frame(
+            tmp_path / "f.parquet", views=["customer_payments"], rows=[(harmed, as_of, None)]
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await features.check_skew(rows=[harmed], as_of=t0 - timedelta(days=2))
+    assert fine.mismatch_count == 0 and fine.checked_rows == 1 and fine.checked_values > 0
+    assert report.watermark == stored[-1].seq and report.as_of == as_of
+    assert report.mismatch_count == len(report.mismatches) > 0
+    assert [k for k, _, _, _ in report.mismatches] == [harmed] * report.mismatch_count
+    counts = {name: (online, offline) for _, name, online, offline in report.mismatches}
+    assert counts["customer_payments.count_lifetime"] == (9, 10)
+    assert sampled.checked_rows == 20 and sampled.mismatch_count > 0  # every stored payment, two of them harmed's
+    frame = pd.read_parquet(written.path)
+    assert written.rows == len(frame) == 1 and frame.at[0, "customer_payments.count_lifetime"] == 10
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE

@@ -10,10 +10,10 @@ d2d models list|show|train|promote|rollback|reproduce
 d2d predict MODEL           one decision
 d2d migrate                 apply database migrations
 
-Every command but `up` and `migrate` talks to the services over gRPC; `features frame|verify`,
-`models reproduce` and the demo's skew check also read the log themselves, because recomputing
-offline, apart from the services, is what they are for. A command group is one module here with a
-`register(subparsers)` function, listed once in GROUPS.
+Every command but `up` and `migrate` talks to the services over gRPC (training frames and skew
+checks too: the features service recomputes them from the log); `models reproduce` also reads the
+log itself, because recomputing offline, apart from the services, is what it is for. A command
+group is one module here with a `register(subparsers)` function, listed once in GROUPS.
 """
 
 from __future__ import annotations

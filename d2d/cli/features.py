@@ -1,16 +1,14 @@
 """`d2d features views|frame|verify`: the views FeatureService serves, training frames, skew checks.
 
-`views` asks the service. `frame` and `verify` take the served views' definitions from the service
-too, then recompute them offline: they read the log through the library, because recomputing from
-the log independently of the service is their point.
+All three ask the service over gRPC: `frame` streams `ExportTrainingFrame` into a Parquet file (a
+`--rows` CSV is turned into explicit rows here), `verify` asks `CheckFeatureSkew`, which compares
+the service's online state with its recomputation from the log by the same fold.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import time
-from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -19,7 +17,7 @@ from rich.table import Table
 from d2d.cli.common import console, endpoints, run_rpc, settings
 
 if TYPE_CHECKING:
-    from d2d.features.definitions import FeatureView
+    from d2d.client import FeatureClient
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,78 +38,61 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from d2d import eventlog
     from d2d.client import FeatureClient
 
     where = endpoints(settings(args))
 
     async def work() -> int:
-        async with FeatureClient(where.addr("features")) as online:
+        async with FeatureClient(where.addr("features")) as features:
             if args.action == "views":
                 table = Table(title=f"feature views served by {where.addr('features')}")
                 for col in ("name", "version", "entity", "source", "features"):
                     table.add_column(col, overflow="fold")
-                for v in await online.list_views():
+                for v in await features.list_views():
                     table.add_row(
                         v.name.removeprefix("featureViews/"), v.version, v.entity, v.source, ", ".join(v.features)
                     )
                 console.print(table)
                 return 0
-            views = await online.view_definitions()
-            pool = await eventlog.create_pool(where.database_url, max_size=2)
-            try:
-                log = eventlog.EventLog(pool)
-                if args.action == "frame":
-                    return await _frame(log, views, args)
-                return await _verify(log, online, views, args)
-            finally:
-                await pool.close()
+            if args.action == "frame":
+                return await _frame(features, args)
+            return await _verify(features, args)
 
     return run_rpc(work())
 
 
-async def _frame(log, views: Sequence[FeatureView], args: argparse.Namespace) -> int:  # noqa: ANN001
-    import pandas as pd
-
-    from d2d.features.offline import FrameRow, rows_from_events, training_frame
-
+async def _frame(features: FeatureClient, args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.rows:
-        given = pd.read_csv(args.rows)
-        entities = {v.entity for v in views} & set(given.columns)
-        rows = [
-            FrameRow(
-                {e: str(r[e]) for e in entities if pd.notna(r[e])},
-                pd.Timestamp(r["as_of"]).tz_localize("UTC") if pd.Timestamp(r["as_of"]).tzinfo is None
-                else pd.Timestamp(r["as_of"]).to_pydatetime(),
-                int(r["watermark"]) if "watermark" in given.columns and pd.notna(r["watermark"]) else None,
-            )
-            for _, r in given.iterrows()
-        ]  # fmt: skip
-    else:
-        rows = await rows_from_events(log, args.from_events, views, limit=args.limit)
-    frame = await training_frame(log, views, rows)
-    frame.to_parquet(args.out, index=False)
+    rows = _csv_rows(args.rows, {v.entity for v in await features.list_views()}) if args.rows else ()
+    written = await features.export_frame(args.out, from_event_type=args.from_events or "", limit=args.limit, rows=rows)
     elapsed = time.perf_counter() - started
-    console.print(f"wrote {len(frame):,} rows x {frame.shape[1]} columns to {args.out} in {elapsed:.1f}s")
+    console.print(f"wrote {written.rows:,} rows x {len(written.columns)} columns to {args.out} in {elapsed:.1f}s")
     return 0
 
 
-async def _verify(log, online, views: Sequence[FeatureView], args: argparse.Namespace) -> int:  # noqa: ANN001
-    from d2d.features.offline import rows_from_events
-    from d2d.features.skew import verify
+def _csv_rows(path: str, entities: set[str]) -> list[tuple[dict[str, str], datetime, int | None]]:
+    """(keys, as_of, watermark or None) per CSV row: the entity columns, `as_of` (UTC unless it says
+    otherwise) and optionally `watermark`."""
+    import pandas as pd
 
-    candidates = await rows_from_events(log, views[0].source, views)
-    if not candidates:
-        console.print("the log has no events for these views yet")
-        return 1
-    rows = [r.keys for r in random.Random(args.seed).sample(candidates, min(args.sample, len(candidates)))]
-    as_of = datetime.fromisoformat(args.as_of) if args.as_of else max(r.as_of for r in candidates)
-    report = await verify(log, online, views, rows, as_of)
+    given = pd.read_csv(path)
+    columns = entities & set(given.columns)
+    rows = []
+    for _, r in given.iterrows():
+        as_of = pd.Timestamp(r["as_of"])
+        as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of
+        watermark = int(r["watermark"]) if "watermark" in given.columns and pd.notna(r["watermark"]) else None
+        rows.append(({e: str(r[e]) for e in columns if pd.notna(r[e])}, as_of.to_pydatetime(), watermark))
+    return rows
+
+
+async def _verify(features: FeatureClient, args: argparse.Namespace) -> int:
+    as_of = datetime.fromisoformat(args.as_of) if args.as_of else None
+    report = await features.check_skew(sample=args.sample, as_of=as_of, seed=args.seed)
     console.print(
-        f"checked {report.checked_values:,} values of {report.checked_rows} entity rows as of {as_of.isoformat()}"
-        f" at watermark {report.watermark:,}: {len(report.mismatches)} mismatches"
+        f"checked {report.checked_values:,} values of {report.checked_rows} entity rows as of"
+        f" {report.as_of.isoformat()} at watermark {report.watermark:,}: {report.mismatch_count} mismatches"
     )
     for keys, name, online_value, offline_value in report.mismatches[:20]:
         console.print(f"  [red]{name}[/red] {keys}: online {online_value!r}, offline {offline_value!r}")
-    return 1 if report.mismatches else 0
+    return 1 if report.mismatch_count else 0

@@ -1,15 +1,14 @@
-"""Skew check: what the online service answers against the offline recomputation from the log at
-the same (entities, time, watermark). By construction they are equal; this proves it for a sample."""
+"""Skew check: what the online path answers against the offline recomputation from the log at the
+same (entities, time, watermark). By construction they are equal; this proves it for a sample. The
+features service runs it (`CheckFeatureSkew`) against its own in-memory state and its log pool."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from d2d.client import FeatureClient
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.offline import FrameRow, training_frame
@@ -35,29 +34,28 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+class OnlineSide(Protocol):
+    """What the online path answers for `rows` (each at its own `as_of`): one `{view}.{feature}` ->
+    value dict per row (a view may be left out of a row), and the log position they all reflect."""
+
+    async def __call__(
+        self, views: Sequence[FeatureView], rows: Sequence[FrameRow]
+    ) -> tuple[int, list[dict[str, Any]]]: ...
+
+
 async def verify(
-    log: EventLog,
-    online: FeatureClient,
-    views: Sequence[FeatureView],
-    rows: Sequence[dict[str, str]],
-    as_of: datetime,
-    *,
-    batch: int = 500,
+    log: EventLog, online: OnlineSide, views: Sequence[FeatureView], rows: Sequence[FrameRow]
 ) -> SkewReport:
-    """Ask the online service for every feature of `views` for `rows` as of `as_of`, recompute
-    each answer offline at the watermark it reported, and list every value that differs."""
-    report = SkewReport()
-    features = [f"{v.name}.*" for v in views]
-    for start in range(0, len(rows), batch):
-        part = list(rows[start : start + batch])
-        answer = await online.get_online(features, part, as_of=as_of)
-        report.watermark = answer.watermark
-        frame = await training_frame(log, views, [FrameRow(keys, as_of, answer.watermark) for keys in part])
-        for i, keys in enumerate(part):
-            for name, value in answer.rows[i].items():
-                report.checked_values += 1
-                offline_value = frame.at[i, name]
-                if not _same(value, offline_value):
-                    report.mismatches.append((keys, name, value, offline_value))
-        report.checked_rows += len(part)
+    """Ask the online side for `views` at `rows`, recompute each answer offline at the watermark it
+    reported, and list every value that differs."""
+    report = SkewReport(checked_rows=len(rows))
+    watermark, answers = await online(views, rows)
+    report.watermark = watermark
+    frame = await training_frame(log, views, [FrameRow(r.keys, r.as_of, watermark) for r in rows])
+    for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
+        for name, value in answer.items():
+            report.checked_values += 1
+            offline_value = frame.at[i, name]
+            if not _same(value, offline_value):
+                report.mismatches.append((row.keys, name, value, offline_value))
     return report

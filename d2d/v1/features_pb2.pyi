@@ -120,3 +120,93 @@ class ListFeatureViewsResponse(_message.Message):
     feature_views: _containers.RepeatedCompositeFieldContainer[FeatureView]
     next_page_token: str
     def __init__(self, feature_views: _Optional[_Iterable[_Union[FeatureView, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ExportTrainingFrameRequest(_message.Message):
+    __slots__ = ("feature_views", "from_event_type", "limit", "rows")
+    FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    FROM_EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    feature_views: _containers.RepeatedScalarFieldContainer[str]
+    from_event_type: str
+    limit: int
+    rows: _containers.RepeatedCompositeFieldContainer[TrainingFrameRow]
+    def __init__(self, feature_views: _Optional[_Iterable[str]] = ..., from_event_type: _Optional[str] = ..., limit: _Optional[int] = ..., rows: _Optional[_Iterable[_Union[TrainingFrameRow, _Mapping]]] = ...) -> None: ...
+
+class TrainingFrameRow(_message.Message):
+    __slots__ = ("keys", "as_of", "watermark")
+    class KeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.ScalarMap[str, str]
+    as_of: _timestamp_pb2.Timestamp
+    watermark: int
+    def __init__(self, keys: _Optional[_Mapping[str, str]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., watermark: _Optional[int] = ...) -> None: ...
+
+class TrainingFrameChunk(_message.Message):
+    __slots__ = ("data", "rows", "columns", "total_bytes")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    rows: int
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    total_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., rows: _Optional[int] = ..., columns: _Optional[_Iterable[str]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class CheckFeatureSkewRequest(_message.Message):
+    __slots__ = ("feature_views", "sample", "as_of", "seed", "rows")
+    FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    feature_views: _containers.RepeatedScalarFieldContainer[str]
+    sample: int
+    as_of: _timestamp_pb2.Timestamp
+    seed: int
+    rows: _containers.RepeatedCompositeFieldContainer[EntityRow]
+    def __init__(self, feature_views: _Optional[_Iterable[str]] = ..., sample: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., seed: _Optional[int] = ..., rows: _Optional[_Iterable[_Union[EntityRow, _Mapping]]] = ...) -> None: ...
+
+class FeatureSkewMismatch(_message.Message):
+    __slots__ = ("keys", "feature", "online_value", "offline_value")
+    class KeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.ScalarMap[str, str]
+    feature: str
+    online_value: FeatureValue
+    offline_value: FeatureValue
+    def __init__(self, keys: _Optional[_Mapping[str, str]] = ..., feature: _Optional[str] = ..., online_value: _Optional[_Union[FeatureValue, _Mapping]] = ..., offline_value: _Optional[_Union[FeatureValue, _Mapping]] = ...) -> None: ...
+
+class FeatureSkewReport(_message.Message):
+    __slots__ = ("checked_rows", "checked_values", "watermark", "as_of", "mismatches", "mismatch_count")
+    CHECKED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    MISMATCH_COUNT_FIELD_NUMBER: _ClassVar[int]
+    checked_rows: int
+    checked_values: int
+    watermark: int
+    as_of: _timestamp_pb2.Timestamp
+    mismatches: _containers.RepeatedCompositeFieldContainer[FeatureSkewMismatch]
+    mismatch_count: int
+    def __init__(self, checked_rows: _Optional[int] = ..., checked_values: _Optional[int] = ..., watermark: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mismatches: _Optional[_Iterable[_Union[FeatureSkewMismatch, _Mapping]]] = ..., mismatch_count: _Optional[int] = ...) -> None: ...

@@ -51,6 +51,16 @@ class FeatureServiceStub:
                 request_serializer=d2d_dot_v1_dot_features__pb2.ListFeatureViewsRequest.SerializeToString,
                 response_deserializer=d2d_dot_v1_dot_features__pb2.ListFeatureViewsResponse.FromString,
                 _registered_method=True)
+        self.ExportTrainingFrame = channel.unary_stream(
+                '/d2d.v1.FeatureService/ExportTrainingFrame',
+                request_serializer=d2d_dot_v1_dot_features__pb2.ExportTrainingFrameRequest.SerializeToString,
+                response_deserializer=d2d_dot_v1_dot_features__pb2.TrainingFrameChunk.FromString,
+                _registered_method=True)
+        self.CheckFeatureSkew = channel.unary_unary(
+                '/d2d.v1.FeatureService/CheckFeatureSkew',
+                request_serializer=d2d_dot_v1_dot_features__pb2.CheckFeatureSkewRequest.SerializeToString,
+                response_deserializer=d2d_dot_v1_dot_features__pb2.FeatureSkewReport.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -81,6 +91,23 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportTrainingFrame(self, request, context):
+        """A point-in-time training frame recomputed from the log by the same fold as the online state,
+        streamed as the bytes of one Parquet file (concatenate every chunk's `data` in order). Columns:
+        the entity ids, `as_of`, `watermark`, one per `{view}.{feature}`, `unknown_entities`, `stale`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckFeatureSkew(self, request, context):
+        """Skew check: answers the online state gives, each recomputed offline from the log at the same
+        (entities, as_of, watermark). They are equal by construction; this proves it for a sample.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +125,16 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.ListFeatureViews,
                     request_deserializer=d2d_dot_v1_dot_features__pb2.ListFeatureViewsRequest.FromString,
                     response_serializer=d2d_dot_v1_dot_features__pb2.ListFeatureViewsResponse.SerializeToString,
+            ),
+            'ExportTrainingFrame': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportTrainingFrame,
+                    request_deserializer=d2d_dot_v1_dot_features__pb2.ExportTrainingFrameRequest.FromString,
+                    response_serializer=d2d_dot_v1_dot_features__pb2.TrainingFrameChunk.SerializeToString,
+            ),
+            'CheckFeatureSkew': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckFeatureSkew,
+                    request_deserializer=d2d_dot_v1_dot_features__pb2.CheckFeatureSkewRequest.FromString,
+                    response_serializer=d2d_dot_v1_dot_features__pb2.FeatureSkewReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +220,60 @@ class FeatureService:
             '/d2d.v1.FeatureService/ListFeatureViews',
             d2d_dot_v1_dot_features__pb2.ListFeatureViewsRequest.SerializeToString,
             d2d_dot_v1_dot_features__pb2.ListFeatureViewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTrainingFrame(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/d2d.v1.FeatureService/ExportTrainingFrame',
+            d2d_dot_v1_dot_features__pb2.ExportTrainingFrameRequest.SerializeToString,
+            d2d_dot_v1_dot_features__pb2.TrainingFrameChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckFeatureSkew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/d2d.v1.FeatureService/CheckFeatureSkew',
+            d2d_dot_v1_dot_features__pb2.CheckFeatureSkewRequest.SerializeToString,
+            d2d_dot_v1_dot_features__pb2.FeatureSkewReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,7 +64,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     state = await restore(event_log, views, consumer)
 
     server, health = grpcserver.new_server([SERVICE_NAME])
-    grpcserver.add_service(server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], FeatureApi(state))
+    api = FeatureApi(state, event_log)
+    grpcserver.add_service(server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], api)
     addr = settings.addr("features")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"features: cannot listen on {addr}")
