@@ -11,8 +11,8 @@ d2d predict MODEL           one decision
 d2d migrate                 apply database migrations
 
 Every command but `up` and `migrate` talks to the services over gRPC (training frames and skew
-checks too: the features service recomputes them from the log); `models reproduce` also reads the
-log itself, because recomputing offline, apart from the services, is what it is for. A command
+checks too: the features service recomputes them from the log; `models reproduce` asks the
+registry to retrain, recording nothing). A command
 group is one module here with a `register(subparsers)` function, listed once in GROUPS.
 """
 
