@@ -266,3 +266,24 @@ def _without_upcaster() -> Iterator[None]:
         yield
     finally:
         UPCASTERS.register(METER_READING, 1, meter_reading_v1_v2)
+
+
+async def test_a_snapshot_folded_under_other_upcasters_is_not_restored(event_log: EventLog) -> None:
+    """A snapshot holds state folded with the upcasters of its time: once an upcaster for a view's
+    source is declared (or removed), the old events fold differently, so the state is rebuilt."""
+    from d2d.features.store import Snapshot, save_snapshot
+    from services.features.online import OnlineState
+    from services.features.server import restore
+
+    async def snapshot_at(consumer: str, watermark: int) -> None:
+        state = OnlineState(VIEWS)
+        state.offer_event(watermark, METER_READING, 1, 1_000.0, {"meter_id": "m1", "kwh": 2.0})
+        await save_snapshot(event_log.pool, Snapshot(consumer, watermark, 1, state.fold_key(), state.to_bytes()))
+
+    await snapshot_at("with-upcaster", 7)
+    assert (await restore(event_log, VIEWS, "with-upcaster")).watermark == 7  # same upcasters: restored
+    with _without_upcaster():
+        assert (await restore(event_log, VIEWS, "with-upcaster")).watermark == 0  # rebuilt from the log
+        await snapshot_at("without-upcaster", 9)
+        assert (await restore(event_log, VIEWS, "without-upcaster")).watermark == 9
+    assert (await restore(event_log, VIEWS, "without-upcaster")).watermark == 0

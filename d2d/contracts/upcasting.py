@@ -108,6 +108,11 @@ class Upcasters:
         step = self._steps.get((event_type, version - 1))
         return None if step is None else upcaster_name(step)
 
+    def names(self, event_type: str) -> list[str]:
+        """The `module:qualname` of every upcaster of the type, oldest step first."""
+        steps = sorted((v, fn) for (t, v), fn in self._steps.items() if t == event_type)
+        return [upcaster_name(fn) for _, fn in steps]
+
     def latest_version(self, event_type: str) -> int | None:
         """The version every older payload of the type is upcast to (None: the type has no upcasters)."""
         last = self._last_from.get(event_type)
@@ -193,6 +198,13 @@ def upgraded_by(event_type: str, version: int) -> str | None:
     if not _loaded:
         load()
     return UPCASTERS.name_upgrading_to(event_type, version)
+
+
+def upcaster_names(event_type: str) -> list[str]:
+    """The upcasters every reader applies to `event_type` payloads, oldest step first."""
+    if not _loaded:
+        load()
+    return UPCASTERS.names(event_type)
 
 
 def upcast_event(event: E) -> E:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
+from d2d.contracts.upcasting import upcaster_names
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.definitions import FeatureView
 
@@ -42,12 +43,23 @@ async def registered_views(pool: asyncpg.Pool) -> list[FeatureView]:
     return [FeatureView.from_dict(r["definition"]) for r in rows]
 
 
+def fold_key(views: Sequence[FeatureView]) -> dict[str, str]:
+    """What a view's folded state depends on besides the log, per view: its version and, where its
+    source type has upcasters, their names (a new upcaster changes what old events fold to). A
+    snapshot is usable only by a state with the same key."""
+    key = {}
+    for view in views:
+        names = upcaster_names(view.source)
+        key[view.name] = f"{view.version} upcast by {', '.join(names)}" if names else view.version
+    return key
+
+
 @dataclass(frozen=True)
 class Snapshot:
     consumer: str
     watermark: int
     stream_seq: int
-    views: dict[str, str]
+    views: dict[str, str]  # fold_key of the views folded
     state: bytes
     created_at: datetime | None = None
 

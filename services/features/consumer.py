@@ -159,7 +159,7 @@ class Folder:
         data = await asyncio.to_thread(self.state.to_bytes)
         await save_snapshot(
             self.log.pool,
-            Snapshot(self.consumer, self.state.watermark, self.state.stream_seq, self.state.versions(), data),
+            Snapshot(self.consumer, self.state.watermark, self.state.stream_seq, self.state.fold_key(), data),
         )
         self.snapshots += 1
 

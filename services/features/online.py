@@ -18,6 +18,7 @@ import orjson
 
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import ViewState, fold_event
+from d2d.features.store import fold_key
 
 
 class GapError(RuntimeError):
@@ -88,8 +89,9 @@ class OnlineState:
         if stream_seq > self.stream_seq:
             self.stream_seq = stream_seq
 
-    def versions(self) -> dict[str, str]:
-        return {name: view.version for name, view in self.views.items()}
+    def fold_key(self) -> dict[str, str]:
+        """What this state's fold depends on besides the log (see `d2d.features.store.fold_key`)."""
+        return fold_key(list(self.views.values()))
 
     def to_bytes(self) -> bytes:
         snap = {name: state.to_snapshot() for name, state in self.states.items()}

@@ -15,7 +15,7 @@ from d2d import bus, eventlog, grpcserver
 from d2d.config import Settings
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
-from d2d.features.store import load_snapshot, register_views
+from d2d.features.store import fold_key, load_snapshot, register_views
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import features_pb2
 from services.features.api import SERVICE_NAME, FeatureApi
@@ -33,9 +33,9 @@ def load_views(module: str) -> tuple[FeatureView, ...]:
 
 
 async def restore(event_log: EventLog, views: Sequence[FeatureView], consumer: str) -> OnlineState:
-    """The last snapshot if it was taken with these view versions, else an empty state."""
+    """The last snapshot if it was folded with these view versions and upcasters, else an empty state."""
     snapshot = await load_snapshot(event_log.pool, consumer)
-    wanted = {v.name: v.version for v in views}
+    wanted = fold_key(views)
     if snapshot is None:
         return OnlineState(views)
     if snapshot.views != wanted:
