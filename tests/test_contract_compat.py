@@ -314,3 +314,16 @@ def test_prefix_items_are_compared_by_position() -> None:
     old = {"type": "array", "prefixItems": [STR, NUM], "items": False}
     new = {"type": "array", "prefixItems": [STR, INT], "items": False}
     assert where(check_compatibility(new, [(1, old)], "FULL")) == {("/1", "BACKWARD", 1)}
+
+
+def test_versions_read_only_upcast_are_not_compared_backward_but_still_forward() -> None:
+    old = {"type": "object", "properties": {"kwh": {"type": "number"}}, "required": ["kwh"]}
+    new = {"type": "object", "properties": {"reading": {"type": "number"}}, "required": ["reading"]}
+    assert {p.direction for p in check_compatibility(new, [(1, old)], "BACKWARD")} == {"BACKWARD"}
+    assert check_compatibility(new, [(1, old)], "BACKWARD", upcast_to=2) == []
+    # Old readers of new data are not helped by an upcaster: FULL still compares forward.
+    assert {p.direction for p in check_compatibility(new, [(1, old)], "FULL", upcast_to=2)} == {"FORWARD"}
+    # Transitive: only the versions below the upcaster's target are read upcast.
+    mid = {"type": "object", "properties": {"reading": {"type": "string"}}, "required": ["reading"]}
+    problems = check_compatibility(new, [(1, old), (2, mid)], "BACKWARD_TRANSITIVE", upcast_to=2)
+    assert problems and {(p.against_version, p.direction) for p in problems} == {(2, "BACKWARD")}

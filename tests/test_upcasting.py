@@ -163,9 +163,8 @@ async def test_v1_and_v2_events_fold_to_the_features_of_an_all_v2_log_offline_an
         sent = await ingest.append([make_event(METER_READING, "meter", m, v1(m, kwh), occurred_at=t, event_id=i,
                                                schema_version=1) for i, m, t, kwh in old])  # fmt: skip
         assert all(r.WhichOneof("outcome") == "seq" for r in sent.results)
-        registered = await ingest.create_contract_version(
-            METER_READING, owner="team-energy", json_schema=SCHEMA_V2, compatibility="NONE"
-        )
+        # BACKWARD (the default): readers see v1 payloads only through the upcaster, which is checked instead.
+        registered = await ingest.create_contract_version(METER_READING, owner="team-energy", json_schema=SCHEMA_V2)
         assert registered.name.endswith("/versions/2")
         sent = await ingest.append([make_event(METER_READING, "meter", m, v2(m, kwh), occurred_at=t, event_id=i,
                                                schema_version=2) for i, m, t, kwh in new])  # fmt: skip
@@ -287,3 +286,39 @@ async def test_a_snapshot_folded_under_other_upcasters_is_not_restored(event_log
         await snapshot_at("without-upcaster", 9)
         assert (await restore(event_log, VIEWS, "without-upcaster")).watermark == 9
     assert (await restore(event_log, VIEWS, "without-upcaster")).watermark == 0
+
+
+async def test_a_breaking_version_with_an_upcaster_is_backward_compatible_when_the_upcast_payloads_pass_it(
+    event_log: EventLog,
+) -> None:
+    """BACKWARD means new readers read old data. With an upcaster to the new version, readers see old
+    payloads only upcast, so the registry checks those (the newest stored ones) against the new
+    schema instead of comparing the schemas; without one, the restructuring is refused."""
+    from d2d.contracts.registry import ContractRegistry
+    from d2d.errors import Refusal
+
+    event_type = "meter.sampled"
+    registry = ContractRegistry(event_log)
+    await registry.register(event_type, owner="team-energy", json_schema=SCHEMA_V1)
+    stored = await event_log.append(
+        [NewEvent(uuid.uuid4(), event_type, 1, "meter", "m1", datetime.now(UTC), _json(v1("m1", 1.5 + i)))
+         for i in range(3)]
+    )  # fmt: skip
+
+    with pytest.raises(Refusal) as refused:
+        await registry.register(event_type, owner="team-energy", json_schema=SCHEMA_V2)
+    assert refused.value.code == "FAILED_PRECONDITION" and "BACKWARD" in refused.value.message
+
+    def forgets_the_unit(payload: dict[str, Any]) -> dict[str, Any]:
+        return {"meter_id": payload["meter_id"], "reading": {"value": payload["kwh"]}}
+
+    with UPCASTERS.declared(event_type, 1, forgets_the_unit), pytest.raises(Refusal) as refused:
+        await registry.register(event_type, owner="team-energy", json_schema=SCHEMA_V2)
+    assert refused.value.code == "FAILED_PRECONDITION" and refused.value.field == "payload.reading.unit"
+    assert f"event seq {stored[0].seq} (version 1), upcast, does not pass the new schema" in refused.value.message
+
+    with UPCASTERS.declared(event_type, 1, meter_reading_v1_v2):
+        contract = await registry.register(event_type, owner="team-energy", json_schema=SCHEMA_V2)
+    assert contract.version == 2 and contract.compatibility.value == "BACKWARD"
+    [registered] = await event_log.newest(below=None, limit=1, event_type="contract.registered", entity_id=event_type)
+    assert registered.payload["upcaster"] == "tests.upcasting_domain:meter_reading_v1_v2"

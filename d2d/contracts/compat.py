@@ -117,9 +117,18 @@ def is_subschema(narrow: dict[str, Any] | bool, wide: dict[str, Any] | bool) -> 
 
 
 def check_compatibility(
-    new_schema: dict[str, Any], previous: list[tuple[int, dict[str, Any]]], mode: CompatibilityMode | str
+    new_schema: dict[str, Any],
+    previous: list[tuple[int, dict[str, Any]]],
+    mode: CompatibilityMode | str,
+    *,
+    upcast_to: int | None = None,
 ) -> list[Incompatibility]:
-    """previous: (version, schema) pairs, oldest first. Empty list = compatible."""
+    """previous: (version, schema) pairs, oldest first. Empty list = compatible.
+
+    `upcast_to`: readers read every payload of a version below it upcast to that version (an
+    upcaster chain reaches it), never as written; so the BACKWARD direction (new readers, old
+    data) does not compare the new schema with those versions' schemas. The registry checks the
+    upcasters' output against the new schema instead. FORWARD (old readers) is unaffected."""
     mode = CompatibilityMode(str(mode).upper())
     if mode is CompatibilityMode.NONE or not previous:
         return []
@@ -129,7 +138,7 @@ def check_compatibility(
     out: list[Incompatibility] = []
     for version, old in targets:
         old_label = f"version {version}"
-        if backward:  # new readers, old data: old ⊆ new
+        if backward and not (upcast_to and version < upcast_to):  # new readers, old data: old ⊆ new
             out += [
                 Incompatibility(f, r, version, "BACKWARD")
                 for f, r in _prove(old, new_schema, old_label, "the new schema")

@@ -20,7 +20,7 @@ import orjson
 
 from d2d.contracts.compat import CompatibilityMode, check_compatibility
 from d2d.contracts.platform import is_platform_type
-from d2d.contracts.upcasting import upgraded_by
+from d2d.contracts.upcasting import UPCASTERS, UpcastError, upcast, upgraded_by
 from d2d.contracts.validation import check_payload
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
@@ -198,7 +198,10 @@ class ContractRegistry:
             )
             if previous and _same_terms(previous[-1], candidate):
                 return previous[-1]
-            problems = check_compatibility(json_schema, [(c.version, c.json_schema) for c in previous], mode)
+            upcast_to = UPCASTERS.latest_version(event_type) if upgraded_by(event_type, candidate.version) else None
+            problems = check_compatibility(
+                json_schema, [(c.version, c.json_schema) for c in previous], mode, upcast_to=upcast_to
+            )
             if problems:
                 first = problems[0]
                 detail = "; ".join(str(p) for p in problems)
@@ -207,6 +210,8 @@ class ContractRegistry:
                     f"contract {event_type} version {candidate.version} is not {mode.value}-compatible: {detail}",
                     f"json_schema{first.field.replace('/', '.') if first.field else ''}",
                 )
+            if upcast_to:
+                await self._check_upcast_samples(tx.conn, candidate, upcast_to)
             if validate_only:
                 return candidate
             payload = {
@@ -229,6 +234,35 @@ class ContractRegistry:
         contract = _contract(row)
         self._remember(contract)
         return contract
+
+    UPCAST_SAMPLE = 200  # newest stored events per older version run through the upcasters
+
+    @staticmethod
+    async def _check_upcast_samples(conn: asyncpg.Connection, candidate: Contract, upcast_to: int) -> None:
+        """With an upcaster to `candidate`, its schema is not compared with the versions readers only
+        see upcast; instead the newest stored events of each of those versions, upcast, must pass
+        it (the upcaster's promise, tried on real data). A failure names the event and the field."""
+        validator = jsonschema_rs.validator_for(candidate.json_schema)
+        rows = await conn.fetch(
+            "SELECT seq, schema_version, payload FROM ("
+            "  SELECT seq, schema_version, payload,"
+            "   row_number() OVER (PARTITION BY schema_version ORDER BY seq DESC) AS n"
+            "  FROM events WHERE type = $1 AND schema_version < $2) s"
+            " WHERE n <= $3 ORDER BY seq",
+            candidate.event_type, upcast_to, ContractRegistry.UPCAST_SAMPLE,
+        )  # fmt: skip
+        for row in rows:
+            where = f"event seq {row['seq']} (version {row['schema_version']})"
+            try:
+                _, upcast_payload = upcast(candidate.event_type, row["schema_version"], row["payload"])
+                check_payload(validator, orjson.dumps(upcast_payload))
+            except (UpcastError, Refusal) as exc:
+                raise Refusal(
+                    "FAILED_PRECONDITION",
+                    f"contract {candidate.event_type} version {candidate.version}: {where}, upcast, does not"
+                    f" pass the new schema: {exc}",
+                    exc.field if isinstance(exc, Refusal) else "json_schema",
+                ) from exc
 
     # -- reading ------------------------------------------------------------------------------
 
