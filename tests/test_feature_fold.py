@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from d2d.features.aggregates import KINDS
 from d2d.features.definitions import (
     LIFETIME,
     Aggregate,
@@ -532,6 +533,15 @@ def brute_force(view: FeatureView, accepted: list[FoldEvent], entity: str, as_of
                             best = n
                     out[name] = best
     return out
+
+
+def test_every_aggregation_has_a_kind_and_is_compared_with_brute_force_windowed_and_lifetime() -> None:
+    """A new `Aggregation` member needs its kind (d2d/features/aggregates.py) and a place in the
+    randomized comparison below, over a finite window and over the lifetime (which folds a prefix)."""
+    assert set(KINDS) == set(Aggregation)
+    for aggregation in Aggregation:
+        windows = {w for a in RANDOM_VIEW.aggregates if a.aggregation is aggregation for w in a.windows}
+        assert LIFETIME in windows and len(windows) > 1, f"{aggregation} is not in RANDOM_VIEW both ways"
 
 
 def random_events(seed: int, n: int, entities: int) -> list[FoldEvent]:

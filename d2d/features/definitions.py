@@ -78,13 +78,24 @@ def resolve_path(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 class Aggregation(StrEnum):
+    """What an aggregate computes from its inputs in a window, taken in ``(occurred_at, seq)`` order
+    (which values are inputs: `Aggregate`). Each member's fold is its kind in
+    `d2d.features.aggregates.KINDS`."""
+
     COUNT = "count"
+    """The number of inputs (int)."""
     SUM = "sum"
+    """The left-to-right float sum of the inputs, starting at 0.0."""
     MEAN = "mean"
+    """SUM over COUNT; None without inputs."""
     MIN = "min"
+    """The least input (the first of equal ones); None without inputs."""
     MAX = "max"
+    """The greatest input (the first of equal ones); None without inputs."""
     LAST = "last"
+    """The input with the greatest ``(occurred_at, seq)``; None without inputs."""
     DISTINCT_COUNT = "distinct_count"
+    """The number of distinct inputs (int), by equality: 1, 1.0 and True are one value."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ bit-identical values.
 State, per entity: a *buffer* of rows ``(occurred_at, seq, v_0, ..., v_{k-1})`` sorted by
 ``(occurred_at, seq)`` -- one column per distinct input of the view's aggregates (field, filter and
 value kind), None where the event is not an input of that column -- and, for views with lifetime
-aggregates, a *prefix*: per lifetime aggregate, an accumulator of the rows pruned from the buffer.
+aggregates, a *prefix*: per lifetime aggregate, an accumulator of the rows pruned from the buffer
+(its slots, and how they continue and yield a value, are the aggregation's kind in
+`d2d.features.aggregates`).
 Once an entity is queried its buffer is also kept column by column (the same values, with a
 count of Nones per column; rows appended since the last query join the columns at the next one),
 so a window's inputs are a slice of a column rather than a pass over its rows.
@@ -50,11 +52,11 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import reduce
-from operator import add, methodcaller
+from operator import methodcaller
 from typing import Any
 
 from d2d.contracts.upcasting import UpcastError, upcast
+from d2d.features.aggregates import KINDS, Kind
 from d2d.features.definitions import Aggregation, FeatureView, Filter, resolve_path
 
 __all__ = ["FoldEvent", "StaleQueryError", "ViewState", "fold_all", "fold_event", "posix_seconds"]
@@ -62,29 +64,6 @@ __all__ = ["FoldEvent", "StaleQueryError", "ViewState", "fold_all", "fold_event"
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 1
-
-# Aggregation codes (ints: compared once per feature per query).
-_COUNT, _SUM, _MEAN, _MIN, _MAX, _LAST, _DISTINCT = range(7)
-_CODES = {
-    Aggregation.COUNT: _COUNT,
-    Aggregation.SUM: _SUM,
-    Aggregation.MEAN: _MEAN,
-    Aggregation.MIN: _MIN,
-    Aggregation.MAX: _MAX,
-    Aggregation.LAST: _LAST,
-    Aggregation.DISTINCT_COUNT: _DISTINCT,
-}
-# Column value kinds: what of a field's value an aggregation takes.
-_KIND = {
-    _COUNT: "count",  # 1 (the event counts) or None
-    _SUM: "num",  # finite int/float as float, else None
-    _MEAN: "num",
-    _MIN: "num",
-    _MAX: "num",
-    _LAST: "any",  # any non-null value
-    _DISTINCT: "scalar",  # str, int, bool or finite float
-}
-_PREFIX_SLOTS = {_COUNT: 1, _SUM: 1, _MEAN: 2, _MIN: 1, _MAX: 1, _LAST: 1, _DISTINCT: 1}
 
 
 class StaleQueryError(ValueError):
@@ -202,16 +181,22 @@ def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tu
     return ns["_extract"], src
 
 
-def _build_query(plan: list[tuple[str, int, int, int | None, int]], count_all: int) -> tuple[Callable[..., dict], str]:
+# A view's query plan, one entry per feature: (feature, aggregation, row index, window seconds or
+# None for lifetime, prefix slot or -1).
+_Plan = list[tuple[str, Aggregation, int, int | None, int]]
+
+
+def _build_query(plan: _Plan, count_all: int) -> tuple[Callable[..., dict], str]:
     """A function ``(cols, nones, times, hi, as_of, pre, totals) -> values`` computing every feature
     of the plan in straight-line code (generated like the extractor; names enter only via repr()).
 
     Per window, ``lo`` is the first row inside it; per (window, column) the column's non-None
     values in ``[lo, hi)`` are taken once and shared by the aggregates that read them. Lifetime
     aggregates come from `totals` when given (the query is at or after the newest row), else from
-    the prefix and a pass over the rows. Each value is `_result` of its inputs, as the plan says.
+    the prefix and a pass over the rows. Each value is its kind's `result` of its inputs, called
+    directly (the namespace holds each kind's bound `result` under the aggregation's name).
     """
-    ns: dict[str, Any] = {"_bisect_right": bisect_right, "_result": _result}
+    ns: dict[str, Any] = {"_bisect_right": bisect_right}
     lines = ["def _compute(cols, nones, times, hi, as_of, pre, totals):", "    out = {}"]
     windows: dict[int | None, str] = {}
     taken: dict[tuple[int | None, int], str] = {}
@@ -231,18 +216,20 @@ def _build_query(plan: list[tuple[str, int, int, int | None, int]], count_all: i
         lines.append(f"{indent}    {name} = [x for x in {name} if x is not None]")
         return name
 
-    for fname, code, c, w, s in plan:
+    for fname, aggregation, c, w, s in plan:
         key = repr(fname)
+        result = f"_{aggregation.value}"  # enum values are identifiers
+        ns[result] = KINDS[aggregation].result
         if w is None:
             lines.append("    if totals is not None:")
-            lines.append(f"        out[{key}] = _result({code}, (), totals, {s})")
+            lines.append(f"        out[{key}] = {result}((), totals, {s})")
             lines.append("    else:")
             if c == count_all:
                 lines.append(f"        out[{key}] = hi + (pre[{s}] if pre is not None else 0)")
             else:
                 name = vals_of(None, c, "        ")
-                lines.append(f"        out[{key}] = _result({code}, {name}, pre, {s}) if pre is not None"
-                             f" else _result({code}, {name}, None, -1)")  # fmt: skip
+                lines.append(f"        out[{key}] = {result}({name}, pre, {s}) if pre is not None"
+                             f" else {result}({name}, None, -1)")  # fmt: skip
             continue
         lo = lo_of(w)
         if c == count_all:
@@ -251,10 +238,10 @@ def _build_query(plan: list[tuple[str, int, int, int | None, int]], count_all: i
         name = taken.get((w, c))
         if name is None:
             name = taken[(w, c)] = vals_of(w, c, "    ")
-        lines.append(f"    out[{key}] = _result({code}, {name}, None, -1)")
+        lines.append(f"    out[{key}] = {result}({name}, None, -1)")
     lines.append("    return out")
     src = "\n".join(lines) + "\n"
-    exec(src, ns)  # noqa: S102 -- source built from the plan's ints and repr()'d names only
+    exec(src, ns)  # noqa: S102 -- source built from the plan's ints, enum values and repr()'d names only
     return ns["_compute"], src
 
 
@@ -266,10 +253,6 @@ def _build_pusher(ncols: int) -> Callable[[list[list[Any]], list[int], tuple], N
     ns: dict[str, Any] = {}
     exec("\n".join(lines) + "\n", ns)  # noqa: S102 -- source built from integers only
     return ns["_push"]
-
-
-def _sort_key(v: Any) -> tuple[str, Any]:
-    return (type(v).__name__, v)
 
 
 class ViewState:
@@ -309,23 +292,23 @@ class ViewState:
 
         columns: list[tuple[str, str | None, Filter | None]] = []
         col_index: dict[tuple[str, str | None, Filter | None], int] = {}
-        plan: list[tuple[str, int, int, int | None, int]] = []  # (feature, code, row index, window, slot)
-        life: list[tuple[int, int, int]] = []  # (code, row index, prefix slot) per lifetime aggregate
-        slots = 0
+        plan: _Plan = []
+        life: list[tuple[Kind, int, int]] = []  # (kind, row index, prefix slot) per lifetime aggregate
+        template: list[Any] = []  # a new prefix: the lifetime aggregates' initial slot values
         for agg in view.aggregates:
-            code = _CODES[agg.aggregation]
-            col = (_KIND[code], agg.field, agg.where)
+            kind = KINDS[agg.aggregation]
+            col = (kind.input, agg.field, agg.where)
             if col not in col_index:
                 col_index[col] = len(columns)
                 columns.append(col)
             c = 2 + col_index[col]
             slot = -1
             if any(w.seconds is None for w in agg.windows):
-                slot = slots
-                life.append((code, c, slot))
-                slots += _PREFIX_SLOTS[code]
+                slot = len(template)
+                life.append((kind, c, slot))
+                template += kind.initial
             for w in agg.windows:
-                plan.append((f"{agg.name}_{w.name}", code, c, w.seconds, slot if w.seconds is None else -1))
+                plan.append((f"{agg.name}_{w.name}", agg.aggregation, c, w.seconds, slot if w.seconds is None else -1))
         self._columns = columns
         self._ncols = len(columns)
         # A row always has a value when some column counts every event unconditionally.
@@ -333,18 +316,8 @@ class ViewState:
         self._count_all = 2 + col_index[("count", None, None)] if self._always else -1
         self._plan = plan
         self._life = life
-        self._distinct_slots = tuple(s for code, _, s in life if code == _DISTINCT)
-        template: list[Any] = []
-        for code, _, _ in life:
-            if code == _COUNT:
-                template.append(0)
-            elif code == _SUM:
-                template.append(0.0)
-            elif code == _MEAN:
-                template += [0, 0.0]
-            else:
-                template.append(None)  # MIN, MAX, LAST: none yet; DISTINCT: replaced by a set
-        self._prefix_template = template
+        self._accumulators = [(kind.accumulate, c, s) for kind, c, s in life]
+        self._prefix_template = tuple(template)
         self._extract, self._extract_source = _build_extractor(columns)
         self._compute, self._compute_source = _build_query(plan, self._count_all)
         self._push = _build_pusher(len(columns))
@@ -478,33 +451,19 @@ class ViewState:
 
     def _accumulate(self, pre: list[Any], rows: list[tuple]) -> None:
         """Continue the lifetime aggregates' left fold `pre` with `rows` (in (occurred_at, seq) order)."""
-        for code, c, s in self._life:
+        for accumulate, c, s in self._accumulators:
             vals = [v for r in rows if (v := r[c]) is not None]
-            if not vals:
-                continue
-            if code == _COUNT:
-                pre[s] += len(vals)
-            elif code == _SUM:
-                pre[s] = reduce(add, vals, pre[s])
-            elif code == _MEAN:
-                pre[s] += len(vals)
-                pre[s + 1] = reduce(add, vals, pre[s + 1])
-            elif code == _MIN:
-                mv = min(vals)
-                pre[s] = mv if pre[s] is None else min(pre[s], mv)
-            elif code == _MAX:
-                mv = max(vals)
-                pre[s] = mv if pre[s] is None else max(pre[s], mv)
-            elif code == _LAST:
-                pre[s] = vals[-1]
-            else:
-                pre[s].update(vals)
+            if vals:
+                accumulate(pre, s, vals)
 
     def _new_prefix(self) -> list[Any]:
-        pre = list(self._prefix_template)
-        for s in self._distinct_slots:
-            pre[s] = set()
-        return pre
+        return self._copy_prefix(self._prefix_template)
+
+    def _copy_prefix(self, pre: list[Any] | tuple[Any, ...]) -> list[Any]:
+        copy = list(pre)
+        for kind, _, s in self._life:
+            kind.copy_prefix(copy, s)
+        return copy
 
     # ---- queries
 
@@ -545,7 +504,7 @@ class ViewState:
         entry = self._totals.get(eid)
         if entry is None:
             pre = self._prefixes.get(eid)
-            totals = self._new_prefix() if pre is None else _copy_prefix(pre, self._distinct_slots)
+            totals = self._copy_prefix(self._prefix_template if pre is None else pre)
             entry = self._totals[eid] = [totals, 0]
         totals, start = entry  # start: buffer index of the first row not yet in the totals
         if start < len(buf):
@@ -555,7 +514,7 @@ class ViewState:
 
     def defaults(self) -> dict[str, Any]:
         """Values for an unknown entity: counts 0, sums 0.0, everything else None."""
-        return {fname: _result(code, [], None, -1) for fname, code, _, _, _ in self._plan}
+        return {fname: KINDS[aggregation].result([], None, -1) for fname, aggregation, _, _, _ in self._plan}
 
     def entities(self) -> int:
         return len(self._buffers)
@@ -574,8 +533,8 @@ class ViewState:
         prefixes = {}
         for eid, pre in self._prefixes.items():
             p = list(pre)
-            for s in self._distinct_slots:
-                p[s] = sorted(p[s], key=_sort_key)
+            for kind, _, s in self._life:
+                kind.encode(p, s)
             prefixes[eid] = p
         return {
             "format": SNAPSHOT_FORMAT,
@@ -621,46 +580,10 @@ class ViewState:
             pre = list(p)
             if len(pre) != len(state._prefix_template):
                 raise ValueError(f"feature view {view.name}: snapshot prefix of {eid!r} has the wrong size")
-            for s in state._distinct_slots:
-                pre[s] = set(pre[s])
+            for kind, _, s in state._life:
+                kind.decode(pre, s)
             state._prefixes[eid] = pre
         return state
-
-
-def _copy_prefix(pre: list[Any], distinct_slots: tuple[int, ...]) -> list[Any]:
-    copy = list(pre)
-    for s in distinct_slots:
-        copy[s] = set(pre[s])
-    return copy
-
-
-def _result(code: int, vals: list[Any], pre: list[Any] | None, s: int) -> Any:
-    """One aggregate over `vals` (inputs in (occurred_at, seq) order), continuing prefix slot `s` if given."""
-    if code == _COUNT:
-        return len(vals) + (pre[s] if pre is not None else 0)
-    if code == _SUM:
-        return reduce(add, vals, pre[s] if pre is not None else 0.0)
-    if code == _MEAN:
-        n = len(vals)
-        total = 0.0
-        if pre is not None:
-            n += pre[s]
-            total = pre[s + 1]
-        return reduce(add, vals, total) / n if n else None
-    if code == _MIN or code == _MAX:
-        pick = min if code == _MIN else max
-        m = pre[s] if pre is not None else None
-        if vals:
-            mv = pick(vals)
-            m = mv if m is None else pick(m, mv)
-        return m
-    if code == _LAST:
-        if vals:
-            return vals[-1]
-        return pre[s] if pre is not None else None
-    if pre is not None:  # DISTINCT_COUNT
-        return len(pre[s].union(vals)) if vals else len(pre[s])
-    return len(set(vals))
 
 
 def fold_all(view: FeatureView, events: Iterable[FoldEvent]) -> ViewState:
