@@ -111,8 +111,10 @@ async def test_a_fact_outside_the_log_is_not_in_the_rebuild(scenario: Platform, 
     await projections.rebuild(scenario.database_url, copy)
     owner = await asyncpg.connect(copy)
     try:
-        await owner.execute("INSERT INTO models (name, description, deployment_policy, registered_seq)"
-            " VALUES ('ghost', 'no event', '{}', 1)")
+        await owner.execute(
+            "INSERT INTO models (name, description, deployment_policy, registered_seq)"
+            " VALUES ('ghost', 'no event', '{}', 1)"
+        )
     finally:
         await owner.close()
     [difference] = await projections.compare(copy, scenario.database_url)
