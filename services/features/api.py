@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import random
@@ -228,7 +229,7 @@ class FeatureApi:
         rows = await self._frame_rows(request, views)
         frame = await training_frame(self.event_log, views, rows)
         buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
+        await asyncio.to_thread(frame.to_parquet, buffer, index=False)  # pyarrow encodes without the GIL
         data = buffer.getvalue()
         for offset in range(0, len(data), FRAME_CHUNK_BYTES):
             chunk = features_pb2.TrainingFrameChunk(data=data[offset : offset + FRAME_CHUNK_BYTES])
