@@ -124,6 +124,21 @@ def test_explored_share() -> None:
     assert production_metrics().explored_share == 1 / 6
 
 
+def test_ips_metrics_weight_each_labelled_row_by_its_inverse_propensity() -> None:
+    # weight 4 on the positive at 0.6 counts it four times: pairs (pos, neg) weighted
+    # 0.6 vs 0.2: 4, 0.6 vs 0.6: 4 * 0.5, 0.9 vs 0.2: 1, 0.9 vs 0.6: 1 -> 8 of (4 + 1) * (1 + 1)
+    rows = [replace(r, propensity=0.25) if r.decision_id == PRODUCTION[1].decision_id else replace(r, propensity=1.0)
+            for r in PRODUCTION]  # fmt: skip
+    (m,) = compute(rows)
+    assert m.ips_auc == 0.8 and m.auc == 0.875
+    expected = -(math.log(0.8) + 4 * math.log(0.6) + math.log(0.4) + math.log(0.9)) / 7
+    assert m.ips_log_loss == pytest.approx(expected, rel=1e-12)
+    (equal,) = compute([replace(r, propensity=0.5) for r in PRODUCTION])  # equal weights change nothing
+    assert equal.ips_auc == equal.auc and equal.ips_log_loss == pytest.approx(equal.log_loss, rel=1e-12)
+    (clipped,) = compute([replace(r, propensity=0.0) for r in PRODUCTION])  # weight at most 100, never infinite
+    assert clipped.ips_auc == clipped.auc
+
+
 def test_withdrawn_decisions_are_ignored() -> None:
     with_withdrawn = compute(PRODUCTION)
     assert with_withdrawn == compute([r for r in PRODUCTION if not r.withdrawn])

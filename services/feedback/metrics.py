@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from d2d.training.evaluation import evaluate
+from d2d.training.evaluation import evaluate, weighted_metrics
+
+MIN_PROPENSITY = 0.01  # as in retraining on logged decisions: no example weighs more than 100
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,9 @@ class Metrics:
     calibration: 10 equal-width bins on [0, 1], each {bin_lower, bin_upper, count, mean_predicted,
     observed_rate}. action_rates: action -> share of decisions. positive_action_rate: the share of the
     action given as positive (e.g. the approval rate), None if none was given. label_delay_*: seconds
-    from the decision's event time to its outcome's, over rows with an outcome."""
+    from the decision's event time to its outcome's, over rows with an outcome. ips_auc / ips_log_loss:
+    the same over labelled rows weighted by 1 / propensity (clipped at 1 / MIN_PROPENSITY), an estimate
+    for the whole population when labels are only observed after some actions (selective labels)."""
 
     model: str
     model_version: int
@@ -72,6 +76,8 @@ class Metrics:
     label_delay_mean_seconds: float | None = None
     label_delay_p50_seconds: float | None = None
     explored_share: float = 0.0
+    ips_auc: float | None = None
+    ips_log_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -91,9 +97,12 @@ def _group_metrics(key: tuple[str, int, str], rows: list[JoinRow], positive_acti
     if labelled:
         scored = evaluate([r.label for r in labelled], [r.score for r in labelled])
         auc, log_loss, brier, calibration = scored.auc, scored.log_loss, scored.brier, scored.calibration
+        weights = [1 / max(r.propensity, MIN_PROPENSITY) for r in labelled]
+        ips = weighted_metrics([r.label for r in labelled], [r.score for r in labelled], weights)
     else:
         auc = log_loss = brier = None
         calibration = []
+        ips = {"auc": None, "log_loss": None}
     actions: dict[str, int] = {}
     for r in rows:
         actions[r.action] = actions.get(r.action, 0) + 1
@@ -118,6 +127,8 @@ def _group_metrics(key: tuple[str, int, str], rows: list[JoinRow], positive_acti
         label_delay_mean_seconds=_mean(delays),
         label_delay_p50_seconds=statistics.median(sorted(delays)) if delays else None,
         explored_share=sum(1 for r in rows if r.explored) / decisions,
+        ips_auc=ips["auc"],
+        ips_log_loss=ips["log_loss"],
     )
 
 
