@@ -139,6 +139,33 @@ async def test_reproduction_gives_the_identical_sha256(registry) -> None:  # noq
     assert json.loads(version.spec_json)["to_seq"] > 0  # the stored spec names the log range it used
 
 
+async def test_a_trained_versions_event_carries_the_training_baseline_of_every_input_and_the_score(
+    registry,
+) -> None:  # noqa: ANN001
+    """Drift is measured against the distribution the model was trained on: model.registered's lineage
+    holds it, per input and for the score, over the training rows."""
+    client, settings = registry
+    model = await new_model(client)
+    version = await client.train(model, spec_json(num_boost_round=20))
+    pool = await eventlog.create_pool(settings.database_url, max_size=2)
+    try:
+        (event,) = await EventLog(pool).read(version.registered_seq - 1, 1)
+    finally:
+        await pool.close()
+    assert event.type == "model.registered" and event.payload["version"] == 1
+    lineage = event.payload["lineage"]
+    assert json.loads(version.lineage_json)["baseline"] == lineage["baseline"]
+    inputs, score = lineage["baseline"]["inputs"], lineage["baseline"]["score"]
+    assert set(inputs) == set(version.feature_names) and len(version.feature_names) > 3
+    train_rows = lineage["rows"]["train"]
+    for entry in [*inputs.values(), score]:
+        assert entry["rows"] == train_rows
+        assert len(entry["shares"]) == len(entry["edges"]) + 1 <= 11
+        assert sum(entry["shares"]) + entry["null_share"] == pytest.approx(1.0)
+    assert score["null_share"] == 0.0 and len(score["edges"]) == 10
+    assert 0.0 <= score["edges"][0] < score["edges"][-1] <= 1.0
+
+
 async def test_gated_promotion_of_a_worse_model_is_refused_and_rollback_works(registry) -> None:  # noqa: ANN001
     client, _ = registry
     model = await new_model(client)

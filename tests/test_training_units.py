@@ -26,6 +26,7 @@ from d2d.training import (
     roc_auc,
     time_split,
 )
+from d2d.training.evaluation import weighted_metrics
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
@@ -81,6 +82,22 @@ def test_inputs_are_validated() -> None:
         brier([0, 1], [0.5, 1.5])
     with pytest.raises(ValueError):
         calibration_table([0, 1], [0.5, 0.5], bins=0)
+
+
+def test_weighted_metrics_equal_repeating_each_example_by_its_weight() -> None:
+    rng = random.Random(11)
+    labels = [1, 0] + [int(rng.random() < 0.4) for _ in range(60)]
+    scores = [round(rng.random(), 1) for _ in labels]  # many ties
+    weights = [rng.randint(0, 4) for _ in labels]
+    weights[:2] = [1, 1]
+    repeated = [(y, p) for y, p, w in zip(labels, scores, weights, strict=True) for _ in range(w)]
+    got = weighted_metrics(labels, scores, weights)
+    assert got["auc"] == pytest.approx(roc_auc([y for y, _ in repeated], [p for _, p in repeated]), rel=1e-12)
+    assert got["log_loss"] == pytest.approx(log_loss([y for y, _ in repeated], [p for _, p in repeated]), rel=1e-12)
+    assert got["brier"] == pytest.approx(brier([y for y, _ in repeated], [p for _, p in repeated]), rel=1e-12)
+    assert weighted_metrics([1, 0], [0.4, 0.6], [1.0, 0.0])["auc"] is None  # no weight on the negatives
+    with pytest.raises(ValueError, match="weights"):
+        weighted_metrics([1, 0], [0.4, 0.6], [1.0, -1.0])
 
 
 def test_log_loss_and_brier_by_hand() -> None:

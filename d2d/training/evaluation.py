@@ -42,11 +42,35 @@ def _inputs(labels: Any, values: Any, what: str, *, unit_interval: bool = True) 
     return y, _values(values, y.shape[0], what, unit_interval=unit_interval)
 
 
-def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
-    """Mann-Whitney U / (positives * negatives), ties by average rank; None with one class only.
+def _weighted_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> float | None:
+    """The same pair count with each (positive, negative) pair weighted by the product of their weights
+    (a tie still counting one half); None when a class has no weight."""
+    order = np.argsort(s, kind="stable")
+    y, s, w = y[order], s[order], w[order]
+    positive_weight = np.where(y == 1, w, 0.0)
+    negative_weight = np.where(y == 0, w, 0.0)
+    total_positive, total_negative = float(positive_weight.sum()), float(negative_weight.sum())
+    if total_positive <= 0 or total_negative <= 0:
+        return None
+    new_group = np.empty(y.shape[0], dtype=bool)
+    new_group[0] = True
+    new_group[1:] = s[1:] != s[:-1]
+    starts = np.flatnonzero(new_group)
+    group_positive = np.add.reduceat(positive_weight, starts)
+    group_negative = np.add.reduceat(negative_weight, starts)
+    negative_below = np.cumsum(group_negative) - group_negative
+    pairs = float(np.sum(group_positive * (negative_below + 0.5 * group_negative)))
+    return pairs / (total_positive * total_negative)
 
-    Ranks are kept doubled (an average of consecutive integer ranks, doubled, is an integer), so the
-    sum is exact and the result is the correctly rounded quotient of two integers."""
+
+def _auc(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> float | None:
+    """Mann-Whitney U / (positives * negatives), ties by average rank; None with one class only.
+    With weights `w`, each pair counts the product of its weights (see `_weighted_auc`).
+
+    Unweighted, ranks are kept doubled (an average of consecutive integer ranks, doubled, is an
+    integer), so the sum is exact and the result is the correctly rounded quotient of two integers."""
+    if w is not None:
+        return _weighted_auc(y, s, w)
     n = y.shape[0]
     positives = int(y.sum())
     negatives = n - positives
@@ -78,15 +102,26 @@ def roc_auc(labels: Any, scores: Any) -> float:
     return auc
 
 
-def _log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> float:
+def _log_loss(y: np.ndarray, p: np.ndarray, eps: float, w: np.ndarray | None = None) -> float:
     # The probability given to the observed label, clipped to [eps, 1 - eps]: clipping it (rather than p
     # before taking 1 - p) treats both classes alike, a certain mistake costing exactly -log(eps).
     observed = np.where(y == 1, p, 1.0 - p)
-    return float(-np.mean(np.log(np.clip(observed, eps, 1 - eps))))
+    return float(-np.average(np.log(np.clip(observed, eps, 1 - eps)), weights=w))
 
 
-def _brier(y: np.ndarray, p: np.ndarray) -> float:
-    return float(np.mean((p - y) ** 2))
+def _brier(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    return float(np.average((p - y) ** 2, weights=w))
+
+
+def weighted_metrics(labels: Any, probabilities: Any, weights: Any) -> dict[str, float | None]:
+    """AUC, log loss and Brier score with a weight per example (e.g. inverse propensity, so labels
+    observed only under some actions stand for the whole population): {"auc" (None when a class has no
+    weight), "log_loss", "brier"}. Weights must be finite and >= 0 with a positive sum."""
+    y, p = _inputs(labels, probabilities, "probabilities")
+    w = _values(weights, y.shape[0], "weights", unit_interval=False)
+    if np.any(w < 0) or not w.sum() > 0:
+        raise ValueError("weights must be >= 0 with a positive sum")
+    return {"auc": _auc(y, p, w), "log_loss": _log_loss(y, p, DEFAULT_EPS, w), "brier": _brier(y, p, w)}
 
 
 def log_loss(labels: Any, probabilities: Any, eps: float = DEFAULT_EPS) -> float:

@@ -21,6 +21,7 @@ from d2d.contracts.upcasting import upcast_event
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.offline import FrameRow, training_frame
+from d2d.training.baseline import baseline, column_baseline
 from d2d.training.evaluation import evaluate, roc_auc
 from d2d.training.labels import LabeledExample, label_examples
 from d2d.training.spec import SpecError, TrainingSpec, input_names, model_inputs
@@ -167,8 +168,20 @@ async def train(
         "views": [list(v) for v in spec.views],
         "log_range": [spec.after_seq, spec.to_seq],
         "test_examples": [[examples[i].event_id, test_labels[k]] for k, i in enumerate(split.test)],
+        "baseline": training_baseline(artifact, inputs[split.train], names),
     }
     return TrainedModel(spec, artifact, hashlib.sha256(artifact).hexdigest(), names, evaluation, lineage)
+
+
+def training_baseline(artifact: bytes, train_inputs: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """What live drift is measured against (`d2d.training.baseline`): the distribution of every input
+    and of the model's score over the training rows. Kept in the lineage, not the artifact, so the
+    artifact's bytes do not depend on it."""
+    columns = {name: train_inputs[:, j] for j, name in enumerate(names)}
+    return {
+        "inputs": baseline(columns),
+        "score": column_baseline(predict(artifact, train_inputs).astype(np.float64)),
+    }
 
 
 async def _lookup(log: EventLog, event_type: str, key: str, value_field: str, to_seq: int) -> dict[Any, Any]:
