@@ -384,6 +384,13 @@ class EventLog:
         seq = await conn.fetchval("SELECT seq FROM log_positions WHERE name = $1", name)
         return seq or 0
 
+    @staticmethod
+    async def lock_position(name: str, conn: asyncpg.Connection) -> int:
+        """Lock `name`'s position row until conn's transaction ends (creating it at 0) and return
+        it: a consumer that moves its position in that transaction knows no other moved it meanwhile."""
+        await conn.execute("INSERT INTO log_positions (name, seq) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING", name)
+        return await conn.fetchval("SELECT seq FROM log_positions WHERE name = $1 FOR UPDATE", name)
+
     async def set_position(self, name: str, seq: int, *, conn: asyncpg.Connection | None = None) -> None:
         """Record how far `name` got; with `conn`, in that connection's transaction (a consumer's
         position commits with the effects of the events it applied)."""
