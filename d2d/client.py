@@ -540,6 +540,20 @@ class ServingClient:
         return list(response.responses)
 
 
+def outcome_rule_request(terms: dict[str, Any]) -> feedback_pb2.CreateOutcomeRuleRequest:
+    """The request that registers an outcome rule's terms (`OutcomeRule.to_dict()`)."""
+    message = feedback_pb2.OutcomeRule(
+        event_type=terms["event_type"], event_key=terms["event_key"], decision_key=terms["decision_key"],
+        window=duration_pb2.Duration(seconds=terms.get("window_seconds", 0)),
+        observed_actions=terms.get("observed_actions", ()),
+        allowed_lateness=duration_pb2.Duration(seconds=terms.get("allowed_lateness_seconds", 0)),
+    )  # fmt: skip
+    for term in ("label", "reward", "otherwise_label", "otherwise_reward"):
+        if terms.get(term) is not None:
+            setattr(message, term, terms[term])
+    return feedback_pb2.CreateOutcomeRuleRequest(outcome_rule_id=terms["name"], outcome_rule=message)
+
+
 class FeedbackClient:
     """`async with FeedbackClient("127.0.0.1:50055") as feedback: await feedback.record_outcome(...)`."""
 
@@ -577,17 +591,7 @@ class FeedbackClient:
 
     async def create_rule(self, rule: OutcomeRule, *, timeout: float = 30) -> feedback_pb2.OutcomeRule:
         """Register `rule` (the same terms again return the stored rule)."""
-        terms = rule.to_dict()
-        message = feedback_pb2.OutcomeRule(
-            event_type=rule.event_type, event_key=rule.event_key, decision_key=rule.decision_key,
-            window=duration_pb2.Duration(seconds=rule.window_seconds), observed_actions=rule.observed_actions,
-            allowed_lateness=duration_pb2.Duration(seconds=rule.allowed_lateness_seconds),
-        )  # fmt: skip
-        for term in ("label", "reward", "otherwise_label", "otherwise_reward"):
-            if terms[term] is not None:
-                setattr(message, term, terms[term])
-        request = feedback_pb2.CreateOutcomeRuleRequest(outcome_rule_id=rule.name, outcome_rule=message)
-        return await self.stub.CreateOutcomeRule(request, timeout=timeout)
+        return await self.stub.CreateOutcomeRule(outcome_rule_request(rule.to_dict()), timeout=timeout)
 
     async def get_rule(self, name: str, *, timeout: float = 30) -> feedback_pb2.OutcomeRule:
         request = feedback_pb2.GetOutcomeRuleRequest(name=f"outcomeRules/{name}")
