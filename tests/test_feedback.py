@@ -25,10 +25,12 @@ from d2d.contracts.registry import ContractRegistry
 from d2d.eventlog import EventLog, NewEvent
 from d2d.outcomes import outcome_event_id
 from d2d.runtime.servers import EmbeddedPostgres, free_port
+from d2d.runtime.services import service
 from d2d.sim import load_contracts
 from d2d.sim.outcomes import CHARGEBACK
 from services.feedback.consumer import FeedbackConsumer, PositionMoved
 from services.feedback.server import serve
+from tests.conftest import run_cli
 
 DECIDED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -353,3 +355,57 @@ async def test_the_service_joins_an_outcome_it_recorded(
             break
         await asyncio.sleep(0.05)
     assert row is not None and (row["label"], row["outcome_seq"], row["outcome_source"]) == (1, recorded.seq, "api")
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployable: its own process, killed and started again; the CLI
+
+
+async def wait_for_join(log: EventLog, url: str, decisions: int, labelled: int) -> dict[str, dict[str, Any]]:
+    """decision_outcomes once the service's consumer has applied the whole log (bounded wait)."""
+    for _ in range(1200):
+        if await log.position("feedback") == await log.head():
+            break
+        await asyncio.sleep(0.05)
+    rows = await join_rows(url)
+    assert len(rows) == decisions and sum(r["label"] is not None for r in rows.values()) == labelled
+    return rows
+
+
+async def test_the_service_process_killed_mid_stream_resumes_and_applies_each_event_once(
+    start_service,
+    event_log: EventLog,
+    database_url: str,
+    postgres: EmbeddedPostgres,  # noqa: ANN001
+) -> None:
+    env = {"D2D_DATABASE_URL": database_url, "D2D_FEEDBACK_ADDR": f"127.0.0.1:{free_port()}"}
+    first = start_service(list(service("feedback").args), env, "feedback")
+    async with FeedbackClient(env["D2D_FEEDBACK_ADDR"]) as feedback:
+        await feedback.wait_ready()
+    decisions = [decision() for _ in range(3000)]
+    for i in range(0, len(decisions), 500):  # the consumer applies while decisions keep coming
+        await event_log.append(decisions[i : i + 500])
+        await event_log.append([outcome(d.entity_id, 1) for d in decisions[i : i + 100]])
+    first.process.kill()  # SIGKILL: whatever batch was in flight is not committed
+    first.process.wait()
+    killed_at = await event_log.position("feedback")
+    start_service(list(service("feedback").args), env, "feedback")
+    await wait_for_join(event_log, database_url, 3000, 600)  # a twice-applied decision breaks its key
+    assert killed_at <= await event_log.position("feedback") == await event_log.head()
+    assert await rebuilt_equals_live(postgres, database_url) == []
+
+
+async def test_outcomes_commands_record_one_and_list_the_rules(
+    feedback: FeedbackClient, event_log: EventLog, database_url: str
+) -> None:
+    await register_sim_contracts(event_log)
+    await feedback.create_rule(CHARGEBACK)
+    made = decision()
+    await event_log.append([made])
+    env = {"D2D_FEEDBACK_ADDR": feedback.target, "D2D_DATABASE_URL": database_url, "D2D_NATS_URL": "nats://unused"}
+    code, out = await run_cli(env, "outcomes", "record", made.entity_id, "--label", "1", "--at", DECIDED.isoformat())
+    assert code == 0 and f"decisions/{made.entity_id}/outcomes/api:{made.entity_id}: label 1" in out, out
+    code, out = await run_cli(env, "outcomes", "record", made.entity_id, "--label", "0", "--at", DECIDED.isoformat())
+    assert code == 1 and "ALREADY_EXISTS" in out, out
+    code, out = await run_cli(env, "outcomes", "rules")
+    assert code == 0 and "chargeback" in out and "payment.chargeback" in out and "approve" in out, out
