@@ -413,8 +413,9 @@ class Recording:
         self.conn = conn
 
     async def append(self, *events: NewEvent) -> list[StoredEvent]:
-        """Append events and run their projectors in this transaction; returns them as stored (a
-        repeat of a stored event id is answered with the stored event, and projects nothing)."""
+        """Append events and run their projectors in this transaction (those a log consumer applies,
+        `@projects(..., applied_by=...)`, are its to run); returns them as stored (a repeat of a
+        stored event id is answered with the stored event, and projects nothing)."""
         from d2d import projections
 
         results = await self.log.append(events, conn=self.conn)

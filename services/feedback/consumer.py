@@ -138,7 +138,8 @@ class FeedbackConsumer:
             pass
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Apply the log as it grows until `stop`. A failure (Postgres away, another instance)
+        """Apply the log as it grows until `stop`. A failure (Postgres away, another instance, a
+        batch that cannot be applied: logged as an error, and retried, so it stops the join visibly)
         starts over from the stored position, the engine's state rebuilt with it."""
         backoff = 0.5
         while not stop.is_set():
@@ -148,8 +149,9 @@ class FeedbackConsumer:
                     continue
                 self.caught_up.set()
                 await _wait(stop, self.poll_interval)
-            except (*LOG_UNREACHABLE, PositionMoved, asyncpg.PostgresError) as exc:
-                log.warning("feedback: %s; starting over from the stored position in %.1f s", exc, backoff)
+            except Exception as exc:  # Postgres away, another instance, or a batch that fails: retry it
+                level = logging.WARNING if isinstance(exc, (*LOG_UNREACHABLE, PositionMoved)) else logging.ERROR
+                log.log(level, "feedback: %r; starting over from the stored position in %.1f s", exc, backoff)
                 self._started = False
                 if self.engine is not None:  # its state may be ahead of the position: a fresh one replays
                     self.engine = type(self.engine)(self.engine.rules)

@@ -31,7 +31,8 @@ def load_rules(module: str) -> tuple[OutcomeRule, ...]:
 
 async def register_rules(store: FeedbackStore, rules: Sequence[OutcomeRule], stop: asyncio.Event) -> None:
     """Register each rule (unchanged ones store nothing). A rule whose event type has no contract
-    yet (a fresh log: the domain's contracts come later) is retried until it has one."""
+    yet (a fresh log: the domain's contracts come later) is retried until it has one; one the log
+    refuses otherwise (other terms under its name) is logged and left out."""
     pending = list(rules)
     warned: set[str] = set()
     while pending and not stop.is_set():
@@ -41,9 +42,10 @@ async def register_rules(store: FeedbackStore, rules: Sequence[OutcomeRule], sto
                 pending.remove(rule)
                 log.info("feedback: outcome rule %s on %s is registered", rule.name, rule.event_type)
             except Refusal as refusal:
-                if refusal.code != "FAILED_PRECONDITION":
-                    raise
-                if rule.name not in warned:
+                if refusal.code != "FAILED_PRECONDITION":  # e.g. other terms under its name: the log's stand
+                    log.error("feedback: outcome rule %s is not registered: %s", rule.name, refusal.message)
+                    pending.remove(rule)
+                elif rule.name not in warned:
                     warned.add(rule.name)
                     log.warning("feedback: outcome rule %s waits: %s", rule.name, refusal.message)
         if pending:
