@@ -23,7 +23,7 @@ from d2d.client import FeedbackClient, error_details, outcome_rule_request
 from d2d.config import Settings
 from d2d.contracts.registry import ContractRegistry
 from d2d.eventlog import EventLog, NewEvent
-from d2d.outcomes import outcome_event_id
+from d2d.outcomes import outcome_event_id, resolve
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.runtime.services import service
 from d2d.sim import load_contracts
@@ -409,3 +409,77 @@ async def test_outcomes_commands_record_one_and_list_the_rules(
     assert code == 1 and "ALREADY_EXISTS" in out, out
     code, out = await run_cli(env, "outcomes", "rules")
     assert code == 0 and "chargeback" in out and "payment.chargeback" in out and "approve" in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule engine hook (services/feedback/rules.py's RuleEngine plugs in here)
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    outcome_id: str
+    decision_id: str
+    label: int
+    occurred_at: datetime
+    cause_event_id: str
+    rule: str = "chargeback"
+    source: str = "rule"
+    reward: float | None = None
+
+
+class ChargebacksOnly:
+    """The least engine: a rule's event labels the decision it names; no windows."""
+
+    def __init__(self, rules: Any) -> None:
+        self.rules = tuple(rules)
+        self.decisions: dict[str, str] = {}
+        self.offered = 0
+
+    def on_decision(self, decision_id: str, payload: dict, decided_at: datetime, seq: int) -> list[Draft]:
+        self.decisions[resolve(payload, self.rules[0].decision_key)] = decision_id
+        return []
+
+    def on_withdrawn(self, decision_id: str) -> None:
+        pass
+
+    def on_event(self, event_id: str, event_type: str, payload: dict, occurred_at: datetime, seq: int) -> list[Draft]:
+        self.offered += 1
+        rule = self.rules[0]
+        decision_id = self.decisions.get(resolve(payload, rule.event_key))
+        if decision_id is None:
+            return []
+        return [Draft(rule.outcome_id(decision_id), decision_id, 1, occurred_at, event_id)]
+
+    def close_windows(self) -> list[Draft]:
+        return []
+
+
+def chargeback(payment_id: str) -> NewEvent:
+    payload = {"payment_id": payment_id, "amount": 10.0}
+    return NewEvent(
+        uuid.uuid4(), "payment.chargeback", 1, "payment", payment_id, DECIDED + timedelta(days=4),
+        orjson.dumps(payload).decode(),
+    )  # fmt: skip
+
+
+async def test_an_engines_outcomes_are_appended_with_the_batch_and_joined_once_across_a_restart(
+    event_log: EventLog, database_url: str, postgres: EmbeddedPostgres
+) -> None:
+    decisions = [decision() for _ in range(3)]
+    payments = [orjson.loads(d.payload)["context"]["payment_id"] for d in decisions]
+    await event_log.append([*decisions, chargeback(payments[0]), chargeback("p-never-decided")])
+    await FeedbackConsumer(event_log, engine=ChargebacksOnly([CHARGEBACK])).catch_up()
+    assert await count(event_log, "outcome.recorded") == 1
+    rows = await join_rows(database_url)
+    assert rows[decisions[0].entity_id]["label"] == 1 and rows[decisions[0].entity_id]["outcome_source"] == "rule"
+
+    await event_log.append([chargeback(payments[1])])
+    engine = ChargebacksOnly([CHARGEBACK])
+    restarted = FeedbackConsumer(event_log, engine=engine)
+    await restarted.catch_up()  # replays the log up to its position through the engine first
+    assert engine.offered == 3 and await count(event_log, "outcome.recorded") == 2
+    [second] = [e for e in await event_log.read(0, types=["outcome.recorded"]) if e.entity_id == decisions[1].entity_id]
+    assert second.payload["cause_event_id"] == str((await event_log.read(0, types=["payment.chargeback"]))[-1].event_id)
+    rows = await join_rows(database_url)
+    assert [rows[d.entity_id]["label"] for d in decisions] == [1, 1, None]
+    assert await rebuilt_equals_live(postgres, database_url) == []
