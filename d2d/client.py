@@ -20,6 +20,8 @@ from d2d.v1 import (
     event_pb2,
     features_pb2,
     features_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
     ingest_pb2,
     ingest_pb2_grpc,
     registry_pb2,
@@ -30,6 +32,7 @@ from d2d.v1 import (
 
 if TYPE_CHECKING:
     from d2d.features.definitions import FeatureView
+    from d2d.outcomes import OutcomeRule
 
 
 def make_event(
@@ -535,3 +538,65 @@ class ServingClient:
     ) -> list[serving_pb2.PredictResponse]:
         response = await self.stub.BatchPredict(serving_pb2.BatchPredictRequest(requests=requests), timeout=timeout)
         return list(response.responses)
+
+
+def outcome_rule_request(terms: dict[str, Any]) -> feedback_pb2.CreateOutcomeRuleRequest:
+    """The request that registers an outcome rule's terms (`OutcomeRule.to_dict()`)."""
+    message = feedback_pb2.OutcomeRule(
+        event_type=terms["event_type"], event_key=terms["event_key"], decision_key=terms["decision_key"],
+        window=duration_pb2.Duration(seconds=terms.get("window_seconds", 0)),
+        observed_actions=terms.get("observed_actions", ()),
+        allowed_lateness=duration_pb2.Duration(seconds=terms.get("allowed_lateness_seconds", 0)),
+    )  # fmt: skip
+    for term in ("label", "reward", "otherwise_label", "otherwise_reward"):
+        if terms.get(term) is not None:
+            setattr(message, term, terms[term])
+    return feedback_pb2.CreateOutcomeRuleRequest(outcome_rule_id=terms["name"], outcome_rule=message)
+
+
+class FeedbackClient:
+    """`async with FeedbackClient("127.0.0.1:50055") as feedback: await feedback.record_outcome(...)`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpcserver.channel(target)
+        self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
+
+    async def __aenter__(self) -> FeedbackClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def record_outcome(
+        self, decision_id: str, *, label: int | None = None, reward: float | None = None,
+        occurred_at: datetime | None = None, outcome_id: str = "", timeout: float = 30,
+    ) -> feedback_pb2.Outcome:  # fmt: skip
+        """Record a decision's outcome (`occurred_at` defaults to now); the same outcome id again
+        returns the stored outcome."""
+        outcome = feedback_pb2.Outcome(decision=decision_id, outcome_id=outcome_id)
+        if label is not None:
+            outcome.label = label
+        if reward is not None:
+            outcome.reward = reward
+        outcome.occur_time.FromDatetime(occurred_at or datetime.now(UTC))
+        return await self.stub.RecordOutcome(feedback_pb2.RecordOutcomeRequest(outcome=outcome), timeout=timeout)
+
+    async def get_outcome(self, decision_id: str, outcome_id: str, *, timeout: float = 30) -> feedback_pb2.Outcome:
+        name = f"decisions/{decision_id}/outcomes/{outcome_id}"
+        return await self.stub.GetOutcome(feedback_pb2.GetOutcomeRequest(name=name), timeout=timeout)
+
+    async def create_rule(self, rule: OutcomeRule, *, timeout: float = 30) -> feedback_pb2.OutcomeRule:
+        """Register `rule` (the same terms again return the stored rule)."""
+        return await self.stub.CreateOutcomeRule(outcome_rule_request(rule.to_dict()), timeout=timeout)
+
+    async def get_rule(self, name: str, *, timeout: float = 30) -> feedback_pb2.OutcomeRule:
+        request = feedback_pb2.GetOutcomeRuleRequest(name=f"outcomeRules/{name}")
+        return await self.stub.GetOutcomeRule(request, timeout=timeout)
+
+    async def list_rules(self, *, timeout: float = 30) -> list[feedback_pb2.OutcomeRule]:
+        response = await self.stub.ListOutcomeRules(feedback_pb2.ListOutcomeRulesRequest(), timeout=timeout)
+        return list(response.outcome_rules)

@@ -34,6 +34,8 @@ class Settings:
     serving_max_in_flight: int = field(default_factory=lambda: int(os.environ.get("D2D_SERVING_MAX_IN_FLIGHT", "4000")))
     # Python module whose VIEWS tuple the features service serves.
     feature_views_module: str = field(default_factory=lambda: os.environ.get("D2D_FEATURE_VIEWS", "d2d.sim.views"))
+    # Python module whose RULES tuple (d2d.outcomes.OutcomeRule) the feedback service registers at start.
+    outcome_rules_module: str = field(default_factory=lambda: os.environ.get("D2D_OUTCOME_RULES", "d2d.sim.outcomes"))
     # Python module whose `default_spec()` returns the TrainingSpec `d2d models train` uses without
     # --spec (label, request inputs, slices: the domain's choices; its views should be those served).
     training_defaults_module: str = field(

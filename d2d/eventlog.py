@@ -281,10 +281,29 @@ class EventLog:
             rows = await conn.fetch("SELECT type, count(*) FROM events GROUP BY type ORDER BY type")
         return [(r[0], r[1]) for r in rows]
 
-    async def get(self, event_id: uuid.UUID) -> StoredEvent | None:
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(f"SELECT {_SELECT_COLUMNS} FROM events WHERE event_id = $1", event_id)
+    async def get(self, event_id: uuid.UUID, *, conn: asyncpg.Connection | None = None) -> StoredEvent | None:
+        if conn is None:
+            async with self.pool.acquire() as own:
+                return await self.get(event_id, conn=own)
+        row = await conn.fetchrow(f"SELECT {_SELECT_COLUMNS} FROM events WHERE event_id = $1", event_id)
         return _stored(row) if row else None
+
+    async def entity_events(
+        self, entity_type: str, entity_id: str, *, types: Sequence[str], conn: asyncpg.Connection | None = None
+    ) -> list[StoredEvent]:
+        """One entity's events of the given types, oldest first (the `events_entity_seq` index): what
+        a check inside `recording()` reads on `tx.conn` to decide against the log itself."""
+        if conn is None:
+            async with self.pool.acquire() as own:
+                return await self.entity_events(entity_type, entity_id, types=types, conn=own)
+        rows = await conn.fetch(
+            f"SELECT {_SELECT_COLUMNS} FROM events WHERE entity_type = $1 AND entity_id = $2 AND type = ANY($3)"
+            " ORDER BY seq",
+            entity_type,
+            entity_id,
+            list(types),
+        )
+        return [_stored(r) for r in rows]
 
     async def last_seq_by_type(self, at_most: int, *, conn: asyncpg.Connection | None = None) -> dict[str, int]:
         """For each event type in the log, the position of its last event at or below `at_most`.
@@ -356,21 +375,34 @@ class EventLog:
             await listener.remove_listener(NOTIFY_CHANNEL, on_notify)
             await self.pool.release(listener)
 
-    # -- positions of publishers (the outbox relay) ------------------------------------------
+    # -- positions of publishers and consumers (the outbox relay, feedback) --------------------
 
-    async def position(self, name: str) -> int:
-        async with self.pool.acquire() as conn:
-            seq = await conn.fetchval("SELECT seq FROM log_positions WHERE name = $1", name)
+    async def position(self, name: str, *, conn: asyncpg.Connection | None = None) -> int:
+        if conn is None:
+            async with self.pool.acquire() as own:
+                return await self.position(name, conn=own)
+        seq = await conn.fetchval("SELECT seq FROM log_positions WHERE name = $1", name)
         return seq or 0
 
-    async def set_position(self, name: str, seq: int) -> None:
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO log_positions (name, seq) VALUES ($1, $2)"
-                " ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = now()",
-                name,
-                seq,
-            )
+    @staticmethod
+    async def lock_position(name: str, conn: asyncpg.Connection) -> int:
+        """Lock `name`'s position row until conn's transaction ends (creating it at 0) and return
+        it: a consumer that moves its position in that transaction knows no other moved it meanwhile."""
+        await conn.execute("INSERT INTO log_positions (name, seq) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING", name)
+        return await conn.fetchval("SELECT seq FROM log_positions WHERE name = $1 FOR UPDATE", name)
+
+    async def set_position(self, name: str, seq: int, *, conn: asyncpg.Connection | None = None) -> None:
+        """Record how far `name` got; with `conn`, in that connection's transaction (a consumer's
+        position commits with the effects of the events it applied)."""
+        if conn is None:
+            async with self.pool.acquire() as own:
+                return await self.set_position(name, seq, conn=own)
+        await conn.execute(
+            "INSERT INTO log_positions (name, seq) VALUES ($1, $2)"
+            " ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = now()",
+            name,
+            seq,
+        )
 
 
 class Recording:
@@ -381,8 +413,9 @@ class Recording:
         self.conn = conn
 
     async def append(self, *events: NewEvent) -> list[StoredEvent]:
-        """Append events and run their projectors in this transaction; returns them as stored (a
-        repeat of a stored event id is answered with the stored event, and projects nothing)."""
+        """Append events and run their projectors in this transaction (those a log consumer applies,
+        `@projects(..., applied_by=...)`, are its to run); returns them as stored (a repeat of a
+        stored event id is answered with the stored event, and projects nothing)."""
         from d2d import projections
 
         results = await self.log.append(events, conn=self.conn)

@@ -9,6 +9,12 @@ for its event type with `@projects("type")`. The same projectors run in two plac
 - offline, over the whole log from seq 0 into a fresh database (`rebuild`), so any projection can
   be recomputed and compared with the live one (`compare`), row for row.
 
+A projector registered with `applied_by="<consumer>"` is not run in the appending transaction:
+that consumer applies it, tailing the log, in one transaction with its position (`log_positions`).
+The decision/outcome join is such a projection (`applied_by="feedback"`): decisions are appended
+by serving's group committer at thousands a second, and the join is the feedback service's to
+keep, so its rows follow the log a little behind it, never ahead. `rebuild` runs every projector.
+
 Rows take their times from the event (`recorded_at`), never from the clock, so a rebuild is equal
 to the live table. Adding a projection is one projector here and one entry in `TABLES`.
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -33,6 +40,10 @@ from d2d.eventlog import StoredEvent
 
 Projector = Callable[[asyncpg.Connection, StoredEvent], Awaitable[None]]
 PROJECTORS: dict[str, Projector] = {}
+# Who applies each type's projector: APPENDER (the transaction that appends the event) or the
+# name of the log consumer that does.
+APPENDER = "appender"
+APPLIED_BY: dict[str, str] = {}
 
 # Each projection table and the columns that identify a row, in the order rows are compared.
 TABLES: dict[str, tuple[str, ...]] = {
@@ -41,6 +52,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "models": ("name",),
     "model_versions": ("model", "version"),
     "model_aliases": ("model", "alias"),
+    "decision_outcomes": ("decision_id",),
+    "outcome_rules": ("name",),
 }
 
 
@@ -51,23 +64,31 @@ POLICY_BEFORE_EVENTS_CARRIED_IT = {
 }  # fmt: skip
 
 
-def projects(event_type: str) -> Callable[[Projector], Projector]:
-    """Register `fn` as the projector of `event_type` (one per type)."""
+def projects(event_type: str, *, applied_by: str = APPENDER) -> Callable[[Projector], Projector]:
+    """Register `fn` as the projector of `event_type` (one per type), applied by `applied_by`: the
+    appending transaction (APPENDER), or the named log consumer."""
 
     def register(fn: Projector) -> Projector:
         if event_type in PROJECTORS:
             raise ValueError(f"{event_type} already has a projector: {PROJECTORS[event_type].__name__}")
         PROJECTORS[event_type] = fn
+        APPLIED_BY[event_type] = applied_by
         return fn
 
     return register
 
 
-async def apply(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
-    """Run each event's projector (if its type has one), in order, on `conn`."""
+def types_applied_by(applier: str) -> tuple[str, ...]:
+    """The event types whose projectors `applier` runs."""
+    return tuple(sorted(t for t, by in APPLIED_BY.items() if by == applier))
+
+
+async def apply(conn: asyncpg.Connection, events: Sequence[StoredEvent], *, applied_by: str | None = APPENDER) -> None:
+    """Run, in order on `conn`, the projector of each event whose type has one applied by
+    `applied_by` (None: every projector, as a rebuild does)."""
     for event in events:
         projector = PROJECTORS.get(event.type)
-        if projector is not None:
+        if projector is not None and (applied_by is None or APPLIED_BY[event.type] == applied_by):
             await projector(conn, event)
 
 
@@ -153,6 +174,64 @@ async def _model_alias_set(conn: asyncpg.Connection, e: StoredEvent) -> None:
     )  # fmt: skip
 
 
+@projects("outcome_rule.registered")
+async def _outcome_rule_registered(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    await conn.execute(
+        "INSERT INTO outcome_rules (name, event_type, terms, registered_seq, created_at)"
+        " VALUES ($1, $2, $3::jsonb, $4, $5)",
+        p["name"], p["event_type"], _json(p), e.seq, e.recorded_at,
+    )  # fmt: skip
+
+
+FEEDBACK = "feedback"  # the feedback service's log consumer
+
+
+def _version_number(model_version: str) -> int:
+    """`models/{model}/versions/{n}` -> n."""
+    return int(model_version.rsplit("/", 1)[1])
+
+
+def decided_at(e: StoredEvent) -> datetime:
+    """A decision's event time: its request's `as_of`, else the event's occurred_at."""
+    as_of = e.payload.get("as_of")
+    if not as_of:
+        return e.occurred_at
+    at = datetime.fromisoformat(as_of)
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+@projects("decision.made", applied_by=FEEDBACK)
+async def _decision_made(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    await conn.execute(
+        "INSERT INTO decision_outcomes (decision_id, model, model_version, arm, score, action, propensity, explored,"
+        " unit_id, decided_at, decision_seq) VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        p["decision_id"], p["model"], _version_number(p["model_version"]), p["arm"], float(p["score"]), p["action"],
+        float(p["propensity"]), bool(p.get("explored", False)), p["unit_id"], decided_at(e), e.seq,
+    )  # fmt: skip
+
+
+@projects("decision.withdrawn", applied_by=FEEDBACK)
+async def _decision_withdrawn(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    await conn.execute(
+        "UPDATE decision_outcomes SET withdrawn = true WHERE decision_id = $1::uuid", e.payload["decision_id"]
+    )
+
+
+@projects("outcome.recorded", applied_by=FEEDBACK)
+async def _outcome_recorded(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    """The decision's first outcome wins; a later one (another outcome id) changes nothing."""
+    p = e.payload
+    reward = p.get("reward")
+    await conn.execute(
+        "UPDATE decision_outcomes SET outcome_id = $2, label = $3, reward = $4, outcome_at = $5, outcome_seq = $6,"
+        " outcome_source = $7 WHERE decision_id = $1::uuid AND outcome_id IS NULL",
+        p["decision_id"], p["outcome_id"], p.get("label"), None if reward is None else float(reward),
+        datetime.fromisoformat(p["occurred_at"]), e.seq, p["source"],
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Rebuilding and comparing
 
@@ -180,7 +259,7 @@ async def rebuild(source_url: str, target_url: str, *, batch: int = 5000) -> int
             while events := await source.read(after, batch):
                 async with conn.transaction():
                     await EventLog.copy_in(conn, events)
-                    await apply(conn, events)
+                    await apply(conn, events, applied_by=None)
                 after, replayed = events[-1].seq, replayed + len(events)
             return replayed
     finally:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -20,6 +22,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
     text,
@@ -190,4 +193,42 @@ model_aliases = Table(
     _seq_of("set_seq"),
     PrimaryKeyConstraint("model", "alias"),
     ForeignKeyConstraint(["model", "version"], ["model_versions.model", "model_versions.version"]),
+)
+
+# Decisions joined with their outcomes, one row per decision (applied by the feedback service's
+# log consumer, see d2d.projections): the decision columns from decision.made, `withdrawn` from
+# decision.withdrawn, the outcome columns from the decision's first outcome.recorded.
+decision_outcomes = Table(
+    "decision_outcomes",
+    metadata,
+    Column("decision_id", UUID(as_uuid=True), primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("model_version", Integer, nullable=False),
+    Column("arm", Text, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("propensity", Float, nullable=False),
+    Column("explored", Boolean, nullable=False),
+    Column("unit_id", Text, nullable=False),
+    _timestamp("decided_at"),  # the decision's event time: its request's occurred_at (as_of)
+    _seq_of("decision_seq"),
+    Column("withdrawn", Boolean, nullable=False, server_default=text("false")),
+    Column("outcome_id", Text),
+    Column("label", SmallInteger),
+    Column("reward", Float),
+    Column("outcome_at", DateTime(timezone=True)),  # the outcome's event time
+    Column("outcome_seq", BigInteger, ForeignKey("events.seq")),
+    Column("outcome_source", Text),  # 'api' or 'rule'
+    Index("decision_outcomes_model_decided_at", "model", "decided_at"),
+)
+
+# Registered outcome rules (d2d.outcomes.OutcomeRule), immutable once registered.
+outcome_rules = Table(
+    "outcome_rules",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("event_type", Text, nullable=False),
+    Column("terms", JSONB, nullable=False),  # OutcomeRule.to_dict()
+    _seq_of("registered_seq"),
+    _timestamp("created_at", server_default=NOW),
 )

@@ -1,5 +1,6 @@
 """Every table but `events` and `dead_letters` is a projection of the log: after the whole scenario
-(contracts, features, training, promotion, policy, aliases, decisions) run by the real services, the
+(contracts, features, training, promotion, policy, aliases, decisions, outcome rules and outcomes
+joined by the feedback service) run by the real services, the
 tables rebuilt from the log alone into a fresh database equal the live ones row for row, and a
 tampered row is found and named."""
 
@@ -13,11 +14,13 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from d2d import eventlog, projections
-from d2d.client import RegistryClient, ServingClient
+from d2d.client import FeedbackClient, RegistryClient, ServingClient
+from d2d.config import Settings
 from d2d.contracts.registry import ContractRegistry
-from d2d.runtime.servers import EmbeddedPostgres, NatsServer
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.sim import load_contracts
 from d2d.v1 import registry_pb2
+from services.feedback.server import serve as serve_feedback
 from tests.conftest import MODEL, Platform, requests_for, serving_platform
 
 
@@ -27,7 +30,8 @@ def scenario(
 ) -> Iterator[Platform]:
     """The serving platform (log loaded, features folded, two versions trained, v1 in production)
     and then, through the services' own code paths: contracts, a description, a policy, a canary
-    moved and removed, and decisions."""
+    moved and removed, decisions, and the feedback service (its outcome rule, an outcome, and the
+    join applied up to that outcome)."""
     for platform in serving_platform(postgres, nats_server, tmp_path_factory):
         asyncio.run(_drive(platform))
         yield platform
@@ -60,8 +64,32 @@ async def _drive(platform: Platform) -> None:
     async with ServingClient(platform.serving) as serving:
         await serving.wait_ready()
         await asyncio.sleep(1.0)  # serving follows the policy and aliases on the bus
-        for request in requests_for(platform, 20):
-            await serving.stub.Predict(request, timeout=30)
+        decisions = [await serving.stub.Predict(request, timeout=30) for request in requests_for(platform, 20)]
+    await _feedback(platform, decisions[0].decision_id)
+
+
+async def _feedback(platform: Platform, decision_id: str) -> None:
+    """Run the feedback service until its consumer has applied the log up to an outcome it recorded
+    (the join lags the log by design: a rebuild is compared with what the consumer applied)."""
+    settings = Settings(database_url=platform.database_url, addrs={"feedback": f"127.0.0.1:{free_port()}"})
+    stop = asyncio.Event()
+    service = asyncio.create_task(serve_feedback(settings, stop))
+    pool = await eventlog.create_pool(platform.database_url, max_size=2)
+    try:
+        async with FeedbackClient(settings.addr("feedback")) as feedback:
+            await feedback.wait_ready()
+            recorded = await feedback.record_outcome(decision_id, label=1, outcome_id="scenario")
+            log = eventlog.EventLog(pool)
+            for _ in range(1200):
+                if await log.position("feedback") >= recorded.seq and await feedback.list_rules():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the feedback service did not apply the log up to its outcome")
+    finally:
+        stop.set()
+        await service
+        await pool.close()
 
 
 async def _rebuilt(postgres: EmbeddedPostgres, source_url: str, name: str) -> str:
@@ -82,6 +110,8 @@ async def test_every_projection_rebuilt_from_the_log_alone_equals_the_live_one(
             assert await live.fetchval(f"SELECT count(*) FROM {table}") > 0, table
         assert await live.fetchval("SELECT description FROM models WHERE name = $1", MODEL) == "fraud on card payments"
         assert await live.fetchval("SELECT count(*) FROM events WHERE type = 'decision.made'") >= 20
+        assert await live.fetchval("SELECT count(*) FROM decision_outcomes") >= 20
+        assert await live.fetchval("SELECT label FROM decision_outcomes WHERE outcome_id = 'scenario'") == 1
         first_policy = await live.fetchval(  # a new model's policy is a fact of its model.registered event
             "SELECT payload->'policy'->'actions'->>0 FROM events"
             " WHERE type = 'model.registered' AND NOT payload ? 'version'"

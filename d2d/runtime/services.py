@@ -38,6 +38,7 @@ SERVICES = (
     ServiceSpec("features", ("-m", "services.features"), "d2d.v1.FeatureService", 50052),
     ServiceSpec("registry", ("-m", "services.registry"), "d2d.v1.RegistryService", 50053),
     ServiceSpec("serving", ("-m", "services.serving"), "d2d.v1.ServingService", 50054),
+    ServiceSpec("feedback", ("-m", "services.feedback"), "d2d.v1.FeedbackService", 50055),
 )
 APIS = tuple(spec for spec in SERVICES if spec.api)
 

@@ -1,0 +1,485 @@
+"""The feedback service on real Postgres: outcomes recorded once and checked against the log,
+outcome rules registered as events, and the log consumer that keeps the decision/outcome join
+(`decision_outcomes`) equal to its rebuild, across restarts and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+import orjson
+import pytest
+from google.rpc import error_details_pb2
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from d2d import eventlog, projections, telemetry
+from d2d.client import FeedbackClient, error_details, outcome_rule_request
+from d2d.config import Settings
+from d2d.contracts.registry import ContractRegistry
+from d2d.eventlog import EventLog, NewEvent
+from d2d.outcomes import outcome_event_id, resolve
+from d2d.runtime.servers import EmbeddedPostgres, free_port
+from d2d.runtime.services import service
+from d2d.sim import load_contracts
+from d2d.sim.outcomes import CHARGEBACK
+from services.feedback.consumer import FeedbackConsumer, PositionMoved
+from services.feedback.server import serve
+from tests.conftest import run_cli
+
+DECIDED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def decision(**overrides: Any) -> NewEvent:
+    """A decision.made event as serving appends it (it passes the platform contract)."""
+    decision_id = str(overrides.pop("decision_id", uuid.uuid4()))
+    payload = {
+        "decision_id": decision_id, "model": "fraud", "model_version": "models/fraud/versions/2",
+        "arm": "production", "score": 0.2, "action": "approve", "propensity": 0.95, "explored": False,
+        "features": {}, "inputs": [0.5], "feature_watermark": 10, "as_of": DECIDED.isoformat(),
+        "entities": {"customer": "c1"}, "context": {"payment_id": f"p-{decision_id[:8]}"}, "unit_id": "c1",
+        **overrides,
+    }  # fmt: skip
+    return NewEvent(
+        uuid.UUID(decision_id), "decision.made", 1, "decision", decision_id, datetime.now(UTC),
+        orjson.dumps(payload).decode(), {"producer": "serving"},
+    )  # fmt: skip
+
+
+def withdrawal(decision_id: str) -> NewEvent:
+    payload = {"decision_id": decision_id, "model": "fraud", "reason": "the caller was answered with an error"}
+    return NewEvent(
+        uuid.uuid5(uuid.UUID(decision_id), "withdrawn"), "decision.withdrawn", 1, "decision", decision_id,
+        datetime.now(UTC), orjson.dumps(payload).decode(),
+    )  # fmt: skip
+
+
+def outcome(decision_id: str, label: int, outcome_id: str | None = None) -> NewEvent:
+    """An outcome.recorded event as the rule engine's drafts become."""
+    outcome_id = outcome_id or f"rule:chargeback:{decision_id}"
+    at = DECIDED + timedelta(days=3)
+    payload = {
+        "outcome_id": outcome_id, "decision_id": decision_id, "label": label, "occurred_at": at.isoformat(),
+        "source": "rule", "rule": "chargeback",
+    }  # fmt: skip
+    return NewEvent(
+        outcome_event_id(outcome_id), "outcome.recorded", 1, "decision", decision_id, at, orjson.dumps(payload).decode()
+    )
+
+
+def refusal(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
+    fields = [
+        v.field for d in error_details(error) if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations
+    ]
+    return error.code().name, fields
+
+
+async def register_sim_contracts(log: EventLog) -> None:
+    contracts = ContractRegistry(log)
+    for spec in load_contracts():
+        await contracts.register(spec.event_type, owner=spec.owner, json_schema=spec.schema)
+
+
+@pytest.fixture
+async def feedback(database_url: str, event_log: EventLog) -> AsyncIterator[FeedbackClient]:
+    """The feedback service in this process, on the test's database."""
+    settings = Settings(database_url=database_url, addrs={"feedback": f"127.0.0.1:{free_port()}"})
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    client = FeedbackClient(settings.addr("feedback"))
+    await client.wait_ready()
+    yield client
+    stop.set()
+    await task
+    await client.channel.close()
+
+
+async def count(log: EventLog, event_type: str) -> int:
+    return dict(await log.count_by_type()).get(event_type, 0)
+
+
+async def join_rows(url: str) -> dict[str, dict[str, Any]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {str(r["decision_id"]): dict(r) for r in await conn.fetch("SELECT * FROM decision_outcomes")}
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# RecordOutcome
+
+
+async def test_an_outcome_is_recorded_once_and_the_same_outcome_again_returns_it(
+    feedback: FeedbackClient, event_log: EventLog
+) -> None:
+    made = decision()
+    await event_log.append([made])
+    at = DECIDED + timedelta(days=2)
+    first = await feedback.record_outcome(made.entity_id, label=1, occurred_at=at, outcome_id="chargeback-77")
+    again = await feedback.record_outcome(made.entity_id, label=1, occurred_at=at, outcome_id="chargeback-77")
+    assert again == first and first.seq > 0 and first.source == "api"
+    assert first.name == f"decisions/{made.entity_id}/outcomes/chargeback-77"
+    assert await count(event_log, "outcome.recorded") == 1
+    assert await feedback.get_outcome(made.entity_id, "chargeback-77") == first
+    stored = await event_log.get(outcome_event_id("chargeback-77"))
+    assert stored is not None and stored.payload["label"] == 1 and stored.occurred_at == at
+
+
+async def test_without_an_outcome_id_a_decision_gets_one_api_outcome(
+    feedback: FeedbackClient, event_log: EventLog
+) -> None:
+    made = decision()
+    await event_log.append([made])
+    recorded = await feedback.record_outcome(made.entity_id, reward=12.5, occurred_at=DECIDED)
+    assert recorded.outcome_id == f"api:{made.entity_id}" and recorded.reward == 12.5
+    assert not recorded.HasField("label")
+    assert await feedback.record_outcome(made.entity_id, reward=12.5, occurred_at=DECIDED) == recorded
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "field"),
+    [
+        ("unknown decision", "NOT_FOUND", "outcome.decision"),
+        ("not a decision id", "INVALID_ARGUMENT", "outcome.decision"),
+        ("label 2", "INVALID_ARGUMENT", "outcome.label"),
+        ("neither label nor reward", "INVALID_ARGUMENT", "outcome.label"),
+        ("reward not finite", "INVALID_ARGUMENT", "outcome.reward"),
+        ("same id, other label", "ALREADY_EXISTS", "outcome.label"),
+        ("same id, other time", "ALREADY_EXISTS", "outcome.occur_time"),
+        ("another outcome for the decision", "ALREADY_EXISTS", "outcome.decision"),
+        ("withdrawn decision", "FAILED_PRECONDITION", "outcome.decision"),
+    ],
+)
+async def test_a_bad_outcome_is_refused_naming_the_field_and_appends_nothing(
+    feedback: FeedbackClient, event_log: EventLog, case: str, code: str, field: str
+) -> None:
+    made = decision()
+    await event_log.append([made])
+    decision_id = made.entity_id
+    await feedback.record_outcome(decision_id, label=1, occurred_at=DECIDED, outcome_id="first")
+    if case == "withdrawn decision":
+        made = decision()
+        decision_id = made.entity_id
+        await event_log.append([made, withdrawal(decision_id)])
+    head = await event_log.head()
+    attempts = {
+        "unknown decision": dict(decision_id=str(uuid.uuid4()), label=1),
+        "not a decision id": dict(decision_id="payment-17", label=1),
+        "label 2": dict(label=2, outcome_id="other"),
+        "neither label nor reward": dict(outcome_id="other"),
+        "reward not finite": dict(reward=float("nan"), outcome_id="other"),
+        "same id, other label": dict(label=0, outcome_id="first"),
+        "same id, other time": dict(label=1, outcome_id="first", occurred_at=DECIDED + timedelta(seconds=1)),
+        "another outcome for the decision": dict(label=1, outcome_id="second"),
+        "withdrawn decision": dict(label=1),
+    }
+    terms = {"decision_id": decision_id, "occurred_at": DECIDED, **attempts[case]}
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await feedback.record_outcome(terms.pop("decision_id"), **terms)
+    assert refusal(refused.value) == (code, [field]), refused.value.details()
+    assert await event_log.head() == head  # nothing written
+
+
+async def test_getting_an_outcome_that_is_not_there_is_not_found(feedback: FeedbackClient, event_log: EventLog) -> None:
+    made = decision()
+    await event_log.append([made])
+    await feedback.record_outcome(made.entity_id, label=0, occurred_at=DECIDED, outcome_id="o1")
+    for decision_id, outcome_id in ((made.entity_id, "o2"), (str(uuid.uuid4()), "o1")):
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await feedback.get_outcome(decision_id, outcome_id)
+        assert refusal(missing.value) == ("NOT_FOUND", ["name"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcome rules
+
+
+async def test_a_rule_is_registered_once_and_other_terms_under_its_name_are_refused(
+    feedback: FeedbackClient, event_log: EventLog
+) -> None:
+    await register_sim_contracts(event_log)
+    # the service registers D2D_OUTCOME_RULES's rules (the simulator's chargeback) once it can
+    for _ in range(200):
+        if [r.name for r in await feedback.list_rules()] == ["outcomeRules/chargeback"]:
+            break
+        await asyncio.sleep(0.05)
+    stored = await feedback.get_rule("chargeback")
+    assert stored.event_type == "payment.chargeback" and stored.window.seconds == CHARGEBACK.window_seconds
+    assert stored.label == 1 and stored.otherwise_label == 0 and list(stored.observed_actions) == ["approve"]
+    assert not stored.HasField("reward")
+    assert await feedback.create_rule(CHARGEBACK) == stored
+    assert await count(event_log, "outcome_rule.registered") == 1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await feedback.create_rule(dataclasses.replace(CHARGEBACK, window_seconds=86400))
+    assert refusal(refused.value) == ("ALREADY_EXISTS", ["outcome_rule.window"])
+    assert await count(event_log, "outcome_rule.registered") == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "field"),
+    [
+        ({"event_type": "payment.unheard_of"}, "FAILED_PRECONDITION", "outcome_rule.event_type"),
+        ({"name": "Charge Back"}, "INVALID_ARGUMENT", "outcome_rule_id"),
+        ({"label": 2}, "INVALID_ARGUMENT", "outcome_rule.label"),
+        ({"label": None, "reward": None}, "INVALID_ARGUMENT", "outcome_rule.label"),
+        ({"window_seconds": -1}, "INVALID_ARGUMENT", "outcome_rule.window"),
+        ({"event_key": ""}, "INVALID_ARGUMENT", "outcome_rule.event_key"),
+    ],
+)
+async def test_a_rule_that_cannot_work_is_refused_naming_the_term(
+    feedback: FeedbackClient, event_log: EventLog, change: dict[str, Any], code: str, field: str
+) -> None:
+    await register_sim_contracts(event_log)
+    terms = {**dataclasses.replace(CHARGEBACK, name="other-rule").to_dict(), **change}
+    head = await event_log.head()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await feedback.stub.CreateOutcomeRule(outcome_rule_request(terms), timeout=30)
+    assert refusal(refused.value) == (code, [field]), refused.value.details()
+    assert await count(event_log, "outcome_rule.registered") <= 1  # at most the service's own
+    assert all(e.type == "outcome_rule.registered" for e in await event_log.read(head))
+
+
+# ---------------------------------------------------------------------------------------------
+# The consumer: decision_outcomes as a projection of the log
+
+
+async def rebuilt_equals_live(postgres: EmbeddedPostgres, database_url: str) -> list[str]:
+    rebuilt = await asyncio.to_thread(postgres.create_database, f"r_{uuid.uuid4().hex[:12]}")
+    await eventlog.migrate(rebuilt)
+    await projections.rebuild(database_url, rebuilt)
+    return [str(d) for d in await projections.compare(database_url, rebuilt)]
+
+
+async def test_the_consumer_joins_decisions_with_their_first_outcome_and_equals_the_rebuild(
+    event_log: EventLog, database_url: str, postgres: EmbeddedPostgres
+) -> None:
+    labelled, unlabelled, withdrawn = decision(), decision(explored=True, propensity=0.05), decision()
+    await event_log.append([labelled, unlabelled, withdrawn])
+    await event_log.append([outcome(labelled.entity_id, 1), withdrawal(withdrawn.entity_id)])
+    await event_log.append([outcome(labelled.entity_id, 0, outcome_id="late-second")])  # the first wins
+    consumer = FeedbackConsumer(event_log)
+    await consumer.catch_up()
+    rows = await join_rows(database_url)
+    assert set(rows) == {labelled.entity_id, unlabelled.entity_id, withdrawn.entity_id}
+    row = rows[labelled.entity_id]
+    assert (row["label"], row["outcome_id"], row["outcome_source"]) == (
+        1,
+        f"rule:chargeback:{labelled.entity_id}",
+        "rule",
+    )
+    assert row["model_version"] == 2 and row["decided_at"] == DECIDED and row["propensity"] == 0.95
+    assert row["outcome_at"] == DECIDED + timedelta(days=3)
+    assert rows[unlabelled.entity_id]["label"] is None and rows[unlabelled.entity_id]["explored"] is True
+    assert rows[withdrawn.entity_id]["withdrawn"] is True and not rows[labelled.entity_id]["withdrawn"]
+    assert consumer.position == await event_log.head()
+    assert await rebuilt_equals_live(postgres, database_url) == []
+
+
+async def test_the_consumer_resumes_after_a_restart_and_a_crash_without_applying_anything_twice(
+    event_log: EventLog, database_url: str, postgres: EmbeddedPostgres
+) -> None:
+    decisions = [decision() for _ in range(40)]
+    await event_log.append(decisions)
+    await event_log.append([outcome(d.entity_id, i % 2) for i, d in enumerate(decisions[:25])])
+    await event_log.append([withdrawal(d.entity_id) for d in decisions[30:33]])
+    total = 40 + 25 + 3
+
+    first = FeedbackConsumer(event_log, batch=9)
+    assert await first.step() == 9 and await first.step() == 9
+    assert len(await join_rows(database_url)) == 18
+
+    crashing = FeedbackConsumer(event_log, batch=9)  # a restart: it resumes at the stored position
+    calls = 0
+    real_set_position = event_log.set_position
+
+    async def set_position_then_crash(name: str, seq: int, *, conn: Any = None) -> None:
+        nonlocal calls
+        calls += 1
+        await real_set_position(name, seq, conn=conn)
+        if calls == 2:  # dies after applying a batch, before its transaction commits
+            raise ConnectionResetError("killed mid-batch")
+
+    event_log.set_position = set_position_then_crash  # type: ignore[method-assign]
+    try:
+        assert await crashing.step() == 9
+        with pytest.raises(ConnectionResetError):
+            await crashing.step()
+    finally:
+        event_log.set_position = real_set_position  # type: ignore[method-assign]
+    assert await event_log.position("feedback") == crashing.position == first.position + 9
+    assert len(await join_rows(database_url)) == 27  # the crashed batch left nothing
+
+    restarted = FeedbackConsumer(event_log, batch=9)
+    await restarted.catch_up()  # a decision row applied twice would violate its primary key
+    assert first.applied + crashing.applied + restarted.applied == total
+    rows = await join_rows(database_url)
+    assert len(rows) == 40 and sum(r["label"] is not None for r in rows.values()) == 25
+    assert sum(r["withdrawn"] for r in rows.values()) == 3
+    assert await rebuilt_equals_live(postgres, database_url) == []
+
+
+async def test_a_second_consumer_behind_the_stored_position_is_stopped(event_log: EventLog) -> None:
+    await event_log.append([decision() for _ in range(5)])
+    stale = FeedbackConsumer(event_log, batch=2)
+    await stale.start()
+    await FeedbackConsumer(event_log, batch=2).step()
+    with pytest.raises(PositionMoved):
+        await stale.step()
+
+
+async def test_the_consumers_span_links_to_the_span_that_made_the_decision(
+    event_log: EventLog, spans: InMemorySpanExporter
+) -> None:
+    with telemetry.tracer("tests").start_as_current_span("predict") as producer:
+        await event_log.append([decision()])  # the event's metadata carries this span's traceparent
+    await FeedbackConsumer(event_log).catch_up()
+    [applied] = [s for s in spans.get_finished_spans() if s.name == "feedback.apply"]
+    assert [link.context.span_id for link in applied.links] == [producer.get_span_context().span_id]
+
+
+async def test_the_service_joins_an_outcome_it_recorded(
+    feedback: FeedbackClient, event_log: EventLog, database_url: str
+) -> None:
+    made = decision()
+    await event_log.append([made])
+    recorded = await feedback.record_outcome(made.entity_id, label=1, occurred_at=DECIDED + timedelta(hours=5))
+    for _ in range(400):  # the service's consumer applies the log as it grows
+        row = (await join_rows(database_url)).get(made.entity_id)
+        if row is not None and row["outcome_seq"] is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert row is not None and (row["label"], row["outcome_seq"], row["outcome_source"]) == (1, recorded.seq, "api")
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployable: its own process, killed and started again; the CLI
+
+
+async def wait_for_join(log: EventLog, url: str, decisions: int, labelled: int) -> dict[str, dict[str, Any]]:
+    """decision_outcomes once the service's consumer has applied the whole log (bounded wait)."""
+    for _ in range(1200):
+        if await log.position("feedback") == await log.head():
+            break
+        await asyncio.sleep(0.05)
+    rows = await join_rows(url)
+    assert len(rows) == decisions and sum(r["label"] is not None for r in rows.values()) == labelled
+    return rows
+
+
+async def test_the_service_process_killed_mid_stream_resumes_and_applies_each_event_once(
+    start_service,
+    event_log: EventLog,
+    database_url: str,
+    postgres: EmbeddedPostgres,  # noqa: ANN001
+) -> None:
+    env = {"D2D_DATABASE_URL": database_url, "D2D_FEEDBACK_ADDR": f"127.0.0.1:{free_port()}"}
+    first = start_service(list(service("feedback").args), env, "feedback")
+    async with FeedbackClient(env["D2D_FEEDBACK_ADDR"]) as feedback:
+        await feedback.wait_ready()
+    decisions = [decision() for _ in range(3000)]
+    for i in range(0, len(decisions), 500):  # the consumer applies while decisions keep coming
+        await event_log.append(decisions[i : i + 500])
+        await event_log.append([outcome(d.entity_id, 1) for d in decisions[i : i + 100]])
+    first.process.kill()  # SIGKILL: whatever batch was in flight is not committed
+    first.process.wait()
+    killed_at = await event_log.position("feedback")
+    start_service(list(service("feedback").args), env, "feedback")
+    await wait_for_join(event_log, database_url, 3000, 600)  # a twice-applied decision breaks its key
+    assert killed_at <= await event_log.position("feedback") == await event_log.head()
+    assert await rebuilt_equals_live(postgres, database_url) == []
+
+
+async def test_outcomes_commands_record_one_and_list_the_rules(
+    feedback: FeedbackClient, event_log: EventLog, database_url: str
+) -> None:
+    await register_sim_contracts(event_log)
+    await feedback.create_rule(CHARGEBACK)
+    made = decision()
+    await event_log.append([made])
+    env = {"D2D_FEEDBACK_ADDR": feedback.target, "D2D_DATABASE_URL": database_url, "D2D_NATS_URL": "nats://unused"}
+    code, out = await run_cli(env, "outcomes", "record", made.entity_id, "--label", "1", "--at", DECIDED.isoformat())
+    assert code == 0 and f"decisions/{made.entity_id}/outcomes/api:{made.entity_id}: label 1" in out, out
+    code, out = await run_cli(env, "outcomes", "record", made.entity_id, "--label", "0", "--at", DECIDED.isoformat())
+    assert code == 1 and "ALREADY_EXISTS" in out, out
+    code, out = await run_cli(env, "outcomes", "rules")
+    assert code == 0 and "chargeback" in out and "payment.chargeback" in out and "approve" in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule engine hook (services/feedback/rules.py's RuleEngine plugs in here)
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    outcome_id: str
+    decision_id: str
+    label: int
+    occurred_at: datetime
+    cause_event_id: str
+    rule: str = "chargeback"
+    source: str = "rule"
+    reward: float | None = None
+
+
+class ChargebacksOnly:
+    """The least engine: a rule's event labels the decision it names; no windows."""
+
+    def __init__(self, rules: Any) -> None:
+        self.rules = tuple(rules)
+        self.decisions: dict[str, str] = {}
+        self.offered = 0
+
+    def on_decision(self, decision_id: str, payload: dict, decided_at: datetime, seq: int) -> list[Draft]:
+        self.decisions[resolve(payload, self.rules[0].decision_key)] = decision_id
+        return []
+
+    def on_withdrawn(self, decision_id: str) -> None:
+        pass
+
+    def on_event(self, event_id: str, event_type: str, payload: dict, occurred_at: datetime, seq: int) -> list[Draft]:
+        self.offered += 1
+        rule = self.rules[0]
+        decision_id = self.decisions.get(resolve(payload, rule.event_key))
+        if decision_id is None:
+            return []
+        return [Draft(rule.outcome_id(decision_id), decision_id, 1, occurred_at, event_id)]
+
+    def close_windows(self) -> list[Draft]:
+        return []
+
+
+def chargeback(payment_id: str) -> NewEvent:
+    payload = {"payment_id": payment_id, "amount": 10.0}
+    return NewEvent(
+        uuid.uuid4(), "payment.chargeback", 1, "payment", payment_id, DECIDED + timedelta(days=4),
+        orjson.dumps(payload).decode(),
+    )  # fmt: skip
+
+
+async def test_an_engines_outcomes_are_appended_with_the_batch_and_joined_once_across_a_restart(
+    event_log: EventLog, database_url: str, postgres: EmbeddedPostgres
+) -> None:
+    decisions = [decision() for _ in range(3)]
+    payments = [orjson.loads(d.payload)["context"]["payment_id"] for d in decisions]
+    await event_log.append([*decisions, chargeback(payments[0]), chargeback("p-never-decided")])
+    await FeedbackConsumer(event_log, engine=ChargebacksOnly([CHARGEBACK])).catch_up()
+    assert await count(event_log, "outcome.recorded") == 1
+    rows = await join_rows(database_url)
+    assert rows[decisions[0].entity_id]["label"] == 1 and rows[decisions[0].entity_id]["outcome_source"] == "rule"
+
+    await event_log.append([chargeback(payments[1])])
+    engine = ChargebacksOnly([CHARGEBACK])
+    restarted = FeedbackConsumer(event_log, engine=engine)
+    await restarted.catch_up()  # replays the log up to its position through the engine first
+    assert engine.offered == 3 and await count(event_log, "outcome.recorded") == 2
+    [second] = [e for e in await event_log.read(0, types=["outcome.recorded"]) if e.entity_id == decisions[1].entity_id]
+    assert second.payload["cause_event_id"] == str((await event_log.read(0, types=["payment.chargeback"]))[-1].event_id)
+    rows = await join_rows(database_url)
+    assert [rows[d.entity_id]["label"] for d in decisions] == [1, 1, None]
+    assert await rebuilt_equals_live(postgres, database_url) == []
