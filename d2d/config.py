@@ -35,6 +35,8 @@ class Settings:
     # Python module whose VIEWS tuple the features service serves.
     feature_views_module: str = field(default_factory=lambda: os.environ.get("D2D_FEATURE_VIEWS", "d2d.sim.views"))
     # Python module whose RULES tuple (d2d.outcomes.OutcomeRule) the feedback service registers at start.
+    # What the feedback monitor watches for (JSON: services.feedback.monitor.MonitorSettings fields).
+    feedback_monitor_json: str = field(default_factory=lambda: os.environ.get("D2D_FEEDBACK_MONITOR", ""))
     outcome_rules_module: str = field(default_factory=lambda: os.environ.get("D2D_OUTCOME_RULES", "d2d.sim.outcomes"))
     # Python module whose `default_spec()` returns the TrainingSpec `d2d models train` uses without
     # --spec (label, request inputs, slices: the domain's choices; its views should be those served).

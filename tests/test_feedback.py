@@ -23,7 +23,7 @@ from d2d.client import FeedbackClient, error_details, outcome_rule_request
 from d2d.config import Settings
 from d2d.contracts.registry import ContractRegistry
 from d2d.eventlog import EventLog, NewEvent
-from d2d.outcomes import outcome_event_id, resolve
+from d2d.outcomes import outcome_event_id
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.runtime.services import service
 from d2d.sim import load_contracts
@@ -412,46 +412,7 @@ async def test_outcomes_commands_record_one_and_list_the_rules(
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule engine hook (services/feedback/rules.py's RuleEngine plugs in here)
-
-
-@dataclasses.dataclass(frozen=True)
-class Draft:
-    outcome_id: str
-    decision_id: str
-    label: int
-    occurred_at: datetime
-    cause_event_id: str
-    rule: str = "chargeback"
-    source: str = "rule"
-    reward: float | None = None
-
-
-class ChargebacksOnly:
-    """The least engine: a rule's event labels the decision it names; no windows."""
-
-    def __init__(self, rules: Any) -> None:
-        self.rules = tuple(rules)
-        self.decisions: dict[str, str] = {}
-        self.offered = 0
-
-    def on_decision(self, decision_id: str, payload: dict, decided_at: datetime, seq: int) -> list[Draft]:
-        self.decisions[resolve(payload, self.rules[0].decision_key)] = decision_id
-        return []
-
-    def on_withdrawn(self, decision_id: str) -> None:
-        pass
-
-    def on_event(self, event_id: str, event_type: str, payload: dict, occurred_at: datetime, seq: int) -> list[Draft]:
-        self.offered += 1
-        rule = self.rules[0]
-        decision_id = self.decisions.get(resolve(payload, rule.event_key))
-        if decision_id is None:
-            return []
-        return [Draft(rule.outcome_id(decision_id), decision_id, 1, occurred_at, event_id)]
-
-    def close_windows(self) -> list[Draft]:
-        return []
+# Outcome rules in the consumer
 
 
 def chargeback(payment_id: str) -> NewEvent:
@@ -462,22 +423,36 @@ def chargeback(payment_id: str) -> NewEvent:
     )  # fmt: skip
 
 
-async def test_an_engines_outcomes_are_appended_with_the_batch_and_joined_once_across_a_restart(
+async def test_rule_outcomes_are_appended_with_the_batch_and_joined_once_across_a_restart(
     event_log: EventLog, database_url: str, postgres: EmbeddedPostgres
 ) -> None:
-    decisions = [decision() for _ in range(3)]
+    """A chargeback labels the approved decision on its payment 1; a declined one never gets an
+    outcome; a chargeback for a payment not (yet) decided is kept; a restart replays the log through
+    a fresh engine and appends nothing twice."""
+    from services.feedback.store import FeedbackStore
+
+    await register_sim_contracts(event_log)
+    early = decision()  # decided before the rule existed: the rule does not see it
+    await event_log.append([early])
+    await FeedbackStore(event_log).register_rule(CHARGEBACK)
+    decisions = [decision(), decision(), decision(action="decline", score=0.9)]
     payments = [orjson.loads(d.payload)["context"]["payment_id"] for d in decisions]
-    await event_log.append([*decisions, chargeback(payments[0]), chargeback("p-never-decided")])
-    await FeedbackConsumer(event_log, engine=ChargebacksOnly([CHARGEBACK])).catch_up()
-    assert await count(event_log, "outcome.recorded") == 1
+    later = decision()  # its chargeback comes first
+    later_payment = orjson.loads(later.payload)["context"]["payment_id"]
+    await event_log.append([*decisions, chargeback(payments[0]), chargeback(payments[2]), chargeback(later_payment)])
+    await event_log.append([chargeback(orjson.loads(early.payload)["context"]["payment_id"]), later])
+    await FeedbackConsumer(event_log).catch_up()
     rows = await join_rows(database_url)
     assert rows[decisions[0].entity_id]["label"] == 1 and rows[decisions[0].entity_id]["outcome_source"] == "rule"
+    assert rows[later.entity_id]["label"] == 1  # the chargeback came first, and was kept
+    assert rows[decisions[2].entity_id]["label"] is None  # declined: never observed
+    assert rows[early.entity_id]["label"] is None  # before its rule
+    assert await count(event_log, "outcome.recorded") == 2
 
     await event_log.append([chargeback(payments[1])])
-    engine = ChargebacksOnly([CHARGEBACK])
-    restarted = FeedbackConsumer(event_log, engine=engine)
-    await restarted.catch_up()  # replays the log up to its position through the engine first
-    assert engine.offered == 3 and await count(event_log, "outcome.recorded") == 2
+    restarted = FeedbackConsumer(event_log)
+    await restarted.catch_up()  # replays the log up to its position through a fresh engine first
+    assert await count(event_log, "outcome.recorded") == 3
     [second] = [e for e in await event_log.read(0, types=["outcome.recorded"]) if e.entity_id == decisions[1].entity_id]
     assert second.payload["cause_event_id"] == str((await event_log.read(0, types=["payment.chargeback"]))[-1].event_id)
     rows = await join_rows(database_url)

@@ -1,23 +1,23 @@
-"""The feedback service's log consumer: keeps the decision/outcome join (`decision_outcomes`) and
-offers events to the outcome rule engine.
+"""The feedback service's log consumer: keeps the decision/outcome join (`decision_outcomes`),
+turns domain events into outcomes by the registered rules, and watches for drift, a drop in live
+AUC, new labels and contract SLAs.
 
-It reads the log itself (`EventLog.read` with types), in seq order: the projectors applied by
-`feedback` (`decision.made`, `decision.withdrawn`, `outcome.recorded`, see d2d.projections) and
-the event types of the engine's rules. Each batch is one transaction that appends the engine's
-outcomes, applies the projectors and moves the consumer's position (`log_positions`): a crash
-applies nothing twice and loses nothing. The position row is locked in that transaction, and a
-consumer that finds it moved by another instance starts over from the stored position.
+It reads every event of the log (`EventLog.read`), in seq order. Each batch is one transaction that
+appends what the batch gave (`outcome.recorded` from the rule engine, `quality.alert` and
+`retrain.requested` from the monitor, each with an id derived from what caused it, so the same
+output appended twice is stored once), applies the projectors applied by `feedback`
+(`decision.made`, `decision.withdrawn`, `outcome.recorded`, see d2d.projections) and moves the
+consumer's position (`log_positions`): a crash applies nothing twice and loses nothing. The position
+row is locked in that transaction, and a consumer that finds it moved by another instance starts
+over from the stored position.
 
-The rule engine hook (`engine=`, None for none): an object with the interface of
-`services/feedback/rules.py`'s `RuleEngine` (see `OutcomeEngine`). For each event of a batch, in
-seq order, the consumer calls `on_decision` (decision.made), `on_withdrawn` (decision.withdrawn) or
-`on_event` (an event of one of `engine.rules`' event types), then `close_windows()` once per
-batch; every draft returned becomes an `outcome.recorded` event (id from its outcome id, so a
-draft appended twice is stored once) appended in the batch's transaction. The engine's state
-lives in memory: at start the consumer replays the log up to its position through the engine,
-dropping the drafts (they were appended with the batches that gave them), and after a failed
-batch it does the same with a fresh engine (`type(engine)(engine.rules)`). Rules registered after
-the start take effect at the next start.
+The rule engine (`rules.RuleEngine`) and the monitor (`monitor.Monitor`) are functions of the log
+prefix they were fed: a rule applies from its `outcome_rule.registered` event on, a version's
+baseline comes from its `model.registered`, production moves with `model.alias_set`, a contract's
+SLA terms come from `contract.registered`. Their state lives in memory: at start (and after a
+failed batch) the consumer replays the log up to its position through fresh ones, dropping what
+they give (it was appended with the batches that gave it). That replay reads the whole log; a
+checkpoint of their state (`to_dict`) with the position would bound it.
 """
 
 from __future__ import annotations
@@ -26,31 +26,23 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import orjson
 from opentelemetry import trace
 
 from d2d import projections, telemetry
+from d2d.contracts.platform import is_platform_type
 from d2d.eventlog import LOG_UNREACHABLE, EventLog, NewEvent, StoredEvent
 from d2d.outcomes import OutcomeRule, outcome_event_id
+from services.feedback.monitor import Finding, Monitor, MonitorSettings
+from services.feedback.rules import RuleEngine
 
 log = logging.getLogger(__name__)
 
 NAME = projections.FEEDBACK
-
-
-class OutcomeEngine(Protocol):
-    """What the consumer asks of a rule engine (`services.feedback.rules.RuleEngine`)."""
-
-    rules: Sequence[OutcomeRule]
-
-    def on_decision(self, decision_id: str, payload: dict, decided_at: datetime, seq: int) -> list[Any]: ...
-    def on_withdrawn(self, decision_id: str) -> None: ...
-    def on_event(self, event_id: str, event_type: str, payload: dict, occurred_at: datetime, seq: int) -> list[Any]: ...
-    def close_windows(self) -> list[Any]: ...
 
 
 class PositionMoved(RuntimeError):
@@ -76,18 +68,18 @@ class FeedbackConsumer:
         self,
         event_log: EventLog,
         *,
-        engine: OutcomeEngine | None = None,
         name: str = NAME,
         batch: int = 1000,
         poll_interval: float = 0.5,
+        monitor_settings: MonitorSettings | None = None,
     ) -> None:
         self.log = event_log
-        self.engine = engine
         self.name = name
         self.batch = batch
         self.poll_interval = poll_interval
-        rule_types = {r.event_type for r in engine.rules} if engine is not None else set()
-        self.types = tuple(sorted({*projections.types_applied_by(NAME), *rule_types}))
+        self.monitor_settings = monitor_settings or MonitorSettings()
+        self.engine = RuleEngine(())
+        self.monitor = Monitor(self.monitor_settings)
         self.position = 0
         self.applied = 0  # events applied by this instance
         self.caught_up = asyncio.Event()
@@ -95,16 +87,18 @@ class FeedbackConsumer:
         self._tracer = telemetry.tracer(__name__)
 
     async def start(self) -> None:
-        """Load the position and bring the engine's state up to it."""
+        """Load the position and bring the engine's and the monitor's state up to it."""
         self.position = await self.log.position(self.name)
-        if self.engine is not None:
-            after = 0
-            while after < self.position and (events := await self.log.read(after, self.batch, types=self.types)):
-                events = [e for e in events if e.seq <= self.position]
-                if not events:
-                    break
-                self._offer(events)  # their drafts are in the log already
-                after = events[-1].seq
+        self.engine = RuleEngine(())
+        self.monitor = Monitor(self.monitor_settings)
+        after = 0
+        while after < self.position and (events := await self.log.read(after, self.batch)):
+            events = [e for e in events if e.seq <= self.position]
+            if not events:
+                break
+            async with self.log.pool.acquire() as conn:
+                self._offer(events, await _decisions_of(conn, events))  # what they gave is in the log
+            after = events[-1].seq
         self._started = True
         log.info("feedback: applying the log from seq %d", self.position + 1)
 
@@ -112,21 +106,21 @@ class FeedbackConsumer:
         """Apply one batch in one transaction; the number of events applied (0: caught up)."""
         if not self._started:
             await self.start()
-        events = await self.log.read(self.position, self.batch, types=self.types)
+        events = await self.log.read(self.position, self.batch)
         if not events:
             return 0
         with self._tracer.start_as_current_span(
             "feedback.apply", kind=trace.SpanKind.CONSUMER, links=_links(events[:32])
         ) as span:
             span.set_attribute("messaging.batch.message_count", len(events))
-            drafts = [outcome_event(d) for d in self._offer(events)] if self.engine is not None else []
             async with self.log.pool.acquire() as conn, conn.transaction():
                 await self._claim(conn)
+                drafts = self._offer(events, await _decisions_of(conn, events))
                 if drafts:
                     await self.log.append(drafts, conn=conn)
                 await projections.apply(conn, events, applied_by=NAME)
                 await self.log.set_position(self.name, events[-1].seq, conn=conn)
-            span.set_attribute("d2d.outcomes_appended", len(drafts))
+            span.set_attribute("d2d.events_appended", len(drafts))
             span.set_attribute("d2d.position", events[-1].seq)
         self.position = events[-1].seq
         self.applied += len(events)
@@ -152,9 +146,7 @@ class FeedbackConsumer:
             except Exception as exc:  # Postgres away, another instance, or a batch that fails: retry it
                 level = logging.WARNING if isinstance(exc, (*LOG_UNREACHABLE, PositionMoved)) else logging.ERROR
                 log.log(level, "feedback: %r; starting over from the stored position in %.1f s", exc, backoff)
-                self._started = False
-                if self.engine is not None:  # its state may be ahead of the position: a fresh one replays
-                    self.engine = type(self.engine)(self.engine.rules)
+                self._started = False  # the engine and monitor may be ahead of the position: start replays
                 await _wait(stop, backoff)
                 backoff = min(backoff * 2, 10.0)
 
@@ -164,19 +156,94 @@ class FeedbackConsumer:
         if stored != self.position:
             raise PositionMoved(f"{self.name}'s position is {stored}, not {self.position}")
 
-    def _offer(self, events: Sequence[StoredEvent]) -> list[Any]:
-        """Each event to the engine, in order, then the windows its watermark closed: the drafts."""
-        engine = self.engine
-        assert engine is not None
+    def _offer(self, events: Sequence[StoredEvent], decisions: dict[str, dict[str, Any]]) -> list[NewEvent]:
+        """Each event to the engine and the monitor, in order, then the windows the engine's watermark
+        closed: the events to append. `decisions`: what the monitor needs of each decision an
+        outcome in `events` is about (`_decisions_of`)."""
+        engine, monitor = self.engine, self.monitor
         drafts: list[Any] = []
+        findings: list[Finding] = []
         for e in events:
+            p = e.payload
             if e.type == "decision.made":
-                drafts += engine.on_decision(e.payload["decision_id"], e.payload, projections.decided_at(e), e.seq)
+                drafts += engine.on_decision(p["decision_id"], p, projections.decided_at(e), e.seq)
+                model, version = _model_version(p["model_version"])
+                findings += monitor.on_decision(e.seq, model, version, p.get("inputs") or [], p["score"])
             elif e.type == "decision.withdrawn":
-                engine.on_withdrawn(e.payload["decision_id"])
-            elif e.type != "outcome.recorded":
-                drafts += engine.on_event(str(e.event_id), e.type, e.payload, e.occurred_at, e.seq)
-        return drafts + engine.close_windows()
+                engine.on_withdrawn(p["decision_id"])
+            elif e.type == "outcome.recorded":
+                d = decisions.get(p["decision_id"])
+                if d is not None:
+                    findings += monitor.on_outcome(
+                        e.seq, d["model"], d["model_version"], d["score"], p.get("label"), d["propensity"]
+                    )
+            elif e.type == "outcome_rule.registered":
+                engine.add_rule(OutcomeRule.from_dict(p))
+            elif e.type == "model.registered":
+                if "version" in p:
+                    monitor.know_version(
+                        p["model"], p["version"], baseline=(p.get("lineage") or {}).get("baseline"),
+                        feature_names=p.get("feature_names", []), heldout_auc=(p.get("evaluation") or {}).get("auc"),
+                    )  # fmt: skip
+            elif e.type == "model.alias_set":
+                if p["alias"] == "production":
+                    monitor.production_set(p["model"], p["version"])
+            elif e.type == "contract.registered":
+                monitor.know_contract(
+                    p["event_type"], p.get("null_rate_limits", {}), p.get("allowed_lateness_seconds", 0)
+                )
+            elif not is_platform_type(e.type):
+                drafts += engine.on_event(str(e.event_id), e.type, p, e.occurred_at, e.seq)
+                findings += monitor.on_event(e.seq, e.type, p, e.occurred_at, e.recorded_at)
+        drafts += engine.close_windows()
+        return [outcome_event(d) for d in drafts] + [x for f in findings for x in finding_events(f)]
+
+
+def _model_version(name: str) -> tuple[str, int]:
+    """`models/{model}/versions/{n}` -> (model, n)."""
+    _, model, _, number = name.split("/")
+    return model, int(number)
+
+
+async def _decisions_of(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> dict[str, dict[str, Any]]:
+    """Model, version, score and propensity of the decision of each outcome in `events`: from the
+    batch's own decision.made events, else from the join (which holds every decision before the
+    batch: a decision precedes its outcomes in the log)."""
+    made = {e.payload["decision_id"]: e.payload for e in events if e.type == "decision.made"}
+    found: dict[str, dict[str, Any]] = {}
+    wanted = []
+    for e in events:
+        if e.type == "outcome.recorded":
+            d = made.get(e.payload["decision_id"])
+            if d is None:
+                wanted.append(e.payload["decision_id"])
+                continue
+            model, version = _model_version(d["model_version"])
+            found[d["decision_id"]] = {"model": model, "model_version": version, "score": d["score"],
+                                       "propensity": d["propensity"]}  # fmt: skip
+    if wanted:
+        rows = await conn.fetch(
+            "SELECT decision_id::text AS decision_id, model, model_version, score, propensity FROM decision_outcomes"
+            " WHERE decision_id = ANY($1::uuid[])",
+            wanted,
+        )
+        found.update({r["decision_id"]: dict(r) for r in rows})
+    return found
+
+
+def finding_events(finding: Finding) -> list[NewEvent]:
+    """A monitor finding as events: its `quality.alert`, and a `retrain.requested` if it asks one."""
+    now = datetime.now(UTC)
+    events = [
+        NewEvent(finding.alert_event_id(), "quality.alert", 1, "quality", finding.source, now,
+                 orjson.dumps(finding.alert_payload()).decode(), {"producer": "feedback"})
+    ]  # fmt: skip
+    if finding.retrain and finding.model:
+        events.append(
+            NewEvent(finding.retrain_event_id(), "retrain.requested", 1, "model", finding.model, now,
+                     orjson.dumps(finding.retrain_payload()).decode(), {"producer": "feedback"})
+        )  # fmt: skip
+    return events
 
 
 def _links(events: Sequence[StoredEvent]) -> list[trace.Link]:

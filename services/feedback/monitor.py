@@ -13,6 +13,7 @@ changes (a new one, or the same one set again): the request stands until the reg
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections import deque
@@ -44,6 +45,15 @@ class MonitorSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MonitorSettings:
         return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> MonitorSettings:
+        """Settings from `D2D_FEEDBACK_MONITOR` (a JSON object of the fields to change; empty: defaults);
+        SystemExit naming what is wrong, since a service cannot start on settings it cannot read."""
+        try:
+            return cls(**json.loads(text)) if text.strip() else cls()
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"D2D_FEEDBACK_MONITOR is not a JSON object of MonitorSettings fields: {exc}") from exc
 
 
 @dataclass(frozen=True)

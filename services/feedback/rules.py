@@ -162,6 +162,20 @@ class RuleEngine:
         self._last_seq: int | None = None
         self._watermark: int | None = None
 
+    def add_rule(self, rule: OutcomeRule) -> None:
+        """A rule registered while the engine runs: it sees the decisions and events after this point
+        only (a rule applies from its registration on, so replaying the log gives the same outcomes).
+        A rule already known under its name with the same terms changes nothing."""
+        known = {r.name: r for r in self.rules}
+        if rule.name in known:
+            if known[rule.name] != rule:
+                raise ValueError(f"rule {rule.name!r} is already known with other terms")
+            return
+        state = _RuleState(rule)
+        self.rules = (*self.rules, rule)
+        self._states.append(state)
+        self._by_event_type.setdefault(rule.event_type, []).append(state)
+
     @property
     def last_seq(self) -> int | None:
         """The highest `seq` processed: anything at or below it is a redelivery."""

@@ -18,6 +18,7 @@ from d2d.runtime.process import stop_on_signals
 from d2d.v1 import feedback_pb2
 from services.feedback.api import SERVICE_NAME, FeedbackApi
 from services.feedback.consumer import FeedbackConsumer
+from services.feedback.monitor import MonitorSettings
 from services.feedback.store import FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     pool = await eventlog.create_pool(url, role=settings.db_role, max_size=6)
     event_log = EventLog(pool)
     api = FeedbackApi(event_log)
-    # The rule engine hook: `engine=RuleEngine(<registered rules>)` (services/feedback/rules.py)
-    # makes the consumer turn rule events and closed windows into outcomes; None applies the join only.
-    consumer = FeedbackConsumer(event_log, engine=None)
+    consumer = FeedbackConsumer(event_log, monitor_settings=MonitorSettings.from_json(settings.feedback_monitor_json))
     server, health = grpcserver.new_server([SERVICE_NAME])
     grpcserver.add_service(server, feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"], api)
     addr = settings.addr("feedback")
