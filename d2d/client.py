@@ -600,3 +600,15 @@ class FeedbackClient:
     async def list_rules(self, *, timeout: float = 30) -> list[feedback_pb2.OutcomeRule]:
         response = await self.stub.ListOutcomeRules(feedback_pb2.ListOutcomeRulesRequest(), timeout=timeout)
         return list(response.outcome_rules)
+
+    async def model_metrics(
+        self, model: str, *, start: datetime | None = None, end: datetime | None = None, positive_action: str = "",
+        timeout: float = 30,
+    ) -> feedback_pb2.ModelMetrics:  # fmt: skip
+        """Live metrics of `model` per version and arm over decisions with an event time in [start, end)."""
+        request = feedback_pb2.GetModelMetricsRequest(name=f"models/{model}", positive_action=positive_action)
+        if start is not None:
+            request.start_time.FromDatetime(start)
+        if end is not None:
+            request.end_time.FromDatetime(end)
+        return await self.stub.GetModelMetrics(request, timeout=timeout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -458,3 +459,121 @@ async def test_rule_outcomes_are_appended_with_the_batch_and_joined_once_across_
     rows = await join_rows(database_url)
     assert [rows[d.entity_id]["label"] for d in decisions] == [1, 1, None]
     assert await rebuilt_equals_live(postgres, database_url) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Live metrics and the monitor
+
+
+async def create_model(log: EventLog, model: str = "fraud") -> None:
+    from services.registry.store import ModelStore
+
+    policy = {"canary_share": 0.2, "epsilon": 0.0, "threshold": 0.5, "actions": ["approve", "decline"]}
+    await ModelStore(log, default_policy=policy).create_model(model)
+
+
+async def test_metrics_per_version_and_arm_equal_a_hand_computation_and_their_recomputation_from_the_log(
+    feedback: FeedbackClient, event_log: EventLog, database_url: str, postgres: EmbeddedPostgres
+) -> None:
+    await create_model(event_log)
+    production = [(0.1, 0), (0.4, 0), (0.35, 1), (0.8, 1)]  # AUC 3/4
+    canary = [(0.2, 0), (0.9, 1)]  # AUC 1
+    made = [decision(score=s) for s, _ in production]
+    made += [decision(score=s, arm="canary", model_version="models/fraud/versions/3") for s, _ in canary]
+    made.append(decision(score=0.6, action="decline"))  # no outcome: counts as a decision only
+    late = decision(score=0.3, as_of=(DECIDED + timedelta(days=10)).isoformat())
+    await event_log.append([*made, late])
+    labels = [label for _, label in production + canary]
+    await event_log.append([outcome(d.entity_id, label) for d, label in zip(made, labels, strict=False)])
+    await wait_for_join(event_log, database_url, decisions=8, labelled=6)
+
+    answer = await feedback.model_metrics("fraud", positive_action="approve")
+    arms = {(a.model_version, a.arm): a for a in answer.arms}
+    prod = arms[("models/fraud/versions/2", "production")]
+    assert (prod.decisions, prod.labelled, prod.auc) == (6, 4, 0.75)
+    m = json.loads(prod.metrics_json)
+    assert m["positive_action_rate"] == pytest.approx(5 / 6) and m["label_coverage"] == pytest.approx(4 / 6)
+    assert m["label_delay_p50_seconds"] == 3 * 86400  # outcomes occur three days after the decision
+    can = arms[("models/fraud/versions/3", "canary")]
+    assert (can.decisions, can.labelled, can.auc) == (2, 2, 1.0)
+    assert answer.position == await event_log.head()
+
+    window = await feedback.model_metrics("fraud", end=DECIDED + timedelta(days=1))
+    assert {(a.arm, a.decisions) for a in window.arms} == {("production", 5), ("canary", 2)}  # `late` left out
+
+    code, out = await run_cli(
+        {"D2D_DATABASE_URL": database_url, "D2D_NATS_URL": "nats://unused", "D2D_FEEDBACK_ADDR": feedback.target},
+        "metrics",
+        "fraud",
+    )
+    assert code == 0 and "0.7500" in out and "1.0000" in out, out
+
+    # The same metrics from a join rebuilt from the log alone, exactly.
+    from services.feedback.metrics import compute
+    from services.feedback.store import FeedbackStore
+
+    rebuilt = await asyncio.to_thread(postgres.create_database, f"m_{uuid.uuid4().hex[:12]}")
+    await eventlog.migrate(rebuilt)
+    await projections.rebuild(database_url, rebuilt)
+    pool = await eventlog.create_pool(rebuilt, max_size=1)
+    try:
+        rows, _ = await FeedbackStore(EventLog(pool)).join_rows("fraud", None, None)
+    finally:
+        await pool.close()
+    recomputed = {
+        (f"models/fraud/versions/{m.model_version}", m.arm): m.to_dict()
+        for m in compute(rows, positive_action="approve")
+    }
+    assert recomputed == {k: json.loads(a.metrics_json) for k, a in arms.items()}
+
+
+async def test_metrics_of_a_model_that_does_not_exist_or_of_a_backward_window_are_refused(
+    feedback: FeedbackClient, event_log: EventLog
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await feedback.model_metrics("no-such-model")
+    assert refusal(caught.value) == ("NOT_FOUND", ["name"])
+    await create_model(event_log)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await feedback.model_metrics("fraud", start=DECIDED, end=DECIDED - timedelta(days=1))
+    assert refusal(caught.value) == ("INVALID_ARGUMENT", ["end_time"])
+
+
+async def test_drift_in_the_decisions_of_the_production_version_appends_one_alert_and_one_retrain_request(
+    event_log: EventLog, database_url: str
+) -> None:
+    """Decisions whose input left the training distribution: the consumer's monitor appends a
+    quality.alert with the PSI and a retrain.requested, once, and a restart appends neither again."""
+    import random
+
+    from d2d.training.baseline import baseline
+    from services.feedback.monitor import MonitorSettings
+
+    rng = random.Random(7)
+    trained = [rng.gauss(50, 10) for _ in range(2000)]
+    scores = baseline({"s": [rng.random() for _ in range(2000)]})["s"]
+    lineage = {"baseline": {"inputs": baseline({"amount": trained}), "score": scores}}
+    version = {"model": "fraud", "version": 2, "sha256": "0" * 64, "spec": {}, "evaluation": {"auc": 0.9},
+               "lineage": lineage, "feature_names": ["amount"]}  # fmt: skip
+    alias = {"model": "fraud", "alias": "production", "version": 2, "previous_version": None, "reason": "test"}
+    platform = [
+        NewEvent(uuid.uuid4(), "model.registered", 1, "model", "fraud", DECIDED, orjson.dumps(version).decode()),
+        NewEvent(uuid.uuid4(), "model.alias_set", 1, "model", "fraud", DECIDED, orjson.dumps(alias).decode()),
+    ]
+    await event_log.append(platform)
+    settings = MonitorSettings(drift_window=600, drift_every=300)
+    stable = [decision(inputs=[rng.gauss(50, 10)], score=rng.random()) for _ in range(900)]
+    shifted = [decision(inputs=[rng.gauss(80, 10)], score=rng.random()) for _ in range(900)]
+    await event_log.append(stable)
+    await FeedbackConsumer(event_log, monitor_settings=settings).catch_up()
+    assert [a.payload for a in await event_log.read(0, types=["quality.alert"])] == []
+    await event_log.append(shifted)
+    await FeedbackConsumer(event_log, monitor_settings=settings, batch=50).catch_up()
+    alerts = await event_log.read(0, types=["quality.alert"])
+    [request] = await event_log.read(0, types=["retrain.requested"])
+    assert alerts and {a.payload["kind"] for a in alerts} == {"drift"}
+    assert alerts[0].payload["worst"] == "amount" and alerts[0].payload["psi_max"] > 0.25
+    assert request.payload["reason"] == "drift" and request.payload["alert_event_id"] == str(alerts[0].event_id)
+    before = await event_log.head()
+    await FeedbackConsumer(event_log, monitor_settings=settings).catch_up()  # replays, appends nothing again
+    assert await event_log.head() == before

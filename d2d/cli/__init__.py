@@ -9,6 +9,7 @@ d2d features views|frame|verify
 d2d models list|show|train|promote|rollback|reproduce
 d2d predict MODEL           one decision
 d2d outcomes record|rules   outcomes of decisions, outcome rules
+d2d metrics MODEL           live metrics per version and arm
 d2d migrate                 apply database migrations
 
 Every command but `up` and `migrate` talks to the services over gRPC (training frames and skew
@@ -23,10 +24,10 @@ import argparse
 import logging
 import os
 
-from d2d.cli import contracts, dlq, features, log, migrate, models, outcomes, predict, up
+from d2d.cli import contracts, dlq, features, log, metrics, migrate, models, outcomes, predict, up
 from d2d.private import PRIVATE_UMASK
 
-GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, migrate)
+GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, migrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

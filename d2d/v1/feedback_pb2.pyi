@@ -12,6 +12,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetModelMetricsRequest(_message.Message):
+    __slots__ = ("name", "start_time", "end_time", "positive_action")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_ACTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    positive_action: str
+    def __init__(self, name: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., positive_action: _Optional[str] = ...) -> None: ...
+
+class ModelMetrics(_message.Message):
+    __slots__ = ("name", "arms", "position")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    arms: _containers.RepeatedCompositeFieldContainer[ArmMetrics]
+    position: int
+    def __init__(self, name: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmMetrics, _Mapping]]] = ..., position: _Optional[int] = ...) -> None: ...
+
+class ArmMetrics(_message.Message):
+    __slots__ = ("model_version", "arm", "decisions", "labelled", "auc", "metrics_json")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    AUC_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    arm: str
+    decisions: int
+    labelled: int
+    auc: float
+    metrics_json: str
+    def __init__(self, model_version: _Optional[str] = ..., arm: _Optional[str] = ..., decisions: _Optional[int] = ..., labelled: _Optional[int] = ..., auc: _Optional[float] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+
 class Outcome(_message.Message):
     __slots__ = ("name", "decision", "outcome_id", "label", "reward", "occur_time", "source", "rule", "cause_event_id", "window_closed", "seq", "record_time")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -62,6 +62,11 @@ class FeedbackServiceStub:
                 request_serializer=d2d_dot_v1_dot_feedback__pb2.ListOutcomeRulesRequest.SerializeToString,
                 response_deserializer=d2d_dot_v1_dot_feedback__pb2.ListOutcomeRulesResponse.FromString,
                 _registered_method=True)
+        self.GetModelMetrics = channel.unary_unary(
+                '/d2d.v1.FeedbackService/GetModelMetrics',
+                request_serializer=d2d_dot_v1_dot_feedback__pb2.GetModelMetricsRequest.SerializeToString,
+                response_deserializer=d2d_dot_v1_dot_feedback__pb2.ModelMetrics.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
@@ -110,6 +115,16 @@ class FeedbackServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelMetrics(self, request, context):
+        """Live metrics of a model per version and arm, over the decisions whose event time is in a
+        window, from the join of decisions and outcomes as the feedback consumer has applied it (up to
+        `position`). NOT_FOUND for a model the registry does not hold (`name`); INVALID_ARGUMENT for a
+        window that ends before it starts (`end_time`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +152,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.ListOutcomeRules,
                     request_deserializer=d2d_dot_v1_dot_feedback__pb2.ListOutcomeRulesRequest.FromString,
                     response_serializer=d2d_dot_v1_dot_feedback__pb2.ListOutcomeRulesResponse.SerializeToString,
+            ),
+            'GetModelMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelMetrics,
+                    request_deserializer=d2d_dot_v1_dot_feedback__pb2.GetModelMetricsRequest.FromString,
+                    response_serializer=d2d_dot_v1_dot_feedback__pb2.ModelMetrics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +297,33 @@ class FeedbackService:
             '/d2d.v1.FeedbackService/ListOutcomeRules',
             d2d_dot_v1_dot_feedback__pb2.ListOutcomeRulesRequest.SerializeToString,
             d2d_dot_v1_dot_feedback__pb2.ListOutcomeRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/d2d.v1.FeedbackService/GetModelMetrics',
+            d2d_dot_v1_dot_feedback__pb2.GetModelMetricsRequest.SerializeToString,
+            d2d_dot_v1_dot_feedback__pb2.ModelMetrics.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ each with its status and a BadRequest naming the field.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC
 from typing import Any
 
@@ -15,6 +16,7 @@ from google.protobuf import duration_pb2
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.v1 import feedback_pb2
+from services.feedback.metrics import compute
 from services.feedback.store import FeedbackStore, outcome_rule, outcome_terms, rule_field
 
 SERVICE_NAME = "d2d.v1.FeedbackService"
@@ -131,3 +133,22 @@ class FeedbackApi:
         return feedback_pb2.ListOutcomeRulesResponse(
             outcome_rules=[rule_to_proto(r) for r in await self.store.list_rules()]
         )
+
+    async def GetModelMetrics(self, request: Any, context: grpc.aio.ServicerContext) -> feedback_pb2.ModelMetrics:
+        model = request.name.removeprefix("models/")
+        if not request.name.startswith("models/") or not model or "/" in model:
+            raise Refusal("INVALID_ARGUMENT", f"{request.name!r} is not a model name 'models/{{model}}'", "name")
+        start = request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None
+        end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None
+        if start and end and end < start:
+            raise Refusal("INVALID_ARGUMENT", f"end_time {end.isoformat()} is before start_time", "end_time")
+        rows, position = await self.store.join_rows(model, start, end)
+        response = feedback_pb2.ModelMetrics(name=f"models/{model}", position=position)
+        for m in compute(rows, positive_action=request.positive_action or None):
+            arm = response.arms.add(
+                model_version=f"models/{model}/versions/{m.model_version}", arm=m.arm, decisions=m.decisions,
+                labelled=m.labelled, metrics_json=json.dumps(m.to_dict(), sort_keys=True),
+            )  # fmt: skip
+            if m.auc is not None:
+                arm.auc = m.auc
+        return response

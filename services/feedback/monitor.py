@@ -31,7 +31,8 @@ FINDING_NAMESPACE = uuid.UUID("5c0e7d1a-2b9f-4c43-9a57-0d2d0d2d0f1d")
 
 @dataclass(frozen=True)
 class MonitorSettings:
-    drift_window: int = 2000  # newest decisions of a version the PSI is computed over
+    drift_window: int = 2000  # newest decisions of a version the PSI is computed over (PSI on fewer than
+    # about 500 values is mostly sampling noise: 100 uniform draws against their own baseline read up to 0.25)
     drift_every: int = 500  # computed each time a version has this many more decisions
     drift_threshold: float = 0.25  # PSI above which an input or the score has drifted ("major")
     performance_window: int = 500  # newest labelled decisions of the production version
@@ -138,7 +139,7 @@ class Monitor:
         v.inputs.append((list(inputs), float(score)))
         while len(v.inputs) > s.drift_window:
             v.inputs.popleft()
-        if v.baseline is None or v.decisions % s.drift_every or len(v.inputs) < min(s.drift_window, s.drift_every):
+        if v.baseline is None or v.decisions % s.drift_every or len(v.inputs) < s.drift_window:
             return []
         columns = list(zip(*(i for i, _ in v.inputs), strict=True)) if v.inputs[0][0] else []
         scores = [sc for _, sc in v.inputs]

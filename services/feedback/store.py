@@ -24,6 +24,8 @@ from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent, StoredEvent
 from d2d.limits import check_text
 from d2d.outcomes import OUTCOME_NAMESPACE, OutcomeRule, outcome_event_id
+from d2d.projections import FEEDBACK
+from services.feedback.metrics import JoinRow
 
 DECISION_EVENTS = ("decision.made", "decision.withdrawn", "outcome.recorded")
 MAX_OUTCOME_ID = 200
@@ -205,6 +207,20 @@ class FeedbackStore:
     async def list_rules(self) -> list[dict[str, Any]]:
         async with self.log.pool.acquire() as conn:
             return [dict(r) for r in await conn.fetch(RULE_SQL + " ORDER BY name")]
+
+    async def join_rows(self, model: str, start: datetime | None, end: datetime | None) -> tuple[list[JoinRow], int]:
+        """The join's rows of `model`'s decisions with an event time in [start, end), and the log
+        position the join reflects; NOT_FOUND naming `name` for a model the registry does not hold."""
+        async with self.log.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            if not await conn.fetchval("SELECT 1 FROM models WHERE name = $1", model):
+                raise Refusal("NOT_FOUND", f"models/{model} does not exist", "name")
+            rows = await conn.fetch(
+                "SELECT * FROM decision_outcomes WHERE model = $1 AND ($2::timestamptz IS NULL OR decided_at >= $2)"
+                " AND ($3::timestamptz IS NULL OR decided_at < $3)",
+                model, start, end,
+            )  # fmt: skip
+            position = await self.log.position(FEEDBACK, conn=conn)
+        return [JoinRow.from_mapping(r) for r in rows], position
 
 
 RULE_SQL = "SELECT name, terms, registered_seq, created_at FROM outcome_rules"
