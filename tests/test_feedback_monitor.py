@@ -114,3 +114,20 @@ def test_a_checkpoint_mid_stream_gives_the_findings_of_an_uninterrupted_run() ->
     uninterrupted = run(None)
     assert uninterrupted and run(337) == uninterrupted
     assert len({f.alert_event_id() for f in uninterrupted}) == len(uninterrupted)
+
+
+def test_a_features_service_behind_the_log_for_too_long_is_alerted_once_per_breach() -> None:
+    from services.feedback.freshness import FreshnessCheck
+
+    check = FreshnessCheck(max_lag_seconds=60)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    assert check.observe(t, watermark=100, head=100, oldest_unfolded_at=None) is None  # caught up
+    assert check.observe(t, watermark=90, head=100, oldest_unfolded_at=t - timedelta(seconds=30)) is None
+    alert = check.observe(t, watermark=90, head=100, oldest_unfolded_at=t - timedelta(seconds=90))
+    assert alert is not None and alert["kind"] == "feature_freshness"
+    assert (alert["lag_events"], alert["lag_seconds"]) == (10, 90.0)
+    assert (
+        check.observe(t, watermark=95, head=120, oldest_unfolded_at=t - timedelta(seconds=200)) is None
+    )  # same breach
+    assert check.observe(t, watermark=120, head=120, oldest_unfolded_at=None) is None  # fresh again
+    assert check.observe(t, watermark=120, head=130, oldest_unfolded_at=t - timedelta(seconds=61)) is not None

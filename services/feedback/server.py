@@ -16,6 +16,7 @@ from d2d.eventlog import EventLog
 from d2d.outcomes import OutcomeRule
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import feedback_pb2
+from services.feedback import freshness
 from services.feedback.api import SERVICE_NAME, FeedbackApi
 from services.feedback.consumer import FeedbackConsumer
 from services.feedback.monitor import MonitorSettings
@@ -72,6 +73,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     tasks = [
         asyncio.create_task(register_rules(api.store, load_rules(settings.outcome_rules_module), stop)),
         asyncio.create_task(consumer.run(stop)),
+        asyncio.create_task(freshness.watch(event_log, settings.addr("features"), stop)),
     ]
     try:
         await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"feedback serving on {addr}")
