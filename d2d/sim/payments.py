@@ -5,7 +5,9 @@ card payments spread over the simulated period with a daily cycle, and chargebac
 that arrive days after fraudulent payments. Every payment's true fraud probability is a
 deterministic logistic function of features a model could learn from the event stream
 (merchant category, amount, channel, IP/card country mismatch, new device, night hour,
-velocity) plus hidden drivers (customer risk segment, merchant risk tier).
+velocity) plus hidden drivers (customer risk segment, merchant risk tier). With the drift switch
+(``SimConfig.drift_day``) a new fraud pattern appears from that day on: card-present payments of
+everyday amounts, benign before, turn risky, so a model trained before the drift loses on them.
 
 Only the standard library is used; every random draw comes from ``random.Random``
 generators derived from the configured seed, so the same config yields byte-identical
@@ -86,6 +88,15 @@ class SimConfig:
     chargeback_delay_days: tuple[float, float] = (2.0, 45.0)
     out_of_order_fraction: float = 0.0
     max_lateness_seconds: float = 600.0
+    # The drift switch: from `drift_day` (days after start) on, a new fraud pattern appears: payments on
+    # `drift_channel` with an amount in `drift_amount_band` (benign before: card-present, everyday
+    # amounts) get `drift_logit` added to their fraud logit. None: no drift (the outputs are those of a
+    # config without these fields). The intercept is calibrated on the undrifted logits, so the truth
+    # before the drift day is the same as without drift.
+    drift_day: float | None = None
+    drift_channel: str = "pos"
+    drift_amount_band: tuple[float, float] = (20.0, 80.0)
+    drift_logit: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -770,6 +781,8 @@ class PaymentsSimulator:
         lo, hi = cfg.chargeback_delay_days
         truth: dict[str, PaymentTruth] = {}
         for pay, x in zip(payments, logits, strict=True):
+            if cfg.drift_day is not None and _drifted(cfg, pay):
+                x += cfg.drift_logit
             p = _sigmoid(b + x)
             is_fraud = trng.random() < p
             cb_at = None
@@ -780,6 +793,13 @@ class PaymentsSimulator:
 
         self._payments = payments
         self._truth = truth
+
+
+def _drifted(cfg: SimConfig, pay: _Payment) -> bool:
+    """Whether a payment falls under the drift's new fraud pattern (on or after the drift day)."""
+    assert cfg.drift_day is not None
+    lo, hi = cfg.drift_amount_band
+    return pay[0] >= cfg.drift_day * 86_400e6 and pay[6] == cfg.drift_channel and lo <= pay[5] < hi
 
 
 def _us_between(a: datetime, b: datetime) -> int:
@@ -803,6 +823,12 @@ def _validate(cfg: SimConfig) -> None:
         raise ValueError("out_of_order_fraction must be in [0, 1]")
     if cfg.max_lateness_seconds < 0:
         raise ValueError("max_lateness_seconds must be >= 0")
+    if cfg.drift_day is not None and cfg.drift_day < 0:
+        raise ValueError("drift_day must be >= 0 (days after start) or None")
+    if cfg.drift_channel not in ("ecom", "pos"):
+        raise ValueError("drift_channel must be 'ecom' or 'pos'")
+    if not 0.0 <= cfg.drift_amount_band[0] < cfg.drift_amount_band[1]:
+        raise ValueError("drift_amount_band must satisfy 0 <= lo < hi")
 
 
 def write_truth_csv(truth: dict[str, PaymentTruth], path: str | os.PathLike[str]) -> None:
