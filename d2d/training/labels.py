@@ -13,10 +13,12 @@ label uses only events that had occurred by `as_of`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
+
+DECISION_WEIGHTINGS = ("inverse_propensity", "none")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,69 @@ class LabelDefinition:
         if missing:
             raise ValueError(f"label definition: missing field(s) {', '.join(sorted(missing))}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class DecisionLabel:
+    """Labels from the platform's own decisions: an example per `decision.made` event of `model` (not
+    withdrawn) with a recorded outcome label (its first `outcome.recorded`), its inputs the vector the
+    decision logged. Outcomes are selective (only approved payments show fraud), so with
+    `weighting="inverse_propensity"` each example weighs 1/propensity (capped at `MAX_WEIGHT`): the
+    few explored approvals stand for all the declines like them, and the retrained model is not biased
+    toward the old policy. `"none"`: every example weighs 1.
+
+    As JSON: `{"source": "decisions", "model": M, "weighting": "inverse_propensity" | "none"}`.
+    """
+
+    SOURCE: ClassVar[str] = "decisions"
+    EXAMPLE_TYPE: ClassVar[str] = "decision.made"
+    MAX_WEIGHT: ClassVar[float] = 100.0  # 1 / propensity is clipped here (propensity 0.01)
+
+    model: str
+    weighting: str = "inverse_propensity"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty model name, got {self.model!r}")
+        if self.weighting not in DECISION_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(DECISION_WEIGHTINGS)}, got {self.weighting!r}")
+
+    @property
+    def example_type(self) -> str:
+        return self.EXAMPLE_TYPE
+
+    def weight(self, propensity: float) -> float:
+        if self.weighting == "none":
+            return 1.0
+        return min(1.0 / propensity, self.MAX_WEIGHT)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.SOURCE, "model": self.model, "weighting": self.weighting}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DecisionLabel:
+        """The inverse of `to_dict`. Unknown and missing keys are an error (ValueError)."""
+        unknown = sorted(set(d) - {"source", "model", "weighting"})
+        if unknown:
+            raise ValueError(f"unknown decision label fields: {unknown}")
+        if d.get("source") != cls.SOURCE:
+            raise ValueError(f"decision label: source must be {cls.SOURCE!r}, got {d.get('source')!r}")
+        if "model" not in d:
+            raise ValueError("decision label: missing field model")
+        return cls(d["model"], d.get("weighting", "inverse_propensity"))
+
+
+Label = LabelDefinition | DecisionLabel
+
+
+def label_from_dict(d: Mapping[str, Any]) -> Label:
+    """A spec's label: `{"source": "decisions", ...}` is a `DecisionLabel`; anything else (no `source`)
+    a `LabelDefinition`, as every spec stored before decisions could be learned from."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"label must be an object, got {type(d).__name__}")
+    if "source" in d:
+        return DecisionLabel.from_dict(d)
+    return LabelDefinition.from_dict(dict(d))
 
 
 @dataclass(frozen=True)
