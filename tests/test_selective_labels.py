@@ -39,7 +39,7 @@ from d2d.sim.views import VIEWS
 from d2d.training.decisions import decision_examples
 from d2d.training.evaluation import roc_auc
 from d2d.training.labels import DecisionLabel, LabeledExample
-from d2d.training.pipeline import build_inputs, predict, train
+from d2d.training.pipeline import build_inputs, compare_on_rows, predict, train
 from d2d.training.spec import SpecError, TrainingSpec, input_names
 from services.serving.decisions import choose, decision_id, unit_interval
 
@@ -196,6 +196,15 @@ async def test_weighted_retrain_beats_unweighted_on_all_payments(event_log: Even
     )
     print("\n" + figures)
     assert aucs["inverse_propensity"] > aucs["none"], figures
+    # The promotion gate compares them on the weighted retrain's held-out decisions, each scoring the
+    # inputs those decisions logged: the candidate's AUC there is the one its evaluation reports.
+    weighted, plain = retrained["inverse_propensity"], retrained["none"]
+    rows = [tuple(r) for r in weighted.lineage["test_examples"]]
+    candidate_auc, incumbent_auc, n = await compare_on_rows(
+        event_log, rows, (weighted.spec, VIEWS, weighted.artifact), (plain.spec, VIEWS, plain.artifact)
+    )
+    assert n == len(rows) == weighted.lineage["rows"]["test"]
+    assert candidate_auc == weighted.evaluation["auc"] and 0.5 < incumbent_auc < 1
     # Both learned from the same labelled decisions: only the weights differ.
     assert retrained["none"].lineage["decisions"] == retrained["inverse_propensity"].lineage["decisions"]
     assert retrained["inverse_propensity"].lineage["weighting"] == "inverse_propensity"

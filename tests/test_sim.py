@@ -346,3 +346,21 @@ def test_drift_settings_are_checked() -> None:
     for bad in ({"drift_day": -1.0}, {"drift_channel": "atm"}, {"drift_amount_band": (80.0, 20.0)}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             PaymentsSimulator(replace(SMALL, **bad))
+
+
+def test_a_chargeback_on_demand_is_the_one_the_period_emits_at_its_truth_time() -> None:
+    sim = PaymentsSimulator(LONG)
+    truth = sim.truth()
+    emitted = {e.payload["payment_id"]: e for e in sim.events() if e.type == "payment.chargeback"}
+    assert emitted
+    for payment_id, e in emitted.items():
+        on_demand = sim.chargeback(payment_id)
+        assert on_demand is not None
+        assert (on_demand.type, on_demand.occurred_at, on_demand.payload) == (e.type, e.occurred_at, e.payload)
+        assert on_demand.event_id == sim.chargeback(payment_id).event_id  # one id per payment, every time
+    late = [p for p, t in truth.items() if t.is_fraud and p not in emitted]
+    assert late and all(sim.chargeback(p).occurred_at == truth[p].chargeback_at for p in late)
+    genuine = next(p for p, t in truth.items() if not t.is_fraud)
+    assert sim.chargeback(genuine) is None
+    assert [e.payload["payment_id"] for e in sim.payment_events()] == list(truth)
+    assert sim.reference_events() == list(sim.events())[: len(sim.reference_events())]
