@@ -98,8 +98,8 @@ class TrainingSpec:
             raise SpecError("INVALID_ARGUMENT", "training spec: views (name, version pairs) are required")
         if not d.get("label"):
             raise SpecError(
-                "INVALID_ARGUMENT", "training spec: label (example_type, outcome_type, join_field, window_seconds;"
-                " or source \"decisions\", model, weighting) is required",
+                "INVALID_ARGUMENT", "training spec: label (example_type, outcome_type, join_field, window_seconds)"
+                " is required (or, to learn from logged decisions, source \"decisions\", model, weighting)",
             )  # fmt: skip
         if d.get("truth_path") and not (d.get("truth_key") and d.get("truth_column")):
             raise SpecError(
