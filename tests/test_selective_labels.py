@@ -266,7 +266,13 @@ async def test_decisions_join_their_first_labelled_outcome_with_the_inputs_they_
     assert found.inputs[0][0] == 1.0 and math.isnan(found.inputs[0][1])  # by name: a, then c (None: missing)
     assert found.inputs[1].tolist() == [10.0, 30.0]  # version 2 logged c before a
     assert found.weights.tolist() == [1 / 0.95, 10.0]
-    assert found.counts == {"decisions": 5, "withdrawn": 1, "unlabelled": 2, "labelled": 2}
+    assert found.counts == {"decisions": 5, "withdrawn": 1, "censored": 0, "unlabelled": 2, "labelled": 2}
+    # With the rule's window: the end of the range is the newest outcome (day 30); decisions younger than
+    # the window then are left out, whatever outcome they already have.
+    windowed = replace(spec, label=DecisionLabel("m", window_seconds=30 * 86_400 - 1800))
+    found = await decision_examples(event_log, windowed, ["request.a", "request.c"])
+    assert [e.event_id for e in found.examples] == [by_v1.entity_id]
+    assert found.counts == {"decisions": 5, "withdrawn": 1, "censored": 3, "unlabelled": 0, "labelled": 1}
 
     with pytest.raises(SpecError, match="versions/2 did not log the input.*request.b") as refused:
         await decision_examples(event_log, spec, ["request.a", "request.b"])

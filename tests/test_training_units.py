@@ -366,12 +366,16 @@ def test_a_spec_learns_from_decisions_or_events_by_its_label() -> None:
     assert spec.label == DecisionLabel("fraud", "none")
     assert json.loads(spec.to_json()) == decided
     defaulted = TrainingSpec.from_dict({**stored, "label": {"source": "decisions", "model": "fraud"}})
-    assert defaulted.label.weighting == "inverse_propensity"
+    assert defaulted.label == DecisionLabel("fraud", "inverse_propensity", window_seconds=0)
+    windowed = {**stored, "label": {"source": "decisions", "model": "fraud", "weighting": "none", "window_seconds": 60}}
+    assert TrainingSpec.from_dict(windowed).label.window_seconds == 60
+    assert json.loads(TrainingSpec.from_dict(windowed).to_json()) == windowed
     bad = [
         ({"source": "decisions"}, "model"),
         ({"source": "decisions", "model": "fraud", "weighting": "sometimes"}, "weighting"),
         ({"source": "events", "model": "fraud"}, "source"),
-        ({"source": "decisions", "model": "fraud", "window_seconds": 1}, "unknown"),
+        ({"source": "decisions", "model": "fraud", "window": 1}, "unknown"),
+        ({"source": "decisions", "model": "fraud", "window_seconds": -1}, "window_seconds"),
     ]
     for label, field in bad:
         with pytest.raises(SpecError, match=field) as refused:

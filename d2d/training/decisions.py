@@ -36,7 +36,8 @@ MODEL_REGISTERED = "model.registered"
 class DecisionExamples:
     """Labelled decisions in seq order: `examples[i]` (event id = the decision's event id, occurred_at =
     the decision's event time, payload = its request context), `inputs[i]` in the spec's input order,
-    `weights[i]`; `counts` says how many decisions were read, withdrawn, unlabelled and kept."""
+    `weights[i]`; `counts` says how many decisions were read, withdrawn, censored (younger than the
+    label's window), unlabelled and kept."""
 
     examples: list[LabeledExample]
     inputs: np.ndarray
@@ -116,8 +117,9 @@ def _number(value: Any) -> float:
 async def decision_examples(log: EventLog, spec: TrainingSpec, names: Sequence[str]) -> DecisionExamples:
     """The labelled decisions of the spec's model in its log range; FAILED_PRECONDITION if none.
 
-    A decision counts once it is not withdrawn and its first `outcome.recorded` (by seq) carries a
-    label; outcomes of decisions outside the range are ignored."""
+    A decision counts once it is not withdrawn, not younger than the label's window at the end of the
+    range, and its first `outcome.recorded` (by seq) carries a label; outcomes of decisions outside the
+    range are ignored."""
     label = spec.label
     assert isinstance(label, DecisionLabel)
     events = await _read(log, spec.after_seq, spec.to_seq, [DECISION_MADE, DECISION_WITHDRAWN, OUTCOME_RECORDED])
@@ -142,12 +144,18 @@ async def decision_examples(log: EventLog, spec: TrainingSpec, names: Sequence[s
     examples: list[LabeledExample] = []
     rows: list[list[float]] = []
     weights: list[float] = []
-    counts = {"decisions": len(decisions), "withdrawn": 0, "unlabelled": 0, "labelled": 0}
+    counts = {"decisions": len(decisions), "withdrawn": 0, "censored": 0, "unlabelled": 0, "labelled": 0}
+    # The end of the range in event time: the newest decision or outcome (a decision event's own
+    # occurred_at is when serving logged it, not the request's time).
+    as_of = max([decision_time(e) for e in decisions] + [e.occurred_at for e in events if e.type == OUTCOME_RECORDED])
     for event in decisions:
         payload = event.payload
         decision = str(payload["decision_id"])
         if decision in withdrawn:
             counts["withdrawn"] += 1
+            continue
+        if label.window_seconds and as_of - decision_time(event) < label.window:
+            counts["censored"] += 1  # its outcome could still come
             continue
         outcome = outcomes.get(decision)
         if outcome is None or outcome.get("label") is None:
@@ -164,7 +172,8 @@ async def decision_examples(log: EventLog, spec: TrainingSpec, names: Sequence[s
         raise SpecError(
             "FAILED_PRECONDITION",
             f"none of the {counts['decisions']} decisions of models/{label.model} in ({spec.after_seq}, "
-            f"{spec.to_seq}] has a recorded outcome label yet ({counts['withdrawn']} withdrawn)",
+            f"{spec.to_seq}] has a recorded outcome label yet ({counts['withdrawn']} withdrawn, {counts['censored']} "
+            "younger than the label window)",
         )
     inputs = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(mapper.names))
     return DecisionExamples(examples, inputs, np.asarray(weights, dtype=np.float64), counts)
