@@ -11,19 +11,20 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import grpc
 import pytest
 
 from d2d import eventlog
 from d2d.client import FeatureClient, IngestClient, RegistryClient, ServingClient
-from d2d.eventlog import EventLog
+from d2d.eventlog import EventLog, NewEvent
+from d2d.outcomes import outcome_event_id
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Supervisor
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
-from d2d.sim.loop import LoopState, run_loop
+from d2d.sim.loop import LoopState, payment_request, run_loop
 from d2d.sim.training import default_spec
 from d2d.training.labels import LabelDefinition
 from tests.conftest import ROOT
@@ -121,12 +122,22 @@ async def _logged(url: str, after: int) -> list[eventlog.StoredEvent]:
         await pool.close()
 
 
-async def test_loop_decides_every_payment_and_charges_back_only_approved_fraud(services: Services) -> None:
+@dataclass
+class Looped:
+    counts: dict[str, int]
+    state: LoopState
+    before: int  # the log's length before the loop
+    carried: set[str]  # history payments whose chargebacks the loop sent
+    progress: list[int]
+
+
+@pytest.fixture(scope="module")
+async def looped(services: Services) -> Looped:
+    """One day of payments through the loop, right after the history."""
     sim = PaymentsSimulator(SIM)
-    truth = sim.truth()
     start = SIM.start + timedelta(days=HISTORY_DAYS)
     end = start + timedelta(days=LOOP_DAYS)
-    # The history's frauds whose chargebacks fall due in the loop's hours, as if the loop had approved them.
+    # The history's frauds whose chargebacks fall due in the loop's hours, as if they had been approved.
     state = LoopState(reference_sent=True)
     for p in sim.payment_events():
         if p.occurred_at < start and (chargeback := sim.chargeback(p.payload["payment_id"])) is not None:
@@ -136,13 +147,22 @@ async def test_loop_decides_every_payment_and_charges_back_only_approved_fraud(s
     carried = {e.entity_id for at, _, e in state.pending if at < end}
     before = len(await _logged(services.url, 0))
     seen: list[int] = []
-
     async with IngestClient(services.addrs["ingest"]) as ingest, ServingClient(services.addrs["serving"]) as serving:
         counts = await run_loop(
             sim, ingest, serving, MODEL, start_day=HISTORY_DAYS, days=LOOP_DAYS, state=state,
             on_progress=lambda c, _: seen.append(c.payments),
         )  # fmt: skip
+    return Looped(counts, state, before, carried, seen)
 
+
+async def test_loop_decides_every_payment_and_charges_back_only_approved_fraud(
+    services: Services, looped: Looped
+) -> None:
+    sim = PaymentsSimulator(SIM)
+    truth = sim.truth()
+    start = SIM.start + timedelta(days=HISTORY_DAYS)
+    end = start + timedelta(days=LOOP_DAYS)
+    counts, state, before, carried, seen = looped.counts, looped.state, looped.before, looped.carried, looped.progress
     print(f"\nloop: {counts}, {len(carried)} chargebacks carried in from the history")
     window = [p for p in sim.payment_events() if start <= p.occurred_at < end]
     assert counts["payments"] == len(window) == seen[-1] > 0
@@ -172,3 +192,59 @@ async def test_loop_decides_every_payment_and_charges_back_only_approved_fraud(s
     assert domain == sorted(domain)
     # Chargebacks due after the window wait in the state for the next run.
     assert all(at >= end for at, _, _ in state.pending)
+
+
+async def test_a_version_retrained_on_the_loops_decisions_serves_the_same_inputs(
+    services: Services, looped: Looped
+) -> None:
+    """The feedback service's part (outcomes for approved payments) is played here by appending
+    `outcome.recorded` events as the chargeback rule would; the registry then trains on the decisions."""
+    truth = PaymentsSimulator(SIM).truth()
+    events = await _logged(services.url, looped.before)
+    outcomes = []
+    for e in events:
+        if e.type != "decision.made" or e.payload["action"] != "approve":
+            continue
+        decided_at = datetime.fromisoformat(e.payload["as_of"])
+        chargeback_at = truth[e.payload["context"]["payment_id"]].chargeback_at
+        fraud = chargeback_at is not None and chargeback_at - decided_at <= LABEL.window
+        at = chargeback_at if fraud else decided_at + LABEL.window
+        outcome_id = f"rule:chargeback:{e.entity_id}"
+        payload = {
+            "outcome_id": outcome_id, "decision_id": e.entity_id, "label": int(fraud),
+            "occurred_at": at.isoformat().replace("+00:00", "Z"), "source": "rule", "rule": "chargeback",
+            "window_closed": not fraud,
+        }  # fmt: skip
+        outcomes.append(
+            NewEvent(
+                outcome_event_id(outcome_id), "outcome.recorded", 1, "decision", e.entity_id, at, json.dumps(payload)
+            )
+        )
+    pool = await eventlog.create_pool(services.url, max_size=1)
+    try:
+        await EventLog(pool).append(outcomes)
+    finally:
+        await pool.close()
+
+    label = {"source": "decisions", "model": MODEL, "weighting": "inverse_propensity"}
+    spec = {**default_spec().to_dict(), "label": label, "after_seq": looped.before, "num_boost_round": 40}
+    async with RegistryClient(services.addrs["registry"]) as registry:
+        first = await registry.get_version(MODEL, 1)
+        retrained = await registry.train(MODEL, json.dumps(spec))
+        assert list(retrained.feature_names) == list(first.feature_names)
+        lineage = json.loads(retrained.lineage_json)
+        assert lineage["weighting"] == "inverse_propensity"
+        assert lineage["decisions"]["labelled"] == len(outcomes) == looped.counts["approved"]
+        assert lineage["decisions"]["unlabelled"] == looped.counts["declined"]
+        await registry.set_alias(MODEL, "production", retrained.name.rsplit("/", 1)[1])
+    end = SIM.start + timedelta(days=HISTORY_DAYS + LOOP_DAYS)
+    payment = [p for p in PaymentsSimulator(SIM).payment_events() if p.occurred_at < end][-1]  # the newest one
+    async with ServingClient(services.addrs["serving"]) as serving:
+        for _ in range(100):  # serving picks up the alias move
+            request = payment_request(MODEL, payment)
+            request.request_id = f"again-{uuid.uuid4()}"  # its own request id names the loop's decision
+            answer = await serving.batch_predict([request])
+            if answer[0].model_version == retrained.name:
+                break
+            await asyncio.sleep(0.1)
+    assert answer[0].model_version == retrained.name

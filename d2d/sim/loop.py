@@ -4,7 +4,8 @@ declined payment never shows whether it was fraud: selective labels).
 
 Everything goes out in event-time order: payments and the chargebacks that fall due between them are
 interleaved by occurred_at. Payments are sent and decided in batches that span less than the
-simulator's shortest chargeback delay, so no chargeback of a batch can fall due inside it.
+simulator's shortest chargeback delay (so no chargeback of a batch can fall due inside it) and less
+than `MAX_BATCH_SPAN` (so each payment's time is still one the features service answers for).
 
 A library client of the platform's public APIs (`IngestClient`, `ServingClient`), not of its services.
 """
@@ -25,6 +26,9 @@ from d2d.client import IngestClient, ServingClient, make_event
 from d2d.sim.payments import PaymentsSimulator, SimEvent
 
 MAX_BATCH = 200  # payments sent and decided together (well under serving's BatchPredict limit)
+# A batch spans at most this much event time: the features service answers only for times within twice
+# its views' allowed lateness (the simulator's: 1 h) of the newest event it has seen.
+MAX_BATCH_SPAN = timedelta(minutes=30)
 RETRIES = 6  # a batch refused as overloaded or unavailable is retried (same request ids: same decisions)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -113,7 +117,7 @@ async def run_loop(
     cfg = sim.config
     begin = cfg.start + timedelta(days=start_day)
     end = begin + timedelta(days=days)
-    span = timedelta(days=cfg.chargeback_delay_days[0])
+    span = min(timedelta(days=cfg.chargeback_delay_days[0]), MAX_BATCH_SPAN)
     if not state.reference_sent:
         await _send(ingest, sim.reference_events())
         state.reference_sent = True
