@@ -307,3 +307,60 @@ def test_default_config_is_the_demos_simulated_day(default_run) -> None:
     assert len(payments) == sim.config.payments_per_day
     end = sim.config.start + timedelta(days=1)
     assert all(sim.config.start <= e.occurred_at <= end for e in payments)
+
+
+DRIFT = replace(SMALL, days=2.0, payments_per_day=6_000, drift_day=1.0)
+
+
+def test_drift_leaves_the_days_before_it_as_they_were() -> None:
+    drifted = PaymentsSimulator(DRIFT)
+    plain = PaymentsSimulator(replace(DRIFT, drift_day=None))
+    drift_at = DRIFT.start + timedelta(days=1)
+    before = [e for e in plain.events() if e.occurred_at < drift_at]
+    assert before == [e for e in drifted.events() if e.occurred_at < drift_at]
+    truth, plain_truth = drifted.truth(), plain.truth()
+    kept = [e.payload["payment_id"] for e in before if e.type == "payment.authorized"]
+    assert kept and all(truth[p] == plain_truth[p] for p in kept)
+
+
+def test_drift_is_a_new_pattern_a_model_of_the_old_truth_misses() -> None:
+    from d2d.training.evaluation import roc_auc
+
+    sim = PaymentsSimulator(DRIFT)
+    truth, old_truth = sim.truth(), PaymentsSimulator(replace(DRIFT, drift_day=None)).truth()
+    drift_at = DRIFT.start + timedelta(days=1)
+    after = [e.payload for e in sim.events() if e.type == "payment.authorized" and e.occurred_at >= drift_at]
+    lo, hi = DRIFT.drift_amount_band
+    in_band = [p for p in after if p["channel"] == DRIFT.drift_channel and lo <= p["amount"] < hi]
+    out_band = [p for p in after if p not in in_band]
+    rate = [sum(truth[p["payment_id"]].is_fraud for p in ps) / len(ps) for ps in (in_band, out_band)]
+    old_rate = sum(old_truth[p["payment_id"]].fraud_probability for p in in_band) / len(in_band)
+    assert rate[0] > 2 * rate[1] and rate[0] > 5 * old_rate  # benign before, the riskiest band after
+    labels = [truth[p["payment_id"]].is_fraud for p in after]
+    new_auc = roc_auc(labels, [truth[p["payment_id"]].fraud_probability for p in after])
+    stale_auc = roc_auc(labels, [old_truth[p["payment_id"]].fraud_probability for p in after])
+    assert new_auc - stale_auc > 0.08, (new_auc, stale_auc)
+
+
+def test_drift_settings_are_checked() -> None:
+    for bad in ({"drift_day": -1.0}, {"drift_channel": "atm"}, {"drift_amount_band": (80.0, 20.0)}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PaymentsSimulator(replace(SMALL, **bad))
+
+
+def test_a_chargeback_on_demand_is_the_one_the_period_emits_at_its_truth_time() -> None:
+    sim = PaymentsSimulator(LONG)
+    truth = sim.truth()
+    emitted = {e.payload["payment_id"]: e for e in sim.events() if e.type == "payment.chargeback"}
+    assert emitted
+    for payment_id, e in emitted.items():
+        on_demand = sim.chargeback(payment_id)
+        assert on_demand is not None
+        assert (on_demand.type, on_demand.occurred_at, on_demand.payload) == (e.type, e.occurred_at, e.payload)
+        assert on_demand.event_id == sim.chargeback(payment_id).event_id  # one id per payment, every time
+    late = [p for p, t in truth.items() if t.is_fraud and p not in emitted]
+    assert late and all(sim.chargeback(p).occurred_at == truth[p].chargeback_at for p in late)
+    genuine = next(p for p, t in truth.items() if not t.is_fraud)
+    assert sim.chargeback(genuine) is None
+    assert [e.payload["payment_id"] for e in sim.payment_events()] == list(truth)
+    assert sim.reference_events() == list(sim.events())[: len(sim.reference_events())]

@@ -370,6 +370,44 @@ def test_label_definition_round_trip_and_validation() -> None:
         replace(definition, join_field="")
 
 
+def test_a_spec_learns_from_decisions_or_events_by_its_label() -> None:
+    from d2d.sim.training import default_spec
+    from d2d.training.labels import DecisionLabel
+    from d2d.training.spec import SpecError, TrainingSpec
+
+    stored = json.loads(default_spec().to_json())  # a spec as every version so far stores it
+    assert TrainingSpec.from_dict(stored) == default_spec()
+    assert isinstance(TrainingSpec.from_dict(stored).label, LabelDefinition)
+    decided = {**stored, "label": {"source": "decisions", "model": "fraud", "weighting": "none"}}
+    spec = TrainingSpec.from_dict(decided)
+    assert spec.label == DecisionLabel("fraud", "none")
+    assert json.loads(spec.to_json()) == decided
+    defaulted = TrainingSpec.from_dict({**stored, "label": {"source": "decisions", "model": "fraud"}})
+    assert defaulted.label == DecisionLabel("fraud", "inverse_propensity", window_seconds=0)
+    windowed = {**stored, "label": {"source": "decisions", "model": "fraud", "weighting": "none", "window_seconds": 60}}
+    assert TrainingSpec.from_dict(windowed).label.window_seconds == 60
+    assert json.loads(TrainingSpec.from_dict(windowed).to_json()) == windowed
+    bad = [
+        ({"source": "decisions"}, "model"),
+        ({"source": "decisions", "model": "fraud", "weighting": "sometimes"}, "weighting"),
+        ({"source": "events", "model": "fraud"}, "source"),
+        ({"source": "decisions", "model": "fraud", "window": 1}, "unknown"),
+        ({"source": "decisions", "model": "fraud", "window_seconds": -1}, "window_seconds"),
+    ]
+    for label, field in bad:
+        with pytest.raises(SpecError, match=field) as refused:
+            TrainingSpec.from_dict({**stored, "label": label})
+        assert refused.value.code == "INVALID_ARGUMENT"
+
+
+def test_decision_weights_are_inverse_propensity_capped() -> None:
+    from d2d.training.labels import DecisionLabel
+
+    weighted, plain = DecisionLabel("fraud"), DecisionLabel("fraud", "none")
+    assert [weighted.weight(p) for p in (1.0, 0.9, 0.1, 0.01, 0.001)] == [1.0, 1 / 0.9, 10.0, 100.0, 100.0]
+    assert {plain.weight(p) for p in (1.0, 0.1, 0.001)} == {1.0}
+
+
 # ---------------------------------------------------------------------------------------------
 # Split
 

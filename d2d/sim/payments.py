@@ -5,7 +5,9 @@ card payments spread over the simulated period with a daily cycle, and chargebac
 that arrive days after fraudulent payments. Every payment's true fraud probability is a
 deterministic logistic function of features a model could learn from the event stream
 (merchant category, amount, channel, IP/card country mismatch, new device, night hour,
-velocity) plus hidden drivers (customer risk segment, merchant risk tier).
+velocity) plus hidden drivers (customer risk segment, merchant risk tier). With the drift switch
+(``SimConfig.drift_day``) a new fraud pattern appears from that day on: card-present payments of
+everyday amounts, benign before, turn risky, so a model trained before the drift loses on them.
 
 Only the standard library is used; every random draw comes from ``random.Random``
 generators derived from the configured seed, so the same config yields byte-identical
@@ -17,6 +19,7 @@ from __future__ import annotations
 import bisect
 import csv
 import heapq
+import itertools
 import json
 import math
 import os
@@ -86,6 +89,15 @@ class SimConfig:
     chargeback_delay_days: tuple[float, float] = (2.0, 45.0)
     out_of_order_fraction: float = 0.0
     max_lateness_seconds: float = 600.0
+    # The drift switch: from `drift_day` (days after start) on, a new fraud pattern appears: payments on
+    # `drift_channel` with an amount in `drift_amount_band` (benign before: card-present, everyday
+    # amounts) get `drift_logit` added to their fraud logit. None: no drift (the outputs are those of a
+    # config without these fields). The intercept is calibrated on the undrifted logits, so the truth
+    # before the drift day is the same as without drift.
+    drift_day: float | None = None
+    drift_channel: str = "pos"
+    drift_amount_band: tuple[float, float] = (20.0, 80.0)
+    drift_logit: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,7 @@ FRAUD_REASON_ECOM = ("10.4", "10.4", "10.4", "10.5")
 FRAUD_REASON_POS = ("10.3", "10.3", "10.1", "10.2")
 
 REFERENCE_WINDOW = timedelta(hours=1)  # reference events occur in [start - 1h, start)
+CHARGEBACK_NAMESPACE = uuid.UUID("5e0c6a0b-2c1d-4b8e-9f3a-0d2d0d2dcb00")  # ids of `chargeback()` events
 
 # --------------------------------------------------------------------------- contracts
 
@@ -420,6 +433,7 @@ class PaymentsSimulator:
         self._merchants: list[_Merchant] = []
         self._payments: list[_Payment] | None = None
         self._truth: dict[str, PaymentTruth] | None = None
+        self._index: dict[str, int] | None = None
 
     # ---- public API
 
@@ -432,6 +446,37 @@ class PaymentsSimulator:
         self._ensure_payments()
         assert self._truth is not None
         return dict(self._truth)
+
+    def payment_events(self) -> Iterator[SimEvent]:
+        """The `payment.authorized` events of `events()`, in the same order with the same ids."""
+        return (e for e in self.events() if e.type == "payment.authorized")
+
+    def reference_events(self) -> list[SimEvent]:
+        """The reference events `events()` starts with (customers, cards, merchants)."""
+        self._ensure_payments()
+        assert self._ref is not None
+        return list(itertools.islice(self.events(), len(self._ref)))
+
+    def chargeback(self, payment_id: str) -> SimEvent | None:
+        """The chargeback of a fraudulent payment at its truth's `chargeback_at` (None for a genuine one),
+        whether or not it falls inside the simulated period; its event id is derived from the payment id.
+        The closed loop sends it only for payments that were approved (`d2d.sim.loop`)."""
+        self._ensure_payments()
+        assert self._payments is not None and self._truth is not None
+        truth = self._truth.get(payment_id)
+        if truth is None or truth.chargeback_at is None:
+            return None
+        index = self._payment_index().get(payment_id)
+        assert index is not None
+        event_id = str(uuid.uuid5(CHARGEBACK_NAMESPACE, payment_id))
+        payload = _chargeback_payload(self._payments[index])
+        return SimEvent(event_id, "payment.chargeback", 1, "payment", payment_id, truth.chargeback_at, payload)
+
+    def _payment_index(self) -> dict[str, int]:
+        if self._index is None:
+            assert self._payments is not None
+            self._index = {p[1]: i for i, p in enumerate(self._payments)}
+        return self._index
 
     def events(self) -> Iterator[SimEvent]:
         """All events in ARRIVAL order.
@@ -518,15 +563,7 @@ class PaymentsSimulator:
                 }
                 ev = SimEvent(new_id(), "payment.authorized", 1, "payment", p[1], occurred, payload)
             else:
-                reasons = FRAUD_REASON_ECOM if p[6] == "ecom" else FRAUD_REASON_POS
-                num = p[1][4:]
-                payload = {
-                    "payment_id": p[1],
-                    "chargeback_id": f"cb_{num}",
-                    "reason_code": reasons[int(num) % len(reasons)],
-                    "amount": p[5],
-                }
-                ev = SimEvent(new_id(), "payment.chargeback", 1, "payment", p[1], occurred, payload)
+                ev = SimEvent(new_id(), "payment.chargeback", 1, "payment", p[1], occurred, _chargeback_payload(p))
             yield t_us, ev
 
     def _ensure_payments(self) -> None:
@@ -770,6 +807,8 @@ class PaymentsSimulator:
         lo, hi = cfg.chargeback_delay_days
         truth: dict[str, PaymentTruth] = {}
         for pay, x in zip(payments, logits, strict=True):
+            if cfg.drift_day is not None and _drifted(cfg, pay):
+                x += cfg.drift_logit
             p = _sigmoid(b + x)
             is_fraud = trng.random() < p
             cb_at = None
@@ -780,6 +819,24 @@ class PaymentsSimulator:
 
         self._payments = payments
         self._truth = truth
+
+
+def _drifted(cfg: SimConfig, pay: _Payment) -> bool:
+    """Whether a payment falls under the drift's new fraud pattern (on or after the drift day)."""
+    assert cfg.drift_day is not None
+    lo, hi = cfg.drift_amount_band
+    return pay[0] >= cfg.drift_day * 86_400e6 and pay[6] == cfg.drift_channel and lo <= pay[5] < hi
+
+
+def _chargeback_payload(p: _Payment) -> dict[str, Any]:
+    reasons = FRAUD_REASON_ECOM if p[6] == "ecom" else FRAUD_REASON_POS
+    num = p[1][4:]
+    return {
+        "payment_id": p[1],
+        "chargeback_id": f"cb_{num}",
+        "reason_code": reasons[int(num) % len(reasons)],
+        "amount": p[5],
+    }
 
 
 def _us_between(a: datetime, b: datetime) -> int:
@@ -803,6 +860,12 @@ def _validate(cfg: SimConfig) -> None:
         raise ValueError("out_of_order_fraction must be in [0, 1]")
     if cfg.max_lateness_seconds < 0:
         raise ValueError("max_lateness_seconds must be >= 0")
+    if cfg.drift_day is not None and cfg.drift_day < 0:
+        raise ValueError("drift_day must be >= 0 (days after start) or None")
+    if cfg.drift_channel not in ("ecom", "pos"):
+        raise ValueError("drift_channel must be 'ecom' or 'pos'")
+    if not 0.0 <= cfg.drift_amount_band[0] < cfg.drift_amount_band[1]:
+        raise ValueError("drift_amount_band must satisfy 0 <= lo < hi")
 
 
 def write_truth_csv(truth: dict[str, PaymentTruth], path: str | os.PathLike[str]) -> None:

@@ -13,10 +13,12 @@ label uses only events that had occurred by `as_of`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
+
+DECISION_WEIGHTINGS = ("inverse_propensity", "none")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,84 @@ class LabelDefinition:
         if missing:
             raise ValueError(f"label definition: missing field(s) {', '.join(sorted(missing))}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class DecisionLabel:
+    """Labels from the platform's own decisions: an example per `decision.made` event of `model` (not
+    withdrawn) with a recorded outcome label (its first `outcome.recorded`), its inputs the vector the
+    decision logged. Outcomes are selective (only approved payments show fraud), so with
+    `weighting="inverse_propensity"` each example weighs 1/propensity (capped at `MAX_WEIGHT`): the
+    few explored approvals stand for all the declines like them, and the retrained model is not biased
+    toward the old policy. `"none"`: every example weighs 1.
+
+    As JSON: `{"source": "decisions", "model": M, "weighting": "inverse_propensity" | "none"}`, with an
+    optional `window_seconds` (the outcome rule's attribution window): decisions younger than it at the
+    end of the range are left out, as `LabelDefinition` leaves out examples whose outcome could still
+    come. Without it a recent decision counts as soon as it is labelled, and a chargeback (label 1)
+    comes long before its window closes (label 0), so the newest labelled decisions would be mostly
+    fraud.
+    """
+
+    SOURCE: ClassVar[str] = "decisions"
+    EXAMPLE_TYPE: ClassVar[str] = "decision.made"
+    MAX_WEIGHT: ClassVar[float] = 100.0  # 1 / propensity is clipped here (propensity 0.01)
+
+    model: str
+    weighting: str = "inverse_propensity"
+    window_seconds: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty model name, got {self.model!r}")
+        if self.weighting not in DECISION_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(DECISION_WEIGHTINGS)}, got {self.weighting!r}")
+        if isinstance(self.window_seconds, bool) or not isinstance(self.window_seconds, int) or self.window_seconds < 0:
+            raise ValueError(f"window_seconds must be an integer >= 0, got {self.window_seconds!r}")
+
+    @property
+    def window(self) -> timedelta:
+        return timedelta(seconds=self.window_seconds)
+
+    @property
+    def example_type(self) -> str:
+        return self.EXAMPLE_TYPE
+
+    def weight(self, propensity: float) -> float:
+        if self.weighting == "none":
+            return 1.0
+        return min(1.0 / propensity, self.MAX_WEIGHT)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"source": self.SOURCE, "model": self.model, "weighting": self.weighting}
+        if self.window_seconds:
+            d["window_seconds"] = self.window_seconds
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DecisionLabel:
+        """The inverse of `to_dict`. Unknown and missing keys are an error (ValueError)."""
+        unknown = sorted(set(d) - {"source", "model", "weighting", "window_seconds"})
+        if unknown:
+            raise ValueError(f"unknown decision label fields: {unknown}")
+        if d.get("source") != cls.SOURCE:
+            raise ValueError(f"decision label: source must be {cls.SOURCE!r}, got {d.get('source')!r}")
+        if "model" not in d:
+            raise ValueError("decision label: missing field model")
+        return cls(d["model"], d.get("weighting", "inverse_propensity"), d.get("window_seconds", 0))
+
+
+Label = LabelDefinition | DecisionLabel
+
+
+def label_from_dict(d: Mapping[str, Any]) -> Label:
+    """A spec's label: `{"source": "decisions", ...}` is a `DecisionLabel`; anything else (no `source`)
+    a `LabelDefinition`, as every spec stored before decisions could be learned from."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"label must be an object, got {type(d).__name__}")
+    if "source" in d:
+        return DecisionLabel.from_dict(d)
+    return LabelDefinition.from_dict(dict(d))
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.offline import FrameRow, training_frame
 from d2d.training.baseline import baseline, column_baseline
+from d2d.training.decisions import decision_examples, logged_inputs
 from d2d.training.evaluation import evaluate, roc_auc
-from d2d.training.labels import LabeledExample, label_examples
+from d2d.training.labels import DecisionLabel, LabeledExample, label_examples
 from d2d.training.spec import SpecError, TrainingSpec, input_names, model_inputs
 from d2d.training.split import time_split
 
@@ -115,12 +116,23 @@ async def train(
 
     if spec.to_seq <= 0:
         spec = TrainingSpec(**{**spec.__dict__, "to_seq": await log.head()})
-    progress("labels", f"labelling {spec.label.example_type} events in ({spec.after_seq}, {spec.to_seq}]", 0.05)
-    examples = await labeled_examples(log, spec)
-    positives = sum(e.label for e in examples)
-    progress("features", f"{len(examples):,} examples ({positives:,} positive): point-in-time features", 0.15)
-    inputs = await build_inputs(log, spec, views, examples)
     names = input_names(spec, views)
+    weights: np.ndarray | None = None
+    decisions: dict[str, Any] = {}
+    if isinstance(spec.label, DecisionLabel):
+        # The logged decisions and their outcomes: inputs as served, weights by the label's weighting.
+        where = f"models/{spec.label.model} in ({spec.after_seq}, {spec.to_seq}]"
+        progress("labels", f"joining the decisions of {where} with their outcomes", 0.05)
+        found = await decision_examples(log, spec, names)
+        examples, inputs, weights = found.examples, found.inputs, found.weights
+        decisions = {"decisions": found.counts, "weighting": spec.label.weighting}
+        positives = sum(e.label for e in examples)
+    else:
+        progress("labels", f"labelling {spec.label.example_type} events in ({spec.after_seq}, {spec.to_seq}]", 0.05)
+        examples = await labeled_examples(log, spec)
+        positives = sum(e.label for e in examples)
+        progress("features", f"{len(examples):,} examples ({positives:,} positive): point-in-time features", 0.15)
+        inputs = await build_inputs(log, spec, views, examples)
     labels = np.asarray([e.label for e in examples], dtype=np.float64)
     split = time_split([e.occurred_at for e in examples], train=spec.train_share, validation=spec.validation_share)
     for part, rows in (("train", split.train), ("validation", split.validation), ("test", split.test)):
@@ -133,7 +145,8 @@ async def train(
     params = {**dict(spec.params), "seed": spec.seed}
 
     def matrix(rows: list[int]) -> Any:
-        return xgb.DMatrix(inputs[rows], label=labels[rows], feature_names=names, missing=np.nan)
+        weight = weights[rows] if weights is not None else None
+        return xgb.DMatrix(inputs[rows], label=labels[rows], weight=weight, feature_names=names, missing=np.nan)
 
     train_m, valid_m = matrix(split.train), matrix(split.validation)
 
@@ -169,6 +182,7 @@ async def train(
         "log_range": [spec.after_seq, spec.to_seq],
         "test_examples": [[examples[i].event_id, test_labels[k]] for k, i in enumerate(split.test)],
         "baseline": training_baseline(artifact, inputs[split.train], names),
+        **decisions,
     }
     return TrainedModel(spec, artifact, hashlib.sha256(artifact).hexdigest(), names, evaluation, lineage)
 
@@ -236,24 +250,28 @@ async def compare_on_rows(
     candidate: tuple[TrainingSpec, Sequence[FeatureView], bytes],
     incumbent: tuple[TrainingSpec, Sequence[FeatureView], bytes],
 ) -> tuple[float, float, int]:
-    """AUC of two models on the same held-out examples (event id, label): (candidate, incumbent, n)."""
+    """AUC of two models on the same held-out examples (event id, label): (candidate, incumbent, n).
+
+    Examples of a model trained on decisions are decisions: both models score the inputs they logged."""
     wanted = {event_id: label for event_id, label in rows}
-    examples = []
+    events = []
     after = 0
-    example_type = candidate[0].label.example_type
-    while len(examples) < len(wanted):
-        page = await log.read(after, PAGE, types=[example_type])
+    decided = candidate[0].label
+    while len(events) < len(wanted):
+        page = await log.read(after, PAGE, types=[decided.example_type])
         if not page:
             break
-        examples.extend(
-            LabeledExample(str(e.event_id), e.seq, e.occurred_at, e.payload, wanted[str(e.event_id)])
-            for e in map(upcast_event, page)
-            if str(e.event_id) in wanted
-        )
+        events.extend(e for e in map(upcast_event, page) if str(e.event_id) in wanted)
         after = page[-1].seq
+    examples = [
+        LabeledExample(str(e.event_id), e.seq, e.occurred_at, e.payload, wanted[str(e.event_id)]) for e in events
+    ]
     labels = [e.label for e in examples]
     aucs = []
     for spec, views, artifact in (candidate, incumbent):
-        inputs = await build_inputs(log, spec, views, examples)
+        if isinstance(decided, DecisionLabel):
+            inputs = await logged_inputs(log, decided, input_names(spec, views), events, candidate[0].to_seq)
+        else:
+            inputs = await build_inputs(log, spec, views, examples)
         aucs.append(roc_auc(labels, predict(artifact, inputs).tolist()))
     return aucs[0], aucs[1], len(examples)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from d2d.features.definitions import Aggregation, FeatureView, RequestTransform
-from d2d.training.labels import LabelDefinition
+from d2d.training.labels import Label, label_from_dict
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary:logistic",
@@ -46,7 +46,7 @@ class TrainingSpec:
     through `D2D_TRAINING_DEFAULTS`)."""
 
     views: tuple[tuple[str, str], ...]  # (feature view name, version)
-    label: LabelDefinition
+    label: Label  # a LabelDefinition (events) or a DecisionLabel (logged decisions and their outcomes)
     after_seq: int = 0  # the log range used: after_seq < seq <= to_seq
     to_seq: int = 0  # 0: the log's head when the run starts (the stored spec holds the number)
     params: tuple[tuple[str, Any], ...] = tuple(sorted(DEFAULT_PARAMS.items()))
@@ -99,7 +99,7 @@ class TrainingSpec:
         if not d.get("label"):
             raise SpecError(
                 "INVALID_ARGUMENT", "training spec: label (example_type, outcome_type, join_field, window_seconds)"
-                " is required",
+                " is required (or, to learn from logged decisions, source \"decisions\", model, weighting)",
             )  # fmt: skip
         if d.get("truth_path") and not (d.get("truth_key") and d.get("truth_column")):
             raise SpecError(
@@ -109,7 +109,7 @@ class TrainingSpec:
         try:
             return cls(
                 views=tuple((str(n), str(v)) for n, v in d["views"]),
-                label=LabelDefinition.from_dict(d["label"]),
+                label=label_from_dict(d["label"]),
                 after_seq=int(d.get("after_seq", 0)),
                 to_seq=int(d.get("to_seq", 0)),
                 params=tuple(sorted({**DEFAULT_PARAMS, **d.get("params", {})}.items())),
