@@ -28,6 +28,7 @@ consumer from the log when missing.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +41,8 @@ from d2d.eventlog import StoredEvent
 
 Projector = Callable[[asyncpg.Connection, StoredEvent], Awaitable[None]]
 PROJECTORS: dict[str, Projector] = {}
+RunProjector = Callable[[asyncpg.Connection, Sequence[StoredEvent]], Awaitable[None]]
+RUN_PROJECTORS: dict[str, RunProjector] = {}  # optional: a run of one type's events in one statement
 # Who applies each type's projector: APPENDER (the transaction that appends the event) or the
 # name of the log consumer that does.
 APPENDER = "appender"
@@ -83,13 +86,42 @@ def types_applied_by(applier: str) -> tuple[str, ...]:
     return tuple(sorted(t for t, by in APPLIED_BY.items() if by == applier))
 
 
+def projects_run(event_type: str) -> Callable[[RunProjector], RunProjector]:
+    """Register `fn` as the projector of a run of consecutive `event_type` events in one statement.
+    It must leave the rows exactly as the type's one-event projector applied to each in order would:
+    `apply` uses it for every run of two or more (a consumer applies thousands of decisions and
+    outcomes a batch, and one round trip per event would be most of its time)."""
+
+    def register(fn: RunProjector) -> RunProjector:
+        if event_type not in PROJECTORS:
+            raise ValueError(f"{event_type} has no one-event projector")
+        RUN_PROJECTORS[event_type] = fn
+        return fn
+
+    return register
+
+
 async def apply(conn: asyncpg.Connection, events: Sequence[StoredEvent], *, applied_by: str | None = APPENDER) -> None:
     """Run, in order on `conn`, the projector of each event whose type has one applied by
-    `applied_by` (None: every projector, as a rebuild does)."""
-    for event in events:
+    `applied_by` (None: every projector, as a rebuild does); a run of consecutive events of a type
+    with a run projector goes to it in one call."""
+    i = 0
+    while i < len(events):
+        event = events[i]
         projector = PROJECTORS.get(event.type)
-        if projector is not None and (applied_by is None or APPLIED_BY[event.type] == applied_by):
-            await projector(conn, event)
+        if projector is None or (applied_by is not None and APPLIED_BY[event.type] != applied_by):
+            i += 1
+            continue
+        end = i + 1
+        while end < len(events) and events[end].type == event.type:
+            end += 1
+        run_projector = RUN_PROJECTORS.get(event.type)
+        if run_projector is not None and end - i > 1:
+            await run_projector(conn, events[i:end])
+        else:
+            for e in events[i:end]:
+                await projector(conn, e)
+        i = end
 
 
 def _json(value: Any) -> str:
@@ -212,6 +244,26 @@ async def _decision_made(conn: asyncpg.Connection, e: StoredEvent) -> None:
     )  # fmt: skip
 
 
+@projects_run("decision.made")
+async def _decisions_made(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
+    """Many decision.made in one INSERT (a decision applied twice violates the key, as one by one)."""
+    columns: list[list[Any]] = [[] for _ in range(11)]
+    for e in events:
+        p = e.payload
+        row = (
+            p["decision_id"], p["model"], _version_number(p["model_version"]), p["arm"], float(p["score"]),
+            p["action"], float(p["propensity"]), bool(p.get("explored", False)), p["unit_id"], decided_at(e), e.seq,
+        )  # fmt: skip
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    await conn.execute(
+        "INSERT INTO decision_outcomes (decision_id, model, model_version, arm, score, action, propensity, explored,"
+        " unit_id, decided_at, decision_seq) SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[],"
+        " $5::float8[], $6::text[], $7::float8[], $8::bool[], $9::text[], $10::timestamptz[], $11::bigint[])",
+        *columns,
+    )
+
+
 @projects("decision.withdrawn", applied_by=FEEDBACK)
 async def _decision_withdrawn(conn: asyncpg.Connection, e: StoredEvent) -> None:
     await conn.execute(
@@ -230,6 +282,35 @@ async def _outcome_recorded(conn: asyncpg.Connection, e: StoredEvent) -> None:
         p["decision_id"], p["outcome_id"], p.get("label"), None if reward is None else float(reward),
         datetime.fromisoformat(p["occurred_at"]), e.seq, p["source"],
     )  # fmt: skip
+
+
+@projects_run("outcome.recorded")
+async def _outcomes_recorded(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> None:
+    """Many outcome.recorded in one UPDATE. Only each decision's first outcome in the run is offered:
+    one by one, a later one could only land where the first did not, i.e. never (first outcome wins)."""
+    columns: list[list[Any]] = [[] for _ in range(7)]
+    seen: set[uuid.UUID] = set()
+    for e in events:
+        p = e.payload
+        decision = uuid.UUID(p["decision_id"])
+        if decision in seen:
+            continue
+        seen.add(decision)
+        reward = p.get("reward")
+        row = (
+            decision, p["outcome_id"], p.get("label"), None if reward is None else float(reward),
+            datetime.fromisoformat(p["occurred_at"]), e.seq, p["source"],
+        )  # fmt: skip
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    await conn.execute(
+        "UPDATE decision_outcomes d SET outcome_id = o.outcome_id, label = o.label, reward = o.reward,"
+        " outcome_at = o.outcome_at, outcome_seq = o.outcome_seq, outcome_source = o.outcome_source"
+        " FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::float8[], $5::timestamptz[], $6::bigint[],"
+        " $7::text[]) AS o(decision_id, outcome_id, label, reward, outcome_at, outcome_seq, outcome_source)"
+        " WHERE d.decision_id = o.decision_id AND d.outcome_id IS NULL",
+        *columns,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ FIGURES = {
         "baseline_appends_per_s", "fault_appends_per_s", "load_held", "faults_injected", "events_acknowledged",
         "events_found", "predicts_answered", "decisions_logged", "poison_inputs",
     ],
+    "feedback": [
+        "outcomes_joined_per_s", "raw_outcome_rows_per_s", "ratio_vs_raw", "decisions_joined_per_s",
+        "raw_copy_decisions_per_s",
+    ],
     "registry": ["train_examples_per_s", "xgb_alone_train_rows_per_s", "ratio_end_to_end_vs_xgb_alone"],
     "serving": [
         "predict_calls_per_s", "empty_calls_per_s", "ratio_throughput_vs_empty", "predict_p50_ms", "empty_p50_ms",

@@ -325,6 +325,24 @@ async def test_the_consumer_resumes_after_a_restart_and_a_crash_without_applying
     assert await rebuilt_equals_live(postgres, database_url) == []
 
 
+async def test_outcomes_applied_together_in_one_batch_keep_each_decisions_first_outcome(
+    event_log: EventLog, database_url: str, postgres: EmbeddedPostgres
+) -> None:
+    """Consecutive decisions and outcomes in one batch are applied as runs; the join is as if one by one."""
+    decisions = [decision() for _ in range(4)]
+    first, second = decisions[0].entity_id, decisions[1].entity_id
+    await event_log.append(decisions)
+    await event_log.append([outcome(first, 1), outcome(first, 0, outcome_id="same-run-second"), outcome(second, 0)])
+    await event_log.append([outcome(second, 1, outcome_id="next-batch")])
+    consumer = FeedbackConsumer(event_log)
+    await consumer.catch_up()
+    rows = await join_rows(database_url)
+    assert (rows[first]["label"], rows[first]["outcome_id"]) == (1, f"rule:chargeback:{first}")
+    assert (rows[second]["label"], rows[second]["outcome_id"]) == (0, f"rule:chargeback:{second}")
+    assert [rows[d.entity_id]["label"] for d in decisions[2:]] == [None, None]
+    assert await rebuilt_equals_live(postgres, database_url) == []
+
+
 async def test_a_second_consumer_behind_the_stored_position_is_stopped(event_log: EventLog) -> None:
     await event_log.append([decision() for _ in range(5)])
     stale = FeedbackConsumer(event_log, batch=2)
