@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -20,11 +21,12 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, DOUBLE_PRECISION, JSONB, UUID
 
 # Postgres's own default constraint names, so a constraint is called the same whether a revision
 # named it or Postgres did (CHECK constraints are named explicitly below).
@@ -152,6 +154,8 @@ models = Table(
     _seq_of("registered_seq"),
     _timestamp("created_at", server_default=NOW),
     Column("deployment_policy", JSONB, nullable=False),
+    # How the registry promotes a retrained candidate through canary; NULL: the domain's default.
+    Column("promotion_policy", JSONB),
 )
 
 # Model artifacts, content-addressed.
@@ -190,4 +194,29 @@ model_aliases = Table(
     _seq_of("set_seq"),
     PrimaryKeyConstraint("model", "alias"),
     ForeignKeyConstraint(["model", "version"], ["model_versions.model", "model_versions.version"]),
+)
+
+# Decisions joined with their outcomes (the feedback service's projection), one row per decision.
+decision_outcomes = Table(
+    "decision_outcomes",
+    metadata,
+    Column("decision_id", UUID(as_uuid=True), primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("model_version", Integer, nullable=False),
+    Column("arm", Text, nullable=False),
+    Column("score", DOUBLE_PRECISION, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("propensity", DOUBLE_PRECISION, nullable=False),
+    Column("explored", Boolean, nullable=False, server_default=text("false")),
+    Column("unit_id", Text),
+    _timestamp("decided_at"),
+    _seq_of("decision_seq"),
+    Column("withdrawn", Boolean, nullable=False, server_default=text("false")),
+    Column("outcome_id", Text),
+    Column("label", SmallInteger),
+    Column("reward", DOUBLE_PRECISION),
+    Column("outcome_at", DateTime(timezone=True)),
+    Column("outcome_seq", BigInteger, ForeignKey("events.seq")),
+    Column("outcome_source", Text),
+    Index("decision_outcomes_model_seq", "model", "decision_seq"),
 )
