@@ -86,8 +86,7 @@ def judge(policy: Mapping[str, Any], canary: ArmMetrics, production: ArmMetrics)
     )  # fmt: skip
     if judgeable and canary.decisions >= policy["min_decisions"]:
         assert canary.auc is not None and production.auc is not None
-        needed = production.auc + margin
-        if canary.auc >= needed:
+        if canary.auc >= production.auc + margin - 1e-12:  # a gain of exactly the margin passes
             return "promote", f"canary AUC {canary.auc:.4f} >= production {production.auc:.4f} {margin:+.4f}; {counts}"
         return "rollback", f"canary AUC {canary.auc:.4f} < production {production.auc:.4f} {margin:+.4f}; {counts}"
     if canary.decisions >= policy["max_decisions"]:
