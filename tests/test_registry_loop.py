@@ -241,6 +241,19 @@ SHARP = [(0.8 if i % 2 else 0.2, (i % 2) if i < 30 else None) for i in range(40)
 BLUNT = [(0.5, (i % 2) if i < 30 else None) for i in range(40)]
 
 
+async def serve_both_arms(
+    log: EventLog, model: str, canary: list[tuple[float, Any]], production: list[tuple[float, Any]]
+) -> None:
+    """The candidate (version 2) decided as canary and version 1 as production, with these outcomes."""
+    await record_decisions(log, model, "canary", 2, canary)
+    await record_decisions(log, model, "production", 1, production)
+
+
+async def verdict_of(client: RegistryClient, model: str) -> Any:
+    """The model once its canary is gone (promoted or rolled back)."""
+    return await until(lambda: _when(client.get_model(model), lambda m: "canary" not in m.aliases), "the verdict")
+
+
 async def canary_of(client: RegistryClient, model: str) -> Any:
     record = await client.get_model(model)
     return record if record.aliases.get("canary") and record.deployment_policy.canary_share > 0 else None
@@ -265,11 +278,8 @@ async def test_a_retrain_request_trains_a_candidate_that_a_better_canary_takes_t
         assert json.loads(candidate.lineage_json)["retrain_request"] == request_id
         assert json.loads(candidate.spec_json)["to_seq"] == request_seq
 
-        await record_decisions(log, model, "canary", 2, SHARP)
-        await record_decisions(log, model, "production", 1, BLUNT)
-        record = await until(
-            lambda: _when(client.get_model(model), lambda m: "canary" not in m.aliases), "the promotion"
-        )
+        await serve_both_arms(log, model, SHARP, BLUNT)
+        record = await verdict_of(client, model)
         assert record.aliases["production"] == "2" and record.deployment_policy.canary_share == 0.0
         steps = steps_for(record, request_id)
         assert [(alias, version) for alias, version, _ in steps] == [
@@ -299,11 +309,8 @@ async def test_a_worse_canary_is_rolled_back_and_production_stays(registry: Regi
     try:
         request_id, _ = await request_retrain(log, model)
         await until(lambda: canary_of(client, model), "the canary")
-        await record_decisions(log, model, "canary", 2, BLUNT)
-        await record_decisions(log, model, "production", 1, SHARP)
-        record = await until(
-            lambda: _when(client.get_model(model), lambda m: "canary" not in m.aliases), "the rollback"
-        )
+        await serve_both_arms(log, model, BLUNT, SHARP)
+        record = await verdict_of(client, model)
         assert record.aliases["production"] == "1" and record.deployment_policy.canary_share == 0.0
         steps = steps_for(record, request_id)
         assert [(alias, version) for alias, version, _ in steps] == [("canary", "2"), ("canary", "")]
@@ -322,9 +329,8 @@ async def test_a_restart_mid_watch_resumes_the_canary_without_retraining(
     await registry.restart()
     assert await owner_log.position(POSITION) < request_seq  # not handled yet: it is watched again
 
-    await record_decisions(owner_log, model, "canary", 2, SHARP)
-    await record_decisions(owner_log, model, "production", 1, BLUNT)
-    record = await until(lambda: _when(client.get_model(model), lambda m: "canary" not in m.aliases), "promotion")
+    await serve_both_arms(owner_log, model, SHARP, BLUNT)
+    record = await verdict_of(client, model)
     assert record.aliases["production"] == "2"
     assert len(await client.list_versions(model)) == 2  # the candidate was not trained again
     assert [alias for alias, _, _ in steps_for(record, request_id)] == ["canary", "production", "canary"]
@@ -337,8 +343,7 @@ async def test_a_request_handled_again_trains_nothing_and_appends_nothing(
     model = await model_in_production(client)
     request_id, request_seq = await request_retrain(owner_log, model)
     await until(lambda: canary_of(client, model), "the canary")
-    await record_decisions(owner_log, model, "canary", 2, BLUNT)
-    await record_decisions(owner_log, model, "production", 1, SHARP)
+    await serve_both_arms(owner_log, model, BLUNT, SHARP)
     await until(lambda: _when(owner_log.position(POSITION), lambda seq: seq >= request_seq), "the request handled")
     head = await owner_log.head()
 
@@ -361,8 +366,7 @@ async def test_a_person_moving_production_mid_watch_ends_the_watch_with_nothing_
     await client.set_alias(model, "production", 2, reason="by hand")
     await until(lambda: _when(owner_log.position(POSITION), lambda seq: seq >= request_seq), "the watch ended")
     head = await owner_log.head()
-    await record_decisions(owner_log, model, "canary", 2, SHARP)
-    await record_decisions(owner_log, model, "production", 1, BLUNT)
+    await serve_both_arms(owner_log, model, SHARP, BLUNT)
     record = await client.get_model(model)
     assert record.aliases["canary"] == "2" and record.aliases["production"] == "2"
     assert [e.type for e in await owner_log.read(head, 1000)] == ["decision.made"] * 80
