@@ -250,8 +250,12 @@ async def serve_both_arms(
 
 
 async def verdict_of(client: RegistryClient, model: str) -> Any:
-    """The model once its canary is gone (promoted or rolled back)."""
-    return await until(lambda: _when(client.get_model(model), lambda m: "canary" not in m.aliases), "the verdict")
+    """The model once its canary is gone (promoted or rolled back) and no units go to a canary."""
+
+    def done(m: Any) -> bool:
+        return "canary" not in m.aliases and m.deployment_policy.canary_share == 0.0
+
+    return await until(lambda: _when(client.get_model(model), done), "the verdict")
 
 
 async def canary_of(client: RegistryClient, model: str) -> Any:
