@@ -444,6 +444,23 @@ class RegistryClient:
         )
         return await self.stub.UpdateModel(request, timeout=30)
 
+    async def set_promotion_policy(
+        self, model: str, *, canary_share: float, min_decisions: int, min_labels: int, margin: float,
+        max_decisions: int,
+    ) -> registry_pb2.Model:  # fmt: skip
+        """Set how the registry promotes the model's retrained candidates through canary (whole)."""
+        from google.protobuf import field_mask_pb2
+
+        policy = registry_pb2.PromotionPolicy(
+            canary_share=canary_share, min_decisions=min_decisions, min_labels=min_labels, margin=margin,
+            max_decisions=max_decisions,
+        )  # fmt: skip
+        request = registry_pb2.UpdateModelRequest(
+            model=registry_pb2.Model(name=f"models/{model}", promotion_policy=policy),
+            update_mask=field_mask_pb2.FieldMask(paths=["promotion_policy"]),
+        )
+        return await self.stub.UpdateModel(request, timeout=30)
+
     async def list_models(self) -> list[registry_pb2.Model]:
         return list((await self.stub.ListModels(registry_pb2.ListModelsRequest(), timeout=30)).models)
 

@@ -43,6 +43,15 @@ class Settings:
     training_defaults_module: str = field(
         default_factory=lambda: os.environ.get("D2D_TRAINING_DEFAULTS", "d2d.sim.training")
     )
+    # The registry's closed loop (services/registry/loop.py): retrain on `retrain.requested` and
+    # promote through canary without a person. On unless D2D_REGISTRY_RETRAIN_LOOP is 0.
+    registry_retrain_loop: bool = field(
+        default_factory=lambda: os.environ.get("D2D_REGISTRY_RETRAIN_LOOP", "1").strip().lower() not in ("0", "false")
+    )
+    # How often the registry asks for a canary's live metrics while it watches one.
+    registry_canary_check_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("D2D_REGISTRY_CANARY_CHECK_SECONDS", "5"))
+    )
     # Python modules (comma-separated) that declare upcasters (d2d.contracts.upcasting), imported at
     # the first upcast by every process that reads payloads.
     upcaster_modules: str = field(default_factory=lambda: os.environ.get("D2D_UPCASTERS", "d2d.sim.upcasters"))

@@ -193,6 +193,12 @@ async def _model_policy_set(conn: asyncpg.Connection, e: StoredEvent) -> None:
     )
 
 
+@projects("model.promotion_policy_set")
+async def _model_promotion_policy_set(conn: asyncpg.Connection, e: StoredEvent) -> None:
+    p = e.payload
+    await conn.execute("UPDATE models SET promotion_policy = $2::jsonb WHERE name = $1", p["model"], _json(p["policy"]))
+
+
 @projects("model.alias_set")
 async def _model_alias_set(conn: asyncpg.Connection, e: StoredEvent) -> None:
     p = e.payload

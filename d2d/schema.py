@@ -155,6 +155,8 @@ models = Table(
     _seq_of("registered_seq"),
     _timestamp("created_at", server_default=NOW),
     Column("deployment_policy", JSONB, nullable=False),
+    # How the registry promotes a retrained candidate through canary; NULL: the domain's default.
+    Column("promotion_policy", JSONB),
 )
 
 # Model artifacts, content-addressed.
@@ -220,6 +222,7 @@ decision_outcomes = Table(
     Column("outcome_seq", BigInteger, ForeignKey("events.seq")),
     Column("outcome_source", Text),  # 'api' or 'rule'
     Index("decision_outcomes_model_decided_at", "model", "decided_at"),
+    Index("decision_outcomes_model_seq", "model", "decision_seq"),  # the registry's canary judge
 )
 
 # Registered outcome rules (d2d.outcomes.OutcomeRule), immutable once registered.

@@ -1,6 +1,7 @@
 """The simulator's training defaults: its label (a chargeback within 30 days of a payment), the
-spec `d2d models train` uses without `--spec`, and a new model's deployment policy (its actions,
-approve and decline) — named by `D2D_TRAINING_DEFAULTS`, see `d2d.config`.
+spec `d2d models train` uses without `--spec`, a new model's deployment policy (its actions,
+approve and decline) and the promotion policy of a model without one — named by
+`D2D_TRAINING_DEFAULTS`, see `d2d.config`.
 
 Payments-domain choices live here, not in `d2d.training`: the platform's spec names no event type,
 field or window of its own.
@@ -40,3 +41,11 @@ def default_policy() -> dict[str, object]:
     """A new model's deployment policy: approve below the threshold, decline at or above it; no
     canary, no exploration until a policy is set."""
     return {"canary_share": 0.0, "epsilon": 0.0, "threshold": 0.5, "actions": ["approve", "decline"]}
+
+
+def default_promotion_policy() -> dict[str, object]:
+    """How the registry promotes a retrained candidate of a model with no promotion policy of its
+    own: a tenth of units on the canary; a verdict once it has made 2,000 decisions with 200 labels
+    (a chargeback takes days, so labels trail decisions); promoted when its live AUC is at least
+    production's, rolled back when worse, or when 50,000 decisions have not brought the labels."""
+    return {"canary_share": 0.1, "min_decisions": 2000, "min_labels": 200, "margin": 0.0, "max_decisions": 50000}

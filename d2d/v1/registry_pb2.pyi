@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Model(_message.Message):
-    __slots__ = ("name", "description", "aliases", "alias_history", "create_time", "deployment_policy")
+    __slots__ = ("name", "description", "aliases", "alias_history", "create_time", "deployment_policy", "promotion_policy", "promotion_policy_is_default")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,13 +28,31 @@ class Model(_message.Message):
     ALIAS_HISTORY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_POLICY_IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     aliases: _containers.ScalarMap[str, str]
     alias_history: _containers.RepeatedCompositeFieldContainer[AliasChange]
     create_time: _timestamp_pb2.Timestamp
     deployment_policy: DeploymentPolicy
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., aliases: _Optional[_Mapping[str, str]] = ..., alias_history: _Optional[_Iterable[_Union[AliasChange, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deployment_policy: _Optional[_Union[DeploymentPolicy, _Mapping]] = ...) -> None: ...
+    promotion_policy: PromotionPolicy
+    promotion_policy_is_default: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., aliases: _Optional[_Mapping[str, str]] = ..., alias_history: _Optional[_Iterable[_Union[AliasChange, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deployment_policy: _Optional[_Union[DeploymentPolicy, _Mapping]] = ..., promotion_policy: _Optional[_Union[PromotionPolicy, _Mapping]] = ..., promotion_policy_is_default: _Optional[bool] = ...) -> None: ...
+
+class PromotionPolicy(_message.Message):
+    __slots__ = ("canary_share", "min_decisions", "min_labels", "margin", "max_decisions")
+    CANARY_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MIN_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    canary_share: float
+    min_decisions: int
+    min_labels: int
+    margin: float
+    max_decisions: int
+    def __init__(self, canary_share: _Optional[float] = ..., min_decisions: _Optional[int] = ..., min_labels: _Optional[int] = ..., margin: _Optional[float] = ..., max_decisions: _Optional[int] = ...) -> None: ...
 
 class DeploymentPolicy(_message.Message):
     __slots__ = ("canary_share", "epsilon", "threshold", "actions")

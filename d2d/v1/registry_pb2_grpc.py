@@ -118,8 +118,11 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateModel(self, request, context):
-        """Updates `description` and `deployment_policy` (by `update_mask`); a policy change is a
-        `model.policy_set` event, which serving follows.
+        """Updates `description`, `deployment_policy` and `promotion_policy` (by `update_mask`); a
+        deployment policy change is a `model.policy_set` event, which serving follows; a promotion
+        policy change is a `model.promotion_policy_set` event, which the registry's retraining loop
+        follows. A promotion policy is given whole; a bad field is INVALID_ARGUMENT naming
+        `model.promotion_policy.<field>`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

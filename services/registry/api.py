@@ -132,10 +132,17 @@ def version_to_proto(v: VersionRecord) -> registry_pb2.ModelVersion:
 
 
 class RegistryApi:
-    def __init__(self, log: EventLog, *, default_policy: dict[str, Any] | None = None) -> None:
-        """`default_policy`: a new model's deployment policy (the domain's, from D2D_TRAINING_DEFAULTS)."""
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        default_policy: dict[str, Any] | None = None,
+        default_promotion_policy: dict[str, Any] | None = None,
+    ) -> None:
+        """`default_policy`: a new model's deployment policy; `default_promotion_policy`: that of a
+        model without its own (both the domain's, from D2D_TRAINING_DEFAULTS)."""
         self.log = log
-        self.store = ModelStore(log, default_policy=default_policy)
+        self.store = ModelStore(log, default_policy=default_policy, default_promotion_policy=default_promotion_policy)
         self._training = asyncio.Lock()  # one run at a time: XGBoost has the machine
 
     async def _model_proto(self, record: ModelRecord) -> registry_pb2.Model:
@@ -145,7 +152,10 @@ class RegistryApi:
             aliases={k: str(v) for k, v in record.aliases.items()},
             alias_history=[_change(c) for c in await self.store.alias_history(record.name)],
             deployment_policy=registry_pb2.DeploymentPolicy(**record.deployment_policy),
+            promotion_policy_is_default=record.promotion_policy is None,
         )
+        if (promotion := self.store.promotion_policy(record)) is not None:
+            msg.promotion_policy.CopyFrom(registry_pb2.PromotionPolicy(**promotion))
         msg.create_time.FromDatetime(record.created_at)
         return msg
 
@@ -177,18 +187,27 @@ class RegistryApi:
     async def UpdateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
         model = _model_name(request.model.name)
         paths = set(request.update_mask.paths)
-        unknown = sorted(paths - {"description", "deployment_policy"})
+        unknown = sorted(paths - {"description", "deployment_policy", "promotion_policy"})
         if not paths or unknown:
             raise Refusal(
                 "INVALID_ARGUMENT",
-                f"update_mask must name description and/or deployment_policy (got {sorted(paths) or 'nothing'})",
+                "update_mask must name description, deployment_policy and/or promotion_policy"
+                f" (got {sorted(paths) or 'nothing'})",
                 "update_mask",
             )
         policy = None
         if "deployment_policy" in paths:
             policy = _policy(request.model.deployment_policy)
+        promotion = None
+        if "promotion_policy" in paths:
+            p = request.model.promotion_policy
+            promotion = {"canary_share": p.canary_share, "min_decisions": p.min_decisions, "min_labels": p.min_labels,
+                         "margin": p.margin, "max_decisions": p.max_decisions}  # fmt: skip
         description = request.model.description if "description" in paths else None
-        return await self._model_proto(await self.store.update_model(model, description=description, policy=policy))
+        record = await self.store.update_model(
+            model, description=description, policy=policy, promotion_policy=promotion
+        )
+        return await self._model_proto(record)
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.ListModelsResponse:
         return registry_pb2.ListModelsResponse(
@@ -203,6 +222,18 @@ class RegistryApi:
             started = time.perf_counter()
             return await train(self.log, spec, views, progress), time.perf_counter() - started
 
+    async def train_version(
+        self, model: str, spec: TrainingSpec, progress: Progress, *, lineage: dict[str, Any] | None = None
+    ) -> VersionRecord:
+        """Train `spec` against the log and register the result as the model's next version, with
+        `lineage` added to the training's (e.g. the retrain request it answers). A spec naming an
+        unregistered view is NOT_FOUND; one the log cannot train on raises `SpecError`."""
+        trained, _ = await self._train(spec, await self.views_for(spec), progress)
+        return await self.store.add_version(
+            model, trained.artifact, trained.spec.to_dict(), trained.feature_names, trained.evaluation,
+            {**trained.lineage, **(lineage or {})},
+        )  # fmt: skip
+
     def TrainModelVersion(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[registry_pb2.TrainingProgress]:
@@ -210,12 +241,7 @@ class RegistryApi:
             model = _model_name(request.parent)
             await self.store.get_model(model)
             with spec_refusals("spec_json"):
-                spec = TrainingSpec.from_json(request.spec_json)
-                trained, _ = await self._train(spec, await self.views_for(spec), progress)
-            version = await self.store.add_version(
-                model, trained.artifact, trained.spec.to_dict(), trained.feature_names,
-                trained.evaluation, trained.lineage,
-            )  # fmt: skip
+                version = await self.train_version(model, TrainingSpec.from_json(request.spec_json), progress)
             return registry_pb2.TrainingProgress(
                 stage="stored", message=f"registered {version.name} ({version.sha256[:12]})", fraction=1.0,
                 model_version=version_to_proto(version),

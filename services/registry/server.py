@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 
 from d2d import eventlog, grpcserver
@@ -11,21 +12,37 @@ from d2d.eventlog import EventLog
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import registry_pb2
 from services.registry.api import SERVICE_NAME, RegistryApi
+from services.registry.loop import DecisionOutcomesJudge, RetrainLoop
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the RegistryService on settings.addr("registry") until `stop` (or SIGINT/SIGTERM)."""
+    """Run the RegistryService on settings.addr("registry") until `stop` (or SIGINT/SIGTERM), and
+    beside it the closed loop that acts on `retrain.requested` (unless settings turn it off)."""
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
     pool = await eventlog.create_pool(url, role=settings.db_role, max_size=6)
     server, health = grpcserver.new_server([SERVICE_NAME])
     defaults = importlib.import_module(settings.training_defaults_module)
-    api = RegistryApi(EventLog(pool), default_policy=getattr(defaults, "default_policy", lambda: None)())
+    api = RegistryApi(
+        EventLog(pool),
+        default_policy=getattr(defaults, "default_policy", lambda: None)(),
+        default_promotion_policy=getattr(defaults, "default_promotion_policy", lambda: None)(),
+    )
     grpcserver.add_service(server, registry_pb2.DESCRIPTOR.services_by_name["RegistryService"], api)
     addr = settings.addr("registry")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"registry: cannot listen on {addr}")
     await server.start()
-    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"registry serving on {addr}")
-    await pool.close()
+    loop = None
+    if settings.registry_retrain_loop:
+        retrain = RetrainLoop(api, DecisionOutcomesJudge(pool), check_seconds=settings.registry_canary_check_seconds)
+        loop = asyncio.create_task(retrain.run(), name="registry-retrain")
+    try:
+        await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"registry serving on {addr}")
+    finally:
+        if loop is not None:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        await pool.close()

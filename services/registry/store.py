@@ -3,7 +3,7 @@
 Every change is an event in the log whose projector (`d2d.projections`) writes the rows, in the
 same transaction (`EventLog.recording()`): `model.registered` (a model, or a version with its spec,
 evaluation, lineage, input names and the sha256 of its artifact), `model.updated` (its description),
-`model.policy_set` and `model.alias_set` (an alias moved or removed). Artifacts are a
+`model.policy_set`, `model.promotion_policy_set` and `model.alias_set` (an alias moved or removed). Artifacts are a
 content-addressed blob store beside them. The alias history is read back from the events.
 """
 
@@ -33,6 +33,7 @@ class ModelRecord:
     registered_seq: int
     created_at: datetime
     deployment_policy: dict[str, Any]
+    promotion_policy: dict[str, Any] | None  # None: the domain's default applies
     aliases: dict[str, int]
 
 
@@ -57,6 +58,40 @@ def check_policy(current: dict[str, Any], policy: dict[str, Any]) -> dict[str, A
                       " taken below the threshold)", "model.deployment_policy.actions")  # fmt: skip
     merged["actions"] = list(actions)
     return merged
+
+
+PROMOTION_COUNTS = ("min_decisions", "min_labels", "max_decisions")
+
+
+def check_promotion_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """A complete, valid promotion policy or a Refusal naming the field: `canary_share` in (0, 1]
+    (a canary with no traffic never shows anything), counts whole and not negative, `margin` within
+    -1..1, and `max_decisions` at least `min_decisions` (else no canary could ever pass)."""
+    checked: dict[str, Any] = {}
+    share = policy.get("canary_share")
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 < float(share) <= 1.0:
+        raise Refusal("INVALID_ARGUMENT", f"promotion_policy.canary_share must be above 0 and at most 1, got {share!r}",
+                      "model.promotion_policy.canary_share")  # fmt: skip
+    checked["canary_share"] = float(share)
+    for key in PROMOTION_COUNTS:
+        value = policy.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise Refusal("INVALID_ARGUMENT", f"promotion_policy.{key} must be a whole number >= 0, got {value!r}",
+                          f"model.promotion_policy.{key}")  # fmt: skip
+        checked[key] = value
+    margin = policy.get("margin")
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not -1.0 <= float(margin) <= 1.0:
+        raise Refusal("INVALID_ARGUMENT", f"promotion_policy.margin (AUC) must be within -1..1, got {margin!r}",
+                      "model.promotion_policy.margin")  # fmt: skip
+    checked["margin"] = float(margin)
+    if checked["max_decisions"] < checked["min_decisions"]:
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"promotion_policy.max_decisions ({checked['max_decisions']}) is below min_decisions"
+            f" ({checked['min_decisions']}): no canary could pass",
+            "model.promotion_policy.max_decisions",
+        )
+    return checked
 
 
 @dataclass(frozen=True)
@@ -98,8 +133,19 @@ _VERSION_COLUMNS = (
 
 
 class ModelStore:
-    def __init__(self, log: EventLog, *, default_policy: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        default_policy: dict[str, Any] | None = None,
+        default_promotion_policy: dict[str, Any] | None = None,
+    ) -> None:
         self.log = log
+        # How a model without a promotion policy of its own promotes a retrained candidate (None: it
+        # is not promoted automatically).
+        self.default_promotion_policy = (
+            check_promotion_policy(default_promotion_policy) if default_promotion_policy else None
+        )
         # A new model's policy where its creator names none (None: the creator must name one).
         self.default_policy = check_policy(default_policy, {}) if default_policy else None
         self.pool: asyncpg.Pool = log.pool
@@ -131,7 +177,8 @@ class ModelStore:
     async def get_model(self, model: str) -> ModelRecord:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT name, description, registered_seq, created_at, deployment_policy FROM models WHERE name = $1",
+                "SELECT name, description, registered_seq, created_at, deployment_policy, promotion_policy FROM models"
+                " WHERE name = $1",
                 model,
             )
             if row is None:
@@ -139,18 +186,33 @@ class ModelStore:
             aliases = await conn.fetch("SELECT alias, version FROM model_aliases WHERE model = $1", model)
         return ModelRecord(*row.values(), aliases={a["alias"]: a["version"] for a in aliases})
 
+    def promotion_policy(self, record: ModelRecord) -> dict[str, Any] | None:
+        """The model's promotion policy: its own, else the domain's default (None: neither)."""
+        return record.promotion_policy or self.default_promotion_policy
+
     async def update_model(
-        self, model: str, *, description: str | None = None, policy: dict[str, Any] | None = None
+        self,
+        model: str,
+        *,
+        description: str | None = None,
+        policy: dict[str, Any] | None = None,
+        promotion_policy: dict[str, Any] | None = None,
     ) -> ModelRecord:
-        """Change the description and/or the deployment policy (a `model.policy_set` event)."""
+        """Change the description, the deployment policy (a `model.policy_set` event) and/or the
+        promotion policy (a `model.promotion_policy_set` event), all or none."""
         record = await self.get_model(model)
         if policy is not None:
             policy = check_policy(record.deployment_policy, policy)
+        if promotion_policy is not None:
+            promotion_policy = check_promotion_policy(promotion_policy)
         async with self.log.recording() as tx:
             if description is not None:
                 await tx.append(_event("model.updated", model, {"model": model, "description": description}))
             if policy is not None:
                 await tx.append(_event("model.policy_set", model, {"model": model, "policy": policy}))
+            if promotion_policy is not None:
+                payload = {"model": model, "policy": promotion_policy}
+                await tx.append(_event("model.promotion_policy_set", model, payload))
         return await self.get_model(model)
 
     async def list_models(self) -> list[ModelRecord]:
@@ -232,6 +294,16 @@ class ModelStore:
                 " WHERE v.model = $1 ORDER BY v.version",
                 model,
             )
+        return [VersionRecord(*r.values()) for r in rows]
+
+    async def versions_with_lineage(self, model: str, key: str, value: str) -> list[VersionRecord]:
+        """The model's versions whose lineage has `key` = `value` (e.g. the retrain request they answer)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN artifacts a USING (sha256)"
+                " WHERE v.model = $1 AND v.lineage ->> $2 = $3 ORDER BY v.version",
+                model, key, value,
+            )  # fmt: skip
         return [VersionRecord(*r.values()) for r in rows]
 
     async def artifact(self, sha256: str) -> bytes:
