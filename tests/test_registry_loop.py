@@ -20,11 +20,12 @@ import orjson
 import pytest
 from google.rpc import error_details_pb2
 
-from d2d import eventlog
+from d2d import eventlog, projections
 from d2d.client import RegistryClient, error_details
 from d2d.config import Settings
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.store import register_views
+from d2d.outcomes import outcome_event_id
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.training import default_promotion_policy, default_spec
@@ -220,20 +221,15 @@ async def record_decisions(log: EventLog, model: str, arm: str, version: int, sc
         }  # fmt: skip
         events.append(NewEvent(uuid.UUID(decision_id), "decision.made", 1, "decision", decision_id,
                                datetime.now(UTC), orjson.dumps(payload).decode()))  # fmt: skip
-    stored = await log.append(events)
-    async with log.pool.acquire() as conn:
-        await conn.executemany(
-            "INSERT INTO decision_outcomes (decision_id, model, model_version, arm, score, action, propensity,"
-            " unit_id, decided_at, decision_seq, label, outcome_id, outcome_at, outcome_source)"
-            " VALUES ($1, $2, $3, $4, $5, 'approve', 1.0, 'c1', now(), $6, $7, $8, $9, $10)"
-            " ON CONFLICT (decision_id) DO UPDATE SET label = excluded.label, outcome_id = excluded.outcome_id,"
-            " outcome_at = excluded.outcome_at, outcome_source = excluded.outcome_source",
-            [
-                (e.event_id, model, version, arm, score, s.seq, label,
-                 *((None, None, None) if label is None else (f"o-{e.event_id}", datetime.now(UTC), "api")))
-                for e, s, (score, label) in zip(events, stored, scored, strict=True)
-            ],
-        )  # fmt: skip
+    outcomes = [
+        NewEvent(outcome_event_id(f"o-{e.event_id}"), "outcome.recorded", 1, "decision", e.entity_id, datetime.now(UTC),
+                 orjson.dumps({"outcome_id": f"o-{e.event_id}", "decision_id": e.entity_id, "label": label,
+                               "occurred_at": datetime.now(UTC).isoformat(), "source": "api"}).decode())
+        for e, (_, label) in zip(events, scored, strict=True) if label is not None
+    ]  # fmt: skip
+    stored = await log.append([*events, *outcomes])
+    async with log.pool.acquire() as conn:  # the join, by its projectors, as the feedback service applies them
+        await projections.apply(conn, [await log.get(r.event_id) for r in stored], applied_by=projections.FEEDBACK)
 
 
 # 40 decisions, 30 of them labelled, half fraud: a perfect ranking (AUC 1) and a useless one (AUC 0.5).
@@ -373,7 +369,8 @@ async def test_a_person_moving_production_mid_watch_ends_the_watch_with_nothing_
     await serve_both_arms(owner_log, model, SHARP, BLUNT)
     record = await client.get_model(model)
     assert record.aliases["canary"] == "2" and record.aliases["production"] == "2"
-    assert [e.type for e in await owner_log.read(head, 1000)] == ["decision.made"] * 80
+    appended = {e.type for e in await owner_log.read(head, 1000)}
+    assert appended == {"decision.made", "outcome.recorded"}  # the traffic only: no alias or policy event
 
 
 async def test_the_promotion_policy_is_set_by_update_model_and_checked_field_by_field(registry: Registry) -> None:
