@@ -336,3 +336,15 @@ async def serve_empty(service: Any, method: str, bare_port: int, platform_port: 
         await bare.stop(1)
         await platform_server.stop(1)
         telemetry.shutdown_tracing()
+
+
+@contextlib.contextmanager
+def postgres_server(root: Path) -> Iterator[EmbeddedPostgres]:
+    """Postgres alone (fsync on), stopped on exit even after errors."""
+    postgres = EmbeddedPostgres(root / "pg", port=free_port(), fsync=True)
+    try:
+        postgres.start()
+        yield postgres
+    finally:
+        with contextlib.suppress(Exception):
+            postgres.stop()

@@ -44,13 +44,12 @@ The last line printed is one JSON object with every figure and its baselines (se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import cProfile
 import os
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,6 +67,7 @@ from bench._common import (
     machine,
     parser,
     per_second,
+    postgres_server,
     rounded,
     say,
     stop_on_sigterm,
@@ -75,7 +75,7 @@ from bench._common import (
 from d2d import eventlog
 from d2d.eventlog import EventLog, NewEvent
 from d2d.outcomes import outcome_event_id
-from d2d.runtime.servers import EmbeddedPostgres, free_port
+from d2d.runtime.servers import EmbeddedPostgres
 from d2d.training.baseline import baseline
 from services.feedback.consumer import FeedbackConsumer
 
@@ -265,18 +265,6 @@ async def raw_staged(conn: asyncpg.Connection, table: str, columns: list[list[An
 
 # ---------------------------------------------------------------------------------------------
 # The run
-
-
-@contextlib.contextmanager
-def postgres_server(root: Path) -> Iterator[EmbeddedPostgres]:
-    """Postgres alone (fsync on), stopped on exit even after errors."""
-    postgres = EmbeddedPostgres(root / "pg", port=free_port(), fsync=True)
-    try:
-        postgres.start()
-        yield postgres
-    finally:
-        with contextlib.suppress(Exception):
-            postgres.stop()
 
 
 def cpu_line(phase: Phase) -> str:

@@ -54,13 +54,12 @@ baselines (see bench/_common).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +78,7 @@ from bench._common import (
     parser,
     per_second,
     percentile,
+    postgres_server,
     rounded,
     say,
     stop_on_sigterm,
@@ -144,18 +144,6 @@ async def load_log(url: str, events: list[NewEvent]) -> None:
         await conn.execute("VACUUM ANALYZE events")
     finally:
         await conn.close()
-
-
-@contextlib.contextmanager
-def postgres_server(root: Path) -> Iterator[EmbeddedPostgres]:
-    """Postgres alone (fsync on), stopped on exit even after errors."""
-    postgres = EmbeddedPostgres(root / "pg", port=free_port(), fsync=True)
-    try:
-        postgres.start()
-        yield postgres
-    finally:
-        with contextlib.suppress(Exception):
-            postgres.stop()
 
 
 async def postgres_settings(url: str) -> dict[str, str]:

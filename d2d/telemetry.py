@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -113,6 +113,17 @@ def inject_headers(headers: dict[str, str] | None = None, ctx: otel_context.Cont
 def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
     """The trace context carried by message headers or event metadata."""
     return propagate.extract(dict(headers or {}))
+
+
+def links(carriers: Iterable[Mapping[str, str] | None]) -> list[trace.Link]:
+    """A span link to each carrier's (message headers', event metadata's) valid trace context: how
+    work shared by many messages names every one it served."""
+    found = []
+    for carrier in carriers:
+        ctx = trace.get_current_span(extract_context(carrier)).get_span_context()
+        if ctx.is_valid:
+            found.append(trace.Link(ctx))
+    return found
 
 
 def current_traceparent() -> str | None:

@@ -96,7 +96,7 @@ class Folder:
                 continue
             if msgs:
                 with self._tracer.start_as_current_span(
-                    "features.fold", kind=trace.SpanKind.CONSUMER, links=_links(msgs[:32])
+                    "features.fold", kind=trace.SpanKind.CONSUMER, links=telemetry.links(m.headers for m in msgs[:32])
                 ) as span:
                     span.set_attribute("messaging.batch.message_count", len(msgs))
                     for m in msgs:
@@ -162,12 +162,3 @@ class Folder:
             Snapshot(self.consumer, self.state.watermark, self.state.stream_seq, self.state.fold_key(), data),
         )
         self.snapshots += 1
-
-
-def _links(msgs: list) -> list[trace.Link]:  # noqa: ANN001
-    links = []
-    for m in msgs:
-        ctx = trace.get_current_span(telemetry.extract_context(m.headers)).get_span_context()
-        if ctx.is_valid:
-            links.append(trace.Link(ctx))
-    return links

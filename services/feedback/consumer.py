@@ -110,7 +110,7 @@ class FeedbackConsumer:
         if not events:
             return 0
         with self._tracer.start_as_current_span(
-            "feedback.apply", kind=trace.SpanKind.CONSUMER, links=_links(events[:32])
+            "feedback.apply", kind=trace.SpanKind.CONSUMER, links=telemetry.links(e.metadata for e in events[:32])
         ) as span:
             span.set_attribute("messaging.batch.message_count", len(events))
             async with self.log.pool.acquire() as conn, conn.transaction():
@@ -244,15 +244,6 @@ def finding_events(finding: Finding) -> list[NewEvent]:
                      orjson.dumps(finding.retrain_payload()).decode(), {"producer": "feedback"})
         )  # fmt: skip
     return events
-
-
-def _links(events: Sequence[StoredEvent]) -> list[trace.Link]:
-    links = []
-    for e in events:
-        ctx = trace.get_current_span(telemetry.extract_context(e.metadata)).get_span_context()
-        if ctx.is_valid:
-            links.append(trace.Link(ctx))
-    return links
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
