@@ -43,7 +43,7 @@ def test_drift_is_found_on_shifted_inputs_only_and_asks_one_retrain_until_produc
     first = findings[0]
     assert first.details["worst"] == "amount" and first.details["psi_max"] > 0.25
     assert first.at_seq % SETTINGS.drift_every == 0 and first.source == "models/fraud/versions/1"
-    assert [f.retrain for f in findings] == [True] + [False] * (len(findings) - 1)  # one request stands
+    assert len(findings) == 1 and findings[0].retrain  # a lasting breach is one alert and one request
     assert first.retrain_payload()["reason"] == "drift" and first.retrain_payload()["model"] == "fraud"
     monitor.production_set("fraud", 1)  # answered (the same version set again)
     again = [f for seq in range(2001, 2401) for f in decide(monitor, rng, seq, shift=25)]
@@ -131,3 +131,21 @@ def test_a_features_service_behind_the_log_for_too_long_is_alerted_once_per_brea
     )  # same breach
     assert check.observe(t, watermark=120, head=120, oldest_unfolded_at=None) is None  # fresh again
     assert check.observe(t, watermark=120, head=130, oldest_unfolded_at=t - timedelta(seconds=61)) is not None
+
+
+def test_a_lasting_breach_is_reported_once_and_again_only_after_a_check_passes() -> None:
+    monitor = Monitor(MonitorSettings(sla_window=100, sla_every=100))
+    monitor.know_contract("payment.authorized", {"/ip_country": 0.1}, allowed_lateness_seconds=3600)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def window(start: int, null_every: int | None) -> list[Finding]:
+        found = []
+        for seq in range(start, start + 100):
+            payload = {"ip_country": None if null_every and seq % null_every == 0 else "IT"}
+            found += monitor.on_event(seq, "payment.authorized", payload, t, t)
+        return found
+
+    assert [f.kind for f in window(1, 2)] == ["null_rate"]  # 50 % null: a breach begins
+    assert window(101, 2) == []  # still breached: already reported
+    assert window(201, None) == []  # the check passes: the breach is over
+    assert [(f.kind, f.at_seq) for f in window(301, 2)] == [("null_rate", 400)]  # a new breach

@@ -7,6 +7,10 @@ Every check runs at a point fixed by the log (every `drift_every` decisions of a
 gives the same findings at the same positions: a finding's events get ids derived from its position,
 and a consumer that re-reads events after a restart appends none twice.
 
+A breach is reported once: a check that finds what the one before it found (the same kind, about
+the same version or event type) stays quiet until a check passes again, so a lasting breach is one
+alert, not one per window.
+
 A finding may ask for a retrain. At most one retrain is asked per model until its production version
 changes (a new one, or the same one set again): the request stands until the registry acts on it.
 """
@@ -103,6 +107,7 @@ class Monitor:
         self._labels_since: dict[str, int] = {}  # model -> labels since its production was set
         self._sla: dict[str, dict[str, Any]] = {}  # event type -> {"seen", "window": deque}
         self._contracts: dict[str, tuple[dict[str, float], int]] = {}
+        self._breached: set[tuple[str, str]] = set()  # (kind, source) of breaches already reported
 
     # -- what the monitor is told ---------------------------------------------------------------
 
@@ -125,6 +130,7 @@ class Monitor:
             self._production[model] = version
         self._retrain_asked.discard(model)
         self._labels_since[model] = 0
+        self._breached = {b for b in self._breached if not b[1].startswith(f"models/{model}/")}  # look afresh
 
     # -- the checks -----------------------------------------------------------------------------
 
@@ -151,7 +157,7 @@ class Monitor:
         if not values:
             return []
         worst = max(values, key=lambda k: (values[k], k))
-        if values[worst] <= s.drift_threshold:
+        if not self._begins("drift", f"models/{model}/versions/{version}", values[worst] > s.drift_threshold):
             return []
         drifted = sorted((k for k in values if values[k] > s.drift_threshold), key=lambda k: (-values[k], k))
         details = {
@@ -185,7 +191,8 @@ class Monitor:
         labels = np.array([x[1] for x in v.labelled])
         weights = np.array([1.0 / max(x[2], 0.01) for x in v.labelled])
         live = weighted_metrics(labels, scores, weights)["auc"]
-        if live is None or v.heldout_auc - live <= s.performance_drop:
+        dropped = live is not None and v.heldout_auc - live > s.performance_drop
+        if live is None or not self._begins("performance_drop", f"models/{model}/versions/{version}", dropped):
             return findings
         details = {
             "live_auc": round(live, 6), "heldout_auc": round(v.heldout_auc, 6), "drop": round(v.heldout_auc - live, 6),
@@ -216,15 +223,26 @@ class Monitor:
         findings = []
         rates = {p: sum(w[0][i] for w in state["window"]) / n for i, p in enumerate(sorted(limits))}
         broken = {p: round(r, 6) for p, r in rates.items() if r > limits[p]}
-        if broken:
+        if self._begins("null_rate", event_type, bool(broken)):
             details = {"window_events": n, "null_rates": broken, "limits": {p: limits[p] for p in broken}}
             findings.append(Finding("null_rate", seq, event_type, details))
         late_share = sum(w[1] for w in state["window"]) / n
-        if late_share > s.late_share_limit:
+        if self._begins("lateness", event_type, late_share > s.late_share_limit):
             details = {"window_events": n, "late_share": round(late_share, 6), "allowed_lateness_seconds": lateness,
                        "late_share_limit": s.late_share_limit}  # fmt: skip
             findings.append(Finding("lateness", seq, event_type, details))
         return findings
+
+    def _begins(self, kind: str, source: str, breached: bool) -> bool:
+        """Whether a check that found `breached` starts a breach (one to report)."""
+        key = (kind, source)
+        if not breached:
+            self._breached.discard(key)
+            return False
+        if key in self._breached:
+            return False
+        self._breached.add(key)
+        return True
 
     def _finding(self, kind: str, seq: int, model: str, version: int, details: dict[str, Any]) -> Finding:
         """A finding about a version; it asks for a retrain when the version is in production and no
@@ -247,7 +265,7 @@ class Monitor:
                 for (m, ver), v in sorted(self._versions.items())
             ],
             "production": self._production, "retrain_asked": sorted(self._retrain_asked),
-            "labels_since": self._labels_since,
+            "labels_since": self._labels_since, "breached": sorted(list(b) for b in self._breached),
             "sla": {t: {"seen": s["seen"], "window": [[list(n), late] for n, late in s["window"]]}
                     for t, s in sorted(self._sla.items())},
         }  # fmt: skip
@@ -267,6 +285,7 @@ class Monitor:
         monitor._production = dict(d["production"])
         monitor._retrain_asked = set(d["retrain_asked"])
         monitor._labels_since = dict(d["labels_since"])
+        monitor._breached = {(k, s) for k, s in d["breached"]}
         monitor._sla = {
             t: {"seen": s["seen"], "window": deque((tuple(n), late) for n, late in s["window"])}
             for t, s in d["sla"].items()
