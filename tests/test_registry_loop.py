@@ -30,6 +30,7 @@ from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.training import default_promotion_policy, default_spec
 from d2d.sim.views import VIEWS
+from d2d.training.labels import DecisionLabel
 from d2d.training.spec import TrainingSpec
 from services.registry.loop import POSITION, ArmMetrics, arm_metrics, judge, retrain_spec
 from services.registry.server import serve
@@ -91,11 +92,21 @@ def test_arm_metrics_count_every_decision_and_weight_labels_by_inverse_propensit
     assert arm_metrics([]) == ArmMetrics(0, 0, None)
 
 
-def test_a_candidate_is_trained_from_productions_spec_up_to_the_request() -> None:
+def test_a_model_without_decisions_is_retrained_from_productions_spec_up_to_the_head() -> None:
     production = TrainingSpec.from_dict({**default_spec().to_dict(), "to_seq": 500, "num_boost_round": 40})
     candidate = retrain_spec(production, {"model": "fraud", "reason": "drift", "details": {}}, 9000)
     assert candidate.to_seq == 9000 and candidate.after_seq == production.after_seq
     assert candidate.to_dict() == {**production.to_dict(), "to_seq": 9000}
+
+
+def test_a_deciding_model_is_retrained_on_its_decisions_after_the_request_weighted_by_propensity() -> None:
+    production = TrainingSpec.from_dict({**default_spec().to_dict(), "to_seq": 500, "num_boost_round": 40})
+    request = {"model": "fraud", "reason": "performance", "details": {}}
+    candidate = retrain_spec(production, request, 9000, decisions_after=7000)
+    assert candidate.label == DecisionLabel("fraud", "inverse_propensity", production.label.window_seconds)
+    assert (candidate.after_seq, candidate.to_seq) == (7000, 9000)
+    same = {k: v for k, v in candidate.to_dict().items() if k not in ("label", "after_seq", "to_seq")}
+    assert same == {k: v for k, v in production.to_dict().items() if k not in ("label", "after_seq", "to_seq")}
 
 
 def test_the_domains_promotion_policy_is_valid() -> None:
