@@ -274,7 +274,7 @@ class RetrainLoop:
                     "SELECT EXISTS (SELECT 1 FROM decision_outcomes WHERE model = $1 AND decision_seq <= $2)",
                     model,
                     seq,
-                )  # fmt: skip
+                )
             )
 
     async def _labelled(self, spec: TrainingSpec, names: Sequence[str]) -> int:
