@@ -172,11 +172,11 @@ async def until(probe: Callable[[], Awaitable[T]], what: str, timeout: float = 1
 
 @dataclass
 class Run:
-    """What the loop went through: the log positions of the drift's start and of the promotion, and
-    the event time the promoted version started deciding at."""
+    """What the loop went through: where the drift starts in the log, and when (event time) the
+    promoted version started deciding."""
 
     before: int  # the log's length before the loop
-    drift_seq: int = 0  # the log's length when the first post-drift payment was sent
+    drift_seq: int = 0  # the log's length before the first post-drift payment
     promoted_at: datetime | None = None
     promoted_version: int = 0
     counts: dict[str, int] = field(default_factory=dict)
