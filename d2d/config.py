@@ -52,6 +52,11 @@ class Settings:
     registry_canary_check_seconds: float = field(
         default_factory=lambda: float(os.environ.get("D2D_REGISTRY_CANARY_CHECK_SECONDS", "5"))
     )
+    # Labelled decisions (made after the request, past the label window) a model that has been deciding
+    # needs before the registry trains its candidate on them.
+    registry_retrain_min_labels: int = field(
+        default_factory=lambda: int(os.environ.get("D2D_REGISTRY_RETRAIN_MIN_LABELS", "1000"))
+    )
     # Python modules (comma-separated) that declare upcasters (d2d.contracts.upcasting), imported at
     # the first upcast by every process that reads payloads.
     upcaster_modules: str = field(default_factory=lambda: os.environ.get("D2D_UPCASTERS", "d2d.sim.upcasters"))

@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
@@ -30,6 +30,7 @@ from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.training import default_promotion_policy, default_spec
 from d2d.sim.views import VIEWS
+from d2d.training.labels import DecisionLabel
 from d2d.training.spec import TrainingSpec
 from services.registry.loop import POSITION, ArmMetrics, arm_metrics, judge, retrain_spec
 from services.registry.server import serve
@@ -91,11 +92,21 @@ def test_arm_metrics_count_every_decision_and_weight_labels_by_inverse_propensit
     assert arm_metrics([]) == ArmMetrics(0, 0, None)
 
 
-def test_a_candidate_is_trained_from_productions_spec_up_to_the_request() -> None:
+def test_a_model_without_decisions_is_retrained_from_productions_spec_up_to_the_head() -> None:
     production = TrainingSpec.from_dict({**default_spec().to_dict(), "to_seq": 500, "num_boost_round": 40})
     candidate = retrain_spec(production, {"model": "fraud", "reason": "drift", "details": {}}, 9000)
     assert candidate.to_seq == 9000 and candidate.after_seq == production.after_seq
     assert candidate.to_dict() == {**production.to_dict(), "to_seq": 9000}
+
+
+def test_a_deciding_model_is_retrained_on_its_decisions_after_the_request_weighted_by_propensity() -> None:
+    production = TrainingSpec.from_dict({**default_spec().to_dict(), "to_seq": 500, "num_boost_round": 40})
+    request = {"model": "fraud", "reason": "performance", "details": {}}
+    candidate = retrain_spec(production, request, 9000, decisions_after=7000)
+    assert candidate.label == DecisionLabel("fraud", "inverse_propensity", production.label.window_seconds)
+    assert (candidate.after_seq, candidate.to_seq) == (7000, 9000)
+    same = {k: v for k, v in candidate.to_dict().items() if k not in ("label", "after_seq", "to_seq")}
+    assert same == {k: v for k, v in production.to_dict().items() if k not in ("label", "after_seq", "to_seq")}
 
 
 def test_the_domains_promotion_policy_is_valid() -> None:
@@ -163,8 +174,9 @@ class Registry:
 @pytest.fixture
 async def registry(database: str) -> AsyncIterator[Registry]:
     settings = Settings(
-        database_url=database, addrs={"registry": f"127.0.0.1:{free_port()}"}, registry_canary_check_seconds=0.1
-    )
+        database_url=database, addrs={"registry": f"127.0.0.1:{free_port()}"}, registry_canary_check_seconds=0.1,
+        registry_retrain_min_labels=40,
+    )  # fmt: skip
     stop = asyncio.Event()
     running = Registry(database, settings, RegistryClient(settings.addr("registry")), stop,
                        asyncio.create_task(serve(settings, stop)))  # fmt: skip
@@ -208,9 +220,11 @@ async def request_retrain(log: EventLog, model: str, event_id: uuid.UUID | None 
     return str(event.event_id), stored.seq
 
 
-async def record_decisions(log: EventLog, model: str, arm: str, version: int, scored: list[tuple[float, Any]]) -> None:
+async def record_decisions(
+    log: EventLog, model: str, arm: str, version: int, scored: list[tuple[float, Any]], as_of: datetime | None = None
+) -> None:
     """Decisions of one arm in the log, and their rows in the decision/outcome join with the given
-    (score, label) each, as the feedback service's consumer writes them."""
+    (score, label) each, as the feedback service's consumer writes them; `as_of`: their event time."""
     events = []
     for score, _ in scored:
         decision_id = str(uuid.uuid4())
@@ -219,6 +233,8 @@ async def record_decisions(log: EventLog, model: str, arm: str, version: int, sc
             "arm": arm, "score": score, "action": "approve", "propensity": 1.0, "features": {}, "inputs": [score],
             "feature_watermark": 1, "entities": {"customer": "c1"}, "unit_id": "c1",
         }  # fmt: skip
+        if as_of is not None:
+            payload["as_of"] = as_of.isoformat()
         events.append(NewEvent(uuid.UUID(decision_id), "decision.made", 1, "decision", decision_id,
                                datetime.now(UTC), orjson.dumps(payload).decode()))  # fmt: skip
     outcomes = [
@@ -295,6 +311,30 @@ async def test_a_retrain_request_trains_a_candidate_that_a_better_canary_takes_t
                          "model.alias_set", "model.policy_set"]  # fmt: skip
     finally:
         await log.pool.close()
+
+
+async def test_a_deciding_model_is_retrained_on_its_labelled_decisions_after_the_request_once_enough_are(
+    registry: Registry, owner_log: EventLog
+) -> None:
+    """Decisions older than the label window (30 days), 30 labelled per batch: the batch before the
+    request is not learnt from, one batch after it is short of the 40 labels the registry waits for."""
+    client = registry.client
+    model = await model_in_production(client)
+    old = datetime.now(UTC) - timedelta(days=60)
+    await record_decisions(owner_log, model, "production", 1, SHARP, as_of=old)
+    request_id, request_seq = await request_retrain(owner_log, model)
+    await record_decisions(owner_log, model, "production", 1, SHARP, as_of=old)
+    short = await owner_log.head()
+    await record_decisions(owner_log, model, "production", 1, SHARP, as_of=old)
+    await until(lambda: canary_of(client, model), "the canary")
+    candidate = await client.get_version(model, 2)
+    spec, lineage = json.loads(candidate.spec_json), json.loads(candidate.lineage_json)
+    assert spec["label"] == {
+        "source": "decisions", "model": model, "weighting": "inverse_propensity", "window_seconds": 30 * 86_400
+    }  # fmt: skip
+    assert spec["after_seq"] == request_seq and spec["to_seq"] > short
+    assert lineage["retrain_request"] == request_id and lineage["weighting"] == "inverse_propensity"
+    assert lineage["decisions"]["labelled"] == 60 and lineage["decisions"]["unlabelled"] == 20
 
 
 async def _when(call: Awaitable[T], condition: Callable[[T], bool]) -> T | None:

@@ -3,8 +3,9 @@ through canary to production (or back out) without a person, every step an event
 
 For each request, in log order (`RetrainLoop`):
 
-1. train a candidate from the production version's spec over the log up to the request
-   (`retrain_spec`), its lineage naming the request (`retrain_request`);
+1. train a candidate (`retrain_spec`): a model that has been deciding learns from its own decisions
+   after the request, once enough of them are labelled; its lineage names the request
+   (`retrain_request`);
 2. move `canary` to it (`model.alias_set`, the reason naming the request) and give the canary the
    promotion policy's share of units (`model.policy_set`);
 3. every few seconds ask a `CanaryJudge` for both arms' live metrics since the canary was set, and
@@ -32,7 +33,9 @@ import asyncpg
 
 from d2d.errors import Refusal
 from d2d.eventlog import StoredEvent
+from d2d.training.decisions import decision_examples
 from d2d.training.evaluation import weighted_metrics
+from d2d.training.labels import DecisionLabel
 from d2d.training.spec import SpecError, TrainingSpec
 from services.registry.api import RegistryApi
 from services.registry.store import AliasChange, ModelRecord, VersionRecord
@@ -130,11 +133,26 @@ def arm_metrics(rows: Sequence[Mapping[str, Any]]) -> ArmMetrics:
     return ArmMetrics(len(rows), len(labelled), auc)
 
 
-def retrain_spec(production: TrainingSpec, request: Mapping[str, Any], head: int) -> TrainingSpec:
-    """What a candidate answering `request` (a retrain.requested payload) is trained on: the
-    production version's spec (views, label, inputs, parameters, seed) over the log up to `head`,
-    the log's head at the request. The one place that decides what a retrain learns from."""
-    return dataclasses.replace(production, to_seq=head)
+def retrain_spec(
+    production: TrainingSpec, request: Mapping[str, Any], head: int, *, decisions_after: int | None = None
+) -> TrainingSpec:
+    """What a candidate answering `request` (a retrain.requested payload) is trained on, over the log
+    up to `head`: the one place that decides what a retrain learns from.
+
+    A model that has been deciding (`decisions_after`: the request's log position) learns from its own
+    decisions logged after the request, labelled by their outcomes and weighted by the inverse of
+    their propensity (`DecisionLabel`, the label window that of the production spec's label, so
+    decisions whose outcome could still come are left out). After the request, because the request
+    says the world the older decisions describe has changed (drift, a drop in live AUC): a candidate
+    that learnt from them would learn the old pattern again. Views, inputs, parameters and seed stay
+    the production version's, so the candidate scores the inputs serving already logs.
+
+    A model with no decisions yet (`decisions_after` None) is retrained on the production spec
+    itself (its label, e.g. outcome events) over the log up to `head`."""
+    if decisions_after is None:
+        return dataclasses.replace(production, to_seq=head)
+    label = DecisionLabel(str(request["model"]), "inverse_propensity", window_seconds=production.label.window_seconds)
+    return dataclasses.replace(production, label=label, after_seq=decisions_after, to_seq=head)
 
 
 def _tag(request_id: str) -> str:
@@ -146,7 +164,13 @@ class RetrainLoop:
     """Handles `retrain.requested` events one at a time, in log order (see the module docstring)."""
 
     def __init__(
-        self, api: RegistryApi, canary_judge: CanaryJudge, *, check_seconds: float = 5.0, poll_seconds: float = 1.0
+        self,
+        api: RegistryApi,
+        canary_judge: CanaryJudge,
+        *,
+        check_seconds: float = 5.0,
+        poll_seconds: float = 1.0,
+        min_training_labels: int = 1000,
     ) -> None:
         self.api = api
         self.store = api.store
@@ -154,6 +178,7 @@ class RetrainLoop:
         self.canary_judge = canary_judge
         self.check_seconds = check_seconds
         self.poll_seconds = poll_seconds
+        self.min_training_labels = min_training_labels
 
     async def run(self) -> None:
         """Forever (until cancelled): handle each new request, then record the position past it."""
@@ -207,16 +232,29 @@ class RetrainLoop:
         await self._watch(model, tag, candidate.version, production_then, canary_set.seq)
 
     async def _candidate(self, model: str, request: StoredEvent, production: int) -> VersionRecord | None:
-        """The version answering the request: the one already trained for it, else a new one."""
+        """The version answering the request: the one already trained for it, else a new one. A model
+        that has been deciding learns from its decisions after the request (`retrain_spec`), so the
+        training waits until `min_training_labels` of them are labelled past the label window (labels
+        come in event time, days after the request)."""
         request_id = str(request.event_id)
         existing = await self.store.versions_with_lineage(model, "retrain_request", request_id)
         if existing:
             return existing[0]
-        spec = retrain_spec(
-            TrainingSpec.from_dict((await self.store.get_version(model, str(production))).spec),
-            request.payload,
-            request.seq,
-        )
+        current = await self.store.get_version(model, str(production))
+        production_spec = TrainingSpec.from_dict(current.spec)
+        decisions_after = request.seq if await self._has_decided(model, request.seq) else None
+        while True:
+            spec = retrain_spec(
+                production_spec, request.payload, await self.log.head(), decisions_after=decisions_after
+            )
+            if decisions_after is None:
+                break
+            labelled = await self._labelled(spec, current.feature_names)
+            if labelled >= self.min_training_labels:
+                break
+            log.info("retrain request %s: models/%s has %d labelled decisions since the request; training at %d",
+                     request_id, model, labelled, self.min_training_labels)  # fmt: skip
+            await asyncio.sleep(self.check_seconds)
         lineage = {"retrain_request": request_id, "retrain_reason": request.payload.get("reason", "")}
 
         def progress(stage: str, message: str, fraction: float) -> None:
@@ -227,6 +265,24 @@ class RetrainLoop:
         except (SpecError, Refusal) as e:
             log.warning("retrain request %s: models/%s cannot be retrained: %s", request_id, model, e)
             return None
+
+    async def _has_decided(self, model: str, seq: int) -> bool:
+        """Whether `model` made decisions up to log position `seq` (the feedback service's join)."""
+        async with self.log.pool.acquire() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM decision_outcomes WHERE model = $1 AND decision_seq <= $2)",
+                    model,
+                    seq,
+                )
+            )
+
+    async def _labelled(self, spec: TrainingSpec, names: Sequence[str]) -> int:
+        """How many decisions `spec` would learn from now (0 while none is labelled)."""
+        try:
+            return (await decision_examples(self.log, spec, names)).counts["labelled"]
+        except SpecError:
+            return 0
 
     async def _start_canary(
         self, model: str, request: StoredEvent, candidate: VersionRecord, policy: Mapping[str, Any]

@@ -36,7 +36,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await server.start()
     loop = None
     if settings.registry_retrain_loop:
-        retrain = RetrainLoop(api, DecisionOutcomesJudge(pool), check_seconds=settings.registry_canary_check_seconds)
+        retrain = RetrainLoop(
+            api, DecisionOutcomesJudge(pool), check_seconds=settings.registry_canary_check_seconds,
+            min_training_labels=settings.registry_retrain_min_labels,
+        )  # fmt: skip
         loop = asyncio.create_task(retrain.run(), name="registry-retrain")
     try:
         await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"registry serving on {addr}")
