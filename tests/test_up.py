@@ -164,13 +164,15 @@ def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
         )  # fmt: skip
 
     async def stored(url: str) -> tuple[int, int]:
-        """The log's size once the feedback service has applied all of it (what it appends for the
-        demo's events, alerts for instance, is then in the log, and nothing more comes of them)."""
+        """The log's size once the feedback service has registered its outcome rule (it waits for the
+        demo's chargeback contract) and applied the whole log: what it appends of its own for the
+        demo's events (alerts, for instance) is then in the log, and nothing more comes of them."""
         conn = await asyncpg.connect(url)
         try:
             for _ in range(600):
                 head = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
-                if await conn.fetchval("SELECT seq FROM log_positions WHERE name = 'feedback'") == head:
+                applied = await conn.fetchval("SELECT seq FROM log_positions WHERE name = 'feedback'")
+                if applied == head and await conn.fetchval("SELECT count(*) FROM outcome_rules"):
                     break
                 await asyncio.sleep(0.1)
             return await conn.fetchval("SELECT count(*) FROM events"), await conn.fetchval(
