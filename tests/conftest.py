@@ -181,14 +181,7 @@ def serving_platform(
         async with RegistryClient(env["D2D_REGISTRY_ADDR"]) as registry, FeatureClient(env["D2D_FEATURES_ADDR"]) as f:
             await registry.wait_ready()
             await f.wait_ready()  # the features service registers its views on start
-            for _ in range(600):
-                try:
-                    answer = await f.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
-                    if answer.watermark >= len(events):
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_features_folded(f, len(events))
             spec = default_spec()
             await registry.create_model(MODEL)
             await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 60}))
@@ -237,6 +230,27 @@ def settings_for(database_url: str, nats_url: str, namespace: str, ingest_port: 
     )
 
 
+async def register_sim_contracts(ingest: IngestClient) -> None:
+    """The simulator's contracts, registered through ingest."""
+    for spec in load_contracts():
+        await ingest.create_contract_version(
+            spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
+            compatibility=spec.compatibility,
+        )  # fmt: skip
+
+
+async def wait_features_folded(features: FeatureClient, seq: int) -> None:
+    """Until the features service's watermark reaches `seq` (bounded: a minute)."""
+    for _ in range(600):
+        try:
+            answer = await features.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
+            if answer.watermark >= seq:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> AsyncIterator[IngestClient]:
     """The ingest service in this process, with the simulator's contracts registered."""
@@ -245,11 +259,7 @@ async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> 
     task = asyncio.create_task(serve(settings_for(database_url, nats_server.url, namespace, port), stop))
     client = IngestClient(f"127.0.0.1:{port}")
     await client.wait_ready()
-    for spec in load_contracts():
-        await client.create_contract_version(
-            spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
-            compatibility=spec.compatibility,
-        )  # fmt: skip
+    await register_sim_contracts(client)
     yield client
     stop.set()
     await asyncio.wait_for(task, 30)

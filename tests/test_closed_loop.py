@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -41,7 +40,7 @@ from d2d.eventlog import EventLog, StoredEvent
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Supervisor
-from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
+from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.loop import LoopState, run_loop
 from d2d.sim.training import default_spec
 from d2d.training.decisions import decision_examples
@@ -51,7 +50,7 @@ from d2d.training.spec import TrainingSpec
 from d2d.training.split import time_split
 from services.registry.loop import retrain_spec
 from tests.closed_loop_outcomes import WINDOW_SECONDS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, register_sim_contracts, wait_features_folded
 
 T = TypeVar("T")
 
@@ -125,22 +124,11 @@ def platform(
             FeatureClient(addrs["features"]) as features, FeedbackClient(addrs["feedback"]) as feedback,
         ):  # fmt: skip
             await ingest.wait_ready()
-            for spec in load_contracts():
-                await ingest.create_contract_version(
-                    spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
-                    compatibility=spec.compatibility,
-                )  # fmt: skip
+            await register_sim_contracts(ingest)
             await registry.wait_ready()
             await features.wait_ready()
             await feedback.wait_ready()
-            for _ in range(600):
-                try:
-                    answer = await features.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
-                    if answer.watermark >= len(history):
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_features_folded(features, len(history))
             spec = {**default_spec().to_dict(), "label": LABEL.to_dict(), "num_boost_round": ROUNDS}
             await registry.create_model(MODEL)
             await registry.set_promotion_policy(MODEL, **PROMOTION)

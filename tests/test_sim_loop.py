@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import grpc
 import pytest
 
 from d2d import eventlog
@@ -23,11 +22,11 @@ from d2d.outcomes import outcome_event_id
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Supervisor
-from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
+from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.loop import LoopState, payment_request, run_loop
 from d2d.sim.training import default_spec
 from d2d.training.labels import LabelDefinition
-from tests.conftest import ROOT
+from tests.conftest import ROOT, register_sim_contracts, wait_features_folded
 
 MODEL = "loop"
 # Short chargeback delays and a 2-day label window: a few days of history are enough to train on.
@@ -81,21 +80,10 @@ def services(
             FeatureClient(addrs["features"]) as features,
         ):
             await ingest.wait_ready()
-            for spec in load_contracts():
-                await ingest.create_contract_version(
-                    spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
-                    compatibility=spec.compatibility,
-                )  # fmt: skip
+            await register_sim_contracts(ingest)
             await registry.wait_ready()
             await features.wait_ready()
-            for _ in range(600):
-                try:
-                    answer = await features.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
-                    if answer.watermark >= len(history):
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_features_folded(features, len(history))
             spec = {**default_spec().to_dict(), "label": LABEL.to_dict(), "num_boost_round": 40}
             await registry.create_model(MODEL)
             await registry.train(MODEL, json.dumps(spec))
