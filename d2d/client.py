@@ -17,6 +17,8 @@ from google.protobuf import duration_pb2
 
 from d2d import grpcserver
 from d2d.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     event_pb2,
     features_pb2,
     features_pb2_grpc,
@@ -629,3 +631,39 @@ class FeedbackClient:
         if end is not None:
             request.end_time.FromDatetime(end)
         return await self.stub.GetModelMetrics(request, timeout=timeout)
+
+
+class AuditClient:
+    """`async with AuditClient("127.0.0.1:50056") as audit: await audit.explain(decision_id)`.
+
+    The streamed operations take `on_progress(stage, done, total)` and return the result document."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpcserver.channel(target)
+        self.stub = audit_pb2_grpc.AuditServiceStub(self.channel)
+
+    async def __aenter__(self) -> AuditClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    @staticmethod
+    async def _result(call: Any, on_progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+        result: dict[str, Any] | None = None
+        async for update in call:
+            if update.result_json:
+                result = json.loads(update.result_json)
+            elif on_progress is not None:
+                on_progress(update.stage, update.done, update.total)
+        if result is None:
+            raise RuntimeError("the audit stream ended without a result")
+        return result
+
+    async def explain(self, decision_id: str, *, timeout: float = 60) -> audit_pb2.DecisionExplanation:
+        request = audit_pb2.ExplainDecisionRequest(name=f"decisions/{decision_id}")
+        return await self.stub.ExplainDecision(request, timeout=timeout)

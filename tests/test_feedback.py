@@ -527,7 +527,7 @@ async def test_metrics_per_version_and_arm_equal_a_hand_computation_and_their_re
     assert code == 0 and "0.7500" in out and "1.0000" in out, out
 
     # The same metrics from a join rebuilt from the log alone, exactly.
-    from services.feedback.metrics import compute
+    from d2d.metrics import compute
     from services.feedback.store import FeedbackStore
 
     rebuilt = await asyncio.to_thread(postgres.create_database, f"m_{uuid.uuid4().hex[:12]}")

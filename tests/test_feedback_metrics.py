@@ -1,4 +1,4 @@
-"""Live metrics over the join of decisions and outcomes (services.feedback.metrics) and drift against
+"""Live metrics over the join of decisions and outcomes (d2d.metrics) and drift against
 the training baseline (d2d.training.baseline): pure logic, every number checked against a hand
 computation. No servers."""
 
@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from d2d.metrics import JoinRow, Metrics, compute, windows
 from d2d.training.baseline import EPSILON, baseline, column_baseline, psi, reading
-from services.feedback.metrics import JoinRow, Metrics, compute, windows
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 MODEL = "fraud"

@@ -10,6 +10,7 @@ d2d models list|show|train|promote|rollback|reproduce
 d2d predict MODEL           one decision
 d2d outcomes record|rules   outcomes of decisions, outcome rules
 d2d metrics MODEL           live metrics per version and arm
+d2d replay state|explain|rescore|ope|verify   audit and counterfactuals, from the log
 d2d migrate                 apply database migrations
 
 Every command but `up` and `migrate` talks to the services over gRPC (training frames and skew
@@ -24,10 +25,10 @@ import argparse
 import logging
 import os
 
-from d2d.cli import contracts, dlq, features, log, metrics, migrate, models, outcomes, predict, up
+from d2d.cli import contracts, dlq, features, log, metrics, migrate, models, outcomes, predict, replay, up
 from d2d.private import PRIVATE_UMASK
 
-GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, migrate)
+GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, replay, migrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ SERVICES = (
     ServiceSpec("registry", ("-m", "services.registry"), "d2d.v1.RegistryService", 50053),
     ServiceSpec("serving", ("-m", "services.serving"), "d2d.v1.ServingService", 50054),
     ServiceSpec("feedback", ("-m", "services.feedback"), "d2d.v1.FeedbackService", 50055),
+    ServiceSpec("audit", ("-m", "services.audit"), "d2d.v1.AuditService", 50056),
 )
 APIS = tuple(spec for spec in SERVICES if spec.api)
 

@@ -15,8 +15,8 @@ from google.protobuf import duration_pb2
 
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, StoredEvent
+from d2d.metrics import compute
 from d2d.v1 import feedback_pb2
-from services.feedback.metrics import compute
 from services.feedback.store import FeedbackStore, outcome_rule, outcome_terms, rule_field
 
 SERVICE_NAME = "d2d.v1.FeedbackService"

@@ -23,9 +23,9 @@ import orjson
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent, StoredEvent
 from d2d.limits import check_text
+from d2d.metrics import JoinRow
 from d2d.outcomes import OUTCOME_NAMESPACE, OutcomeRule, outcome_event_id
 from d2d.projections import FEEDBACK
-from services.feedback.metrics import JoinRow
 
 DECISION_EVENTS = ("decision.made", "decision.withdrawn", "outcome.recorded")
 MAX_OUTCOME_ID = 200

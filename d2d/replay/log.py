@@ -1,0 +1,185 @@
+"""What the replay operations share: model versions as the log registered them (with their
+artifacts), logged decisions joined with their outcomes, and the progress callback.
+
+Everything is read from events (payloads upcast) and the content-addressed `artifacts` blobs a
+`model.registered` event names, never from projection tables, so an answer does not depend on
+any projection being right (verify checks those).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from d2d.contracts.upcasting import upcast_event
+from d2d.errors import Refusal
+from d2d.eventlog import EventLog, StoredEvent
+from d2d.training.decisions import decision_time
+
+PAGE = 20_000
+Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0 when unknown
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    """The default `Progress`: say nothing."""
+
+
+async def read_all(
+    log: EventLog, types: Sequence[str], *, after: int = 0, to_seq: int | None = None
+) -> list[StoredEvent]:
+    """Events of `types` in (after, to_seq], upcast, in seq order."""
+    found: list[StoredEvent] = []
+    while to_seq is None or after < to_seq:
+        page = await log.read(after, PAGE, types=list(types))
+        found.extend(upcast_event(e) for e in page if to_seq is None or e.seq <= to_seq)
+        if len(page) < PAGE:
+            break
+        after = page[-1].seq
+    return found
+
+
+def parse_version(name: str, field: str = "model_version") -> tuple[str, int]:
+    """`models/{model}/versions/{n}` (or `{model}@{n}`, the CLI's short form) -> (model, n)."""
+    if "@" in name and "/" not in name:
+        model, _, number = name.partition("@")
+    else:
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions":
+            model, number = "", ""
+        else:
+            model, number = parts[1], parts[3]
+    if not model or not number.isdigit():
+        raise Refusal("INVALID_ARGUMENT", f"{name!r} is not 'models/{{model}}/versions/{{n}}' or 'model@n'", field)
+    return model, int(number)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A version as its `model.registered` event says: spec, evaluation, lineage, input names, the
+    log position it was registered at, and its artifact's bytes."""
+
+    model: str
+    version: int
+    seq: int
+    payload: dict[str, Any]
+    artifact: bytes
+
+    @property
+    def name(self) -> str:
+        return f"models/{self.model}/versions/{self.version}"
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.payload.get("feature_names", []))
+
+    @cached_property
+    def _booster(self) -> Any:
+        import xgboost as xgb
+
+        booster = xgb.Booster(params={"nthread": 1})
+        booster.load_model(bytearray(self.artifact))
+        return booster
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Scores for rows of this version's inputs (its best iteration), as serving scores them."""
+        import xgboost as xgb
+
+        best = int(self._booster.attr("best_iteration") or -1)
+        iteration_range = (0, best + 1) if best >= 0 else (0, 0)
+        matrix = xgb.DMatrix(np.asarray(inputs, dtype=float).reshape(-1, len(self.feature_names)), missing=np.nan)
+        return self._booster.predict(matrix, iteration_range=iteration_range, validate_features=False)
+
+
+async def load_version(log: EventLog, name: str, *, field: str = "model_version") -> ModelVersion:
+    """The version named `name` (either form of `parse_version`); NOT_FOUND naming `field` when the
+    log does not hold it."""
+    model, number = parse_version(name, field)
+    for event in await read_all(log, ["model.registered"]):
+        p = event.payload
+        if p.get("model") == model and p.get("version") == number:
+            async with log.pool.acquire() as conn:
+                data = await conn.fetchval("SELECT data FROM artifacts WHERE sha256 = $1", p["sha256"])
+            if data is None:
+                raise Refusal("FAILED_PRECONDITION", f"the artifact {p['sha256']} of {name} is not stored", field)
+            return ModelVersion(model, number, event.seq, p, bytes(data))
+    raise Refusal("NOT_FOUND", f"models/{model}/versions/{number} is not registered in the log", field)
+
+
+@dataclass(frozen=True)
+class LoggedDecision:
+    """A `decision.made` event with its outcome (the first `outcome.recorded` for it, if any)."""
+
+    event: StoredEvent
+    outcome: StoredEvent | None
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self.event.payload
+
+    @property
+    def decision_id(self) -> str:
+        return str(self.payload["decision_id"])
+
+    @property
+    def decided_at(self) -> datetime:
+        return decision_time(self.event)
+
+    @property
+    def label(self) -> int | None:
+        value = self.outcome.payload.get("label") if self.outcome else None
+        return None if value is None else int(value)
+
+    @property
+    def reward(self) -> float | None:
+        value = self.outcome.payload.get("reward") if self.outcome else None
+        return None if value is None else float(value)
+
+    def inputs(self) -> list[float]:
+        """The logged input vector (None as NaN, as it was scored)."""
+        return [math.nan if x is None or isinstance(x, bool) else float(x) for x in self.payload["inputs"]]
+
+
+async def logged_decisions(
+    log: EventLog, *, model: str | None = None, after: int = 0, to_seq: int | None = None
+) -> list[LoggedDecision]:
+    """Decisions (of `model`, or every model) in (after, to_seq], not withdrawn, each with its
+    outcome as recorded anywhere in the log up to `to_seq` (outcomes come after their decision)."""
+    decisions = [
+        e for e in await read_all(log, ["decision.made"], after=after, to_seq=to_seq)
+        if model is None or e.payload.get("model") == model
+    ]  # fmt: skip
+    wanted = {str(e.payload["decision_id"]) for e in decisions}
+    withdrawn: set[str] = set()
+    outcomes: dict[str, StoredEvent] = {}
+    for e in await read_all(log, ["decision.withdrawn", "outcome.recorded"], after=after, to_seq=to_seq):
+        decision = str(e.payload.get("decision_id"))
+        if decision not in wanted:
+            continue
+        if e.type == "decision.withdrawn":
+            withdrawn.add(decision)
+        else:
+            outcomes.setdefault(decision, e)
+    return [
+        LoggedDecision(e, outcomes.get(str(e.payload["decision_id"])))
+        for e in decisions
+        if str(e.payload["decision_id"]) not in withdrawn
+    ]
+
+
+async def decision_event(log: EventLog, decision_id: str, field: str = "name") -> StoredEvent:
+    """The `decision.made` event of `decision_id` (its event id is the decision id); NOT_FOUND otherwise."""
+    try:
+        event_id = uuid.UUID(decision_id)
+    except ValueError:
+        raise Refusal("INVALID_ARGUMENT", f"{decision_id!r} is not a decision id (a UUID)", field) from None
+    event = await log.get(event_id)
+    if event is None or event.type != "decision.made":
+        raise Refusal("NOT_FOUND", f"decisions/{decision_id} is not in the log", field)
+    return upcast_event(event)

@@ -1,0 +1,31 @@
+"""Assembles the audit service: a read-only AuditService over the log (see d2d.replay)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from d2d import eventlog, grpcserver
+from d2d.config import Settings
+from d2d.eventlog import EventLog
+from d2d.runtime.process import stop_on_signals
+from d2d.v1 import audit_pb2
+from services.audit.api import SERVICE_NAME, AuditApi
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the AuditService on settings.addr("audit") until `stop` (or SIGINT/SIGTERM)."""
+    stop = stop or stop_on_signals()
+    url = settings.require_database_url()
+    await eventlog.migrate(url)
+    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=6)
+    api = AuditApi(EventLog(pool), url)
+    server, health = grpcserver.new_server([SERVICE_NAME])
+    grpcserver.add_service(server, audit_pb2.DESCRIPTOR.services_by_name["AuditService"], api)
+    addr = settings.addr("audit")
+    if server.add_insecure_port(addr) == 0:
+        raise SystemExit(f"audit: cannot listen on {addr}")
+    await server.start()
+    try:
+        await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"audit serving on {addr}")
+    finally:
+        await pool.close()
