@@ -667,3 +667,46 @@ class AuditClient:
     async def explain(self, decision_id: str, *, timeout: float = 60) -> audit_pb2.DecisionExplanation:
         request = audit_pb2.ExplainDecisionRequest(name=f"decisions/{decision_id}")
         return await self.stub.ExplainDecision(request, timeout=timeout)
+
+    async def replay_state(
+        self, *, seq: int | None = None, time: datetime | None = None, entities: Sequence[str] = (),
+        timeout: float = 600,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The state as of `seq` or `time` (`entities` as `{entity}/{id}`), as the result document."""
+        request = audit_pb2.GetReplayStateRequest(entities=list(entities))
+        if seq is not None:
+            request.seq = seq
+        elif time is not None:
+            request.time.FromDatetime(time)
+        state = await self.stub.GetReplayState(request, timeout=timeout)
+        return {"seq": state.seq, **json.loads(state.state_json)}
+
+    async def rescore(
+        self, model_version: str, *, model: str = "", after_seq: int = 0, to_seq: int = 0,
+        recompute_features: bool = False, on_progress: Callable[[str, int, int], None] | None = None,
+        timeout: float = 3600,
+    ) -> dict[str, Any]:  # fmt: skip
+        request = audit_pb2.RescoreDecisionsRequest(
+            model_version=model_version, model=model, after_seq=after_seq, to_seq=to_seq,
+            recompute_features=recompute_features,
+        )  # fmt: skip
+        return await self._result(self.stub.RescoreDecisions(request, timeout=timeout), on_progress)
+
+    async def evaluate_policy(
+        self, model_version: str, *, policy: dict[str, Any] | None = None, model: str = "", after_seq: int = 0,
+        to_seq: int = 0, clip: float = 0.0, bootstrap: int = 0, reward: dict[str, Any] | None = None, seed: int = 0,
+        on_progress: Callable[[str, int, int], None] | None = None, timeout: float = 3600,
+    ) -> dict[str, Any]:  # fmt: skip
+        request = audit_pb2.EvaluatePolicyRequest(
+            model_version=model_version, policy_json=json.dumps(policy) if policy else "", model=model,
+            after_seq=after_seq, to_seq=to_seq, clip=clip, bootstrap=bootstrap,
+            reward_json=json.dumps(reward) if reward else "", seed=seed,
+        )  # fmt: skip
+        return await self._result(self.stub.EvaluatePolicy(request, timeout=timeout), on_progress)
+
+    async def verify(
+        self, *, workers: int = 0, skip_projections: bool = False,
+        on_progress: Callable[[str, int, int], None] | None = None, timeout: float = 7200,
+    ) -> dict[str, Any]:  # fmt: skip
+        request = audit_pb2.VerifyLogRequest(workers=workers, skip_projections=skip_projections)
+        return await self._result(self.stub.VerifyLog(request, timeout=timeout), on_progress)

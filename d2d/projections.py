@@ -323,10 +323,11 @@ async def _outcomes_recorded(conn: asyncpg.Connection, events: Sequence[StoredEv
 # Rebuilding and comparing
 
 
-async def rebuild(source_url: str, target_url: str, *, batch: int = 5000) -> int:
+async def rebuild(source_url: str, target_url: str, *, batch: int = 5000, to_seq: int | None = None) -> int:
     """Recompute every projection of the log at `source_url` into the migrated, empty database at
-    `target_url` (owner connections): copy the log and the artifact blobs (checking each sha256),
-    then run the projectors over every event in order. Returns the number of events replayed."""
+    `target_url` (owner connections): copy the log (up to `to_seq`, default all of it) and the
+    artifact blobs (checking each sha256), then run the projectors over every event in order.
+    Returns the number of events replayed."""
     from d2d.eventlog import EventLog, create_pool
 
     source = EventLog(await create_pool(source_url, role=None, max_size=1))
@@ -343,7 +344,7 @@ async def rebuild(source_url: str, target_url: str, *, batch: int = 5000) -> int
                     *row.values(),
                 )
             after, replayed = 0, 0
-            while events := await source.read(after, batch):
+            while events := [e for e in await source.read(after, batch) if to_seq is None or e.seq <= to_seq]:
                 async with conn.transaction():
                     await EventLog.copy_in(conn, events)
                     await apply(conn, events, applied_by=None)

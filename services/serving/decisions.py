@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from d2d.policies import action_probabilities, greedy_action
+
 DECISION_NAMESPACE = uuid.UUID("3f0c1d52-6a4e-4c8e-9b61-0d2d0d2d0d2d")
 
 
@@ -38,18 +40,13 @@ class Choice:
 
 
 def choose(score: float, policy: dict[str, Any], decision: uuid.UUID) -> Choice:
-    """Threshold policy with epsilon-greedy exploration.
-
-    The greedy action is actions[1] (e.g. decline) when score >= threshold, else actions[0]. With
-    probability epsilon the action is drawn uniformly from both instead (the draw comes from the
-    decision id, so it replays). Propensity of the action taken: 1 - epsilon + epsilon/2 for the
-    greedy one, epsilon/2 for the other.
-    """
+    """The action the policy (d2d.policies) draws for `score`, the draw coming from the decision id
+    (so it replays), with the probability the policy gave it as its propensity."""
     first, second = policy["actions"]
     epsilon = float(policy["epsilon"])
-    greedy = second if score >= policy["threshold"] else first
+    greedy = greedy_action(score, policy)
     action = greedy
     if epsilon > 0 and unit_interval("explore", str(decision)) < epsilon:
         action = first if unit_interval("pick", str(decision)) < 0.5 else second
-    propensity = (1.0 - epsilon + epsilon / 2) if action == greedy else epsilon / 2
+    propensity = action_probabilities(score, policy)[action]
     return Choice(action, propensity, action != greedy, greedy, {second: score, first: 1.0 - score})
