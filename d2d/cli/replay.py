@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from d2d.cli.common import console, endpoints, run_rpc, settings
 
@@ -18,12 +21,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     commands = replay.add_subparsers(dest="replay_command", required=True)
 
     state = commands.add_parser("state", help="derived state as of a log position or time, rebuilt from the log")
+    state.add_argument("--as-of", required=True, help="a log seq, or a time (RFC 3339): the last seq recorded by then")
+    state.add_argument("--entity", action="append", default=[], help="show this entity's features, e.g. customer/c-1")
+    state.add_argument("--json", action="store_true", help="print the result document")
     state.set_defaults(func=cmd_state)
 
     explain = commands.add_parser("explain", help="one decision and everything that led to it")
+    explain.add_argument("decision_id", help="the decision's id (as Predict answered it)")
+    explain.add_argument("--json", action="store_true", help="print the result document")
     explain.set_defaults(func=cmd_explain)
 
     rescore = commands.add_parser("rescore", help="score logged decisions with another model version")
+    rescore.add_argument("--model", required=True, dest="model_version", help="the version to score with: M@V")
+    rescore.add_argument("--decisions-of", default="", help="decisions of this model (default: the version's)")
+    rescore.add_argument("--from-seq", type=int, default=0, help="decisions after this log seq")
+    rescore.add_argument("--to-seq", type=int, default=0, help="decisions up to this log seq (default: the head)")
+    rescore.add_argument("--recompute-features", action="store_true", help="vectors recomputed from the log")
+    rescore.add_argument("--json", action="store_true", help="print the result document")
     rescore.set_defaults(func=cmd_rescore)
 
     ope = commands.add_parser("ope", help="a candidate policy's value from logged decisions (IPS, SNIPS, DR)")
@@ -54,16 +68,70 @@ def _audit_target(args: argparse.Namespace) -> str:
     return endpoints(settings(args)).addr("audit")
 
 
+def _as_of(text: str) -> tuple[int | None, datetime | None]:
+    """`--as-of`: a log seq (digits) or an RFC 3339 time (naive = UTC)."""
+    if text.isdigit():
+        return int(text), None
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"--as-of {text!r} is neither a log seq nor an RFC 3339 time") from None
+    return None, at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _print_json(document: dict[str, Any]) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True, default=str))
+
+
 def cmd_state(args: argparse.Namespace) -> int:
-    raise SystemExit("d2d replay state is not built yet")
+    from d2d.client import AuditClient
+    from d2d.replay.state import render
+
+    seq, at = _as_of(args.as_of)
+    target = _audit_target(args)
+
+    async def work() -> int:
+        async with AuditClient(target) as audit:
+            state = await audit.replay_state(seq=seq, time=at, entities=args.entity)
+        _print_json(state) if args.json else print(render(state), end="")
+        return 0
+
+    return run_rpc(work())
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    raise SystemExit("d2d replay explain is not built yet")
+    from d2d.client import AuditClient
+    from d2d.replay.explain import render
+
+    target = _audit_target(args)
+
+    async def work() -> int:
+        async with AuditClient(target) as audit:
+            answer = await audit.explain(args.decision_id.removeprefix("decisions/"))
+        explanation = json.loads(answer.explanation_json)
+        _print_json(explanation) if args.json else print(render(explanation), end="")
+        return 0
+
+    return run_rpc(work())
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    raise SystemExit("d2d replay rescore is not built yet")
+    from d2d.client import AuditClient
+    from d2d.replay.rescore import render
+
+    target = _audit_target(args)
+
+    async def work() -> int:
+        async with AuditClient(target) as audit:
+            with progress_bar() as on_progress:
+                result = await audit.rescore(
+                    args.model_version, model=args.decisions_of, after_seq=args.from_seq, to_seq=args.to_seq,
+                    recompute_features=args.recompute_features, on_progress=on_progress,
+                )  # fmt: skip
+        _print_json(result) if args.json else print(render(result), end="")
+        return 0
+
+    return run_rpc(work())
 
 
 def cmd_ope(args: argparse.Namespace) -> int:

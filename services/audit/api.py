@@ -68,14 +68,30 @@ class AuditApi:
     # -- GetReplayState -------------------------------------------------------------------------
 
     async def GetReplayState(self, request: Any, context: grpc.aio.ServicerContext) -> audit_pb2.ReplayState:
+        from datetime import UTC
 
-        raise Refusal("UNIMPLEMENTED", "GetReplayState is not built yet")
+        from d2d.replay.state import replay_state
+
+        which = request.WhichOneof("as_of")
+        seq = request.seq if which == "seq" else None
+        time = request.time.ToDatetime(tzinfo=UTC) if which == "time" else None
+        state = await replay_state(self.log, self.url, seq=seq, time=time, entities=list(request.entities))
+        return audit_pb2.ReplayState(
+            seq=state["seq"], state_json=as_json({k: v for k, v in state.items() if k != "seq"})
+        )
 
     # -- ExplainDecision ------------------------------------------------------------------------
 
     async def ExplainDecision(self, request: Any, context: grpc.aio.ServicerContext) -> audit_pb2.DecisionExplanation:
+        from d2d.replay.explain import explain
 
-        raise Refusal("UNIMPLEMENTED", "ExplainDecision is not built yet")
+        if not request.name.startswith("decisions/"):
+            raise Refusal("INVALID_ARGUMENT", f"{request.name!r} is not 'decisions/{{decision}}'", "name")
+        explanation = await explain(self.log, request.name)
+        return audit_pb2.DecisionExplanation(
+            name=explanation["name"], model_version=explanation["decision"]["model_version"],
+            trace_id=explanation["trace_id"], explanation_json=as_json(explanation),
+        )  # fmt: skip
 
     # -- RescoreDecisions -----------------------------------------------------------------------
 
@@ -83,8 +99,13 @@ class AuditApi:
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[audit_pb2.ReplayProgress]:
 
+        from d2d.replay.rescore import rescore
+
         async def run(progress: Progress) -> dict[str, Any]:
-            raise Refusal("UNIMPLEMENTED", "RescoreDecisions is not built yet")
+            return await rescore(
+                self.log, request.model_version, model=request.model or None, after_seq=request.after_seq,
+                to_seq=request.to_seq or None, recompute_features=request.recompute_features, progress=progress,
+            )  # fmt: skip
 
         return progress_stream(run)
 
