@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from services.audit.server import serve
 from tests.conftest import MODEL, Platform, requests_for, run_cli, serving_platform
 
 VIEW = {v.name: v for v in VIEWS}
+THRESHOLD = 0.015  # among version 1's scores on these requests
 EXPLAINED = 12  # decisions whose explanation is checked event by event
 
 
@@ -47,26 +49,27 @@ class Decided:
 def decided(
     postgres: EmbeddedPostgres, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Decided]:
-    """80 decisions by version 1 with exploration on, an outcome recorded for every other one."""
+    """80 decisions by version 1 with exploration on and a threshold among their scores (so another
+    version's scores change some actions), an outcome recorded for every other one."""
     for platform in serving_platform(postgres, nats_server, tmp_path_factory):
+        yield asyncio.run(decide(platform))
 
-        async def decide() -> Decided:
-            async with RegistryClient(platform.registry) as registry:
-                await registry.set_policy(MODEL, epsilon=0.3)
-            await asyncio.sleep(1.0)  # serving follows model.policy_set on the bus
-            async with ServingClient(platform.serving) as serving:
-                await serving.wait_ready()
-                answers = await serving.batch_predict(requests_for(platform, 80))
-            ids = [a.decision_id for a in answers]
-            labelled = {d: i % 3 == 0 for i, d in enumerate(ids[::2])}
-            pool = await eventlog.create_pool(platform.database_url, max_size=2)
-            try:
-                await EventLog(pool).append([outcome(d, int(label)) for d, label in labelled.items()])
-            finally:
-                await pool.close()
-            return Decided(platform, ids, {d: int(label) for d, label in labelled.items()})
 
-        yield asyncio.run(decide())
+async def decide(platform: Platform) -> Decided:
+    async with RegistryClient(platform.registry) as registry:
+        await registry.set_policy(MODEL, epsilon=0.3, threshold=THRESHOLD)
+    await asyncio.sleep(1.0)  # serving follows model.policy_set on the bus
+    async with ServingClient(platform.serving) as serving:
+        await serving.wait_ready()
+        answers = await serving.batch_predict(requests_for(platform, 80))
+    ids = [a.decision_id for a in answers]
+    labelled = {d: int(i % 3 == 0) for i, d in enumerate(ids[::2])}
+    pool = await eventlog.create_pool(platform.database_url, max_size=2)
+    try:
+        await EventLog(pool).append([outcome(d, label) for d, label in labelled.items()])
+    finally:
+        await pool.close()
+    return Decided(platform, ids, labelled)
 
 
 def outcome(decision_id: str, label: int) -> NewEvent:
@@ -144,7 +147,7 @@ async def test_the_events_explain_lists_reproduce_the_logged_vector_alone(decide
             recomputed.update({f"{view_name}.{f}": v for f, v in values.items()})
         assert set(recomputed) == set(decision["features"])
         for name, value in decision["features"].items():
-            assert recomputed[name] == value and type(plain(recomputed[name])) is type(value), (name, value)
+            assert plain(recomputed[name]) == value, (name, value)  # (online numbers travel as doubles)
         async with RegistryClient(decided.platform.registry) as registry:
             spec = TrainingSpec.from_json((await registry.get_version(MODEL, 1)).spec_json)
         views = [VIEW[name] for name, _ in spec.views]
@@ -188,9 +191,7 @@ async def test_each_feature_lists_the_events_its_aggregate_took(decided: Decided
             assert feature["matches_logged"], name
 
 
-async def test_explain_shows_the_version_its_lineage_the_outcome_and_the_trace(
-    decided: Decided, log: EventLog
-) -> None:
+async def test_explain_shows_the_version_its_lineage_the_outcome_and_the_trace(decided: Decided, log: EventLog) -> None:
     labelled = next(d for d, label in decided.labelled.items() if label == 1)
     explanation = await explain(log, f"decisions/{labelled}")
     decision = (await log.get(uuid.UUID(labelled))).payload
@@ -206,13 +207,17 @@ async def test_explain_shows_the_version_its_lineage_the_outcome_and_the_trace(
     assert explanation["trace_id"] == decision["trace_id"] and len(explanation["trace_id"]) == 32
     d = explanation["decision"]
     assert (d["score"], d["action"], d["propensity"], d["policy"]) == (
-        decision["score"], decision["action"], decision["propensity"], decision["policy"]
+        decision["score"],
+        decision["action"],
+        decision["propensity"],
+        decision["policy"],
     )
     assert d["policy"]["epsilon"] == 0.3
     assert explanation["vector"]["inputs"] == dict(zip(mv["feature_names"], decision["inputs"], strict=True))
     report = render(explanation)
     assert all(len(line) <= 100 for line in report.splitlines())
-    assert labelled in report and decision["trace_id"] in report and "label 1" in report
+    assert labelled in report and decision["trace_id"] in report
+    assert re.search(r"^  label +1, reward -, from rule chargeback$", report, re.MULTILINE)
     unlabelled = next(d for d in decided.decision_ids if d not in decided.labelled)
     assert (await explain(log, unlabelled))["outcome"] is None
 
@@ -260,8 +265,8 @@ async def test_rescore_scores_logged_decisions_with_another_version(decided: Dec
         p["decision_id"]: (greedy_action(p["score"], p["policy"]), greedy_action(s, p["policy"]))
         for p, s in zip(payloads, scores, strict=True)
         if greedy_action(p["score"], p["policy"]) != greedy_action(s, p["policy"])
-    }
-    assert result["actions_differ"] == len(changed)
+    }  # fmt: skip
+    assert result["actions_differ"] == len(changed) > 0
     assert sum(result["by_action_pair"].values()) == len(decided.decision_ids)
     listed = {d["decision_id"]: d for d in result["differing"]}
     assert listed.keys() == changed.keys()

@@ -25,6 +25,7 @@ from d2d.replay.log import decision_event as find_decision
 from d2d.training.decisions import decision_time
 
 WIDTH = 100
+LISTED_EVENTS = 60  # a view's events the report lists one by one (the oldest few and the newest)
 LINEAGE_LEFT_OUT = ("baseline",)  # the training distributions drift is measured against: large, not lineage
 
 
@@ -309,12 +310,11 @@ def render(explanation: Mapping[str, Any]) -> str:
     if outcome is None:
         lines.append("Outcome: none recorded")
     else:
-        rule = f", rule {outcome['rule']}" if outcome.get("rule") else ""
-        lines += textwrap.wrap(
-            f"Outcome {outcome.get('outcome_id')}: label {_short(outcome.get('label'))}, reward "
-            f"{_short(outcome.get('reward'))} ({outcome.get('source')}{rule}, log seq {outcome['seq']})", WIDTH,
-            subsequent_indent="  ",
-        )  # fmt: skip
+        source = " ".join(str(outcome[k]) for k in ("source", "rule") if outcome.get(k))
+        lines += [f"Outcome {outcome.get('outcome_id')} (log seq {outcome['seq']})"]
+        lines += _wrap(
+            "label", f"{_short(outcome.get('label'))}, reward {_short(outcome.get('reward'))}, from {source}"
+        )
     lines += ["", f"Inputs scored ({len(vec['inputs'])}, in the version's order)"]
     for name, value in vec["inputs"].items():
         lines.append(f"  {name:<60} {_short(value):>20}")
@@ -339,10 +339,13 @@ def render(explanation: Mapping[str, Any]) -> str:
             )  # fmt: skip
         if events:
             lines.append("    events (#, event id, log seq, occurred at):")
-            lines += [
-                f"    {i:>4}  {e['event_id']}  {e['seq']:>10}  {_when(e['occurred_at'])}"
-                for i, e in enumerate(events, start=1)
-            ]  # fmt: skip
+            for i, e in enumerate(events, start=1):
+                if len(events) <= LISTED_EVENTS or i <= 5 or i > len(events) - LISTED_EVENTS + 5:
+                    lines.append(f"    {i:>4}  {e['event_id']}  {e['seq']:>10}  {_when(e['occurred_at'])}")
+                elif i == 6:
+                    lines.append(
+                        f"          ... #6-{len(events) - LISTED_EVENTS + 5} (the JSON document lists every one)"
+                    )
     lines += ["", f"Model version {mv['name']} (registered at log seq {mv['registered_seq']})"]
     lines += _wrap("artifact", f"sha256 {mv['sha256']}")
     log_range = mv.get("log_range")
