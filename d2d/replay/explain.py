@@ -82,6 +82,8 @@ def feature_inputs(state: ViewState, entity_id: str, as_of: float) -> dict[str, 
 
 async def source_events(log: EventLog, types: Sequence[str], to_seq: int):  # noqa: ANN201 -- an async iterator
     """The log's events of `types` with seq <= to_seq, as stored, in seq order (page by page)."""
+    if not types:
+        return
     after = 0
     while after < to_seq:
         page = await log.read(after, PAGE, types=list(types))

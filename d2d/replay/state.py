@@ -1,14 +1,17 @@
 """The platform's derived state as it was at a log position, rebuilt from the log alone.
 
-Feature state: every view (the newest version of each name registered by then) folded over its
-source events up to the position, by the fold the features service runs. Registry and feedback
-state: the projections rebuilt up to the position into a scratch database (models with their
-deployment and promotion policies, aliases, versions, outcome rules, the decision/outcome join),
-and the live metrics computed over that join by the function the feedback service uses.
+Feature state: every view (the newest version of each name registered by then, or the first
+version of a name registered only later) folded over its source events up to the position, by the
+fold the features service runs. Registry and feedback state: the projections rebuilt up to the
+position into a scratch database (models with their deployment and promotion policies, aliases,
+versions, outcome rules, the decision/outcome join), and the live metrics computed over that join
+by the function the feedback service uses.
 """
 
 from __future__ import annotations
 
+import json
+import textwrap
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -22,7 +25,7 @@ from d2d.features.definitions import FeatureView
 from d2d.features.fold import StaleQueryError, ViewState
 from d2d.features.offline import utc
 from d2d.metrics import JoinRow, compute
-from d2d.replay.explain import as_fold_event, log_views, source_events
+from d2d.replay.explain import Registered, as_fold_event, log_views, source_events
 from d2d.replay.log import PAGE, Progress, no_progress
 from d2d.replay.scratch import scratch_database
 
@@ -44,13 +47,14 @@ def parse_entities(entities: Sequence[str]) -> list[tuple[str, str]]:
     return parsed
 
 
-def views_at(registered: dict[tuple[str, str], tuple[int, FeatureView]]) -> list[FeatureView]:
-    """The newest registered version of each view name."""
-    newest: dict[str, tuple[int, FeatureView]] = {}
-    for seq, view in registered.values():
-        if view.name not in newest or seq > newest[view.name][0]:
-            newest[view.name] = (seq, view)
-    return [view for _, view in sorted(newest.values(), key=lambda found: found[0])]
+def views_at(registered: Registered, seq: int) -> list[tuple[int, FeatureView]]:
+    """Per view name, the newest version registered at or before `seq`, or, for a name registered
+    only later, its first version (the state it would have had): (registration seq, view)."""
+    chosen: dict[str, tuple[int, FeatureView]] = {}
+    for at, view in sorted(registered.values(), key=lambda found: found[0]):
+        if view.name not in chosen or at <= seq:
+            chosen[view.name] = (at, view)
+    return sorted(chosen.values(), key=lambda found: found[0])
 
 
 async def feature_state(
@@ -58,7 +62,9 @@ async def feature_state(
 ) -> dict[str, Any]:
     """Per view folded up to `seq`: watermark, entities, dropped_late, newest event time, and the
     values of the `entities` asked as of that newest event time."""
-    views = views_at(await log_views(log, to_seq=seq))
+    chosen = views_at(await log_views(log), seq)
+    registered_at = {view.name: at for at, view in chosen}
+    views = [view for _, view in chosen]
     states = {v.name: ViewState(v) for v in views}
     by_source: dict[str, list[ViewState]] = {}
     for view in views:
@@ -89,6 +95,8 @@ async def feature_state(
             "version": view.version,
             "entity": view.entity,
             "source": view.source,
+            "registered_seq": registered_at[view.name],
+            "registered_after": registered_at[view.name] > seq,
             "watermark": seq,
             "events_folded": done,
             "entities": state.entities(),
@@ -99,8 +107,9 @@ async def feature_state(
     return found
 
 
-def _plain(row: asyncpg.Record) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in dict(row).items()}
+def _jsonb(value: Any) -> Any:
+    """A jsonb cell (a plain connection returns it as its JSON text)."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 async def rebuilt_state(owner_url: str, seq: int) -> dict[str, Any]:
@@ -124,8 +133,8 @@ async def rebuilt_state(owner_url: str, seq: int) -> dict[str, Any]:
     by_model: dict[str, dict[str, Any]] = {}
     for m in models:
         by_model[m["name"]] = {
-            "registered_seq": m["registered_seq"], "policy": m["deployment_policy"],
-            "promotion_policy": m["promotion_policy"], "aliases": {}, "versions": [],
+            "registered_seq": m["registered_seq"], "policy": _jsonb(m["deployment_policy"]),
+            "promotion_policy": _jsonb(m["promotion_policy"]), "aliases": {}, "versions": [],
         }  # fmt: skip
     for a in aliases:
         by_model[a["model"]]["aliases"][a["alias"]] = {"version": a["version"], "set_seq": a["set_seq"]}
@@ -142,7 +151,7 @@ async def rebuilt_state(owner_url: str, seq: int) -> dict[str, Any]:
         counts["labelled"] += row.label is not None
     return {
         "models": by_model,
-        "outcome_rules": [_plain(r) for r in rules],
+        "outcome_rules": [{**dict(r), "terms": _jsonb(r["terms"])} for r in rules],
         "joins": joins,
         "metrics": [m.to_dict() for m in compute(joined)],
     }
@@ -185,7 +194,7 @@ def render(state: dict[str, Any]) -> str:
         ]
         if model["promotion_policy"]:
             promotion = ", ".join(f"{k} {v}" for k, v in sorted(model["promotion_policy"].items()))
-            lines.append(f"    promotion policy: {promotion}"[:100])
+            lines.append(f"    promotion policy: {promotion}")
     if not state["models"]:
         lines.append("  none")
     lines += ["", "Outcome rules"]
@@ -218,7 +227,15 @@ def render(state: dict[str, Any]) -> str:
             lines.append(f"    {entity}{'' if asked['known'] else ' (unknown: defaults)'}")
             for feature, value in asked["values"].items():
                 lines.append(f"      {feature:<40} {_value(value):>20}")
-    return "\n".join(lines) + "\n"
+    return "".join(line + "\n" for long in lines for line in _fit(long))
+
+
+def _fit(line: str, width: int = 100) -> list[str]:
+    """A line wrapped to `width`, continuation lines indented under it."""
+    if len(line) <= width:
+        return [line]
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.wrap(line, width, subsequent_indent=indent)
 
 
 def _num(value: float | None) -> str:
