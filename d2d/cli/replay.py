@@ -93,7 +93,10 @@ def cmd_state(args: argparse.Namespace) -> int:
     async def work() -> int:
         async with AuditClient(target) as audit:
             state = await audit.replay_state(seq=seq, time=at, entities=args.entity)
-        _print_json(state) if args.json else print(render(state), end="")
+        if args.json:
+            _print_json(state)
+        else:
+            print(render(state), end="")
         return 0
 
     return run_rpc(work())
@@ -109,7 +112,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         async with AuditClient(target) as audit:
             answer = await audit.explain(args.decision_id.removeprefix("decisions/"))
         explanation = json.loads(answer.explanation_json)
-        _print_json(explanation) if args.json else print(render(explanation), end="")
+        if args.json:
+            _print_json(explanation)
+        else:
+            print(render(explanation), end="")
         return 0
 
     return run_rpc(work())
@@ -128,7 +134,10 @@ def cmd_rescore(args: argparse.Namespace) -> int:
                     args.model_version, model=args.decisions_of, after_seq=args.from_seq, to_seq=args.to_seq,
                     recompute_features=args.recompute_features, on_progress=on_progress,
                 )  # fmt: skip
-        _print_json(result) if args.json else print(render(result), end="")
+        if args.json:
+            _print_json(result)
+        else:
+            print(render(result), end="")
         return 0
 
     return run_rpc(work())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import textwrap
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -80,7 +80,7 @@ def feature_inputs(state: ViewState, entity_id: str, as_of: float) -> dict[str, 
     return inputs
 
 
-async def source_events(log: EventLog, types: Sequence[str], to_seq: int):  # noqa: ANN201 -- an async iterator
+async def source_events(log: EventLog, types: Sequence[str], to_seq: int) -> AsyncIterator[StoredEvent]:
     """The log's events of `types` with seq <= to_seq, as stored, in seq order (page by page)."""
     if not types:
         return
