@@ -512,6 +512,20 @@ class ViewState:
             entry[1] = len(buf)
         return totals
 
+    def inputs_of(self, entity_id: str, as_of: float) -> dict[str, list[int]]:
+        """Per feature, the seqs of the events a query as of `as_of` takes as inputs (for explaining
+        a value): the rows the extractor made of each event (None where an event is not an
+        aggregate's input, e.g. filtered out) inside the query's window ``as_of - w < t <= as_of``.
+        Exact only while the entity's rows are unpruned (`prune_on_apply=False`)."""
+        rows = self._buffers.get(entity_id, [])
+        times = [row[0] for row in rows]
+        hi = bisect_right(times, as_of)
+        inputs: dict[str, list[int]] = {}
+        for feature, _aggregation, column, window, _slot in self._plan:
+            lo = 0 if window is None else bisect_right(times, as_of - float(window), 0, hi)
+            inputs[feature] = [row[1] for row in rows[lo:hi] if row[column] is not None]
+        return inputs
+
     def defaults(self) -> dict[str, Any]:
         """Values for an unknown entity: counts 0, sums 0.0, everything else None."""
         return {fname: KINDS[aggregation].result([], None, -1) for fname, aggregation, _, _, _ in self._plan}

@@ -12,7 +12,6 @@ into a fresh state, give the same values: the explanation checks that for every 
 from __future__ import annotations
 
 import textwrap
-from bisect import bisect_right
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -61,23 +60,6 @@ def entity_key_of(view: FeatureView, payload: Mapping[str, Any]) -> str | None:
     """The entity id an event's (upcast) payload names for `view`, as the fold keys it."""
     value = resolve_path(payload, tuple(view.entity_key.split(".")))
     return None if value is None else str(value)
-
-
-def feature_inputs(state: ViewState, entity_id: str, as_of: float) -> dict[str, list[int]]:
-    """Per feature of the view, the seqs of the rows its query as of `as_of` takes as inputs.
-
-    Reads the state's own query plan and rows (what the fold's extractor made of each event: one
-    column per aggregate input, None where the event is not an input), so which events are inputs is
-    the fold's answer; the window bounds are the query's: ``as_of - w < occurred_at <= as_of``. The
-    state must not have pruned the entity (`prune_on_apply=False`)."""
-    rows = state._buffers.get(entity_id, [])  # noqa: SLF001 -- the fold's own rows, read not rebuilt
-    times = [row[0] for row in rows]
-    hi = bisect_right(times, as_of)
-    inputs: dict[str, list[int]] = {}
-    for feature, _aggregation, column, window, _slot in state._plan:  # noqa: SLF001
-        lo = 0 if window is None else bisect_right(times, as_of - float(window), 0, hi)
-        inputs[feature] = [row[1] for row in rows[lo:hi] if row[column] is not None]
-    return inputs
 
 
 async def source_events(log: EventLog, types: Sequence[str], to_seq: int) -> AsyncIterator[StoredEvent]:
@@ -150,7 +132,7 @@ async def fed_events(
             stale = True
         known = values is not None
         values = values if values is not None else alone.defaults()
-        inputs = feature_inputs(alone, entity_id, as_of) if entity_id and known else {}
+        inputs = alone.inputs_of(entity_id, as_of) if entity_id and known else {}
         explained[view.name] = {
             "entity": view.entity,
             "entity_id": entity_id,
@@ -383,4 +365,4 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["explain", "fed_events", "feature_inputs", "log_views", "render"]
+__all__ = ["explain", "fed_events", "log_views", "render"]
