@@ -41,6 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     rescore.set_defaults(func=cmd_rescore)
 
     ope = commands.add_parser("ope", help="a candidate policy's value from logged decisions (IPS, SNIPS, DR)")
+    ope.add_argument("--policy", required=True, metavar="M@V", help="the candidate's model version (model@n)")
+    ope.add_argument("--epsilon", type=float, help="the candidate's exploration (default: each decision's logged)")
+    ope.add_argument("--threshold", type=float, help="the candidate's threshold (default: each decision's logged)")
+    ope.add_argument("--logged-model", default="", help="evaluate on this model's decisions (default: the candidate's)")
+    ope.add_argument("--clip", type=float, default=0.0, help="raise propensities below this to it (default 0: none)")
+    ope.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for the intervals (default 200)")
+    ope.add_argument("--reward", help='reward table JSON, e.g. {"approve": {"0": 1, "1": -10}, "decline": 0} '
+                     "(default: the outcomes' rewards)")  # fmt: skip
+    ope.add_argument("--from-seq", type=int, default=1, help="decisions at or after this log position")
+    ope.add_argument("--to-seq", type=int, default=0, help="decisions at or before this log position (default: all)")
+    ope.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the reward model")
+    ope.add_argument("--json", action="store_true", help="print the result document")
     ope.set_defaults(func=cmd_ope)
 
     verify = commands.add_parser("verify", help="recompute every derived state and logged vector from the log")
@@ -144,7 +156,61 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_ope(args: argparse.Namespace) -> int:
-    raise SystemExit("d2d replay ope is not built yet")
+    import json
+
+    from d2d.client import AuditClient
+
+    policy = {k: v for k, v in (("epsilon", args.epsilon), ("threshold", args.threshold)) if v is not None}
+    try:
+        reward = json.loads(args.reward) if args.reward else None
+    except ValueError as exc:
+        raise SystemExit(f"--reward is not JSON: {exc}") from None
+
+    async def run() -> int:
+        async with AuditClient(_audit_target(args)) as audit:
+            with progress_bar() as on_progress:
+                result = await audit.evaluate_policy(
+                    args.policy, policy=policy or None, model=args.logged_model, after_seq=max(args.from_seq - 1, 0),
+                    to_seq=args.to_seq, clip=args.clip, bootstrap=args.bootstrap, reward=reward, seed=args.seed,
+                    on_progress=on_progress,
+                )  # fmt: skip
+        if args.json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            print_ope(result)
+        return 0
+
+    return run_rpc(run())
+
+
+def print_ope(result: dict) -> None:
+    """The estimates as a table, then what they rest on: ESS, the counts, clipping and warnings."""
+    import json
+
+    from rich.table import Table
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.4f}"
+
+    names = {"ips": "IPS", "snips": "self-normalised IPS", "dr": "doubly robust"}
+    policy = f" with {json.dumps(result['policy'])}" if result.get("policy") else ""
+    table = Table(title=f"{result['model_version']}{policy} on the decisions of models/{result['model']} "
+                  f"up to seq {result['to_seq']}")  # fmt: skip
+    for column in ("estimator", "value", "95% interval", "SE"):
+        table.add_column(column, justify="left" if column == "estimator" else "right")
+    rows = [(names[k], v) for k, v in result["estimates"].items()] + [("logging policy (observed)", result["logging"])]
+    for name, e in rows:
+        table.add_row(name, number(e["value"]), f"[{number(e['ci_low'])}, {number(e['ci_high'])}]", number(e["se"]))
+    console.print(table)
+    counts = result["counts"]
+    left_out = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in counts["left_out"].items()) or "none"
+    console.print(
+        f"effective sample size {result['ess']:,.1f} of {counts['used']:,} used ({counts['read']:,} read; left out: "
+        f"{left_out}); max weight {number(result['max_weight'])}; clip {result['clip']} ({result['clipped']} "
+        f"propensities raised); {result['bootstrap']} bootstrap resamples, seed {result['seed']}"
+    )
+    for warning in result.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow]: {warning}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import grpc
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.replay.log import Progress
+from d2d.replay.ope import DEFAULT_BOOTSTRAP, evaluate_policy
 from d2d.v1 import audit_pb2
 
 SERVICE_NAME = "d2d.v1.AuditService"
@@ -116,7 +117,12 @@ class AuditApi:
     ) -> AsyncIterator[audit_pb2.ReplayProgress]:
 
         async def run(progress: Progress) -> dict[str, Any]:
-            raise Refusal("UNIMPLEMENTED", "EvaluatePolicy is not built yet")
+            return await evaluate_policy(
+                self.log, request.model_version, policy=optional_json(request.policy_json, "policy_json"),
+                model=request.model or None, after_seq=request.after_seq, to_seq=request.to_seq or None,
+                clip=request.clip, bootstrap=request.bootstrap or DEFAULT_BOOTSTRAP,
+                reward=optional_json(request.reward_json, "reward_json"), seed=request.seed, progress=progress,
+            )  # fmt: skip
 
         return progress_stream(run)
 
