@@ -180,7 +180,7 @@ def fold_of(decision_id: str, folds: int) -> int:
 def cross_fitted_rewards(
     features: np.ndarray, actions: np.ndarray, rewards: np.ndarray, decision_ids: Sequence[str],
     n_actions: int, *, label_rewards: np.ndarray | None = None, labels: np.ndarray | None = None,
-    sample_weights: np.ndarray | None = None, folds: int = FOLDS, seed: int = 0, threads: int = 1,
+    folds: int = FOLDS, seed: int = 0, threads: int = 1,
 ) -> np.ndarray:  # fmt: skip
     """q(x_i, a) for every decision and action (n x K), each fold predicted by per-action xgboost
     models fitted on the other folds only.
@@ -194,7 +194,6 @@ def cross_fitted_rewards(
     features = np.asarray(features, dtype=float).reshape(len(actions), -1)
     actions = np.asarray(actions, dtype=np.int64)
     rewards = np.asarray(rewards, dtype=float)
-    sample_weights = np.ones(len(actions)) if sample_weights is None else np.asarray(sample_weights, dtype=float)
     fold = np.asarray([fold_of(d, folds) for d in decision_ids], dtype=np.int64)
     predicted = np.zeros((len(actions), n_actions))
     for k in range(folds):
@@ -205,9 +204,7 @@ def cross_fitted_rewards(
             rows = train & (actions == a)
             if label_rewards is None or labels is None:
                 fallback = float(np.mean(rewards[train])) if train.any() else 0.0
-                predicted[held, a] = _regress(
-                    features[rows], rewards[rows], sample_weights[rows], features[held], fallback, seed, threads
-                )
+                predicted[held, a] = _regress(features[rows], rewards[rows], features[held], fallback, seed, threads)
                 continue
             by_label = np.asarray(label_rewards, dtype=float)[held, a, :]
             if np.all(by_label == by_label[:, :1]):  # the same reward whatever the label
@@ -215,7 +212,7 @@ def cross_fitted_rewards(
                 continue
             known = rows & (np.asarray(labels) >= 0)
             chances = _classify(
-                features[known], np.asarray(labels)[known], sample_weights[known], features[held], by_label.shape[1],
+                features[known], np.asarray(labels)[known], features[held], by_label.shape[1],
                 seed, threads,
             )  # fmt: skip
             predicted[held, a] = np.sum(chances * by_label, axis=1)
@@ -229,21 +226,17 @@ def _params(objective: str, seed: int, threads: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _regress(
-    x: np.ndarray, y: np.ndarray, weight: np.ndarray, new: np.ndarray, fallback: float, seed: int, threads: int
-) -> np.ndarray:
+def _regress(x: np.ndarray, y: np.ndarray, new: np.ndarray, fallback: float, seed: int, threads: int) -> np.ndarray:
     if len(y) < MIN_ROWS_FOR_MODEL:
         return np.full(len(new), float(np.mean(y)) if len(y) else fallback)
     import xgboost as xgb
 
     params = {**_params("reg:squarederror", seed, threads), "base_score": float(np.mean(y))}
-    booster = xgb.train(params, xgb.DMatrix(x, label=y, weight=weight, missing=np.nan), REWARD_MODEL_ROUNDS)
+    booster = xgb.train(params, xgb.DMatrix(x, label=y, missing=np.nan), REWARD_MODEL_ROUNDS)
     return booster.predict(xgb.DMatrix(new, missing=np.nan))
 
 
-def _classify(
-    x: np.ndarray, y: np.ndarray, weight: np.ndarray, new: np.ndarray, n_labels: int, seed: int, threads: int
-) -> np.ndarray:
+def _classify(x: np.ndarray, y: np.ndarray, new: np.ndarray, n_labels: int, seed: int, threads: int) -> np.ndarray:
     """P(label | x) for rows `new` (len(new) x n_labels); label frequencies when a model cannot be fit."""
     frequencies = (
         np.bincount(y.astype(np.int64), minlength=n_labels) / len(y) if len(y) else np.ones(n_labels) / n_labels
@@ -254,11 +247,11 @@ def _classify(
 
     if n_labels == 2:
         params = {**_params("binary:logistic", seed, threads), "base_score": float(frequencies[1])}
-        booster = xgb.train(params, xgb.DMatrix(x, label=y, weight=weight, missing=np.nan), REWARD_MODEL_ROUNDS)
+        booster = xgb.train(params, xgb.DMatrix(x, label=y, missing=np.nan), REWARD_MODEL_ROUNDS)
         positive = booster.predict(xgb.DMatrix(new, missing=np.nan))
         return np.column_stack([1.0 - positive, positive])
     params = {**_params("multi:softprob", seed, threads), "num_class": n_labels}
-    booster = xgb.train(params, xgb.DMatrix(x, label=y, weight=weight, missing=np.nan), REWARD_MODEL_ROUNDS)
+    booster = xgb.train(params, xgb.DMatrix(x, label=y, missing=np.nan), REWARD_MODEL_ROUNDS)
     return booster.predict(xgb.DMatrix(new, missing=np.nan)).reshape(len(new), n_labels)
 
 
