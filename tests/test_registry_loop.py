@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
+import numpy as np
 import orjson
 import pytest
+import xgboost as xgb
 from google.rpc import error_details_pb2
 
 from d2d import eventlog, projections
@@ -31,6 +33,7 @@ from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.training import default_promotion_policy, default_spec
 from d2d.sim.views import VIEWS
 from d2d.training.labels import DecisionLabel
+from d2d.training.pipeline import registered_version
 from d2d.training.spec import TrainingSpec
 from services.registry.loop import POSITION, ArmMetrics, arm_metrics, judge, retrain_spec
 from services.registry.server import serve
@@ -102,11 +105,15 @@ def test_a_model_without_decisions_is_retrained_from_productions_spec_up_to_the_
 def test_a_deciding_model_is_retrained_on_its_decisions_after_the_request_weighted_by_propensity() -> None:
     production = TrainingSpec.from_dict({**default_spec().to_dict(), "to_seq": 500, "num_boost_round": 40})
     request = {"model": "fraud", "reason": "performance", "details": {}}
-    candidate = retrain_spec(production, request, 9000, decisions_after=7000)
+    candidate = retrain_spec(
+        production, request, 9000, decisions_after=7000, production_version="models/fraud/versions/3"
+    )
+    assert candidate.init_model == "models/fraud/versions/3"  # boosting on from production's trees
     assert candidate.label == DecisionLabel("fraud", "inverse_propensity", production.label.window_seconds)
     assert (candidate.after_seq, candidate.to_seq) == (7000, 9000)
-    same = {k: v for k, v in candidate.to_dict().items() if k not in ("label", "after_seq", "to_seq")}
-    assert same == {k: v for k, v in production.to_dict().items() if k not in ("label", "after_seq", "to_seq")}
+    changed = ("label", "after_seq", "to_seq", "init_model")
+    same = {k: v for k, v in candidate.to_dict().items() if k not in changed}
+    assert same == {k: v for k, v in production.to_dict().items() if k not in changed}
 
 
 def test_the_domains_promotion_policy_is_valid() -> None:
@@ -335,6 +342,22 @@ async def test_a_deciding_model_is_retrained_on_its_labelled_decisions_after_the
     assert spec["after_seq"] == request_seq and spec["to_seq"] > short
     assert lineage["retrain_request"] == request_id and lineage["weighting"] == "inverse_propensity"
     assert lineage["decisions"]["labelled"] == 60 and lineage["decisions"]["unlabelled"] == 20
+    # It boosted on from production's trees: its first trees are version 1's, up to its best iteration.
+    assert spec["init_model"] == lineage["init_model"] == f"models/{model}/versions/1"
+    (first, parent), (_, child) = [await registered_version(owner_log, f"models/{model}/versions/{n}") for n in (1, 2)]
+    parent_trees = int(xgb_booster(parent).attr("best_iteration")) + 1
+    assert lineage["init_trees"] == parent_trees and xgb_booster(child).num_boosted_rounds() > parent_trees
+    rows = np.random.default_rng(3).normal(size=(50, len(first.payload["feature_names"])))
+    assert np.array_equal(
+        xgb_booster(parent).predict(xgb.DMatrix(rows), iteration_range=(0, parent_trees), validate_features=False),
+        xgb_booster(child).predict(xgb.DMatrix(rows), iteration_range=(0, parent_trees), validate_features=False),
+    )
+
+
+def xgb_booster(artifact: bytes) -> xgb.Booster:
+    booster = xgb.Booster()
+    booster.load_model(bytearray(artifact))
+    return booster
 
 
 async def _when(call: Awaitable[T], condition: Callable[[T], bool]) -> T | None:

@@ -22,6 +22,8 @@ from d2d.contracts.upcasting import upcast_event
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.training.decisions import decision_time
+from d2d.training.pipeline import registered_version
+from d2d.training.spec import SpecError
 
 PAGE = 20_000
 Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0 when unknown
@@ -101,15 +103,11 @@ async def load_version(log: EventLog, name: str, *, field: str = "model_version"
     """The version named `name` (either form of `parse_version`); NOT_FOUND naming `field` when the
     log does not hold it."""
     model, number = parse_version(name, field)
-    for event in await read_all(log, ["model.registered"]):
-        p = event.payload
-        if p.get("model") == model and p.get("version") == number:
-            async with log.pool.acquire() as conn:
-                data = await conn.fetchval("SELECT data FROM artifacts WHERE sha256 = $1", p["sha256"])
-            if data is None:
-                raise Refusal("FAILED_PRECONDITION", f"the artifact {p['sha256']} of {name} is not stored", field)
-            return ModelVersion(model, number, event.seq, p, bytes(data))
-    raise Refusal("NOT_FOUND", f"models/{model}/versions/{number} is not registered in the log", field)
+    try:
+        registered, artifact = await registered_version(log, f"models/{model}/versions/{number}")
+    except SpecError as exc:
+        raise Refusal(exc.code, str(exc), field) from None
+    return ModelVersion(model, number, registered.seq, upcast_event(registered).payload, artifact)
 
 
 @dataclass(frozen=True)

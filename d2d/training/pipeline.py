@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from d2d.contracts.upcasting import upcast_event
-from d2d.eventlog import EventLog
+from d2d.eventlog import EventLog, StoredEvent
 from d2d.features.definitions import FeatureView
 from d2d.features.offline import FrameRow, training_frame
 from d2d.training.baseline import baseline, column_baseline
@@ -149,6 +149,7 @@ async def train(
         return xgb.DMatrix(inputs[rows], label=labels[rows], weight=weight, feature_names=names, missing=np.nan)
 
     train_m, valid_m = matrix(split.train), matrix(split.validation)
+    parent = await _parent_booster(log, spec, names) if spec.init_model else None
 
     def fit() -> Any:  # in a thread: a service keeps answering while it trains
         return xgb.train(
@@ -158,6 +159,7 @@ async def train(
             evals=[(valid_m, "validation")],
             early_stopping_rounds=spec.early_stopping_rounds,
             verbose_eval=False,
+            xgb_model=parent,
         )
 
     booster = await asyncio.to_thread(fit)
@@ -180,11 +182,49 @@ async def train(
         "best_iteration": int(booster.best_iteration),
         "views": [list(v) for v in spec.views],
         "log_range": [spec.after_seq, spec.to_seq],
+        **({"init_model": spec.init_model, "init_trees": parent.num_boosted_rounds()} if parent is not None else {}),
         "test_examples": [[examples[i].event_id, test_labels[k]] for k, i in enumerate(split.test)],
         "baseline": training_baseline(artifact, inputs[split.train], names),
         **decisions,
     }
     return TrainedModel(spec, artifact, hashlib.sha256(artifact).hexdigest(), names, evaluation, lineage)
+
+
+async def registered_version(log: EventLog, name: str) -> tuple[StoredEvent, bytes]:
+    """The `model.registered` event of `models/{model}/versions/{n}` and its artifact's bytes;
+    NOT_FOUND (SpecError) when the log does not hold it."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions" or not parts[3].isdigit():
+        raise SpecError("INVALID_ARGUMENT", f"{name!r} is not 'models/{{model}}/versions/{{n}}'")
+    after = 0
+    while page := await log.read(after, PAGE, types=["model.registered"]):
+        for event in page:
+            p = event.payload
+            if p.get("model") == parts[1] and p.get("version") == int(parts[3]):
+                async with log.pool.acquire() as conn:
+                    data = await conn.fetchval("SELECT data FROM artifacts WHERE sha256 = $1", p["sha256"])
+                if data is None:
+                    raise SpecError("FAILED_PRECONDITION", f"the artifact {p['sha256']} of {name} is not stored")
+                return event, bytes(data)
+        after = page[-1].seq
+    raise SpecError("NOT_FOUND", f"{name} is not registered in the log")
+
+
+async def _parent_booster(log: EventLog, spec: TrainingSpec, names: Sequence[str]) -> Any:
+    """The trees of `spec.init_model` up to its best iteration, to boost on from: the same inputs in
+    the same order, or FAILED_PRECONDITION."""
+    import xgboost as xgb
+
+    registered, artifact = await registered_version(log, spec.init_model)
+    if list(registered.payload.get("feature_names", [])) != list(names):
+        raise SpecError(
+            "FAILED_PRECONDITION", f"init_model {spec.init_model} takes other inputs than this spec gives; a model"
+            " can only boost on from a version with the same inputs in the same order",
+        )  # fmt: skip
+    booster = xgb.Booster(params={"nthread": 1})
+    booster.load_model(bytearray(artifact))
+    best = int(booster.attr("best_iteration") or -1)
+    return booster[: best + 1] if best >= 0 else booster
 
 
 def training_baseline(artifact: bytes, train_inputs: np.ndarray, names: Sequence[str]) -> dict[str, Any]:

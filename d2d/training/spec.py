@@ -69,6 +69,9 @@ class TrainingSpec:
     truth_column: str = ""
     train_share: float = 0.7
     validation_share: float = 0.15
+    # `models/{model}/versions/{n}`: boost on from that version's trees (up to its best iteration)
+    # instead of from nothing; it must take the same inputs. Empty: a fresh model.
+    init_model: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -82,6 +85,8 @@ class TrainingSpec:
                 value = [{"name": t.name, "op": t.op, "inputs": list(t.inputs)} for t in value]
             elif isinstance(value, tuple):
                 value = [list(v) if isinstance(v, tuple) else v for v in value]
+            if f.name == "init_model" and not value:
+                continue  # a fresh model: the spec reads as it did before the field existed
             d[f.name] = value
         return d
 
@@ -128,6 +133,7 @@ class TrainingSpec:
                 truth_column=str(d.get("truth_column", "")),
                 train_share=float(d.get("train_share", 0.7)),
                 validation_share=float(d.get("validation_share", 0.15)),
+                init_model=str(d.get("init_model", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, SpecError):

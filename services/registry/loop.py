@@ -134,7 +134,12 @@ def arm_metrics(rows: Sequence[Mapping[str, Any]]) -> ArmMetrics:
 
 
 def retrain_spec(
-    production: TrainingSpec, request: Mapping[str, Any], head: int, *, decisions_after: int | None = None
+    production: TrainingSpec,
+    request: Mapping[str, Any],
+    head: int,
+    *,
+    decisions_after: int | None = None,
+    production_version: str = "",
 ) -> TrainingSpec:
     """What a candidate answering `request` (a retrain.requested payload) is trained on, over the log
     up to `head`: the one place that decides what a retrain learns from.
@@ -145,14 +150,19 @@ def retrain_spec(
     decisions whose outcome could still come are left out). After the request, because the request
     says the world the older decisions describe has changed (drift, a drop in live AUC): a candidate
     that learnt from them would learn the old pattern again. Views, inputs, parameters and seed stay
-    the production version's, so the candidate scores the inputs serving already logs.
+    the production version's, so the candidate scores the inputs serving already logs. It boosts on
+    from the production version's trees (`production_version`, as `init_model`): what did not change
+    keeps what that version learnt from its (possibly fuller) labels, and the new trees, fitted to the
+    decisions' outcomes and stopped early on their validation split, correct what did.
 
     A model with no decisions yet (`decisions_after` None) is retrained on the production spec
     itself (its label, e.g. outcome events) over the log up to `head`."""
     if decisions_after is None:
         return dataclasses.replace(production, to_seq=head)
     label = DecisionLabel(str(request["model"]), "inverse_propensity", window_seconds=production.label.window_seconds)
-    return dataclasses.replace(production, label=label, after_seq=decisions_after, to_seq=head)
+    return dataclasses.replace(
+        production, label=label, after_seq=decisions_after, to_seq=head, init_model=production_version
+    )
 
 
 def _tag(request_id: str) -> str:
@@ -245,7 +255,11 @@ class RetrainLoop:
         decisions_after = request.seq if await self._has_decided(model, request.seq) else None
         while True:
             spec = retrain_spec(
-                production_spec, request.payload, await self.log.head(), decisions_after=decisions_after
+                production_spec,
+                request.payload,
+                await self.log.head(),
+                decisions_after=decisions_after,
+                production_version=f"models/{model}/versions/{production}",
             )
             if decisions_after is None:
                 break
