@@ -6,12 +6,12 @@ production with exploration. Then the simulator sends payments through the loop:
 each one, chargebacks come back hours later only for approved fraud (selective labels), and from
 `DRIFT_DAY` a new fraud pattern appears. Nobody touches the platform after that: the feedback
 service must notice (a `quality.alert`), ask for a retrain (`retrain.requested`), and the registry
-must train a candidate on the newest labelled decisions (weighted by inverse propensity), put it on
+must train a candidate on the newest labelled decisions (weighted by inverse propensity, boosting on
+from the production version's trees), put it on
 canary, watch it and promote it, each step an event in the log, in that order. The promoted
 version's live AUC on post-drift traffic is then compared with a model trained offline on
 post-drift payments with full labels (the simulator's truth: every fraud, approved or declined),
-on the same payments, and printed (the issue's 0.03 target is not reached reliably yet: see
-`_report_live_auc_against_full_label_model`).
+on the same payments: the gap is at most 0.03 (the issue's target).
 
 The simulator's clock is paced by the platform: the loop sends a slice of event time, then waits
 until the feedback service has applied it, and, while the registry has what it needs to act (the
@@ -60,26 +60,26 @@ DRIFT_DAY = 4.5
 # Chargebacks 2.4 to 14.4 hours after the payment; the label window (the chargeback rule's, see
 # tests/closed_loop_outcomes.py, and the first model's) is one day.
 SIM = SimConfig(
-    seed=21, customers=400, merchants=40, days=14.0, payments_per_day=3_000, fraud_rate=0.05,
+    seed=21, customers=400, merchants=40, days=16.0, payments_per_day=3_000, fraud_rate=0.05,
     chargeback_delay_days=(0.1, 0.6), drift_day=DRIFT_DAY,
 )  # fmt: skip
 LABEL = LabelDefinition("payment.authorized", "payment.chargeback", "payment_id", WINDOW_SECONDS)
 ROUNDS = 60
-# Decline at a score of 0.3; approve a fifth of would-be declines anyway (exploration), so declined
-# kinds of payments still get labels.
+# Decline at a score of 0.3; explore on a fifth of decisions (a uniform draw of the action), so a tenth
+# of would-be declines are approved anyway and declined kinds of payments still get labels.
 EPSILON, THRESHOLD = 0.2, 0.3
-MIN_TRAINING_LABELS = 4000  # labelled decisions after the request before the candidate is trained
+MIN_TRAINING_LABELS = 8000  # labelled decisions after the request before the candidate is trained
 PROMOTION = {"canary_share": 0.5, "min_decisions": 400, "min_labels": 300, "margin": 0.0, "max_decisions": 20_000}
 # The simulator's drift is concept drift (card-present everyday amounts turn fraudulent; the inputs'
 # distribution stays), which the live AUC sees once labels come. Input PSI is off here (threshold 100):
 # against a baseline of the history's first days, lifetime counts grow and a few hours of traffic do
 # not cover the daily cycle, so PSI over this test's windows flags drift whatever the fraud does, and
-# would ask for a retrain before the drift.
-MONITOR = {"performance_window": 600, "performance_every": 150, "performance_drop": 0.05, "drift_threshold": 100.0}
+# would ask for a retrain before the drift. The live AUC is over the newest 1,500 labels (about 75
+# fraud): over 600, noise alone dropped it 0.06 below the held-out AUC before the drift.
+MONITOR = {"performance_window": 1500, "performance_every": 250, "performance_drop": 0.06, "drift_threshold": 100.0}
 SLICE_DAYS = 0.05  # event time sent between looks at the platform
 MEASURE_DAYS = 1.5  # post-promotion traffic the live AUC is measured on
-TARGET = 0.03  # the issue's: the promoted version's live AUC within this of the full-label model's (printed,
-# not asserted: see the end of _report_live_auc_against_full_label_model)
+TARGET = 0.03  # the issue's: the promoted version's live AUC within this of the full-label model's
 
 
 @dataclass
@@ -210,6 +210,7 @@ async def _first(log: EventLog, after: int, type_: str, match: Callable[[StoredE
     return next((e for e in await _read(log, after, [type_]) if match(e)), None)
 
 
+@pytest.mark.timeout(1200)  # about 4 minutes alone on 2 cores; the suite's default is 5
 async def test_drift_is_noticed_retrained_on_logged_decisions_and_promoted_through_canary(platform: Platform) -> None:
     pool = await eventlog.create_pool(platform.url, role=None, max_size=2)
     log = EventLog(pool)
@@ -289,7 +290,7 @@ async def test_drift_is_noticed_retrained_on_logged_decisions_and_promoted_throu
         events = await _read(log, run.before)
         await _assert_steps_in_order(events, run, request, registered)
         versions = await _read(log, 0, ["model.registered"])
-        await _report_live_auc_against_full_label_model(events, versions, run, registered, metrics)
+        await _assert_live_auc_near_full_label_model(events, versions, run, registered, metrics)
     finally:
         await pool.close()
 
@@ -341,7 +342,7 @@ def _auc(labels: list[int], scores: list[float], weights: list[float] | None = N
     return float(value)
 
 
-async def _report_live_auc_against_full_label_model(
+async def _assert_live_auc_near_full_label_model(
     events: list[StoredEvent], registrations: list[StoredEvent], run: Run, registered: StoredEvent, metrics: Any
 ) -> None:
     """The promoted version's live AUC (GetModelMetrics, its production arm, decisions in the
@@ -442,7 +443,7 @@ async def _report_live_auc_against_full_label_model(
         f" {live_truth:.4f}, offline {same_truth:.4f}, offline on all {whole_truth:.4f}; loop {run.counts}"
     )
     print(report)
-    # Not asserted: the issue's target (the gap at most TARGET) is not reached reliably at this scale.
-    # Measured gaps over runs: +0.028 and +0.035 with epsilon 0.2, +0.043 with epsilon 0.1 against
-    # this reference; +0.046 and +0.053 against the offline model of the whole range (epsilon 0.2).
-    # The figures are printed above for the record.
+    # Measured gaps (epsilon 0.2): +0.0001 with 8,000 training labels, +0.020 with 4,000, both boosting
+    # on from version 1's trees. Trained from nothing on the decisions alone they were +0.023 and +0.031
+    # with 8,000, +0.020 to +0.035 with 4,000 (and +0.024 with epsilon 0.4).
+    assert offline - arm.auc <= TARGET, report
