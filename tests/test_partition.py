@@ -15,7 +15,7 @@ import pytest
 from d2d.eventlog import EventLog
 from d2d.features.fold import fold_all, fold_event
 from d2d.features.offline import FrameRow, rows_from_events, training_frame
-from d2d.replay.partition import _SQL_PARTITION, entity_partition, partitioned_frame
+from d2d.replay.partition import _SQL_PARTITION, entity_partition, partitioned_frame, training_frame_on_every_core
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.views import VIEWS
 
@@ -105,3 +105,12 @@ async def test_postgres_and_python_put_an_entity_in_the_same_partition(database_
             assert in_sql == [entity_partition(i, n) for i in ids]
     finally:
         await conn.close()
+
+
+async def test_training_frames_use_every_core_with_the_same_result(event_log: EventLog) -> None:
+    events, x, y_at = await load(event_log)
+    rows = await frame_rows(event_log, x, y_at)
+
+    everywhere = await training_frame_on_every_core(event_log, VIEWS, rows, min_events=0)
+
+    pd.testing.assert_frame_equal(everywhere, await training_frame(event_log, VIEWS, rows), check_exact=True)

@@ -348,12 +348,20 @@ async def partitioned_frame(
     return assemble_frame(views, rows, watermarks, values, unknown, stale)
 
 
-async def training_frame_on_every_core(log: EventLog, views: Sequence[FeatureView], rows: Sequence[FrameRow]) -> Any:
+# Below this many events a single process folds the log in about the time worker processes take
+# to start: partitioning pays from here on.
+PARTITION_FROM_EVENTS = 100_000
+
+
+async def training_frame_on_every_core(
+    log: EventLog, views: Sequence[FeatureView], rows: Sequence[FrameRow], *, min_events: int = PARTITION_FROM_EVENTS
+) -> Any:
     """`training_frame(log, views, rows)`, computed over every usable core when there is more than
-    one (the same frame; the workers connect as the log's pool does, in the pool's role)."""
+    one and the log holds at least `min_events` (the same frame; the workers connect as the log's
+    pool does, in its role)."""
     cores = usable_cores()
-    connect_args = getattr(log.pool, "_connect_args", None)
-    if cores < 2 or not connect_args or not isinstance(connect_args[0], str):
+    connect_args = getattr(log.pool, "_connect_args", None)  # the URL the pool was created with
+    if cores < 2 or not connect_args or not isinstance(connect_args[0], str) or await log.head() < min_events:
         return await training_frame(log, views, rows)
     async with log.pool.acquire() as conn:
         role, login = await conn.fetchrow("SELECT current_user, session_user")
