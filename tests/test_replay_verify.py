@@ -148,7 +148,7 @@ async def test_verify_log_streams_progress_and_ends_with_the_result_and_the_cli_
             assert result["ok"] and result["checked"]["decisions"] == DECISIONS
             assert {"projections", "decisions"} <= set(stages)
 
-        env = {"D2D_AUDIT_ADDR": f"127.0.0.1:{port}"}
+        env = {"D2D_AUDIT_ADDR": f"127.0.0.1:{port}", "D2D_DATABASE_URL": url, "D2D_NATS_URL": platform.nats_url}
         code, output = await run_cli(env, "replay", "verify", "--skip-projections")
         assert code == 0, output
         decision = await decision_in_join(url)
