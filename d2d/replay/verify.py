@@ -183,7 +183,7 @@ async def _verify_folds(
     progress("decisions", 0, len(decisions))
     checked: dict[str, Any] = {"feature_snapshots": {}, "feature_entities": 0}
     first = True
-    for consumer, watermark, state in snapshots or [None]:
+    for consumer, watermark, state in snapshots or [(None, 0, None)]:
         views = _snapshot_views(registered, state) if state is not None else _newest(registered)
         rows, used = _decision_rows(decisions, views, differences) if first else ([], [])
         check = StateCheck(watermark, state) if state is not None else None
