@@ -2,20 +2,22 @@
 
 A view's entities are split into `n` partitions by a stable hash of the entity id (the first 31
 bits of its MD5, modulo n; Postgres computes the same number, so the filter runs in SQL). One
-*work unit* is (view, partition k): a worker process opens its own connection, reads the view's
-source events in seq order through a server-side cursor, and folds only the entities of partition
-k. Every event still counts for the whole view: the fold's lateness, pruning horizon and
-`StaleQueryError` depend on the view-wide newest event time, so an event of another partition
-arrives as its seq and time only (no payload: Postgres sends payloads for partition k alone) and
+*work unit* is partition k of the views that fold one source type: a worker process opens its own
+connection, reads that type's events in seq order through a server-side cursor, and folds, per
+view, only the entities of partition k (a unit per (view, k) would read the same events once per
+view; one per (source, k) reads them once). Every event still counts for the whole view: the
+fold's lateness, pruning horizon and `StaleQueryError` depend on the view-wide newest event time,
+so where an event's entity is another partition's it arrives as its seq and time only (Postgres
+sends a payload only where some view's entity is in partition k) and
 `ViewState.apply_elsewhere` advances the time and watermark without storing anything. Each state
 therefore accepts, prunes and refuses exactly as the single-process fold does, for its entities.
 
-A frame row is answered, per view, by the unit holding its entity there; rows are merged back in
-order, so `partitioned_frame` equals `d2d.features.offline.training_frame` cell for cell.
+A frame row is answered, per view, by the unit holding its entity there; rows are merged back by
+index, so `partitioned_frame` equals `d2d.features.offline.training_frame` cell for cell.
 
-The same decomposition is what a distributed engine needs: units share nothing but the log, and
-each returns its rows' answers keyed by row index (a map over (view, partition), then a join on
-row index).
+The same decomposition is what a distributed engine needs: units share nothing but the log (each
+could read its own copy or a shard of it), and each returns its rows' answers keyed by row index:
+a map over (source, partition) and a join on row index.
 """
 
 from __future__ import annotations
@@ -86,19 +88,23 @@ class StateCheck:
 
 @dataclass(frozen=True)
 class Unit:
+    """Partition k of the views folding one source type: one scan of that type's events."""
+
     url: str
     role: str | None
-    view: dict[str, Any]  # FeatureView.to_dict()
+    views: list[dict[str, Any]]  # FeatureView.to_dict() of each view of the source
     partition: int
     partitions: int
     in_sql: bool  # partition in SQL (payloads only for partition k) or in Python (every payload sent)
-    rows: list[tuple[int, str, float, int]]  # (row index, entity id, as_of, watermark) by watermark
+    rows: list[tuple[int, int, str, float, int]]  # (view position, row index, entity id, as_of, watermark)
     to_seq: int
     check: StateCheck | None = None
 
 
 @dataclass
 class UnitResult:
+    """One view's answers from one partition."""
+
     view: str
     partition: int
     answers: list[tuple[int, list[Any] | None, bool]] = field(default_factory=list)  # (row, values or None, stale)
@@ -107,79 +113,102 @@ class UnitResult:
     checked: dict[str, Any] | None = None  # with a StateCheck: the view-wide figures at its watermark
 
 
-# $1 type, $2 the entity key's path, $3 the last seq; in SQL also $4 partitions, $5 partition k.
-_UNIT_SQL = (
-    "SELECT seq, schema_version, (extract(epoch FROM occurred_at) * 1000000)::int8, payload #>> $2 IS NOT NULL,"
-    " {payload} FROM events WHERE type = $1 AND seq <= $3 ORDER BY seq"
-)
+def _unit_sql(views: int, in_sql: bool) -> str:
+    """$1 the type, $2 the last seq, $3 partitions, $4 partition k, $5.. each view's entity key path.
+    Per view, its entity's partition (NULL: the event has no entity key); in SQL the payload only
+    where some view's entity is in partition k."""
+    micros = "(extract(epoch FROM occurred_at) * 1000000)::int8"
+    if not in_sql:
+        return f"SELECT seq, schema_version, {micros}, payload FROM events WHERE type = $1 AND seq <= $2 ORDER BY seq"
+    parts = [_SQL_PARTITION.format(key=f"payload #>> ${5 + i}", n="$3") + f" AS p{i}" for i in range(views)]
+    names = ", ".join(f"p{i}" for i in range(views))
+    return (
+        f"SELECT seq, schema_version, micros, {names}, CASE WHEN $4 IN ({names}) THEN payload END FROM"
+        f" (SELECT seq, schema_version, {micros} AS micros, payload, {', '.join(parts)}"
+        " FROM events WHERE type = $1 AND seq <= $2) e ORDER BY seq"
+    )
 
 
-def _run_unit(unit: Unit) -> UnitResult:
+def _run_unit(unit: Unit) -> list[UnitResult]:
     """A worker process's entry point."""
     return asyncio.run(_fold_unit(unit))
 
 
-async def _fold_unit(unit: Unit) -> UnitResult:
-    view = FeatureView.from_dict(unit.view)
-    state = ViewState(view)
-    result = UnitResult(view.name, unit.partition)
-    names = view.feature_names()
-    path = tuple(view.entity_key.split("."))
-    k, n, source = unit.partition, unit.partitions, view.source
+async def _fold_unit(unit: Unit) -> list[UnitResult]:
+    views = [FeatureView.from_dict(v) for v in unit.views]
+    states = [ViewState(v) for v in views]
+    results = [UnitResult(v.name, unit.partition) for v in views]
+    names = [v.feature_names() for v in views]
+    paths = [tuple(v.entity_key.split(".")) for v in views]
+    k, n, source, width = unit.partition, unit.partitions, views[0].source, len(views)
     rows, r = unit.rows, 0
     check = unit.check
 
     def answer_until(seq: int) -> None:
         """Answer the rows (and the check) whose watermark is below `seq`: every event up to it is folded."""
         nonlocal r, check
-        while r < len(rows) and rows[r][3] < seq:
-            index, entity_id, as_of, _ = rows[r]
+        while r < len(rows) and rows[r][4] < seq:
+            position, index, entity_id, as_of, _ = rows[r]
+            state, result = states[position], results[position]
             try:
                 values = state.values(entity_id, as_of)
             except StaleQueryError:
                 result.answers.append((index, None, True))
             else:
-                result.answers.append((index, None if values is None else [values[f] for f in names], False))
+                result.answers.append((index, None if values is None else [values[f] for f in names[position]], False))
             r += 1
         if check is not None and check.watermark < seq:
-            _check_state(state, check, k, n, result)
+            for state, result in zip(states, results, strict=True):
+                _check_state(state, check, k, n, result)
             check = None
 
-    if unit.in_sql:
-        partition = _SQL_PARTITION.format(key="payload #>> $2", n="$4")
-        sql, args = _UNIT_SQL.format(payload=f"CASE WHEN {partition} = $5 THEN payload END"), (n, k)
-    else:
-        sql, args = _UNIT_SQL.format(payload="payload"), ()
+    sql = _unit_sql(width, unit.in_sql)
+    args = [source, unit.to_seq, *([n, k, *(list(p) for p in paths)] if unit.in_sql else [])]
     conn = await asyncpg.connect(unit.url)
     try:
         await conn.set_type_codec("jsonb", encoder=lambda v: v, decoder=orjson.loads, schema="pg_catalog")
         if unit.role:
             await conn.execute(f'SET ROLE "{unit.role}"')
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            cursor = conn.cursor(sql, source, list(path), unit.to_seq, *args, prefetch=PREFETCH)
-            async for seq, schema_version, micros, keyed, payload in cursor:
-                result.events += 1
+            events = 0
+            async for record in conn.cursor(sql, *args, prefetch=PREFETCH):
+                seq = record[0]
+                events += 1
                 answer_until(seq)
-                if unit.in_sql and not keyed:  # no entity key: folds into nothing, on every path
-                    continue
-                occurred_at = micros / 1_000_000  # exact microseconds, divided once: datetime.timestamp()
-                if payload is None:  # another partition's entity (SQL sends its payload there)
-                    state.apply_elsewhere(seq, occurred_at)
-                    continue
-                event = fold_event(seq, source, schema_version, occurred_at, payload)
-                entity = resolve_path(event.payload, path)
-                if unit.in_sql:
-                    if not (type(entity) is str or type(entity) is int):
-                        raise PartitionKeyMismatch(f"{view.name}: event seq {seq} has the key {entity!r}")
-                    state.apply(event)
-                elif entity is not None and entity_partition(str(entity), n) == k:
-                    state.apply(event)
-                elif entity is not None:
-                    state.apply_elsewhere(seq, occurred_at)
+                occurred_at = record[2] / 1_000_000  # exact microseconds, divided once: datetime.timestamp()
+                payload = record[-1]
+                event = None if payload is None else fold_event(seq, source, record[1], occurred_at, payload)
+                for position in range(width):
+                    state = states[position]
+                    if unit.in_sql:
+                        part = record[3 + position]
+                        if part is None:  # no entity key: folds into nothing, on every path
+                            continue
+                        if part != k:  # another partition's entity
+                            state.apply_elsewhere(seq, occurred_at)
+                            continue
+                        assert event is not None
+                        entity = resolve_path(event.payload, paths[position])
+                        if not (type(entity) is str or type(entity) is int):
+                            raise PartitionKeyMismatch(
+                                f"{views[position].name}: event seq {seq} has the key {entity!r}"
+                            )
+                        state.apply(event)
+                        continue
+                    assert event is not None
+                    entity = resolve_path(event.payload, paths[position])
+                    if entity is None:
+                        continue
+                    if entity_partition(str(entity), n) == k:
+                        state.apply(event)
+                    else:
+                        state.apply_elsewhere(seq, occurred_at)
         answer_until(unit.to_seq + 1)
     finally:
         await conn.close()
-    return result
+    for result in results:
+        result.events = events
+    return results
 
 
 def _check_state(state: ViewState, check: StateCheck, k: int, n: int, result: UnitResult) -> None:
@@ -253,32 +282,38 @@ async def fold_partitions(
     workers = max(1, workers or usable_cores())
     partitions = workers
     times = [r.as_of.timestamp() for r in rows]
-    units: list[Unit] = []
+    by_source: dict[str, list[FeatureView]] = {}
     for view in views:
-        in_sql = not upcaster_names(view.source)
-        per_partition: list[list[tuple[int, str, float, int]]] = [[] for _ in range(partitions)]
-        for i, row in enumerate(rows):
-            entity = row.keys.get(view.entity)
-            if entity:
-                per_partition[entity_partition(entity, partitions)].append((i, entity, times[i], watermarks[i]))
+        by_source.setdefault(view.source, []).append(view)
+    units: list[Unit] = []
+    for source, group in by_source.items():
+        in_sql = not upcaster_names(source)
+        per_partition: list[list[tuple[int, int, str, float, int]]] = [[] for _ in range(partitions)]
+        for position, view in enumerate(group):
+            for i, row in enumerate(rows):
+                entity = row.keys.get(view.entity)
+                if entity:
+                    at = (position, i, entity, times[i], watermarks[i])
+                    per_partition[entity_partition(entity, partitions)].append(at)
         for k, mine in enumerate(per_partition):
-            mine.sort(key=lambda x: x[3])
-            reach = max([to_seq, *(w for *_, w in mine), check.watermark if check else 0])
+            mine.sort(key=lambda x: x[4])
+            reach = max([to_seq, *(x[4] for x in mine), check.watermark if check else 0])
             if mine or check is not None:
-                units.append(Unit(url, role, view.to_dict(), k, partitions, in_sql, mine, reach, check))
+                views_json = [v.to_dict() for v in group]
+                units.append(Unit(url, role, views_json, k, partitions, in_sql, mine, reach, check))
     progress(stage, 0, len(units))
     results: list[UnitResult] = []
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(max_workers=min(workers, max(1, len(units))), mp_context=get_context("spawn")) as pool:
 
-        async def run(unit: Unit) -> UnitResult:
+        async def run(unit: Unit) -> list[UnitResult]:
             try:
                 return await loop.run_in_executor(pool, _run_unit, unit)
             except PartitionKeyMismatch:
                 return await loop.run_in_executor(pool, _run_unit, _python_partitioned(unit))
 
         for done in asyncio.as_completed([run(u) for u in units]):
-            results.append(await done)
+            results += await done
             progress(stage, len(results), len(units))
     answers: dict[str, dict[int, tuple[list[Any] | None, bool]]] = {v.name: {} for v in views}
     for result in results:
