@@ -114,6 +114,8 @@ async def load_decisions(url: str, log: EventLog, truth: dict[str, Any]) -> int:
             continue
         features = {name: _plain(columns[name][i]) for name in names}
         made += decision_events(row, features, truth[payment_ids[row.row_id]], rng)
+    # Decisions as serving's group commits append them, then their outcomes (weeks later, in a log).
+    made = made[0::2] + made[1::2]
     for i in range(0, len(made), APPEND_BATCH):
         batch = made[i : i + APPEND_BATCH]
         async with log.recording() as tx:

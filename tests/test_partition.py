@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from d2d.eventlog import EventLog
+from d2d.features.definitions import LIFETIME, Aggregate, Aggregation, FeatureView, hours
 from d2d.features.fold import fold_all, fold_event
 from d2d.features.offline import FrameRow, rows_from_events, training_frame
 from d2d.replay.partition import _SQL_PARTITION, entity_partition, partitioned_frame, training_frame_on_every_core
@@ -114,3 +115,23 @@ async def test_training_frames_use_every_core_with_the_same_result(event_log: Ev
     everywhere = await training_frame_on_every_core(event_log, VIEWS, rows, min_events=0)
 
     pd.testing.assert_frame_equal(everywhere, await training_frame(event_log, VIEWS, rows), check_exact=True)
+
+
+async def test_a_view_keyed_on_numbers_postgres_writes_otherwise_is_partitioned_in_python_alike(
+    event_log: EventLog, database_url: str
+) -> None:
+    by_amount = FeatureView(
+        name="amount_payments", entity="amount", entity_key="amount", source="payment.authorized",
+        aggregates=(Aggregate("count", Aggregation.COUNT, windows=(hours(1), LIFETIME)),),
+        allowed_lateness_seconds=3600,
+    )  # fmt: skip
+    events, x, y_at = await load(event_log)
+    payments = [(seq, e) for seq, e in enumerate(events, 1) if e.type == "payment.authorized"]
+    rows = [FrameRow({"amount": str(e.payload["amount"])}, e.occurred_at, seq) for seq, e in payments[::40]]
+    assert any(isinstance(e.payload["amount"], float) for _, e in payments)  # floats: 1e-05 in Python
+
+    parted = await partitioned_frame(database_url, [by_amount], rows, workers=2)
+
+    single = await training_frame(event_log, [by_amount], rows)
+    assert (single["amount_payments.count_lifetime"] > 0).sum() > len(rows) / 2
+    pd.testing.assert_frame_equal(parted, single, check_exact=True)

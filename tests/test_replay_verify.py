@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
+import grpc
 import orjson
 import pytest
+from google.rpc import error_details_pb2
 
-from d2d.client import AuditClient, ServingClient
+from d2d.client import AuditClient, ServingClient, error_details
 from d2d.config import Settings
 from d2d.eventlog import EventLog, create_pool
 from d2d.replay.verify import verify
@@ -133,6 +136,30 @@ async def test_a_tampered_logged_feature_value_is_named_with_its_decision(platfo
     ]  # fmt: skip
 
 
+async def test_a_tampered_features_snapshot_is_named_by_view_entity_and_feature(platform: Platform) -> None:
+    url = platform.database_url
+    conn = await asyncpg.connect(url)
+    try:
+        consumer, state = await conn.fetchrow("SELECT consumer, state FROM feature_snapshots LIMIT 1")
+        doc = orjson.loads(zlib.decompress(state))
+        buffers = doc["views"]["customer_payments"]["buffers"]
+        entity = next(e for e, rows in sorted(buffers.items()) if rows)
+        buffers[entity].pop()  # the online state lost one of the customer's payments
+        tampered_state = zlib.compress(orjson.dumps(doc))
+        save = "UPDATE feature_snapshots SET state = $2 WHERE consumer = $1"
+        await conn.execute(save, consumer, tampered_state)
+        try:
+            result = await verify(url, workers=2, skip_projections=True)
+        finally:
+            await conn.execute(save, consumer, state)
+    finally:
+        await conn.close()
+
+    named = {(d["kind"], d["consumer"], d["view"], d["entity"]) for d in result["differences"]}
+    assert named == {("feature_state", consumer, "customer_payments", entity)}
+    assert "count_lifetime" in {d["field"] for d in result["differences"]}
+
+
 async def test_verify_log_streams_progress_and_ends_with_the_result_and_the_cli_exits_1_on_a_difference(
     platform: Platform,
 ) -> None:
@@ -147,6 +174,11 @@ async def test_verify_log_streams_progress_and_ends_with_the_result_and_the_cli_
             result = await audit.verify(workers=2, on_progress=lambda stage, done, total: stages.append(stage))
             assert result["ok"] and result["checked"]["decisions"] == DECISIONS
             assert {"projections", "decisions"} <= set(stages)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await audit.verify(workers=-1)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert [v.field for d in error_details(refused.value) if isinstance(d, error_details_pb2.BadRequest)
+                    for v in d.field_violations] == ["workers"]  # fmt: skip
 
         env = {"D2D_AUDIT_ADDR": f"127.0.0.1:{port}", "D2D_DATABASE_URL": url, "D2D_NATS_URL": platform.nats_url}
         code, output = await run_cli(env, "replay", "verify", "--skip-projections")

@@ -71,12 +71,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class PartitionKeyMismatch(RuntimeError):
-    """Postgres's text of an entity key is not Python's `str` of it (a non-string key such as a
-    boolean or float): partitioning in SQL would split that entity, so the view is refolded with
-    partitions chosen in Python."""
-
-
 @dataclass(frozen=True)
 class StateCheck:
     """Compare the fold at `watermark` with a saved online state: the features snapshot of
@@ -188,11 +182,6 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
                             state.apply_elsewhere(seq, occurred_at)
                             continue
                         assert event is not None
-                        entity = resolve_path(event.payload, paths[position])
-                        if not (type(entity) is str or type(entity) is int):
-                            raise PartitionKeyMismatch(
-                                f"{views[position].name}: event seq {seq} has the key {entity!r}"
-                            )
                         state.apply(event)
                         continue
                     assert event is not None
@@ -287,7 +276,7 @@ async def fold_partitions(
         by_source.setdefault(view.source, []).append(view)
     units: list[Unit] = []
     for source, group in by_source.items():
-        in_sql = not upcaster_names(source)
+        in_sql = not upcaster_names(source) and await _keys_are_text(url, role, source, group)
         per_partition: list[list[tuple[int, int, str, float, int]]] = [[] for _ in range(partitions)]
         for position, view in enumerate(group):
             for i, row in enumerate(rows):
@@ -307,10 +296,7 @@ async def fold_partitions(
     with ProcessPoolExecutor(max_workers=min(workers, max(1, len(units))), mp_context=get_context("spawn")) as pool:
 
         async def run(unit: Unit) -> list[UnitResult]:
-            try:
-                return await loop.run_in_executor(pool, _run_unit, unit)
-            except PartitionKeyMismatch:
-                return await loop.run_in_executor(pool, _run_unit, _python_partitioned(unit))
+            return await loop.run_in_executor(pool, _run_unit, unit)
 
         for done in asyncio.as_completed([run(u) for u in units]):
             results += await done
@@ -322,9 +308,24 @@ async def fold_partitions(
     return FoldResults(answers, results)
 
 
-def _python_partitioned(unit: Unit) -> Unit:
-    return Unit(unit.url, unit.role, unit.view, unit.partition, unit.partitions, False, unit.rows, unit.to_seq,
-                unit.check)  # fmt: skip
+async def _keys_are_text(url: str, role: str | None, source: str, views: Sequence[FeatureView]) -> bool:
+    """Whether every entity key in `source` events is a JSON string or integer, whose text in
+    Postgres is Python's `str` of it, so that Postgres may choose partitions (a float or boolean
+    key has another text there: then Python chooses, from every payload)."""
+    conn = await asyncpg.connect(url)
+    try:
+        if role:
+            await conn.execute(f'SET ROLE "{role}"')
+        odd = " OR ".join(
+            f"(jsonb_typeof(payload #> ${i}) NOT IN ('string', 'null')"
+            f" AND NOT (jsonb_typeof(payload #> ${i}) = 'number' AND payload #>> ${i} ~ '^-?[0-9]+$'))"
+            for i in range(2, len(views) + 2)
+        )
+        paths = [v.entity_key.split(".") for v in views]
+        sql = f"SELECT EXISTS (SELECT 1 FROM events WHERE type = $1 AND ({odd}))"
+        return not await conn.fetchval(sql, source, *paths)
+    finally:
+        await conn.close()
 
 
 async def resolve_watermarks(url: str, rows: Sequence[FrameRow], role: str | None = None) -> list[int]:

@@ -185,7 +185,7 @@ async def _verify_folds(
     first = True
     for consumer, watermark, state in snapshots or [(None, 0, None)]:
         views = _snapshot_views(registered, state) if state is not None else _newest(registered)
-        rows, used = _decision_rows(decisions, views, differences) if first else ([], [])
+        rows, used = _decision_rows(decisions, differences) if first else ([], [])
         check = StateCheck(watermark, state) if state is not None else None
         stage = f"fold ({consumer})" if consumer else "fold"
         folded = await fold_partitions(url, views, rows, [r.watermark for r in rows], workers=workers, role=None,
@@ -237,9 +237,7 @@ def _state_differences(consumer: str, views: Sequence[FeatureView], units: Seque
     return entities
 
 
-def _decision_rows(
-    decisions: Sequence[Any], views: Sequence[FeatureView], out: list[dict[str, Any]]
-) -> tuple[list[FrameRow], list[Any]]:
+def _decision_rows(decisions: Sequence[Any], out: list[dict[str, Any]]) -> tuple[list[FrameRow], list[Any]]:
     """A frame row per decision whose payload says what it read (entities, as_of, watermark)."""
     rows, used = [], []
     for event in decisions:
