@@ -628,10 +628,10 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
             " the query reads every event's time)")  # fmt: skip
         say(f"    for scale: the replay of step 1 folded the same log in {rep.seconds:.2f}s")
 
-        # 3b. The same frame folded in (view, partition) units over every core.
+        # 3b. The same frame folded in (source, partition) units over every core.
         cores = usable_cores()
-        say(f"\n[3b] the same frame by partitioned_frame(url, VIEWS, rows, workers={cores}): {len(VIEWS)} views x"
-            f" {cores} entity partitions, each unit a worker process with its own cursor")  # fmt: skip
+        say(f"\n[3b] the same frame by partitioned_frame(url, VIEWS, rows, workers={cores}): one unit per"
+            f" (source, entity partition), {cores} partitions, each a worker process with its own cursor")  # fmt: skip
 
         async def make_partitioned() -> int:
             frame_holder.append(await partitioned_frame(url, VIEWS, rows, workers=cores, role="d2d_service"))

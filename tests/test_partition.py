@@ -1,4 +1,4 @@
-"""A training frame folded in (view, partition) units over worker processes equals the
+"""A training frame folded in (source, partition) units over worker processes equals the
 single-process frame cell for cell, late events, unknown entities and stale rows included."""
 
 from __future__ import annotations

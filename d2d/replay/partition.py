@@ -264,7 +264,7 @@ async def fold_partitions(
     progress: Progress = no_progress,
     stage: str = "features",
 ) -> FoldResults:
-    """Fold every view in (view, partition) units over `workers` processes (default: every usable
+    """Fold every view in (source, partition) units over `workers` processes (default: every usable
     core), answering each row (with its resolved watermark) for the views whose entity it names,
     and, with `check`, comparing the fold at `check.watermark` with the saved online state. Units
     read the log up to the largest watermark asked (or `to_seq`, if larger)."""
@@ -351,7 +351,7 @@ async def partitioned_frame(
     role: str | None = None,
     progress: Progress = no_progress,
 ) -> Any:
-    """`training_frame(log, views, rows)` computed in (view, partition) units over `workers`
+    """`training_frame(log, views, rows)` computed in (source, partition) units over `workers`
     processes (default: every usable core): the same DataFrame, cell for cell. `url` is the
     database's; `role`, if given, is SET on the workers' connections (they only read events)."""
     watermarks = await resolve_watermarks(url, rows, role)

@@ -13,7 +13,7 @@
 - Joins and metrics: the join is the `decision_outcomes` projection (checked above) and the metrics
   are a function of it (`d2d.metrics`), so they hold when it does.
 
-The fold of the last two runs once, in (view, partition) units over every core
+The fold of the last two runs once, in (source, partition) units over every core
 (`d2d.replay.partition`).
 """
 
