@@ -19,6 +19,7 @@ The fold of the last two runs once, in (source, partition) units over every core
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import zlib
@@ -55,20 +56,28 @@ async def verify(
     """Recompute everything derived from the log at `url` (the owner's: a scratch database is
     created next to it) and compare; the result lists every difference (`ok` when none)."""
     started = time.perf_counter()
-    pool = await create_pool(url, role=None, max_size=2)
+    pool = await create_pool(url, role=None, max_size=4)
     log = EventLog(pool)
-    differences: list[dict[str, Any]] = []
+    projection_differences: list[dict[str, Any]] = []
+    fold_differences: list[dict[str, Any]] = []
     checked: dict[str, Any] = {}
     try:
         if skip_projections:
             head = await log.head()
             checked["projections"] = "skipped"
         else:
-            head, projection_checked = await _verify_projections(url, log, differences, progress)
-            checked.update(projection_checked)
-        checked.update(await _verify_folds(url, log, head, workers, differences, progress))
+            head, positions, live = await _live_projections(log)
+        # The fold runs in worker processes; meanwhile this process rebuilds the projections.
+        fold = _verify_folds(url, log, head, workers, fold_differences, progress)
+        if skip_projections:
+            checked.update(await fold)
+        else:
+            rebuild = _verify_projections(url, log, head, positions, live, projection_differences, progress)
+            for counts in await asyncio.gather(rebuild, fold):
+                checked.update(counts)
     finally:
         await pool.close()
+    differences = projection_differences + fold_differences
     return {
         "ok": not differences,
         "head": head,
@@ -83,14 +92,26 @@ async def verify(
 # Projections
 
 
-async def _verify_projections(
-    url: str, log: EventLog, differences: list[dict[str, Any]], progress: Progress
-) -> tuple[int, dict[str, Any]]:
-    """Compare every projection table; returns (the head compared at, counts)."""
+async def _live_projections(log: EventLog) -> tuple[int, dict[str, int], dict[str, dict[tuple[Any, ...], Any]]]:
+    """One snapshot of the live side: the head, the consumers' positions and every projection row."""
     async with log.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         head = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
         positions = dict(await conn.fetch("SELECT name, seq FROM log_positions"))
         live = {table: await _rows(conn, table, key) for table, key in TABLES.items()}
+    return head, positions, live
+
+
+async def _verify_projections(
+    url: str,
+    log: EventLog,
+    head: int,
+    positions: dict[str, int],
+    live: dict[str, dict[tuple[Any, ...], Any]],
+    differences: list[dict[str, Any]],
+    progress: Progress,
+) -> dict[str, Any]:
+    """Replay every projector into a scratch database and compare each table with the live one:
+    at `head`, or at the position of the consumer that applies it."""
     stop_at = {table: min(head, positions.get(APPLIED_BY_CONSUMER[table], 0)) if table in APPLIED_BY_CONSUMER
                else head for table in TABLES}  # fmt: skip
     rebuilt: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
@@ -125,7 +146,7 @@ async def _verify_projections(
             differences += _projection_differences(table, key, difference.live, difference.rebuilt)
     counts = {"projection_tables": len(TABLES), "projection_rows": rows, "projection_events": done,
               "positions": {name: stop_at[table] for table, name in APPLIED_BY_CONSUMER.items()}}  # fmt: skip
-    return head, counts
+    return counts
 
 
 def _projection_differences(
