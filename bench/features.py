@@ -34,6 +34,9 @@ of 5,000, then `VACUUM ANALYZE events`. The load time is reported, it is not a f
    10,000), sampled at random (seeded) from `rows_from_events(log, "payment.authorized", VIEWS)`
    over the whole log and kept in log order, so the frame folds the whole log once. The time the
    frame spends in `offline.watermarks_at` (a query over every event's time) is reported apart.
+   Beside it, the same rows by `d2d.replay.partition.partitioned_frame` over every core (view x
+   entity-partition units, one worker process each at a time), checked equal cell for cell to the
+   single-process frame. Target: >= 2 x the single-process frame's 2,177 rows/s (full run, 2 cores).
 4. Resident memory per entity: RSS of the features service process after it has caught up and
    taken its snapshot at the head, minus its RSS once it was serving on the empty stream (started
    before the relay, so nothing had been folded), divided by the entities its views hold. The
@@ -77,6 +80,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import pandas as pd
 import psutil
 
 from bench._common import (
@@ -103,6 +107,7 @@ from d2d.features import offline
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import ViewState, fold_event
 from d2d.features.offline import PAGE, FrameRow, rows_from_events, training_frame, watermarks_at
+from d2d.replay.partition import partitioned_frame, usable_cores
 from d2d.runtime.servers import free_port
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.views import VIEWS
@@ -110,6 +115,8 @@ from d2d.v1 import features_pb2, features_pb2_grpc
 
 TARGET_REPLAY_RATIO = 0.25  # replay rate >= 0.25 x the EventLog.read scan
 TARGET_LATENCY_RATIO = 2.0  # one-row GetOnlineFeatures p50 <= 2 x the empty handler's p50
+FRAME_BASELINE_ROWS_PER_S = 2_177  # the single-process frame before issue 13 (full run, 2 cores)
+TARGET_FRAME_SPEEDUP = 2.0  # the partitioned frame's rows/s >= 2 x that
 SERVICE_NAME = "d2d.v1.FeatureService"
 PAYMENT = "payment.authorized"
 SOURCES = list(dict.fromkeys(v.source for v in VIEWS))
@@ -620,7 +627,33 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
             f" asking {sum(n for n, _ in lookups):,} time(s) (every row here has its watermark;"
             " the query reads every event's time)")  # fmt: skip
         say(f"    for scale: the replay of step 1 folded the same log in {rep.seconds:.2f}s")
-        del df
+
+        # 3b. The same frame folded in (source, partition) units over every core.
+        cores = usable_cores()
+        say(f"\n[3b] the same frame by partitioned_frame(url, VIEWS, rows, workers={cores}): one unit per"
+            f" (source, entity partition), {cores} partitions, each a worker process with its own cursor")  # fmt: skip
+
+        async def make_partitioned() -> int:
+            frame_holder.append(await partitioned_frame(url, VIEWS, rows, workers=cores, role="d2d_service"))
+            return len(rows)
+
+        parted = await timed({**roots, "bench client": (os.getpid(), True)}, make_partitioned)
+        parted_df = frame_holder.pop()
+        try:
+            pd.testing.assert_frame_equal(parted_df, df, check_exact=True)
+            frames_equal = list(parted_df.dtypes) == list(df.dtypes)
+        except AssertionError as exc:
+            say(f"    NOT EQUAL to the single-process frame: {str(exc)[:400]}")
+            frames_equal = False
+        frame_speedup = parted.rate / FRAME_BASELINE_ROWS_PER_S
+        say(
+            f"    {len(rows):,} rows in {parted.seconds:.2f}s = {parted.rate:,.0f} rows/s"
+            f" ({parted.rate / frame.rate:.2f} x the single-process frame in this run;"
+            f" {frame_speedup:.2f} x the {FRAME_BASELINE_ROWS_PER_S:,} rows/s baseline,"
+            f" target >= {TARGET_FRAME_SPEEDUP}); equal cell for cell to the single-process frame: {frames_equal}"
+        )
+        say(f"      cpu: {CpuMeter.describe(parted.cpu, parted.seconds)}")
+        del df, parted_df
 
         # 2 and 4. The service. No gRPC in this process until every subprocess is started: grpc
         # complains about fork() while its threads run.
@@ -812,6 +845,16 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         "frame_watermarks_at_seconds": round(watermarks_seconds, 3),
         "frame_watermarks_at_calls": len(lookups),
         "frame_stale_rows": stale_rows,
+        "frame_partitioned_workers": cores,
+        "frame_partitioned_seconds": round(parted.seconds, 3),
+        "frame_partitioned_rows_per_s": rounded(parted.rate),
+        "frame_partitioned_vs_single_process": round(parted.rate / frame.rate, 2),
+        "frame_partitioned_equal": frames_equal,
+        "frame_baseline_rows_per_s": FRAME_BASELINE_ROWS_PER_S,
+        "frame_baseline": "training_frame, one process: 100,000 rows over 1,005,322 events on 2 cores (issue 13)",
+        "frame_partitioned_vs_baseline": round(frame_speedup, 2),
+        "target_frame_vs_baseline": TARGET_FRAME_SPEEDUP,
+        "cpu_s_frame_partitioned": parted.cpu,
         "cpu_s_frame": frame.cpu,
         "catch_up_seconds": round(catch.seconds, 3),
         "catch_up_events_per_s": rounded(catch.rate),

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ope.set_defaults(func=cmd_ope)
 
     verify = commands.add_parser("verify", help="recompute every derived state and logged vector from the log")
+    verify.add_argument("--workers", type=int, default=0, help="worker processes (default: every core)")
+    verify.add_argument("--skip-projections", action="store_true", help="skip the projection rebuild")
+    verify.add_argument("--json", action="store_true", help="print the result document")
     verify.set_defaults(func=cmd_verify)
 
 
@@ -214,7 +217,41 @@ def print_ope(result: dict) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    raise SystemExit("d2d replay verify is not built yet")
+    """Exit 1 when anything recomputed from the log differs from what is stored or was logged."""
+    import json
+
+    from d2d.client import AuditClient
+
+    async def run() -> int:
+        async with AuditClient(_audit_target(args)) as audit:
+            with progress_bar() as show:
+                result = await audit.verify(
+                    workers=args.workers, skip_projections=args.skip_projections, on_progress=show
+                )
+        if args.json:
+            console.print_json(json.dumps(result, default=str))
+        else:
+            for difference in result["differences"]:
+                console.print(_difference_line(difference), highlight=False, soft_wrap=True)
+            counts = ", ".join(f"{k} {v}" for k, v in result["checked"].items() if isinstance(v, int))
+            verdict = (
+                "[green]verified[/green]" if result["ok"] else f"[red]{len(result['differences'])} differences[/red]"
+            )
+            console.print(f"{verdict}: log head {result['head']}; {counts}; {result['seconds']:.1f}s")
+        return 0 if result["ok"] else 1
+
+    return run_rpc(run())
+
+
+def _difference_line(d: dict) -> str:
+    if d["kind"] == "projection":
+        return (
+            f"projection {d['table']} {d['key']}: {d['column']} stored {d['stored']!r}, recomputed {d['recomputed']!r}"
+        )
+    if d["kind"] == "feature_state":
+        return (f"feature state ({d['consumer']}) {d['view']} {d['entity']}: {d['field']} online {d['online']!r},"
+                f" recomputed {d['recomputed']!r}")  # fmt: skip
+    return f"decision {d['decision_id']}: {d['feature']} logged {d['logged']!r}, recomputed {d['recomputed']!r}"
 
 
 __all__ = ["register", "progress_bar", "run_rpc"]

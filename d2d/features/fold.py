@@ -398,6 +398,20 @@ class ViewState:
             self._prune(eid, buf)
         return True
 
+    def apply_elsewhere(self, seq: int, occurred_at: float) -> None:
+        """Take note of a source event carrying the entity key whose entity another partition folds
+        (`d2d.replay.partition`): it moves the watermark and, if newer, the view-wide newest event
+        time (so lateness, pruning and staleness here stay exactly those of the whole view), and
+        stores nothing. A late one changes nothing here (its own partition counts it dropped)."""
+        if seq <= self.watermark:
+            return
+        self.watermark = seq
+        m = self.max_event_time
+        if m is None or occurred_at > m:
+            self.max_event_time = occurred_at
+            self._horizon = occurred_at - self._span
+            self._prune_below = self._horizon - self._slack
+
     def prune(self, entity_id: str | None = None) -> int:
         """Move rows below the horizon into the prefix (one entity, or all); returns rows moved.
 

@@ -64,8 +64,6 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
     """A pandas DataFrame: the rows' keys, as_of, watermark, one column per `{view}.{feature}`,
     `unknown_entities` (entity types answered with defaults) and `stale` (as_of too far behind the
     view's newest event for an exact answer: values left empty)."""
-    import pandas as pd
-
     states = {v.name: ViewState(v) for v in views}
     by_source: dict[str, list[ViewState]] = {}
     for v in views:
@@ -77,7 +75,6 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
     order = sorted(range(len(rows)), key=lambda i: watermarks[i])
 
     names = {v.name: v.feature_names() for v in views}
-    columns = [f"{v.name}.{f}" for v in views for f in names[v.name]]
     values: list[list[Any]] = [[] for _ in rows]
     unknown: list[str] = [""] * len(rows)
     stale = [False] * len(rows)
@@ -108,17 +105,33 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
             row_values.extend(answer[f] for f in names[view.name])
         values[i] = row_values
         unknown[i] = ",".join(unknown_here)
+    return assemble_frame(views, rows, watermarks, values, unknown, stale)
 
+
+def assemble_frame(
+    views: Sequence[FeatureView],
+    rows: Sequence[FrameRow],
+    watermarks: Sequence[int],
+    values: Sequence[Sequence[Any]],
+    unknown: Sequence[str],
+    stale: Sequence[bool],
+) -> Any:
+    """The DataFrame of `training_frame` from its answers, per row: the values (views' features in
+    order), the unknown entity types (comma-separated) and whether it was stale. One place builds
+    it, so a frame computed in partitions (`d2d.replay.partition`) is the same frame."""
+    import pandas as pd
+
+    columns = [f"{v.name}.{f}" for v in views for f in v.feature_names()]
     entities = list(dict.fromkeys(v.entity for v in views))
-    frame = pd.DataFrame(values, columns=columns)
+    frame = pd.DataFrame(list(values), columns=columns)
     for position, entity in enumerate(entities):
         frame.insert(position, entity, [r.keys.get(entity) for r in rows])
     frame.insert(len(entities), "as_of", pd.to_datetime([r.as_of for r in rows], utc=True))
     frame.insert(len(entities) + 1, "watermark", watermarks)
     if any(r.row_id for r in rows):
         frame.insert(0, "row_id", [r.row_id for r in rows])
-    frame["unknown_entities"] = unknown
-    frame["stale"] = stale
+    frame["unknown_entities"] = list(unknown)
+    frame["stale"] = list(stale)
     return frame
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from d2d.contracts.upcasting import upcast_event
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.features.definitions import FeatureView
-from d2d.features.offline import FrameRow, training_frame
+from d2d.features.offline import FrameRow
+from d2d.replay.partition import training_frame_on_every_core
 from d2d.training.baseline import baseline, column_baseline
 from d2d.training.decisions import decision_examples, logged_inputs
 from d2d.training.evaluation import evaluate, roc_auc
@@ -99,7 +100,7 @@ async def build_inputs(
         )
         for e in examples
     ]
-    frame = await training_frame(log, views, rows)
+    frame = await training_frame_on_every_core(log, views, rows)
     names = [c for c in frame.columns if "." in c]
     records = frame[names].to_dict("records")
     matrix = [

@@ -131,6 +131,12 @@ class AuditApi:
     def VerifyLog(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[audit_pb2.ReplayProgress]:
 
         async def run(progress: Progress) -> dict[str, Any]:
-            raise Refusal("UNIMPLEMENTED", "VerifyLog is not built yet")
+            from d2d.replay.verify import verify
+
+            if request.workers < 0:
+                raise Refusal("INVALID_ARGUMENT", f"workers must not be negative ({request.workers})", "workers")
+            return await verify(
+                self.url, workers=request.workers or None, skip_projections=request.skip_projections, progress=progress
+            )
 
         return progress_stream(run)

@@ -19,8 +19,9 @@ from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import StaleQueryError
-from d2d.features.offline import FrameRow, rows_from_events, training_frame
+from d2d.features.offline import FrameRow, rows_from_events
 from d2d.features.skew import verify
+from d2d.replay.partition import training_frame_on_every_core
 from d2d.v1 import features_pb2
 from services.features.online import OnlineState
 
@@ -227,7 +228,7 @@ class FeatureApi:
     ) -> AsyncIterator[features_pb2.TrainingFrameChunk]:
         views = self._views_named(request.feature_views)
         rows = await self._frame_rows(request, views)
-        frame = await training_frame(self.event_log, views, rows)
+        frame = await training_frame_on_every_core(self.event_log, views, rows)
         buffer = io.BytesIO()
         await asyncio.to_thread(frame.to_parquet, buffer, index=False)  # pyarrow encodes without the GIL
         data = buffer.getvalue()

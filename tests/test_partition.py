@@ -1,0 +1,137 @@
+"""A training frame folded in (source, partition) units over worker processes equals the
+single-process frame cell for cell, late events, unknown entities and stale rows included."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+from datetime import datetime, timedelta
+
+import asyncpg
+import pandas as pd
+import pytest
+
+from d2d.eventlog import EventLog
+from d2d.features.definitions import LIFETIME, Aggregate, Aggregation, FeatureView, hours
+from d2d.features.fold import fold_all, fold_event
+from d2d.features.offline import FrameRow, rows_from_events, training_frame
+from d2d.replay.partition import _SQL_PARTITION, entity_partition, partitioned_frame, training_frame_on_every_core
+from d2d.sim import PaymentsSimulator, SimConfig
+from d2d.sim.views import VIEWS
+
+# Arrivals up to three hours late against an hour of allowed lateness: some are dropped.
+CONFIG = SimConfig(seed=23, days=0.5, payments_per_day=16_000, out_of_order_fraction=0.08,
+                   max_lateness_seconds=3 * 3600)  # fmt: skip
+
+
+def apart(prefix: str, other: str) -> str:
+    """An id of `prefix` in another partition than `other` for 2 and for 3 partitions."""
+    return next(
+        candidate for i in range(1000)
+        if all(entity_partition(candidate := f"{prefix}{i}", n) != entity_partition(other, n) for n in (2, 3))
+    )  # fmt: skip
+
+
+def payment(template, entities: tuple[str, str, str], at: datetime):  # noqa: ANN001, ANN201
+    customer, merchant, card = entities
+    payload = {**template.payload, "customer_id": customer, "merchant_id": merchant, "card_id": card,
+               "payment_id": f"pay_{uuid.uuid4().hex[:12]}"}  # fmt: skip
+    return dataclasses.replace(template, event_id=str(uuid.uuid4()), payload=payload, occurred_at=at)
+
+
+async def load(event_log: EventLog) -> tuple[list, tuple[str, str, str], datetime]:
+    """The simulated log, then two payments of new entities in different partitions: Y ten hours
+    after the simulated period, then X two hours older than Y (beyond the hour of lateness, but
+    newer than anything X's partition holds): only the view-wide newest time drops X, and only it
+    makes a query for X as of Y - 2.5 hours stale. Returns (events, X's ids, Y's time)."""
+    events = list(PaymentsSimulator(CONFIG).events())
+    end = max(e.occurred_at for e in events)
+    x = ("cus_x", "mer_x", "card_x")
+    y = tuple(apart(f"{name}_y", name) for name in x)
+    events += [payment(events[-1], y, end + timedelta(hours=10)), payment(events[-1], x, end + timedelta(hours=8))]
+    for i in range(0, len(events), 5000):
+        await event_log.append([e.as_new_event() for e in events[i : i + 5000]])
+    return events, x, end + timedelta(hours=10)
+
+
+async def frame_rows(event_log: EventLog, x: tuple[str, str, str], y_at: datetime) -> list[FrameRow]:
+    """Rows of every kind: decisions' rows (state just before each payment), rows naming entities
+    the log never saw or only some entity types, rows without a watermark, and stale rows (as of a
+    time hours behind their watermark's newest event)."""
+    candidates = await rows_from_events(event_log, "payment.authorized", VIEWS)
+    rng = random.Random(5)
+    rows = sorted(rng.sample(candidates, 1500), key=lambda r: r.watermark or 0)
+    late = candidates[-1]
+    rows += [
+        FrameRow({"customer": "cus_nobody", "merchant": late.keys["merchant"], "card": "card_nobody"}, late.as_of),
+        FrameRow({"customer": late.keys["customer"]}, late.as_of, late.watermark),
+        FrameRow(dict(late.keys), late.as_of - timedelta(hours=5), late.watermark),  # stale
+        FrameRow(dict(late.keys), late.as_of + timedelta(minutes=3)),  # watermark resolved from as_of
+    ]
+    rows += [FrameRow(r.keys, r.as_of) for r in rows[:50]]
+    x_keys = dict(zip(("customer", "merchant", "card"), x, strict=True))
+    head = await event_log.head()
+    rows += [FrameRow(x_keys, y_at, head), FrameRow(x_keys, y_at - timedelta(hours=2.5), head)]
+    return rows
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+async def test_partitioned_frame_equals_the_single_process_frame(
+    event_log: EventLog, database_url: str, workers: int
+) -> None:
+    events, x, y_at = await load(event_log)
+    folded = [fold_event(i + 1, e.type, 1, e.occurred_at.timestamp(), e.payload) for i, e in enumerate(events)]
+    assert fold_all(VIEWS[0], folded).dropped_late > 0  # the log has events every fold refuses
+    rows = await frame_rows(event_log, x, y_at)
+    single = await training_frame(event_log, VIEWS, rows)
+    assert single["stale"].sum() >= 2 and (single["unknown_entities"] != "").sum() >= 2
+    assert single["unknown_entities"].iloc[-2] == "customer,merchant,card"  # X came too late
+    assert single["stale"].iloc[-1]
+
+    parted = await partitioned_frame(database_url, VIEWS, rows, workers=workers, role="d2d_service")
+
+    assert list(parted.columns) == list(single.columns)
+    assert list(parted.dtypes) == list(single.dtypes)
+    pd.testing.assert_frame_equal(parted, single, check_exact=True)
+
+
+async def test_postgres_and_python_put_an_entity_in_the_same_partition(database_url: str) -> None:
+    ids = [f"cus_{i:06d}" for i in range(300)] + ["", "é-ü-ß", "商户-42", "a" * 200, "12345"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        for n in (1, 2, 3, 7):
+            sql = f"SELECT {_SQL_PARTITION.format(key='k', n='$2')} FROM unnest($1::text[]) AS k"
+            in_sql = [r[0] for r in await conn.fetch(sql, ids, n)]
+            assert in_sql == [entity_partition(i, n) for i in ids]
+    finally:
+        await conn.close()
+
+
+async def test_training_frames_use_every_core_with_the_same_result(event_log: EventLog) -> None:
+    events, x, y_at = await load(event_log)
+    rows = await frame_rows(event_log, x, y_at)
+
+    everywhere = await training_frame_on_every_core(event_log, VIEWS, rows, min_events=0)
+
+    pd.testing.assert_frame_equal(everywhere, await training_frame(event_log, VIEWS, rows), check_exact=True)
+
+
+async def test_a_view_keyed_on_numbers_postgres_writes_otherwise_is_partitioned_in_python_alike(
+    event_log: EventLog, database_url: str
+) -> None:
+    by_amount = FeatureView(
+        name="amount_payments", entity="amount", entity_key="amount", source="payment.authorized",
+        aggregates=(Aggregate("count", Aggregation.COUNT, windows=(hours(1), LIFETIME)),),
+        allowed_lateness_seconds=3600,
+    )  # fmt: skip
+    events, x, y_at = await load(event_log)
+    payments = [(seq, e) for seq, e in enumerate(events, 1) if e.type == "payment.authorized"]
+    rows = [FrameRow({"amount": str(e.payload["amount"])}, e.occurred_at, seq) for seq, e in payments[::40]]
+    assert any(isinstance(e.payload["amount"], float) for _, e in payments)  # floats: 1e-05 in Python
+
+    parted = await partitioned_frame(database_url, [by_amount], rows, workers=2)
+
+    single = await training_frame(event_log, [by_amount], rows)
+    assert (single["amount_payments.count_lifetime"] > 0).sum() > len(rows) / 2
+    pd.testing.assert_frame_equal(parted, single, check_exact=True)
