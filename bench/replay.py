@@ -1,10 +1,11 @@
-"""Replay benchmark: `verify` (and, once built, off-policy evaluation) beside a raw asyncpg cursor
-scan of the same log, in the same run.
+"""Replay benchmark: `verify` and off-policy evaluation beside a raw asyncpg cursor scan of the same
+log, in the same run.
 
 The log: the payments simulator (30 days, about 1,000,000 events; quick: 2 days) with one decision
 in every DECIDE_EVERY payments appended after it as `decision.made` events, each with an
-outcome. A decision's score is the simulator's true fraud probability blurred by seeded noise (a
-stand-in for a model: no model version is registered), its action drawn from the threshold +
+outcome. A decision's score is the simulator's true fraud probability blurred by seeded noise; it
+names version 1 of the model, a small XGBoost model over the decisions' inputs registered before
+them (what OPE evaluates and verify checks the inputs against). Its action is drawn from the threshold +
 epsilon policy's `d2d.policies.action_probabilities`, its propensity that probability; its
 logged features are the real values at (its entities, the payment's time, the payment's seq - 1),
 computed by the offline frame (by construction what the online service answers there), so verify
@@ -17,8 +18,8 @@ Figures (each timed once, in this order):
    database and compared, every decision's features and inputs recomputed (one partitioned fold):
    log events/s and decisions/s. Target: verify >= 0.1 x the raw scan's events/s on >= 1,000,000
    events.
-3. OPE: `d2d.replay.ope.evaluate_policy` on the same decisions, decisions/s (skipped, and said so,
-   while that module is not there).
+3. OPE: `d2d.replay.ope.evaluate_policy` of version 1 under a stricter threshold on the same
+   decisions and outcomes (IPS, SNIPS, DR, 200 bootstrap resamples): decisions/s.
 
 The last line is one JSON object with every figure and its baseline.
 """
@@ -44,10 +45,14 @@ from d2d.features.offline import PAGE, FrameRow, rows_from_events
 from d2d.features.store import register_views
 from d2d.policies import action_probabilities
 from d2d.replay.log import no_progress
+from d2d.replay.ope import evaluate_policy
 from d2d.replay.partition import partitioned_frame, usable_cores
 from d2d.replay.verify import verify
 from d2d.sim import PaymentsSimulator, SimConfig
+from d2d.sim.training import default_spec
 from d2d.sim.views import VIEWS
+from d2d.training.spec import numeric_features
+from services.registry.store import ModelStore
 
 TARGET_VERIFY_RATIO = 0.1  # verify events/s >= 0.1 x the raw cursor scan's
 PAYMENTS_PER_DAY = 33_000
@@ -58,6 +63,7 @@ APPEND_BATCH = 5_000
 SEED = 13
 MODEL = "fraud"
 MODEL_VERSION = f"models/{MODEL}/versions/1"
+INPUTS = numeric_features(VIEWS)  # the decisions' input vector, and the registered version's inputs
 POLICY = {"threshold": 0.5, "epsilon": 0.1, "actions": ["approve", "decline"], "canary_share": 0.0}
 
 
@@ -76,7 +82,7 @@ def decision_events(row: FrameRow, features: dict[str, Any], truth: Any, rng: ra
     probabilities = action_probabilities(score, POLICY)
     action = rng.choices(list(probabilities), weights=list(probabilities.values()))[0]
     greedy = max(probabilities, key=probabilities.__getitem__)
-    inputs = [features[name] for name in features if isinstance(features[name], int | float)]
+    inputs = [features[name] for name in INPUTS]
     payload = {
         "decision_id": decision_id, "model": MODEL, "model_version": MODEL_VERSION, "arm": "production",
         "score": score, "action": action, "propensity": probabilities[action], "explored": action != greedy,
@@ -94,6 +100,28 @@ def decision_events(row: FrameRow, features: dict[str, Any], truth: Any, rng: ra
     recorded = NewEvent(uuid.uuid5(uuid.UUID(decision_id), "outcome"), "outcome.recorded", 1, "decision", decision_id,
                         at, orjson.dumps(outcome).decode())  # fmt: skip
     return [decided, recorded]
+
+
+async def register_version(url: str, log: EventLog, truth: dict[str, Any]) -> None:
+    """Version 1 of MODEL, the one the decisions name: a small XGBoost model over INPUTS fitted to the
+    simulator's truth on a sample of payments (what it scores does not matter here: OPE and verify's
+    inputs check need a registered version with its artifact)."""
+    import numpy as np
+    import xgboost as xgb
+
+    rows = (await rows_from_events(log, "payment.authorized", VIEWS))[::50]
+    frame = await partitioned_frame(url, VIEWS, rows, workers=usable_cores())
+    async with log.pool.acquire() as conn:
+        payment_ids = dict(await conn.fetch(
+            "SELECT event_id::text, payload->>'payment_id' FROM events WHERE type = 'payment.authorized'"
+        ))  # fmt: skip
+    x = frame[INPUTS].astype(float).to_numpy()
+    y = np.asarray([int(truth[payment_ids[r.row_id]].is_fraud) for r in rows])
+    booster = xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1, "seed": SEED},
+                        xgb.DMatrix(x, label=y, missing=np.nan), 20)  # fmt: skip
+    store = ModelStore(log, default_policy=POLICY)
+    await store.create_model(MODEL, "bench.replay's decisions", POLICY)
+    await store.add_version(MODEL, bytes(booster.save_raw(raw_format="ubj")), default_spec().to_dict(), INPUTS)
 
 
 async def load_decisions(url: str, log: EventLog, truth: dict[str, Any]) -> int:
@@ -171,6 +199,7 @@ async def run(days: float, servers: Servers, quick: bool) -> dict[str, Any]:
         started = time.perf_counter()
         await register_views(log, VIEWS)
         loaded, truth = await load_payments(log, config)
+        await register_version(url, log, truth)
         decisions = await load_decisions(url, log, truth)
         async with pool.acquire() as conn:
             await conn.execute("VACUUM ANALYZE")
@@ -205,21 +234,14 @@ async def run(days: float, servers: Servers, quick: bool) -> dict[str, Any]:
         say(f"    verify / raw scan = {ratio:.3f} (target >= {TARGET_VERIFY_RATIO} on >= 1,000,000 events): {verdict}"
             f"{' (a quick log is too small to judge)' if quick else ''}")  # fmt: skip
 
-        # ---- OPE: its rate is measured here once d2d.replay.ope lands (issue 13, slice A). ----
-        ope: dict[str, Any]
-        try:
-            from d2d.replay.ope import evaluate_policy
-        except ImportError:
-            ope = {"measured": False, "why": "d2d.replay.ope is not there yet"}
-            say("[3] ope: not measured (d2d.replay.ope is not there yet)")
-        else:
-            _, ope_seconds, ope_cpu = await timed(
-                roots, lambda: evaluate_policy(log, MODEL_VERSION, progress=no_progress)
-            )
-            ope = {"measured": True, "seconds": round(ope_seconds, 3),
-                   "decisions_per_s": rounded(decisions / ope_seconds), "cpu_s": ope_cpu}  # fmt: skip
-            say(f"[3] ope: {decisions:,} decisions in {ope_seconds:.2f}s = {decisions / ope_seconds:,.0f} decisions/s")
-        # ---- end of OPE ----
+        # OPE of the same version under a stricter threshold, on the logged decisions and outcomes.
+        estimate, ope_seconds, ope_cpu = await timed(
+            roots, lambda: evaluate_policy(log, MODEL_VERSION, policy={"threshold": 0.3}, progress=no_progress)
+        )
+        ope = {"seconds": round(ope_seconds, 3), "decisions_per_s": rounded(decisions / ope_seconds),
+               "decisions_used": estimate["counts"], "cpu_s": ope_cpu}  # fmt: skip
+        say(f"[3] ope: {decisions:,} decisions in {ope_seconds:.2f}s = {decisions / ope_seconds:,.0f} decisions/s"
+            f" (IPS, SNIPS, DR with a cross-fitted reward model and 200 bootstrap resamples)")  # fmt: skip
         return {
             "bench": "replay", "quick": quick, "events": head, "decisions": decisions, "workers": cores,
             "raw_scan_events_per_s": rounded(scan_rate), "raw_scan_seconds": round(scan_seconds, 3),

@@ -32,8 +32,8 @@ from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.training import default_promotion_policy, default_spec
 from d2d.sim.views import VIEWS
+from d2d.training.artifacts import registered_version
 from d2d.training.labels import DecisionLabel
-from d2d.training.pipeline import registered_version
 from d2d.training.spec import TrainingSpec
 from services.registry.loop import POSITION, ArmMetrics, arm_metrics, judge, retrain_spec
 from services.registry.server import serve

@@ -21,8 +21,8 @@ import numpy as np
 from d2d.contracts.upcasting import upcast_event
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, StoredEvent
+from d2d.training.artifacts import registered_version
 from d2d.training.decisions import decision_time
-from d2d.training.pipeline import registered_version
 from d2d.training.spec import SpecError
 
 PAGE = 20_000

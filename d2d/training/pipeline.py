@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from d2d.contracts.upcasting import upcast_event
-from d2d.eventlog import EventLog, StoredEvent
+from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.offline import FrameRow
 from d2d.replay.partition import training_frame_on_every_core
+from d2d.training.artifacts import registered_version
 from d2d.training.baseline import baseline, column_baseline
 from d2d.training.decisions import decision_examples, logged_inputs
 from d2d.training.evaluation import evaluate, roc_auc
@@ -189,26 +190,6 @@ async def train(
         **decisions,
     }
     return TrainedModel(spec, artifact, hashlib.sha256(artifact).hexdigest(), names, evaluation, lineage)
-
-
-async def registered_version(log: EventLog, name: str) -> tuple[StoredEvent, bytes]:
-    """The `model.registered` event of `models/{model}/versions/{n}` and its artifact's bytes;
-    NOT_FOUND (SpecError) when the log does not hold it."""
-    parts = name.split("/")
-    if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions" or not parts[3].isdigit():
-        raise SpecError("INVALID_ARGUMENT", f"{name!r} is not 'models/{{model}}/versions/{{n}}'")
-    after = 0
-    while page := await log.read(after, PAGE, types=["model.registered"]):
-        for event in page:
-            p = event.payload
-            if p.get("model") == parts[1] and p.get("version") == int(parts[3]):
-                async with log.pool.acquire() as conn:
-                    data = await conn.fetchval("SELECT data FROM artifacts WHERE sha256 = $1", p["sha256"])
-                if data is None:
-                    raise SpecError("FAILED_PRECONDITION", f"the artifact {p['sha256']} of {name} is not stored")
-                return event, bytes(data)
-        after = page[-1].seq
-    raise SpecError("NOT_FOUND", f"{name} is not registered in the log")
 
 
 async def _parent_booster(log: EventLog, spec: TrainingSpec, names: Sequence[str]) -> Any:
