@@ -1,5 +1,5 @@
-"""The closed loop end to end: all five services (ingest and its relay, features, registry, serving,
-feedback) as their own processes on the embedded Postgres and NATS.
+"""The closed loop end to end: the platform's services (ingest and its relay, features, registry,
+serving, feedback, audit) as their own processes on the embedded Postgres and NATS.
 
 A history is loaded and a first model trained on it with full labels (every chargeback) goes to
 production with exploration. Then the simulator sends payments through the loop: serving decides
@@ -7,11 +7,12 @@ each one, chargebacks come back hours later only for approved fraud (selective l
 `DRIFT_DAY` a new fraud pattern appears. Nobody touches the platform after that: the feedback
 service must notice (a `quality.alert`), ask for a retrain (`retrain.requested`), and the registry
 must train a candidate on the newest labelled decisions (weighted by inverse propensity, boosting on
-from the production version's trees), put it on
-canary, watch it and promote it, each step an event in the log, in that order. The promoted
-version's live AUC on post-drift traffic is then compared with a model trained offline on
-post-drift payments with full labels (the simulator's truth: every fraud, approved or declined),
-on the same payments: the gap is at most 0.03 (the issue's target).
+from the production version's trees), put it on canary, watch it and promote it, each step an event
+in the log, in that order. The audit service's verify then recomputes everything derived from the
+log, the feature vector of every decision included. The promoted version's live AUC on post-drift
+traffic is compared with a model trained offline on post-drift payments with full labels (the
+simulator's truth: every fraud, approved or declined), on the same payments: the gap is at most 0.03
+(the issue's target).
 
 The simulator's clock is paced by the platform: the loop sends a slice of event time, then waits
 until the feedback service has applied it, and, while the registry has what it needs to act (the
@@ -35,7 +36,7 @@ import pytest
 import xgboost as xgb
 
 from d2d import eventlog
-from d2d.client import FeatureClient, FeedbackClient, IngestClient, RegistryClient, ServingClient
+from d2d.client import AuditClient, FeatureClient, FeedbackClient, IngestClient, RegistryClient, ServingClient
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
@@ -95,7 +96,7 @@ def platform(
     """The five services as processes, the history in the log, version 1 in production."""
     url = postgres.create_database(f"closed_{uuid.uuid4().hex[:10]}")
     logs = tmp_path_factory.mktemp("closed-loop-logs")
-    names = ("ingest", "features", "registry", "serving", "feedback")
+    names = ("ingest", "features", "registry", "serving", "feedback", "audit")
     addrs = {name: f"127.0.0.1:{free_port()}" for name in names}
     env = {
         "D2D_DATABASE_URL": url, "D2D_NATS_URL": nats_server.url, "D2D_NATS_NAMESPACE": f"t{uuid.uuid4().hex[:10]}",
@@ -115,7 +116,7 @@ def platform(
 
     asyncio.run(load())
     supervisor = Supervisor(logs, cwd=ROOT, base_env=env)
-    for name in ("ingest", "ingest-relay", "features", "registry", "serving", "feedback"):
+    for name in ("ingest", "ingest-relay", "features", "registry", "serving", "feedback", "audit"):
         supervisor.spawn(name, service(name).args)
 
     async def train_and_deploy() -> None:
@@ -287,6 +288,12 @@ async def test_drift_is_noticed_retrained_on_logged_decisions_and_promoted_throu
             metrics = await feedback.model_metrics(
                 MODEL, start=run.promoted_at, end=run.promoted_at + timedelta(days=MEASURE_DAYS)
             )
+            # 5. Everything derived from the log recomputed from it: every projection, the features
+            # service's snapshots, and the feature vector of every decision the loop made.
+            async with AuditClient(platform.addrs["audit"]) as audit:
+                verified = await audit.verify()
+            assert verified["ok"], verified["differences"][:10]
+            assert verified["checked"]["decisions"] >= loop.counts["payments"]  # one decision per payment sent
         events = await _read(log, run.before)
         await _assert_steps_in_order(events, run, request, registered)
         versions = await _read(log, 0, ["model.registered"])

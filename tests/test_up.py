@@ -189,6 +189,10 @@ def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
         again = run_demo()  # the same events again: the log is idempotent
         assert again.returncode == 0, again.stdout + again.stderr
         after_second = asyncio.run(stored(endpoints["database_url"]))
+        verify = subprocess.run(  # everything derived from the demo's log, recomputed from it
+            [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "replay", "verify"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
     finally:
         stop_up(up, log)
     assert after_first[0] > 5_000
@@ -196,3 +200,4 @@ def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
     out = demo.stdout
     assert "appended" in out and "dead letters" in out and "head of the log" in out
     assert "online features of" in out and "0 mismatches" in out
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -252,6 +252,3 @@ def _difference_line(d: dict) -> str:
         return (f"feature state ({d['consumer']}) {d['view']} {d['entity']}: {d['field']} online {d['online']!r},"
                 f" recomputed {d['recomputed']!r}")  # fmt: skip
     return f"decision {d['decision_id']}: {d['feature']} logged {d['logged']!r}, recomputed {d['recomputed']!r}"
-
-
-__all__ = ["register", "progress_bar", "run_rpc"]
