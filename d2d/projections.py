@@ -378,20 +378,24 @@ async def compare(live_url: str, rebuilt_url: str) -> list[Difference]:
     live, rebuilt = await asyncpg.connect(live_url), await asyncpg.connect(rebuilt_url)
     try:
         for table, key in TABLES.items():
-            differences += _diff(table, await _rows(live, table, key), await _rows(rebuilt, table, key))
+            differences += diff_rows(table, await table_rows(live, table, key), await table_rows(rebuilt, table, key))
     finally:
         await live.close()
         await rebuilt.close()
     return differences
 
 
-async def _rows(conn: asyncpg.Connection, table: str, key: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]]:
+async def table_rows(
+    conn: asyncpg.Connection, table: str, key: tuple[str, ...]
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Every row of `table` by its key (`TABLES[table]`), as column -> value."""
     return {tuple(r[c] for c in key): dict(r) for r in await conn.fetch(f"SELECT * FROM {table}")}
 
 
-def _diff(
+def diff_rows(
     table: str, live: dict[tuple[Any, ...], dict[str, Any]], rebuilt: dict[tuple[Any, ...], dict[str, Any]]
 ) -> list[Difference]:
+    """A Difference (both rows) for each key of `table` whose rows differ or only one side has."""
     return [
         Difference(table, key, live.get(key), rebuilt.get(key))
         for key in sorted(live.keys() | rebuilt.keys(), key=repr)

@@ -4,6 +4,7 @@ from their wheels in a temp dir on free ports; a fresh database and NATS namespa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from d2d import eventlog, telemetry
-from d2d.client import FeatureClient, IngestClient, RegistryClient, ServingClient
+from d2d.client import AuditClient, FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.config import Settings
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
@@ -116,6 +117,24 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
     )  # fmt: skip
     out, _ = await process.communicate()
     return process.returncode or 0, out.decode()
+
+
+@contextlib.asynccontextmanager
+async def audit_service(database_url: str) -> AsyncIterator[str]:
+    """The AuditService in this test's event loop on `database_url` (so CLI calls and the test's own
+    calls reach it while the test awaits them); its address."""
+    from services.audit.server import serve as serve_audit
+
+    addr = f"127.0.0.1:{free_port()}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_audit(Settings(database_url=database_url, addrs={"audit": addr}), stop))
+    try:
+        async with AuditClient(addr) as client:
+            await client.wait_ready()
+        yield addr
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 # ---------------------------------------------------------------------------------------------

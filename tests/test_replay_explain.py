@@ -20,18 +20,16 @@ from google.rpc import error_details_pb2
 
 from d2d import eventlog
 from d2d.client import AuditClient, RegistryClient, ServingClient, error_details
-from d2d.config import Settings
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.fold import ViewState, fold_event, posix_seconds
 from d2d.outcomes import outcome_event_id
 from d2d.policies import greedy_action
 from d2d.replay.explain import explain, render
 from d2d.replay.rescore import rescore
-from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer
 from d2d.sim.views import VIEWS
 from d2d.training.spec import TrainingSpec, model_inputs
-from services.audit.server import serve
-from tests.conftest import MODEL, Platform, requests_for, run_cli, serving_platform
+from tests.conftest import MODEL, Platform, audit_service, requests_for, run_cli, serving_platform
 
 VIEW = {v.name: v for v in VIEWS}
 THRESHOLD = 0.015  # among version 1's scores on these requests
@@ -94,14 +92,8 @@ async def log(decided: Decided) -> AsyncIterator[EventLog]:
 @pytest.fixture
 async def audit(decided: Decided) -> AsyncIterator[str]:
     """The AuditService in this process; its address."""
-    addr = f"127.0.0.1:{free_port()}"
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(Settings(database_url=decided.platform.database_url, addrs={"audit": addr}), stop))
-    async with AuditClient(addr) as client:
-        await client.wait_ready()
-    yield addr
-    stop.set()
-    await asyncio.wait_for(task, 30)
+    async with audit_service(decided.platform.database_url) as addr:
+        yield addr
 
 
 def cli_env(decided: Decided, audit: str) -> dict[str, str]:

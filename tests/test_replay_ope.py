@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import uuid
@@ -15,14 +14,11 @@ import pytest
 from google.rpc import error_details_pb2
 
 from d2d.client import AuditClient, error_details
-from d2d.config import Settings
 from d2d.eventlog import EventLog, NewEvent
 from d2d.outcomes import outcome_event_id
 from d2d.replay.log import load_version
-from d2d.runtime.servers import free_port
-from services.audit.server import serve
 from services.serving.decisions import choose
-from tests.conftest import run_cli
+from tests.conftest import audit_service, run_cli
 
 POLICY = {"threshold": 0.5, "epsilon": 0.2, "actions": ["approve", "decline"], "canary_share": 0.0}
 TABLE = {"approve": {"0": 1.0, "1": -10.0}, "decline": {"0": 0.0, "1": 0.0}}
@@ -76,14 +72,8 @@ def outcome(payload: dict, label: int) -> NewEvent:
 @pytest.fixture
 async def audit(database_url: str, event_log: EventLog) -> AsyncIterator[AuditClient]:
     """The audit service in this process, on the test's database."""
-    settings = Settings(database_url=database_url, addrs={"audit": f"127.0.0.1:{free_port()}"})
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop))
-    async with AuditClient(settings.addr("audit")) as client:
-        await client.wait_ready()
+    async with audit_service(database_url) as addr, AuditClient(addr) as client:
         yield client
-    stop.set()
-    await task
 
 
 def violations(error: grpc.aio.AioRpcError) -> list[str]:

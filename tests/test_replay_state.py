@@ -16,14 +16,12 @@ from google.rpc import error_details_pb2
 
 from d2d import eventlog
 from d2d.client import AuditClient, RegistryClient, ServingClient, error_details
-from d2d.config import Settings
 from d2d.eventlog import EventLog
 from d2d.features.offline import FrameRow, training_frame
 from d2d.replay.state import replay_state
-from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer
 from d2d.sim.views import VIEWS
-from services.audit.server import serve
-from tests.conftest import MODEL, Platform, requests_for, run_cli, serving_platform
+from tests.conftest import MODEL, Platform, audit_service, requests_for, run_cli, serving_platform
 from tests.test_replay_explain import outcome
 
 EARLY = 6000  # a log position inside the simulated payments
@@ -79,14 +77,8 @@ async def log(history: History) -> AsyncIterator[EventLog]:
 
 @pytest.fixture
 async def audit(history: History) -> AsyncIterator[str]:
-    addr = f"127.0.0.1:{free_port()}"
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(Settings(database_url=history.platform.database_url, addrs={"audit": addr}), stop))
-    async with AuditClient(addr) as client:
-        await client.wait_ready()
-    yield addr
-    stop.set()
-    await asyncio.wait_for(task, 30)
+    async with audit_service(history.platform.database_url) as addr:
+        yield addr
 
 
 def refusal(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:

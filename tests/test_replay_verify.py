@@ -16,13 +16,11 @@ import pytest
 from google.rpc import error_details_pb2
 
 from d2d.client import AuditClient, ServingClient, error_details
-from d2d.config import Settings
 from d2d.eventlog import EventLog, create_pool
 from d2d.replay.verify import verify
-from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
-from services.audit.server import serve
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer
 from services.feedback.consumer import FeedbackConsumer
-from tests.conftest import MODEL, Platform, requests_for, run_cli, serving_platform
+from tests.conftest import MODEL, Platform, audit_service, requests_for, run_cli, serving_platform
 
 DECISIONS = 120
 
@@ -164,13 +162,9 @@ async def test_verify_log_streams_progress_and_ends_with_the_result_and_the_cli_
     platform: Platform,
 ) -> None:
     url = platform.database_url
-    port = free_port()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(Settings(database_url=url, addrs={"audit": f"127.0.0.1:{port}"}), stop))
     stages: list[str] = []
-    try:
-        async with AuditClient(f"127.0.0.1:{port}") as audit:
-            await audit.wait_ready()
+    async with audit_service(url) as addr:
+        async with AuditClient(addr) as audit:
             result = await audit.verify(workers=2, on_progress=lambda stage, done, total: stages.append(stage))
             assert result["ok"] and result["checked"]["decisions"] == DECISIONS
             assert {"projections", "decisions"} <= set(stages)
@@ -180,7 +174,7 @@ async def test_verify_log_streams_progress_and_ends_with_the_result_and_the_cli_
             assert [v.field for d in error_details(refused.value) if isinstance(d, error_details_pb2.BadRequest)
                     for v in d.field_violations] == ["workers"]  # fmt: skip
 
-        env = {"D2D_AUDIT_ADDR": f"127.0.0.1:{port}", "D2D_DATABASE_URL": url, "D2D_NATS_URL": platform.nats_url}
+        env = {"D2D_AUDIT_ADDR": addr, "D2D_DATABASE_URL": url, "D2D_NATS_URL": platform.nats_url}
         code, output = await run_cli(env, "replay", "verify", "--skip-projections")
         assert code == 0, output
         decision = await decision_in_join(url)
@@ -189,6 +183,3 @@ async def test_verify_log_streams_progress_and_ends_with_the_result_and_the_cli_
             code, output = await run_cli(env, "replay", "verify")
         assert code == 1, output
         assert "projection decision_outcomes" in output and "score" in output
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)

@@ -34,7 +34,7 @@ from d2d.features.definitions import FeatureView
 from d2d.features.fold import ViewState
 from d2d.features.offline import FrameRow
 from d2d.features.store import registered_views
-from d2d.projections import FEEDBACK, PROJECTORS, TABLES, _diff, _rows, apply
+from d2d.projections import FEEDBACK, PROJECTORS, TABLES, apply, diff_rows, table_rows
 from d2d.replay.log import PAGE, Progress, no_progress, read_all
 from d2d.replay.partition import StateCheck, fold_partitions, same_value
 from d2d.replay.scratch import scratch_database
@@ -97,7 +97,7 @@ async def _live_projections(log: EventLog) -> tuple[int, dict[str, int], dict[st
     async with log.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         head = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
         positions = dict(await conn.fetch("SELECT name, seq FROM log_positions"))
-        live = {table: await _rows(conn, table, key) for table, key in TABLES.items()}
+        live = {table: await table_rows(conn, table, key) for table, key in TABLES.items()}
     return head, positions, live
 
 
@@ -136,13 +136,13 @@ async def _verify_projections(
                     after = stop
                     for table, at in stop_at.items():
                         if at == stop:
-                            rebuilt[table] = await _rows(target, table, TABLES[table])
+                            rebuilt[table] = await table_rows(target, table, TABLES[table])
         finally:
             await scratch_pool.close()
     rows = 0
     for table, key in TABLES.items():
         rows += len(live[table].keys() | rebuilt[table].keys())
-        for difference in _diff(table, live[table], rebuilt[table]):
+        for difference in diff_rows(table, live[table], rebuilt[table]):
             differences += _projection_differences(table, key, difference.live, difference.rebuilt)
     counts = {"projection_tables": len(TABLES), "projection_rows": rows, "projection_events": done,
               "positions": {name: stop_at[table] for table, name in APPLIED_BY_CONSUMER.items()}}  # fmt: skip
