@@ -21,7 +21,7 @@ FIGURES = {
     "features": [
         "replay_events_per_s", "scan_eventlog_read_events_per_s", "replay_ratio_vs_eventlog_read_scan",
         "online_1_row", "empty_handler_1_row", "online_1_row_p50_ratio_vs_empty", "frame_rows_per_s",
-        "bytes_per_entity",
+        "frame_partitioned_rows_per_s", "frame_partitioned_vs_single_process", "bytes_per_entity",
     ],
     "faults": [
         "baseline_appends_per_s", "fault_appends_per_s", "load_held", "faults_injected", "events_acknowledged",
@@ -30,6 +30,9 @@ FIGURES = {
     "feedback": [
         "outcomes_joined_per_s", "raw_outcome_rows_per_s", "ratio_vs_raw", "decisions_joined_per_s",
         "raw_copy_decisions_per_s",
+    ],
+    "replay": [
+        "raw_scan_events_per_s", "verify_events_per_s", "verify_decisions_per_s", "verify_vs_raw_scan", "ope",
     ],
     "registry": ["train_examples_per_s", "xgb_alone_train_rows_per_s", "ratio_end_to_end_vs_xgb_alone"],
     "serving": [
@@ -51,6 +54,10 @@ def test_benchmark_runs_quick_and_ends_with_its_figures(name: str, tmp_path: Pat
     assert figures["bench"] == name and figures["quick"] is True
     missing = [key for key in FIGURES[name] if figures.get(key) in (None, 0, {})]
     assert not missing, f"bench.{name} printed no {missing}"
+    if name == "features":  # the partitioned frame is the same frame
+        assert figures["frame_partitioned_equal"] is True
+    if name == "replay":  # verify of a log nothing tampered with finds nothing
+        assert figures["verify_ok"] is True and figures["verify_differences"] == 0
     if name == "faults":  # what the benchmark exists to show, whatever the speed
         assert figures["events_lost"] == 0 and figures["events_found"] == figures["events_acknowledged"]
         assert figures["events_duplicated_in_log"] == 0 and figures["events_duplicated_on_stream"] == 0
