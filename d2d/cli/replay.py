@@ -159,8 +159,6 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_ope(args: argparse.Namespace) -> int:
-    import json
-
     from d2d.client import AuditClient
 
     policy = {k: v for k, v in (("epsilon", args.epsilon), ("threshold", args.threshold)) if v is not None}
@@ -188,8 +186,6 @@ def cmd_ope(args: argparse.Namespace) -> int:
 
 def print_ope(result: dict) -> None:
     """The estimates as a table, then what they rest on: ESS, the counts, clipping and warnings."""
-    import json
-
     from rich.table import Table
 
     def number(value: float | None) -> str:
@@ -218,8 +214,6 @@ def print_ope(result: dict) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 1 when anything recomputed from the log differs from what is stored or was logged."""
-    import json
-
     from d2d.client import AuditClient
 
     async def run() -> int:

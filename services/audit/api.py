@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC
 from typing import Any
 
 import grpc
 
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
+from d2d.replay.explain import explain
 from d2d.replay.log import Progress
 from d2d.replay.ope import DEFAULT_BOOTSTRAP, evaluate_policy
+from d2d.replay.rescore import rescore
+from d2d.replay.state import replay_state
+from d2d.replay.verify import verify
 from d2d.v1 import audit_pb2
 
 SERVICE_NAME = "d2d.v1.AuditService"
@@ -69,10 +74,6 @@ class AuditApi:
     # -- GetReplayState -------------------------------------------------------------------------
 
     async def GetReplayState(self, request: Any, context: grpc.aio.ServicerContext) -> audit_pb2.ReplayState:
-        from datetime import UTC
-
-        from d2d.replay.state import replay_state
-
         which = request.WhichOneof("as_of")
         seq = request.seq if which == "seq" else None
         time = request.time.ToDatetime(tzinfo=UTC) if which == "time" else None
@@ -84,8 +85,6 @@ class AuditApi:
     # -- ExplainDecision ------------------------------------------------------------------------
 
     async def ExplainDecision(self, request: Any, context: grpc.aio.ServicerContext) -> audit_pb2.DecisionExplanation:
-        from d2d.replay.explain import explain
-
         if not request.name.startswith("decisions/"):
             raise Refusal("INVALID_ARGUMENT", f"{request.name!r} is not 'decisions/{{decision}}'", "name")
         explanation = await explain(self.log, request.name)
@@ -99,9 +98,6 @@ class AuditApi:
     def RescoreDecisions(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[audit_pb2.ReplayProgress]:
-
-        from d2d.replay.rescore import rescore
-
         async def run(progress: Progress) -> dict[str, Any]:
             return await rescore(
                 self.log, request.model_version, model=request.model or None, after_seq=request.after_seq,
@@ -115,7 +111,6 @@ class AuditApi:
     def EvaluatePolicy(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[audit_pb2.ReplayProgress]:
-
         async def run(progress: Progress) -> dict[str, Any]:
             return await evaluate_policy(
                 self.log, request.model_version, policy=optional_json(request.policy_json, "policy_json"),
@@ -129,10 +124,7 @@ class AuditApi:
     # -- VerifyLog ------------------------------------------------------------------------------
 
     def VerifyLog(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[audit_pb2.ReplayProgress]:
-
         async def run(progress: Progress) -> dict[str, Any]:
-            from d2d.replay.verify import verify
-
             if request.workers < 0:
                 raise Refusal("INVALID_ARGUMENT", f"workers must not be negative ({request.workers})", "workers")
             return await verify(
