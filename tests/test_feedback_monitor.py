@@ -8,6 +8,8 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from d2d.training.baseline import baseline
 from services.feedback.monitor import Finding, Monitor, MonitorSettings
 
@@ -48,6 +50,42 @@ def test_drift_is_found_on_shifted_inputs_only_and_asks_one_retrain_until_produc
     monitor.production_set("fraud", 1)  # answered (the same version set again)
     again = [f for seq in range(2001, 2401) for f in decide(monitor, rng, seq, shift=25)]
     assert [f.retrain for f in again][:1] == [True]
+
+
+def test_inputs_excluded_by_name_pattern_are_not_checked_for_drift() -> None:
+    """A lifetime count grows with the log's age: excluded, its growth raises nothing, while a shift of
+    an input still checked is found."""
+    rng = random.Random(5)
+    names = ["amount", "customer.count_lifetime"]
+    settings = MonitorSettings(**{**SETTINGS.__dict__, "drift_inputs_exclude": ["*_lifetime"]})
+    training = {"amount": [rng.gauss(50, 10) for _ in range(2000)],
+                "customer.count_lifetime": [float(rng.randint(0, 20)) for _ in range(2000)]}  # fmt: skip
+    monitors = {}
+    for label, chosen in (("all", SETTINGS), ("excluded", settings)):
+        monitors[label] = Monitor(chosen)
+        monitors[label].know_version("fraud", 1, baseline={"inputs": baseline(training)}, feature_names=names,
+                                     heldout_auc=None)  # fmt: skip
+        monitors[label].production_set("fraud", 1)
+
+    def decide_all(seq: int, amount_shift: float, age: int) -> dict[str, list[Finding]]:
+        inputs = [rng.gauss(50 + amount_shift, 10), float(rng.randint(0, 20) + age)]
+        return {label: m.on_decision(seq, "fraud", 1, inputs, 0.5) for label, m in monitors.items()}
+
+    grown = [decide_all(seq, 0.0, 40 + seq // 100) for seq in range(1, 1001)]
+    assert [f.details["worst"] for d in grown for f in d["all"]] == ["customer.count_lifetime"]
+    assert [f for d in grown for f in d["excluded"]] == []
+    shifted = [f for seq in range(1001, 2001) for f in decide_all(seq, 25.0, 50)["excluded"]]
+    assert [f.details["worst"] for f in shifted] == ["amount"] and shifted[0].details["drifted"] == ["amount"]
+
+
+def test_drift_exclusions_are_read_from_the_settings_json() -> None:
+    settings = MonitorSettings.from_json(json.dumps({"drift_inputs_exclude": ["*_lifetime", "*_7d"]}))
+    assert settings.drift_inputs_exclude == ("*_lifetime", "*_7d")
+    assert not settings.drift_checked("customer_payments.count_7d") and settings.drift_checked("score")
+    assert MonitorSettings.from_dict(json.loads(json.dumps(settings.__dict__))) == settings  # a checkpoint's copy
+    for bad in ('{"drift_inputs_exclude": "*_7d"}', '{"drift_inputs_exclude": [7]}'):
+        with pytest.raises(SystemExit, match="drift_inputs_exclude"):
+            MonitorSettings.from_json(bad)
 
 
 def test_a_version_not_in_production_raises_alerts_but_asks_no_retrain() -> None:

@@ -342,8 +342,57 @@ def test_drift_is_a_new_pattern_a_model_of_the_old_truth_misses() -> None:
     assert new_auc - stale_auc > 0.08, (new_auc, stale_auc)
 
 
+BURSTS = replace(DRIFT, drift_bursts_per_day=600.0)
+
+
+def test_drift_bursts_leave_the_days_before_it_and_every_customers_payment_as_they_were() -> None:
+    bursty, drifted = PaymentsSimulator(BURSTS), PaymentsSimulator(DRIFT)
+    drift_at = BURSTS.start + timedelta(days=1)
+    events = list(bursty.events())
+    assert [e for e in events if e.occurred_at < drift_at] == [e for e in drifted.events() if e.occurred_at < drift_at]
+    truth, drifted_truth = bursty.truth(), drifted.truth()
+    own = {e.payload["payment_id"]: e.payload for e in drifted.payment_events()}
+    payments = {e.payload["payment_id"]: e.payload for e in events if e.type == "payment.authorized"}
+    assert all(payments[p] == payload and truth[p] == drifted_truth[p] for p, payload in own.items())
+    added = [e for e in events if e.type == "payment.authorized" and e.payload["payment_id"] not in own]
+    assert added and all(e.occurred_at >= drift_at for e in added)
+    lo, hi = BURSTS.drift_amount_band
+    assert all(e.payload["channel"] == BURSTS.drift_channel and lo <= e.payload["amount"] < hi for e in added)
+    assert [e.payload["payment_id"] for e in bursty.payment_events()] == list(truth)
+
+
+def _card_counts_10m(sim: PaymentsSimulator) -> list[tuple[datetime, float]]:
+    """Each payment's `card_payments.count_10m` as the features service serves it (before the payment)."""
+    from d2d.features.fold import ViewState, fold_event
+    from d2d.sim.views import CARD_PAYMENTS
+
+    state, found = ViewState(CARD_PAYMENTS), []
+    for seq, e in enumerate(sim.payment_events(), start=1):
+        values = state.values(e.payload["card_id"], e.occurred_at.timestamp()) or state.defaults()
+        found.append((e.occurred_at, float(values["count_10m"])))
+        state.apply(fold_event(seq, e.type, e.schema_version, e.occurred_at.timestamp(), e.payload))
+    return found
+
+
+def test_drift_bursts_move_the_card_velocity_the_model_sees_after_the_drift_day() -> None:
+    """PSI of the card's 10-minute count on the drift day against the day before: a major shift with
+    bursts, stable without (the concept drift alone leaves the inputs as they were)."""
+    from d2d.training.baseline import MAJOR_ABOVE, STABLE_BELOW, column_baseline, psi
+
+    drift_at = BURSTS.start + timedelta(days=1)
+    found = {}
+    for name, config in (("bursts", BURSTS), ("concept only", DRIFT)):
+        counts = _card_counts_10m(PaymentsSimulator(config))
+        before = column_baseline([c for t, c in counts if t < drift_at])
+        found[name] = psi(before, [c for t, c in counts if t >= drift_at])
+    assert found["bursts"] > MAJOR_ABOVE and found["concept only"] < STABLE_BELOW, found
+
+
 def test_drift_settings_are_checked() -> None:
-    for bad in ({"drift_day": -1.0}, {"drift_channel": "atm"}, {"drift_amount_band": (80.0, 20.0)}):
+    for bad in (
+        {"drift_day": -1.0}, {"drift_channel": "atm"}, {"drift_amount_band": (80.0, 20.0)},
+        {"drift_bursts_per_day": -1.0},
+    ):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad))):
             PaymentsSimulator(replace(SMALL, **bad))
 

@@ -7,7 +7,10 @@ deterministic logistic function of features a model could learn from the event s
 (merchant category, amount, channel, IP/card country mismatch, new device, night hour,
 velocity) plus hidden drivers (customer risk segment, merchant risk tier). With the drift switch
 (``SimConfig.drift_day``) a new fraud pattern appears from that day on: card-present payments of
-everyday amounts, benign before, turn risky, so a model trained before the drift loses on them.
+everyday amounts, benign before, turn risky, so a model trained before the drift loses on them. With
+``SimConfig.drift_bursts_per_day`` the pattern also shows in the inputs: skimmed cards are run through
+terminals in bursts (several card-present payments in the drift band on one card within minutes), extra
+payments on top of the customers' own, so velocity counts and the amount distribution move.
 
 Only the standard library is used; every random draw comes from ``random.Random``
 generators derived from the configured seed, so the same config yields byte-identical
@@ -98,6 +101,12 @@ class SimConfig:
     drift_channel: str = "pos"
     drift_amount_band: tuple[float, float] = (20.0, 80.0)
     drift_logit: float = 4.0
+    # The drift's covariate part: from `drift_day` on, this many bursts a day of extra `drift_channel`
+    # payments with amounts in `drift_amount_band`, `DRIFT_BURST_SIZE` payments on one card at one
+    # merchant `DRIFT_BURST_GAP_SECONDS` apart; their truth is the drifted logit like every payment's.
+    # They are drawn from a generator of their own and take payment ids after the customers' own, so
+    # every other payment and its truth are those of a config without bursts. 0: none (pure concept drift).
+    drift_bursts_per_day: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -180,12 +189,16 @@ W_IP_MISMATCH = 1.5
 W_NEW_DEVICE = 1.4
 W_NIGHT = 0.8
 W_VELOCITY = 0.35  # per payment of the customer in the previous hour
+LN50 = math.log(50.0)
 VELOCITY_CAP = 6
 
 # Hidden-segment behaviour (makes the segment partly observable).
 P_NEW_DEVICE = {"low": 0.02, "medium": 0.05, "high": 0.15}
 P_FOREIGN_IP = {"low": 0.04, "medium": 0.08, "high": 0.25}
 P_BURST = {"low": 0.06, "medium": 0.10, "high": 0.30}
+
+DRIFT_BURST_SIZE = (4, 10)  # payments per burst, inclusive
+DRIFT_BURST_GAP_SECONDS = (10.0, 60.0)
 
 FRAUD_REASON_ECOM = ("10.4", "10.4", "10.4", "10.5")
 FRAUD_REASON_POS = ("10.3", "10.3", "10.1", "10.2")
@@ -732,7 +745,6 @@ class PaymentsSimulator:
         payments: list[_Payment] = []
         logits: list[float] = []
         hour_us = 3600 * 1_000_000
-        ln50 = math.log(50.0)
         width = max(8, len(str(n_target)))
         for n, (t_us, _, ci) in enumerate(slots, start=1):
             c = customers[ci]
@@ -775,17 +787,7 @@ class PaymentsSimulator:
             dq.append(t_us)
             hour = ((day_offset + t_us // 1_000_000) // 3600) % 24
 
-            x = (
-                spec.risk
-                + W_TIER[m.tier]
-                + W_SEGMENT[c.segment]
-                + W_LOG_AMOUNT * (math.log(amount) - ln50)
-                + (W_ECOM if ecom else 0.0)
-                + (W_IP_MISMATCH if ip != card_country else 0.0)
-                + (W_NEW_DEVICE if new_device else 0.0)
-                + (W_NIGHT if hour in NIGHT_HOURS else 0.0)
-                + W_VELOCITY * min(velocity, VELOCITY_CAP)
-            )
+            x = _logit(m, c, amount, ecom, ip != card_country, new_device, hour, velocity)
             logits.append(x)
             payments.append(
                 (
@@ -803,22 +805,114 @@ class PaymentsSimulator:
 
         # 3) Truth: calibrated probabilities, Bernoulli draws, chargeback delays.
         b = _calibrate_intercept(logits, cfg.fraud_rate)
-        trng = random.Random(f"d2d-sim:{cfg.seed}:truth")
+        truth = self._truth_of(payments, logits, b, random.Random(f"d2d-sim:{cfg.seed}:truth"))
+
+        # 4) The drift's bursts, after the intercept is fixed and from a generator of their own.
+        if cfg.drift_day is not None and cfg.drift_bursts_per_day > 0:
+            drng = random.Random(f"d2d-sim:{cfg.seed}:drift-bursts")
+            bursts, burst_logits = self._drift_bursts(drng, payments, n_target, width)
+            truth.update(self._truth_of(bursts, burst_logits, b, drng))
+            payments = sorted(payments + bursts, key=lambda p: p[0])  # stable: a tie keeps the customer's first
+            truth = {p[1]: truth[p[1]] for p in payments}
+
+        self._payments = payments
+        self._truth = truth
+
+    def _truth_of(
+        self, payments: list[_Payment], logits: list[float], b: float, rng: random.Random
+    ) -> dict[str, PaymentTruth]:
+        """Each payment's fraud probability (the drift's logit added where it applies), its Bernoulli
+        draw and, for a fraud, its chargeback time."""
+        cfg = self.config
         lo, hi = cfg.chargeback_delay_days
         truth: dict[str, PaymentTruth] = {}
         for pay, x in zip(payments, logits, strict=True):
             if cfg.drift_day is not None and _drifted(cfg, pay):
                 x += cfg.drift_logit
             p = _sigmoid(b + x)
-            is_fraud = trng.random() < p
+            is_fraud = rng.random() < p
             cb_at = None
             if is_fraud:
-                delay_days = lo + (hi - lo) * trng.betavariate(1.6, 4.0)
-                cb_at = start + timedelta(microseconds=pay[0] + int(delay_days * 86_400e6))
+                delay_days = lo + (hi - lo) * rng.betavariate(1.6, 4.0)
+                cb_at = cfg.start + timedelta(microseconds=pay[0] + int(delay_days * 86_400e6))
             truth[pay[1]] = PaymentTruth(pay[1], p, is_fraud, cb_at)
+        return truth
 
-        self._payments = payments
-        self._truth = truth
+    def _drift_bursts(
+        self, rng: random.Random, payments: list[_Payment], numbered: int, width: int
+    ) -> tuple[list[_Payment], list[float]]:
+        """The drift's bursts (see `SimConfig.drift_bursts_per_day`) and their logits. Burst starts are
+        uniform in event time from the drift day on; a payment's velocity counts the customer's
+        payments, their own and the bursts', in the hour before it."""
+        cfg = self.config
+        assert cfg.drift_day is not None
+        first_us = math.ceil(cfg.drift_day * 86_400e6)
+        total_us = int(round(cfg.days * 86_400 * 1_000_000))
+        if first_us >= total_us:
+            return [], []
+        cents = (max(1, math.ceil(cfg.drift_amount_band[0] * 100)), math.ceil(cfg.drift_amount_band[1] * 100))
+        ecom = cfg.drift_channel == "ecom"
+        bursts: list[tuple[int, int, int, int, float]] = []  # (t_us, customer, card, merchant, amount)
+        day_offset = cfg.start.hour * 3600 + cfg.start.minute * 60 + cfg.start.second
+        wmax = max(HOURLY_WEIGHTS)
+        for _ in range(int(round(cfg.drift_bursts_per_day * (total_us - first_us) / 86_400e6))):
+            while True:  # the daily cycle of the customers' own payments, so the bursts' share is steady
+                t_us = rng.randrange(first_us, total_us)
+                if rng.random() * wmax < HOURLY_WEIGHTS[((day_offset + t_us // 1_000_000) // 3600) % 24]:
+                    break
+            ci = rng.randrange(len(self._customers))
+            k = rng.randrange(len(self._customers[ci].card_ids))
+            mi = self._global_merchant(rng)
+            for _ in range(rng.randint(*DRIFT_BURST_SIZE)):
+                if t_us >= total_us:
+                    break
+                bursts.append((t_us, ci, k, mi, rng.randrange(*cents) / 100))
+                t_us += int(rng.uniform(*DRIFT_BURST_GAP_SECONDS) * 1_000_000)
+        bursts.sort()
+
+        # The customers' payments in time order, to count the velocity each burst payment sees.
+        hour_us = 3_600_000_000
+        index = {c.id: ci for ci, c in enumerate(self._customers)}
+        own = [(p[0], index[p[2]]) for p in payments if p[0] >= first_us - hour_us]
+        recent: dict[int, deque[int]] = {}
+        out: list[_Payment] = []
+        logits: list[float] = []
+        i = 0
+        for n, (t_us, ci, k, mi, amount) in enumerate(bursts, start=numbered + 1):
+            while i < len(own) and own[i][0] < t_us:
+                recent.setdefault(own[i][1], deque()).append(own[i][0])
+                i += 1
+            dq = recent.setdefault(ci, deque())
+            while dq and dq[0] <= t_us - hour_us:
+                dq.popleft()
+            velocity = len(dq)
+            dq.append(t_us)
+            c, m = self._customers[ci], self._merchants[mi]
+            hour = ((day_offset + t_us // 1_000_000) // 3600) % 24
+            card_id, card_country = c.card_ids[k], c.card_countries[k]
+            ip = c.country if ecom else m.country
+            device = c.devices[rng.randrange(len(c.devices))]
+            logits.append(_logit(m, c, amount, ecom, ip != card_country, False, hour, velocity))
+            out.append((t_us, f"pay_{n:0{width}d}", c.id, card_id, m.id, amount, cfg.drift_channel, ip, device))
+        return out, logits
+
+
+def _logit(
+    m: _Merchant, c: _Customer, amount: float, ecom: bool, ip_mismatch: bool, new_device: bool, hour: int,
+    velocity: int,
+) -> float:  # fmt: skip
+    """A payment's fraud logit before the calibrated intercept (and the drift's term)."""
+    return (
+        CATEGORIES[m.category].risk
+        + W_TIER[m.tier]
+        + W_SEGMENT[c.segment]
+        + W_LOG_AMOUNT * (math.log(amount) - LN50)
+        + (W_ECOM if ecom else 0.0)
+        + (W_IP_MISMATCH if ip_mismatch else 0.0)
+        + (W_NEW_DEVICE if new_device else 0.0)
+        + (W_NIGHT if hour in NIGHT_HOURS else 0.0)
+        + W_VELOCITY * min(velocity, VELOCITY_CAP)
+    )
 
 
 def _drifted(cfg: SimConfig, pay: _Payment) -> bool:
@@ -866,6 +960,8 @@ def _validate(cfg: SimConfig) -> None:
         raise ValueError("drift_channel must be 'ecom' or 'pos'")
     if not 0.0 <= cfg.drift_amount_band[0] < cfg.drift_amount_band[1]:
         raise ValueError("drift_amount_band must satisfy 0 <= lo < hi")
+    if cfg.drift_bursts_per_day < 0:
+        raise ValueError("drift_bursts_per_day must be >= 0")
 
 
 def write_truth_csv(truth: dict[str, PaymentTruth], path: str | os.PathLike[str]) -> None:

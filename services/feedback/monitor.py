@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,13 @@ FINDING_NAMESPACE = uuid.UUID("5c0e7d1a-2b9f-4c43-9a57-0d2d0d2d0f1d")
 
 @dataclass(frozen=True)
 class MonitorSettings:
+    """What the monitor checks and how often. `drift_inputs_exclude` names inputs (or "score") PSI is
+    not computed on, as shell-style patterns (`fnmatch`, e.g. "*_lifetime", "*_7d"): inputs whose
+    distribution moves with the age of the log rather than with the world. A lifetime total or a
+    window longer than the log so far keeps growing while the log is young, and a first model's
+    training baseline comes from the log's first days, so against it such an input reads as drift
+    whatever the traffic does, and the alert would ask for a retrain that fixes nothing."""
+
     drift_window: int = 2000  # newest decisions of a version the PSI is computed over (PSI on fewer than
     # about 500 values is mostly sampling noise: 100 uniform draws against their own baseline read up to 0.25)
     drift_every: int = 500  # computed each time a version has this many more decisions
@@ -46,6 +54,17 @@ class MonitorSettings:
     sla_window: int = 1000  # events of a type the null rates and lateness are computed over
     sla_every: int = 1000
     late_share_limit: float = 0.01  # share of a window's events later than the contract allows
+    drift_inputs_exclude: tuple[str, ...] = ()  # patterns of names PSI is not computed on (see above)
+
+    def __post_init__(self) -> None:
+        patterns = self.drift_inputs_exclude
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"drift_inputs_exclude must be a list of name patterns, got {patterns!r}")
+        object.__setattr__(self, "drift_inputs_exclude", tuple(patterns))  # JSON gives a list
+
+    def drift_checked(self, name: str) -> bool:
+        """Whether PSI is computed on the input (or "score") called `name`."""
+        return not any(fnmatchcase(name, p) for p in self.drift_inputs_exclude)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MonitorSettings:
@@ -149,10 +168,12 @@ class Monitor:
             return []
         columns = list(zip(*(i for i, _ in v.inputs), strict=True)) if v.inputs[0][0] else []
         scores = [sc for _, sc in v.inputs]
-        values = {"score": psi(v.baseline["score"], scores)} if "score" in v.baseline else {}
+        values = (
+            {"score": psi(v.baseline["score"], scores)} if "score" in v.baseline and s.drift_checked("score") else {}
+        )
         for name, column in zip(v.feature_names, columns, strict=False):
             entry = v.baseline.get("inputs", {}).get(name)
-            if entry is not None:
+            if entry is not None and s.drift_checked(name):
                 values[name] = psi(entry, [None if x is None or math.isnan(x) else x for x in column])
         if not values:
             return []
