@@ -8,7 +8,6 @@ any projection being right (verify checks those).
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from d2d.contracts.upcasting import upcast_event
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.training.artifacts import registered_version
-from d2d.training.decisions import decision_time
+from d2d.training.decisions import InputMapper, decision_time, read_all, version_inputs
 from d2d.training.spec import SpecError
 
 PAGE = 20_000
@@ -31,20 +30,6 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total); total 0 when
 
 def no_progress(stage: str, done: int, total: int) -> None:
     """The default `Progress`: say nothing."""
-
-
-async def read_all(
-    log: EventLog, types: Sequence[str], *, after: int = 0, to_seq: int | None = None
-) -> list[StoredEvent]:
-    """Events of `types` in (after, to_seq], upcast, in seq order."""
-    found: list[StoredEvent] = []
-    while to_seq is None or after < to_seq:
-        page = await log.read(after, PAGE, types=list(types))
-        found.extend(upcast_event(e) for e in page if to_seq is None or e.seq <= to_seq)
-        if len(page) < PAGE:
-            break
-        after = page[-1].seq
-    return found
 
 
 def parse_version(name: str, field: str = "model_version") -> tuple[str, int]:
@@ -139,10 +124,6 @@ class LoggedDecision:
         value = self.outcome.payload.get("reward") if self.outcome else None
         return None if value is None else float(value)
 
-    def inputs(self) -> list[float]:
-        """The logged input vector (None as NaN, as it was scored)."""
-        return [math.nan if x is None or isinstance(x, bool) else float(x) for x in self.payload["inputs"]]
-
 
 async def logged_decisions(
     log: EventLog, *, model: str | None = None, after: int = 0, to_seq: int | None = None
@@ -169,6 +150,21 @@ async def logged_decisions(
         for e in decisions
         if str(e.payload["decision_id"]) not in withdrawn
     ]
+
+
+async def logged_vectors(log: EventLog, version: ModelVersion, decisions: Sequence[LoggedDecision]) -> np.ndarray:
+    """The decisions' logged inputs in the order of `version`'s inputs, matched by name;
+    FAILED_PRECONDITION when a deciding version did not log an input `version` takes."""
+    models = {d.payload["model"] for d in decisions}
+    names: dict[str, list[str]] = {}
+    for model in models:
+        names.update(await version_inputs(log, model, await log.head()))
+    mapper = InputMapper(version.feature_names, names)
+    try:
+        rows = [mapper.row(d.payload) for d in decisions]
+    except SpecError as exc:
+        raise Refusal(exc.code, f"{version.name} cannot score the logged vectors: {exc}", "model_version") from None
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(version.feature_names))
 
 
 async def decision_event(log: EventLog, decision_id: str, field: str = "name") -> StoredEvent:

@@ -38,9 +38,7 @@ import numpy as np
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.policies import action_probabilities
-from d2d.replay.log import LoggedDecision, Progress, load_version, logged_decisions, no_progress
-from d2d.training.decisions import InputMapper, version_inputs
-from d2d.training.spec import SpecError
+from d2d.replay.log import LoggedDecision, Progress, load_version, logged_decisions, logged_vectors, no_progress
 
 ESTIMATORS = ("ips", "snips", "dr")
 FOLDS = 2
@@ -409,12 +407,7 @@ async def evaluate_policy(
     check_propensities([d.payload.get("propensity") for d in decisions], ids, "model")
 
     head = to_seq if to_seq is not None else await log.head()
-    mapper = InputMapper(version.feature_names, await version_inputs(log, logged_model, head))
-    try:
-        features = np.asarray([mapper.row(d.payload) for d in decisions], dtype=float)
-    except SpecError as exc:
-        raise Refusal(exc.code, str(exc), "model_version") from None
-    features = features.reshape(len(decisions), len(version.feature_names))
+    features = await logged_vectors(log, version, decisions)
     progress("scoring", 0, len(decisions))
     scores = (await asyncio.to_thread(version.predict, features)).tolist()
     progress("scoring", len(decisions), len(decisions))

@@ -22,10 +22,17 @@ from d2d.eventlog import EventLog
 from d2d.features.offline import FrameRow, training_frame
 from d2d.policies import greedy_action
 from d2d.replay.explain import log_views
-from d2d.replay.log import LoggedDecision, ModelVersion, Progress, load_version, logged_decisions, no_progress
-from d2d.training.decisions import InputMapper, version_inputs
+from d2d.replay.log import (
+    LoggedDecision,
+    ModelVersion,
+    Progress,
+    load_version,
+    logged_decisions,
+    logged_vectors,
+    no_progress,
+)  # fmt: skip
 from d2d.training.evaluation import roc_auc
-from d2d.training.spec import SpecError, TrainingSpec, model_inputs
+from d2d.training.spec import TrainingSpec, model_inputs
 
 LISTED = 50  # decisions whose action differs, listed with both scores
 
@@ -41,21 +48,6 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     if len(a) < 2 or float(np.std(a)) == 0.0 or float(np.std(b)) == 0.0:
         return None
     return float(np.corrcoef(a, b)[0, 1])
-
-
-async def logged_vectors(log: EventLog, version: ModelVersion, decisions: Sequence[LoggedDecision]) -> np.ndarray:
-    """The decisions' logged inputs in the order of `version`'s inputs, matched by name;
-    FAILED_PRECONDITION when a deciding version did not log an input `version` takes."""
-    models = {d.payload["model"] for d in decisions}
-    names: dict[str, list[str]] = {}
-    for model in models:
-        names.update(await version_inputs(log, model, await log.head()))
-    mapper = InputMapper(version.feature_names, names)
-    try:
-        rows = [mapper.row(d.payload) for d in decisions]
-    except SpecError as exc:
-        raise Refusal(exc.code, f"{version.name} cannot score the logged vectors: {exc}", "model_version") from None
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(version.feature_names))
 
 
 async def recomputed_vectors(log: EventLog, version: ModelVersion, decisions: Sequence[LoggedDecision]) -> np.ndarray:

@@ -58,11 +58,14 @@ def decision_time(event: StoredEvent) -> datetime:
     return event.occurred_at
 
 
-async def _read(log: EventLog, after: int, to_seq: int, types: list[str]) -> list[StoredEvent]:
+async def read_all(
+    log: EventLog, types: Sequence[str], *, after: int = 0, to_seq: int | None = None
+) -> list[StoredEvent]:
+    """Events of `types` in (after, to_seq] (to_seq None: to the head), payloads upcast, in seq order."""
     events: list[StoredEvent] = []
-    while after < to_seq:
-        page = await log.read(after, PAGE, types=types)
-        events.extend(upcast_event(e) for e in page if e.seq <= to_seq)
+    while to_seq is None or after < to_seq:
+        page = await log.read(after, PAGE, types=list(types))
+        events.extend(upcast_event(e) for e in page if to_seq is None or e.seq <= to_seq)
         if len(page) < PAGE:
             break
         after = page[-1].seq
@@ -72,7 +75,7 @@ async def _read(log: EventLog, after: int, to_seq: int, types: list[str]) -> lis
 async def version_inputs(log: EventLog, model: str, to_seq: int) -> dict[str, list[str]]:
     """`models/{model}/versions/{n}` -> the input names that version scored (from `model.registered`)."""
     names: dict[str, list[str]] = {}
-    for event in await _read(log, 0, to_seq, [MODEL_REGISTERED]):
+    for event in await read_all(log, [MODEL_REGISTERED], to_seq=to_seq):
         payload = event.payload
         if payload.get("model") == model and "version" in payload:
             names[f"models/{model}/versions/{payload['version']}"] = list(payload.get("feature_names", []))
@@ -122,7 +125,9 @@ async def decision_examples(log: EventLog, spec: TrainingSpec, names: Sequence[s
     range are ignored."""
     label = spec.label
     assert isinstance(label, DecisionLabel)
-    events = await _read(log, spec.after_seq, spec.to_seq, [DECISION_MADE, DECISION_WITHDRAWN, OUTCOME_RECORDED])
+    events = await read_all(
+        log, [DECISION_MADE, DECISION_WITHDRAWN, OUTCOME_RECORDED], after=spec.after_seq, to_seq=spec.to_seq
+    )
     decisions: list[StoredEvent] = []
     withdrawn: set[str] = set()
     outcomes: dict[str, dict[str, Any]] = {}
