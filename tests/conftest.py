@@ -13,10 +13,11 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
+import orjson
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -24,6 +25,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from d2d import eventlog, telemetry
 from d2d.client import AuditClient, FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.config import Settings
+from d2d.eventlog import NewEvent
+from d2d.outcomes import outcome_event_id
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Child, Supervisor
@@ -117,6 +120,18 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
     )  # fmt: skip
     out, _ = await process.communicate()
     return process.returncode or 0, out.decode()
+
+
+def rule_outcome(decision_id: str, label: int, at: datetime, outcome_id: str | None = None) -> NewEvent:
+    """An `outcome.recorded` event as the chargeback rule's drafts become (the feedback consumer's)."""
+    outcome_id = outcome_id or f"rule:chargeback:{decision_id}"
+    payload = {
+        "outcome_id": outcome_id, "decision_id": decision_id, "label": label, "occurred_at": at.isoformat(),
+        "source": "rule", "rule": "chargeback",
+    }  # fmt: skip
+    return NewEvent(
+        outcome_event_id(outcome_id), "outcome.recorded", 1, "decision", decision_id, at, orjson.dumps(payload).decode()
+    )
 
 
 @contextlib.asynccontextmanager

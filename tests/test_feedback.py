@@ -31,7 +31,7 @@ from d2d.sim import load_contracts
 from d2d.sim.outcomes import CHARGEBACK
 from services.feedback.consumer import FeedbackConsumer, PositionMoved
 from services.feedback.server import serve
-from tests.conftest import run_cli
+from tests.conftest import rule_outcome, run_cli
 
 DECIDED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -61,16 +61,8 @@ def withdrawal(decision_id: str) -> NewEvent:
 
 
 def outcome(decision_id: str, label: int, outcome_id: str | None = None) -> NewEvent:
-    """An outcome.recorded event as the rule engine's drafts become."""
-    outcome_id = outcome_id or f"rule:chargeback:{decision_id}"
-    at = DECIDED + timedelta(days=3)
-    payload = {
-        "outcome_id": outcome_id, "decision_id": decision_id, "label": label, "occurred_at": at.isoformat(),
-        "source": "rule", "rule": "chargeback",
-    }  # fmt: skip
-    return NewEvent(
-        outcome_event_id(outcome_id), "outcome.recorded", 1, "decision", decision_id, at, orjson.dumps(payload).decode()
-    )
+    """An outcome.recorded event as the rule engine's drafts become, three days after the decision."""
+    return rule_outcome(decision_id, label, DECIDED + timedelta(days=3), outcome_id)
 
 
 def refusal(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
-import orjson
 import pytest
 from google.rpc import error_details_pb2
 
@@ -22,14 +21,13 @@ from d2d import eventlog
 from d2d.client import AuditClient, RegistryClient, ServingClient, error_details
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.fold import ViewState, fold_event, posix_seconds
-from d2d.outcomes import outcome_event_id
 from d2d.policies import greedy_action
 from d2d.replay.explain import explain, render
 from d2d.replay.rescore import rescore
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer
 from d2d.sim.views import VIEWS
 from d2d.training.spec import TrainingSpec, model_inputs
-from tests.conftest import MODEL, Platform, audit_service, requests_for, run_cli, serving_platform
+from tests.conftest import MODEL, Platform, audit_service, requests_for, rule_outcome, run_cli, serving_platform
 
 VIEW = {v.name: v for v in VIEWS}
 THRESHOLD = 0.015  # among version 1's scores on these requests
@@ -71,15 +69,7 @@ async def decide(platform: Platform) -> Decided:
 
 
 def outcome(decision_id: str, label: int) -> NewEvent:
-    outcome_id = f"rule:chargeback:{decision_id}"
-    at = datetime.now(UTC)
-    payload = {
-        "outcome_id": outcome_id, "decision_id": decision_id, "label": label, "occurred_at": at.isoformat(),
-        "source": "rule", "rule": "chargeback",
-    }  # fmt: skip
-    return NewEvent(
-        outcome_event_id(outcome_id), "outcome.recorded", 1, "decision", decision_id, at, orjson.dumps(payload).decode()
-    )
+    return rule_outcome(decision_id, label, datetime.now(UTC))
 
 
 @pytest.fixture

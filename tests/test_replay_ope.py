@@ -15,10 +15,9 @@ from google.rpc import error_details_pb2
 
 from d2d.client import AuditClient, error_details
 from d2d.eventlog import EventLog, NewEvent
-from d2d.outcomes import outcome_event_id
 from d2d.replay.log import load_version
 from services.serving.decisions import choose
-from tests.conftest import audit_service, run_cli
+from tests.conftest import audit_service, rule_outcome, run_cli
 
 POLICY = {"threshold": 0.5, "epsilon": 0.2, "actions": ["approve", "decline"], "canary_share": 0.0}
 TABLE = {"approve": {"0": 1.0, "1": -10.0}, "decline": {"0": 0.0, "1": 0.0}}
@@ -61,12 +60,7 @@ def made(i: int, x: float, score: float, **overrides: object) -> tuple[NewEvent,
 
 
 def outcome(payload: dict, label: int) -> NewEvent:
-    at = DECIDED + timedelta(days=30)
-    outcome_id = f"rule:chargeback:{payload['decision_id']}"
-    body = {"outcome_id": outcome_id, "decision_id": payload["decision_id"], "label": label,
-            "occurred_at": at.isoformat(), "source": "rule", "rule": "chargeback"}  # fmt: skip
-    return NewEvent(outcome_event_id(outcome_id), "outcome.recorded", 1, "decision", payload["decision_id"], at,
-                    json.dumps(body))  # fmt: skip
+    return rule_outcome(payload["decision_id"], label, DECIDED + timedelta(days=30))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -21,8 +21,7 @@ from d2d.features.offline import FrameRow, training_frame
 from d2d.replay.state import replay_state
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer
 from d2d.sim.views import VIEWS
-from tests.conftest import MODEL, Platform, audit_service, requests_for, run_cli, serving_platform
-from tests.test_replay_explain import outcome
+from tests.conftest import MODEL, Platform, audit_service, requests_for, rule_outcome, run_cli, serving_platform
 
 EARLY = 6000  # a log position inside the simulated payments
 
@@ -62,7 +61,7 @@ async def make_history(platform: Platform) -> History:
             [promoted] = [e for e in await log.read(before, 100, types=["model.alias_set"])]
             second = [a.decision_id for a in await serving.batch_predict(requests_for(platform, 40, offset=100))]
         decided = first + second
-        await log.append([outcome(d, int(i % 2 == 0)) for i, d in enumerate(decided[::3])])
+        await log.append([rule_outcome(d, int(i % 2 == 0), datetime.now(UTC)) for i, d in enumerate(decided[::3])])
         return History(platform, before, promoted.seq, first, second, len(decided[::3]))
     finally:
         await pool.close()
