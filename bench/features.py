@@ -261,7 +261,7 @@ class Replay:
 
 
 async def replay(log: EventLog, into: Replay) -> int:
-    """The offline frame's path (offline._source_events + ViewState.apply): pages of the sources'
+    """The offline frame's path (offline.source_events + ViewState.apply): pages of the sources'
     events, each a FoldEvent offered to every view of its type. Returns the events read."""
     states = into.states = {v.name: ViewState(v) for v in VIEWS}
     by_source: dict[str, list[ViewState]] = {}

@@ -49,11 +49,16 @@ async def watermarks_at(log: EventLog, times: Sequence[float]) -> list[int]:
     return found
 
 
-async def _source_events(log: EventLog, types: list[str]) -> AsyncIterator[StoredEvent]:
+async def source_events(log: EventLog, types: Sequence[str], to_seq: int | None = None) -> AsyncIterator[StoredEvent]:
+    """The log's events of `types` (with seq <= to_seq, when given), as stored, in seq order, page by page."""
+    if not types:
+        return
     after = 0
-    while True:
-        page = await log.read(after, PAGE, types=types)
+    while to_seq is None or after < to_seq:
+        page = await log.read(after, PAGE, types=list(types))
         for event in page:
+            if to_seq is not None and event.seq > to_seq:
+                return
             yield event
         if len(page) < PAGE:
             return
@@ -78,7 +83,7 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
     values: list[list[Any]] = [[] for _ in rows]
     unknown: list[str] = [""] * len(rows)
     stale = [False] * len(rows)
-    events = _source_events(log, list(by_source))
+    events = source_events(log, list(by_source))
     pending: StoredEvent | None = await anext(events, None)
     for i in order:
         while pending is not None and pending.seq <= watermarks[i]:

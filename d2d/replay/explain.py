@@ -12,13 +12,14 @@ into a fresh state, give the same values: the explanation checks that for every 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.features.definitions import FeatureView, resolve_path
 from d2d.features.fold import FoldEvent, StaleQueryError, ViewState, fold_event, posix_seconds
+from d2d.features.offline import source_events
 from d2d.replay.log import PAGE, Progress, load_version, no_progress, read_all
 from d2d.replay.log import decision_event as find_decision
 from d2d.training.decisions import decision_time
@@ -60,22 +61,6 @@ def entity_key_of(view: FeatureView, payload: Mapping[str, Any]) -> str | None:
     """The entity id an event's (upcast) payload names for `view`, as the fold keys it."""
     value = resolve_path(payload, tuple(view.entity_key.split(".")))
     return None if value is None else str(value)
-
-
-async def source_events(log: EventLog, types: Sequence[str], to_seq: int) -> AsyncIterator[StoredEvent]:
-    """The log's events of `types` with seq <= to_seq, as stored, in seq order (page by page)."""
-    if not types:
-        return
-    after = 0
-    while after < to_seq:
-        page = await log.read(after, PAGE, types=list(types))
-        for event in page:
-            if event.seq > to_seq:
-                return
-            yield event
-        if len(page) < PAGE:
-            return
-        after = page[-1].seq
 
 
 def as_fold_event(stored: StoredEvent) -> FoldEvent:

@@ -23,9 +23,9 @@ from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import StaleQueryError, ViewState
-from d2d.features.offline import utc
+from d2d.features.offline import source_events, utc
 from d2d.metrics import JoinRow, compute
-from d2d.replay.explain import Registered, as_fold_event, log_views, source_events
+from d2d.replay.explain import Registered, as_fold_event, log_views
 from d2d.replay.log import PAGE, Progress, no_progress
 from d2d.replay.scratch import scratch_database
 
