@@ -155,11 +155,7 @@ async def logged_decisions(
 async def logged_vectors(log: EventLog, version: ModelVersion, decisions: Sequence[LoggedDecision]) -> np.ndarray:
     """The decisions' logged inputs in the order of `version`'s inputs, matched by name;
     FAILED_PRECONDITION when a deciding version did not log an input `version` takes."""
-    models = {d.payload["model"] for d in decisions}
-    names: dict[str, list[str]] = {}
-    for model in models:
-        names.update(await version_inputs(log, model, await log.head()))
-    mapper = InputMapper(version.feature_names, names)
+    mapper = InputMapper(version.feature_names, await version_inputs(log, None, await log.head()))
     try:
         rows = [mapper.row(d.payload) for d in decisions]
     except SpecError as exc:

@@ -38,7 +38,7 @@ from d2d.projections import FEEDBACK, PROJECTORS, TABLES, apply, diff_rows, tabl
 from d2d.replay.log import PAGE, Progress, no_progress, read_all
 from d2d.replay.partition import StateCheck, fold_partitions, same_value
 from d2d.replay.scratch import scratch_database
-from d2d.training.decisions import decision_time
+from d2d.training.decisions import decision_time, version_inputs
 
 # Projection tables a log consumer applies (not the appending transaction), by that consumer's
 # position name in `log_positions`.
@@ -196,11 +196,7 @@ async def _verify_folds(
     async with log.pool.acquire() as conn:
         snapshots = await conn.fetch("SELECT consumer, watermark, state FROM feature_snapshots ORDER BY consumer")
     decisions = await read_all(log, ["decision.made"], to_seq=head)
-    input_names = {
-        f"models/{e.payload['model']}/versions/{e.payload['version']}": list(e.payload.get("feature_names", []))
-        for e in await read_all(log, ["model.registered"], to_seq=head)
-        if "version" in e.payload
-    }
+    input_names = await version_inputs(log, None, head)
     progress("decisions", 0, len(decisions))
     checked: dict[str, Any] = {"feature_snapshots": {}, "feature_entities": 0}
     first = True

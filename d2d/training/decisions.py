@@ -72,13 +72,14 @@ async def read_all(
     return events
 
 
-async def version_inputs(log: EventLog, model: str, to_seq: int) -> dict[str, list[str]]:
-    """`models/{model}/versions/{n}` -> the input names that version scored (from `model.registered`)."""
+async def version_inputs(log: EventLog, model: str | None, to_seq: int) -> dict[str, list[str]]:
+    """`models/{model}/versions/{n}` -> the input names that version scored (from `model.registered`),
+    for the versions of `model` (None: of every model)."""
     names: dict[str, list[str]] = {}
     for event in await read_all(log, [MODEL_REGISTERED], to_seq=to_seq):
         payload = event.payload
-        if payload.get("model") == model and "version" in payload:
-            names[f"models/{model}/versions/{payload['version']}"] = list(payload.get("feature_names", []))
+        if (model is None or payload.get("model") == model) and "version" in payload:
+            names[f"models/{payload['model']}/versions/{payload['version']}"] = list(payload.get("feature_names", []))
     return names
 
 
