@@ -278,11 +278,19 @@ def error_info(reason: str, **metadata: str) -> any_pb2.Any:
     return detail
 
 
+MAX_STATUS_MESSAGE = 1_000  # characters of a status message; even as 4-byte UTF-8, twice, well inside 16 KiB
+
+
 def status(
     code: str, message: str, *, field: str = "", reason: str = "", retry_after: float | None = None
 ) -> status_pb2.Status:
     """A google.rpc.Status; `field` adds a BadRequest violation, `reason` an ErrorInfo, `retry_after`
-    (seconds) a RetryInfo telling the caller when to try again."""
+    (seconds) a RetryInfo telling the caller when to try again. A message longer than MAX_STATUS_MESSAGE
+    characters (one quoting a request's field of megabytes, say) is cut there, saying so: it travels
+    in the trailers, twice, and grpc drops a call whose trailers pass 16 KiB, answering the caller
+    RESOURCE_EXHAUSTED instead of this status."""
+    if len(message) > MAX_STATUS_MESSAGE:
+        message = f"{message[:MAX_STATUS_MESSAGE]}... (cut: {len(message):,} characters in all)"
     details = []
     if field:
         details.append(field_violations([(field, message)]))

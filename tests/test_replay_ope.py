@@ -152,3 +152,15 @@ async def test_evaluate_policy_streams_progress_and_answers_ips_snips_and_dr(
         await audit.evaluate_policy("models/fraud/versions/9", reward=TABLE)
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert violations(refused.value) == ["model_version"]
+
+
+async def test_a_request_quoting_megabytes_gets_its_own_status_with_the_message_cut(audit: AuditClient) -> None:
+    """A refusal quotes what it refuses; quoting a 3 MB name whole would overflow grpc's trailers and the
+    caller would see RESOURCE_EXHAUSTED instead of the refusal (d2d.grpcserver.status cuts the message)."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await audit.explain("x" * 3_000_000)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()[:200]
+    assert violations(refused.value) == ["name"]
+    details = refused.value.details()
+    assert details.startswith("'xxx") and details.endswith(" characters in all)") and "... (cut: 3,000," in details
+    assert len(details) < 1_100
