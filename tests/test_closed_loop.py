@@ -299,7 +299,7 @@ async def test_drift_is_noticed_retrained_on_logged_decisions_and_promoted_throu
             # service's snapshots, and the feature vector of every decision the loop made.
             async with AuditClient(platform.addrs["audit"]) as audit:
                 verified = await audit.verify()
-            assert verified["ok"], verified["differences"][:10]
+            assert verified["ok"], "\n".join(json.dumps(d, default=str) for d in verified["differences"][:20])
             assert verified["checked"]["decisions"] >= loop.counts["payments"]  # one decision per payment sent
         events = await _read(log, run.before)
         await _assert_steps_in_order(events, run, request, registered)

@@ -1,5 +1,6 @@
 """The features service's online state folds only its views' source types, each checked against the
-previous event of its type that the relay names, so a missed event is a gap and never a silent hole."""
+previous event of its type that the relay names, so a missed event is a gap and never a silent hole;
+its watermark claims only what it folded."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import zlib
 import orjson
 import pytest
 
+from d2d import bus
+from d2d.bus import Topology
+from d2d.eventlog import EventLog
+from d2d.runtime.servers import NatsServer
 from d2d.sim.views import VIEWS
+from services.features.consumer import Folder
 from services.features.online import GapError, OnlineState
 
 SOURCE = "payment.authorized"
@@ -65,3 +71,30 @@ def test_snapshot_keeps_the_chain_and_refuses_one_without_it() -> None:
     del old["last_of_type"]
     with pytest.raises(ValueError, match="predates"):
         OnlineState.from_bytes(VIEWS, zlib.compress(orjson.dumps(old)), 4)
+
+
+async def test_idle_advance_waits_for_a_delivered_message_it_has_not_folded(
+    nats_server: NatsServer, event_log: EventLog, namespace: str
+) -> None:
+    """A pull request that expired on the client can still be served: its message then sits in the
+    client's queue, no longer pending on the server. The idle check must not move the watermark
+    past it (a Predict would log a watermark whose state it did not read)."""
+    topology = Topology(namespace)
+    nc = await bus.connect(nats_server.url, name="test-idle-advance")
+    try:
+        folder = Folder(nc, event_log, OnlineState(VIEWS), consumer=f"{namespace}-features", topology=topology)
+        js = nc.jetstream()
+        sub = await folder.subscribe(js)
+        prefix, stream = topology.events_prefix, topology.events_stream
+        await js.publish(f"{prefix}.{SOURCE}", envelope(5), headers={"D2D-Seq": "5", "D2D-Prev-Of-Type": "0"})
+        await js.publish(f"{prefix}.decision.made", b"{}", headers={"D2D-Seq": "6", "D2D-Prev-Of-Type": "0"})
+        (delivered,) = await sub.fetch(1, timeout=5)  # delivered, not folded yet
+
+        await folder._advance_when_idle(js, stream)
+        assert folder.state.watermark == 0, "the watermark moved past a delivered, unfolded payment"
+
+        folder.state.offer(5, SOURCE, delivered.data, delivered.metadata.sequence.stream, prev=0)
+        await folder._advance_when_idle(js, stream)
+        assert folder.state.watermark == 6, "folded and nothing pending: the stream's last position"
+    finally:
+        await nc.close()

@@ -60,8 +60,8 @@ class Folder:
     def durable(self) -> str:
         return self.consumer.replace(".", "_").replace(":", "_")
 
-    async def run(self, stop: asyncio.Event) -> None:
-        js = self.nc.jetstream()
+    async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """The durable pull consumer, (re)created right after the state's stream position."""
         stream, prefix = self.topology.events_stream, self.topology.events_prefix
         await bus.ensure_stream(js, bus.events_stream_config(stream, prefix))
         try:
@@ -78,11 +78,16 @@ class Folder:
             max_ack_pending=-1,
         )
         config.filter_subjects = [f"{prefix}.{source}" for source in self.state.sources]
-        sub = await js.pull_subscribe("", durable=self.durable, stream=stream, config=config)
+        log.info("features: folding from seq %d (stream seq %d)", self.state.watermark + 1, start)
+        return await js.pull_subscribe("", durable=self.durable, stream=stream, config=config)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        js = self.nc.jetstream()
+        stream, prefix = self.topology.events_stream, self.topology.events_prefix
+        sub = await self.subscribe(js)
         cut = len(prefix) + 1
         last_snapshot_at, folded_since = time.monotonic(), 0
         unacked = None
-        log.info("features: folding from seq %d (stream seq %d)", self.state.watermark + 1, start)
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(self.batch, timeout=0.5)
@@ -141,16 +146,21 @@ class Folder:
             after = events[-1].seq
 
     async def _advance_when_idle(self, js: JetStreamContext, stream: str) -> None:
-        """Nothing came: if the consumer has nothing pending, the watermark may move to the position
-        of the stream's last message, whatever its type (read before the pending count, so no
-        source event at or below it can still be on its way)."""
+        """Nothing came: if the consumer has nothing pending and nothing delivered that is not
+        folded, the watermark may move to the position of the stream's last message, whatever its
+        type (read before the consumer's counts, so no source event at or below it can still be on
+        its way). "Delivered" matters: a pull request that expired client-side can still be served,
+        and its messages wait in the client's queue for the next fetch, no longer pending on the
+        server; moving past them would claim state this process does not hold yet."""
         try:
             last = (await js.stream_info(stream)).state.last_seq
             if not last or last <= self.state.stream_seq:
                 return
             message = await js.get_msg(stream, last)
             seq = int((message.headers or {}).get("D2D-Seq", 0))
-            if (await js.consumer_info(stream, self.durable)).num_pending == 0 and seq:
+            info = await js.consumer_info(stream, self.durable)
+            delivered = info.delivered.stream_seq if info.delivered is not None else 0
+            if seq and info.num_pending == 0 and delivered <= self.state.stream_seq:
                 self.state.advance(seq, last)
         except Exception as exc:  # NATS reconnecting: try at the next idle fetch
             log.debug("features: idle watermark check failed: %s", exc)
