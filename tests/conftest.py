@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import grpc
 import orjson
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -31,6 +30,8 @@ from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Child, Supervisor
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
+from d2d.sim.loop import payment_entities as entities_of
+from d2d.sim.loop import wait_folded
 from d2d.sim.training import default_spec
 from services.ingest.server import serve
 
@@ -215,7 +216,7 @@ def serving_platform(
         async with RegistryClient(env["D2D_REGISTRY_ADDR"]) as registry, FeatureClient(env["D2D_FEATURES_ADDR"]) as f:
             await registry.wait_ready()
             await f.wait_ready()  # the features service registers its views on start
-            await wait_features_folded(f, len(events))
+            await wait_folded(f, len(events))
             spec = default_spec()
             await registry.create_model(MODEL)
             await registry.train(MODEL, json.dumps({**spec.to_dict(), "num_boost_round": 60}))
@@ -229,11 +230,6 @@ def serving_platform(
                        payments, processes, logs, namespace, nats_server.url)  # fmt: skip
     finally:
         supervisor.stop_all()
-
-
-def entities_of(payment) -> dict[str, str]:  # noqa: ANN001
-    p = payment.payload
-    return {"customer": p["customer_id"], "merchant": p["merchant_id"], "card": p["card_id"]}
 
 
 def context_of(payment) -> dict:  # noqa: ANN001
@@ -271,18 +267,6 @@ async def register_sim_contracts(ingest: IngestClient) -> None:
             spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=spec.pii_fields,
             compatibility=spec.compatibility,
         )  # fmt: skip
-
-
-async def wait_features_folded(features: FeatureClient, seq: int) -> None:
-    """Until the features service's watermark reaches `seq` (bounded: a minute)."""
-    for _ in range(600):
-        try:
-            answer = await features.get_online(["customer_payments.count_lifetime"], [{"customer": "x"}])
-            if answer.watermark >= seq:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

@@ -18,15 +18,18 @@ import pytest
 from d2d import eventlog
 from d2d.client import FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.eventlog import EventLog, NewEvent
+from d2d.features.offline import FrameRow, training_frame
 from d2d.outcomes import outcome_event_id
+from d2d.replay.partition import same_value
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Supervisor
 from d2d.sim import PaymentsSimulator, SimConfig
-from d2d.sim.loop import LoopState, payment_request, run_loop
+from d2d.sim.loop import MAX_BATCH_SPAN, LoopState, payment_entities, payment_request, run_loop, wait_folded
 from d2d.sim.training import default_spec
+from d2d.sim.views import VIEWS
 from d2d.training.labels import LabelDefinition
-from tests.conftest import ROOT, register_sim_contracts, wait_features_folded
+from tests.conftest import ROOT, register_sim_contracts
 
 MODEL = "loop"
 # Short chargeback delays and a 2-day label window: a few days of history are enough to train on.
@@ -83,7 +86,7 @@ def services(
             await register_sim_contracts(ingest)
             await registry.wait_ready()
             await features.wait_ready()
-            await wait_features_folded(features, len(history))
+            await wait_folded(features, len(history))
             spec = {**default_spec().to_dict(), "label": LABEL.to_dict(), "num_boost_round": 40}
             await registry.create_model(MODEL)
             await registry.train(MODEL, json.dumps(spec))
@@ -135,9 +138,12 @@ async def looped(services: Services) -> Looped:
     carried = {e.entity_id for at, _, e in state.pending if at < end}
     before = len(await _logged(services.url, 0))
     seen: list[int] = []
-    async with IngestClient(services.addrs["ingest"]) as ingest, ServingClient(services.addrs["serving"]) as serving:
+    async with (
+        IngestClient(services.addrs["ingest"]) as ingest, ServingClient(services.addrs["serving"]) as serving,
+        FeatureClient(services.addrs["features"]) as features,
+    ):  # fmt: skip
         counts = await run_loop(
-            sim, ingest, serving, MODEL, start_day=HISTORY_DAYS, days=LOOP_DAYS, state=state,
+            sim, ingest, serving, features, MODEL, start_day=HISTORY_DAYS, days=LOOP_DAYS, state=state,
             on_progress=lambda c, _: seen.append(c.payments),
         )  # fmt: skip
     return Looped(counts, state, before, carried, seen)
@@ -175,11 +181,47 @@ async def test_loop_decides_every_payment_and_charges_back_only_approved_fraud(
     assert counts["chargebacks"] == len(chargebacks) == len(expected) + len(carried)
     declined_fraud = [pid for pid, d in decisions.items() if d["action"] == "decline" and truth[pid].is_fraud]
     assert not {e.payload["payment_id"] for e in chargebacks} & set(declined_fraud)
-    # Payments and chargebacks went out in event-time order.
-    domain = [e.occurred_at for e in events if e.type in ("payment.authorized", "payment.chargeback")]
-    assert domain == sorted(domain)
+    # Chargebacks went out in event-time order, each in its place among the payments; a payment goes out
+    # at most one window's span behind a later one (a window is sent in waves, see d2d.sim.loop).
+    domain = [e for e in events if e.type in ("payment.authorized", "payment.chargeback")]
+    in_time = sorted(domain, key=lambda e: e.occurred_at)
+    assert [e.type for e in domain] == [e.type for e in in_time]
+    payments = [e.occurred_at for e in domain if e.type == "payment.authorized"]
+    assert all(at > max(payments[:i], default=at) - MAX_BATCH_SPAN for i, at in enumerate(payments))
+    assert payments != sorted(payments), "waves reorder payments inside a window"
     # Chargebacks due after the window wait in the state for the next run.
     assert all(at >= end for at, _, _ in state.pending)
+
+
+async def test_each_decision_reads_exactly_the_features_its_payments_training_row_reads(
+    services: Services, looped: Looped
+) -> None:
+    """Decided before it is in the log, on every earlier payment of its entities: each decision's logged
+    features equal the point-in-time features of its payment with the log just before it (the training
+    row `rows_from_events` makes of it), so a model is served the inputs it was trained on."""
+    events = await _logged(services.url, looped.before)
+    payments = {e.payload["payment_id"]: e for e in events if e.type == "payment.authorized"}
+    decisions = [e for e in events if e.type == "decision.made"]
+    assert decisions and all(d.seq < payments[d.payload["context"]["payment_id"]].seq for d in decisions)
+    rows = []
+    for d in decisions:
+        payment = payments[d.payload["context"]["payment_id"]]
+        rows.append(FrameRow(payment_entities(payment), payment.occurred_at, payment.seq - 1))
+    pool = await eventlog.create_pool(services.url, max_size=1)
+    try:
+        frame = await training_frame(EventLog(pool), VIEWS, rows)
+    finally:
+        await pool.close()
+    differences, compared = [], 0
+    for i, d in enumerate(decisions):
+        for name, logged in d.payload["features"].items():
+            compared += 1
+            offline = frame[name].iloc[i : i + 1].tolist()[0]  # a plain Python value; an empty mean is NaN
+            if not same_value(logged, None if offline != offline else offline):
+                differences.append((d.payload["context"]["payment_id"], name, logged, offline))
+    print(f"\n{compared} logged feature values of {len(decisions)} decisions against their training rows")
+    assert compared >= len(decisions) * 20
+    assert not differences, differences[:10]
 
 
 async def test_a_version_retrained_on_the_loops_decisions_serves_the_same_inputs(

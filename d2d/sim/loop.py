@@ -1,13 +1,24 @@
-"""The simulator in the closed loop: it sends payments to ingest, asks serving to decide each one, and
-sends a fraudulent payment's chargeback at its chargeback time only if the payment was approved (a
+"""The simulator in the closed loop: it asks serving to decide each payment, then sends it to ingest,
+and sends a fraudulent payment's chargeback at its chargeback time only if the payment was approved (a
 declined payment never shows whether it was fraud: selective labels).
 
-Everything goes out in event-time order: payments and the chargebacks that fall due between them are
-interleaved by occurred_at. Payments are sent and decided in batches that span less than the
-simulator's shortest chargeback delay (so no chargeback of a batch can fall due inside it) and less
-than `MAX_BATCH_SPAN` (so each payment's time is still one the features service answers for).
+A payment is decided before it is in the log, as a payment application decides an authorization, and
+on features that hold every earlier payment of its customer, merchant and card: exactly the state a
+training row of it reads (the log just before the payment, `d2d.features.offline.rows_from_events`),
+so the loop serves the first model the inputs it was trained on. To get there in few round trips,
+payments go in windows, and a window in waves: a payment's wave is one after the last wave in its
+window that shares an entity with it. A wave is decided in one BatchPredict, appended, and folded by
+the features service before the next wave is decided; payments of a window (spanning less than the
+views' allowed lateness) may reach the log out of event-time order, but never before an earlier payment
+of one of their entities.
 
-A library client of the platform's public APIs (`IngestClient`, `ServingClient`), not of its services.
+Windows go out in event-time order, and chargebacks that fall due between them in their place: a
+window spans less than the simulator's shortest chargeback delay (so no chargeback of a window can fall
+due inside it), is cut where a pending chargeback falls due, and spans less than `MAX_BATCH_SPAN` (so
+each payment's time is still one the features service answers for).
+
+A library client of the platform's public APIs (`IngestClient`, `ServingClient`, `FeatureClient`), not
+of its services.
 """
 
 from __future__ import annotations
@@ -22,13 +33,15 @@ from typing import Any
 
 import grpc
 
-from d2d.client import IngestClient, ServingClient, make_event
+from d2d.client import FeatureClient, IngestClient, ServingClient, make_event
 from d2d.sim.payments import PaymentsSimulator, SimEvent
+from d2d.sim.views import CUSTOMER_PAYMENTS
 
-MAX_BATCH = 200  # payments sent and decided together (well under serving's BatchPredict limit)
-# A batch spans at most this much event time: the features service answers only for times within twice
+MAX_BATCH = 200  # payments in one window (well under serving's BatchPredict limit)
+# A window spans at most this much event time: the features service answers only for times within twice
 # its views' allowed lateness (the simulator's: 1 h) of the newest event it has seen.
 MAX_BATCH_SPAN = timedelta(minutes=30)
+FOLD_TIMEOUT = 60.0  # seconds the features service may take to fold a wave
 RETRIES = 6  # a batch refused as overloaded or unavailable is retried (same request ids: same decisions)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -59,6 +72,12 @@ class LoopState:
 Progress = Callable[[LoopCounts, datetime], None]
 
 
+def payment_entities(payment: Any) -> dict[str, str]:
+    """The entities a payment's features are read for (a simulated payment or one read from the log)."""
+    p = payment.payload
+    return {"customer": p["customer_id"], "merchant": p["merchant_id"], "card": p["card_id"]}
+
+
 def payment_request(model: str, payment: SimEvent) -> Any:
     """Serving's request for a payment: its customer, merchant and card, its fields and time as context
     (with `payment_id`, which the chargeback rule joins on), the customer as the unit, the payment id
@@ -68,7 +87,7 @@ def payment_request(model: str, payment: SimEvent) -> Any:
         "amount": p["amount"], "channel": p["channel"], "ip_country": p["ip_country"],
         "occurred_at": payment.occurred_at.isoformat(), "payment_id": p["payment_id"],
     }  # fmt: skip
-    entities = {"customer": p["customer_id"], "merchant": p["merchant_id"], "card": p["card_id"]}
+    entities = payment_entities(payment)
     return ServingClient.request(model, entities, context, unit_id=p["customer_id"], request_id=p["payment_id"])
 
 
@@ -89,16 +108,57 @@ async def _retrying(call: Callable[[], Any]) -> Any:
             await asyncio.sleep(0.2 * 2**attempt)
 
 
-async def _send(ingest: IngestClient, events: Sequence[SimEvent]) -> None:
+async def _send(ingest: IngestClient, events: Sequence[SimEvent]) -> int:
+    """Append `events`; the newest log position they got (0: none sent)."""
+    newest = 0
     for i in range(0, len(events), 1000):
         chunk = [_proto(e) for e in events[i : i + 1000]]
-        await _retrying(lambda chunk=chunk: ingest.append(chunk))
+        response = await _retrying(lambda chunk=chunk: ingest.append(chunk))
+        newest = max([newest, *(r.seq for r in response.results if r.WhichOneof("outcome") == "seq")])
+    return newest
+
+
+async def wait_folded(features: FeatureClient, seq: int, timeout: float = FOLD_TIMEOUT) -> None:
+    """Until the features service's watermark reaches `seq` (through its start-up, when it is not
+    answering yet); TimeoutError after `timeout` seconds."""
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + timeout
+    probe = [f"{CUSTOMER_PAYMENTS.name}.count_lifetime"], [{CUSTOMER_PAYMENTS.entity: "-"}]
+    while True:
+        try:
+            if (await features.get_online(*probe)).watermark >= seq:
+                return
+            pause = 0.002
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _RETRYABLE:
+                raise
+            pause = 0.1
+        if clock() > deadline:
+            raise TimeoutError(f"the features service did not fold the log to seq {seq} in {timeout:.0f} s")
+        await asyncio.sleep(pause)
+
+
+def waves(window: Sequence[SimEvent]) -> list[list[SimEvent]]:
+    """`window` in waves: each payment one wave after the last earlier payment sharing its customer,
+    merchant or card (the entities its features are read for), in the window's order within a wave."""
+    level: dict[tuple[str, str], int] = {}
+    out: list[list[SimEvent]] = []
+    for payment in window:
+        keys = list(payment_entities(payment).items())
+        wave = max((level.get(key, -1) for key in keys), default=-1) + 1
+        for key in keys:
+            level[key] = wave
+        if wave == len(out):
+            out.append([])
+        out[wave].append(payment)
+    return out
 
 
 async def run_loop(
     sim: PaymentsSimulator,
     ingest: IngestClient,
     serving: ServingClient,
+    features: FeatureClient,
     model: str,
     *,
     start_day: float,
@@ -129,11 +189,17 @@ async def run_loop(
         await _send(ingest, due)
         counts.chargebacks += len(due)
 
-    async def decide(batch: Sequence[SimEvent]) -> None:
-        await _send(ingest, batch)
-        requests = [payment_request(model, p) for p in batch]
-        answers = await _retrying(lambda: serving.batch_predict(requests))
-        for payment, answer in zip(batch, answers, strict=True):
+    async def decide(window: Sequence[SimEvent]) -> None:
+        for wave in waves(window):
+            requests = [payment_request(model, p) for p in wave]
+            answers = await _retrying(lambda requests=requests: serving.batch_predict(requests))
+            await wait_folded(features, await _send(ingest, wave))
+            tally(wave, answers)
+        if on_progress is not None:
+            on_progress(counts, window[-1].occurred_at)
+
+    def tally(wave: Sequence[SimEvent], answers: Sequence[Any]) -> None:
+        for payment, answer in zip(wave, answers, strict=True):
             counts.payments += 1
             counts.explored += int(answer.explored)
             if answer.action == "approve":
@@ -143,8 +209,6 @@ async def run_loop(
                     heapq.heappush(state.pending, (chargeback.occurred_at, chargeback.event_id, chargeback))
             else:
                 counts.declined += 1
-        if on_progress is not None:
-            on_progress(counts, batch[-1].occurred_at)
 
     batch: list[SimEvent] = []
     for payment in sim.payment_events():
