@@ -71,7 +71,7 @@ ROUNDS = 60
 # Decline at a score of 0.3; explore on a fifth of decisions (a uniform draw of the action), so a tenth
 # of would-be declines are approved anyway and declined kinds of payments still get labels.
 EPSILON, THRESHOLD = 0.2, 0.3
-MIN_TRAINING_LABELS = 8000  # labelled decisions after the request before the candidate is trained
+MIN_TRAINING_LABELS = 10_000  # labelled decisions after the request before the candidate is trained
 PROMOTION = {"canary_share": 0.5, "min_decisions": 400, "min_labels": 300, "margin": 0.0, "max_decisions": 20_000}
 # The drift has a covariate part (SimConfig.drift_bursts_per_day: skimmed cards run through terminals in
 # bursts), which moves the card's 10-minute count, so input PSI sees it as soon as a drift window of

@@ -25,7 +25,7 @@ from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.runtime.supervisor import Supervisor
 from d2d.sim import PaymentsSimulator, SimConfig
-from d2d.sim.loop import MAX_BATCH_SPAN, LoopState, payment_entities, payment_request, run_loop, wait_folded
+from d2d.sim.loop import MAX_BATCH_SPAN, LoopState, payment_entities, payment_request, run_loop, wait_folded, waves
 from d2d.sim.training import default_spec
 from d2d.sim.views import VIEWS
 from d2d.training.labels import LabelDefinition
@@ -191,6 +191,20 @@ async def test_loop_decides_every_payment_and_charges_back_only_approved_fraud(
     assert payments != sorted(payments), "waves reorder payments inside a window"
     # Chargebacks due after the window wait in the state for the next run.
     assert all(at >= end for at, _, _ in state.pending)
+
+
+def test_waves_put_each_payment_after_every_earlier_payment_of_its_entities() -> None:
+    sim = PaymentsSimulator(SIM)
+    window = list(sim.payment_events())[:400]
+    waves_ = waves(window)
+    assert sorted(p.event_id for w in waves_ for p in w) == sorted(p.event_id for p in window)
+    wave_of = {p.event_id: i for i, w in enumerate(waves_) for p in w}
+    for i, payment in enumerate(window):
+        mine = set(payment_entities(payment).items())
+        for earlier in window[:i]:
+            if mine & set(payment_entities(earlier).items()):
+                assert wave_of[earlier.event_id] < wave_of[payment.event_id]
+    assert 1 < len(waves_) < len(window) / 2, "waves decide many payments per round trip"
 
 
 async def test_each_decision_reads_exactly_the_features_its_payments_training_row_reads(
