@@ -227,7 +227,7 @@ async def _first(log: EventLog, after: int, type_: str, match: Callable[[StoredE
     return next((e for e in await _read(log, after, [type_]) if match(e)), None)
 
 
-@pytest.mark.timeout(1200)  # about 4 minutes alone on 2 cores; the suite's default is 5
+@pytest.mark.timeout(1200)  # about 7 minutes alone on 2 cores; the suite's default is 5
 async def test_drift_is_noticed_retrained_on_logged_decisions_and_promoted_through_canary(platform: Platform) -> None:
     pool = await eventlog.create_pool(platform.url, role=None, max_size=2)
     log = EventLog(pool)
