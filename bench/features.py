@@ -9,11 +9,13 @@ directly: simulator events (full: 30 days of 33,000 payments a day, about 1,000,
 of 5,000, then `VACUUM ANALYZE events`. The load time is reported, it is not a figure of merit.
 
 1. Replay rate: the log's `payment.authorized` events folded into the simulator's three views
-   (`d2d.sim.views.VIEWS`) in this process, by the code path of the offline training frame: pages
-   of `EventLog.read(after, 10_000, types=[sources])`, each event a `FoldEvent` offered to every
-   `ViewState` of its type. Baselines in the same run: the same `EventLog.read` paging loop without
-   folding (the baseline of the ratio; target replay >= 0.25 x that scan), and a plain asyncpg
-   cursor over `SELECT seq, payload FROM events ORDER BY seq` (every event, payload as JSON text,
+   (`d2d.sim.views.VIEWS`) in this process: pages of `EventLog.read(after, 10_000,
+   types=[sources])`, each event a `FoldEvent` offered to every `ViewState` of its type (the
+   offline frame's fold; the frame itself now reads with `offline.fold_pages`, which selects only
+   the columns the fold needs: this loop is kept so that the figure compares with its baseline).
+   Baselines in the same run: the same `EventLog.read` paging loop without folding (the baseline
+   of the ratio; target replay >= 0.25 x that scan), and a plain asyncpg cursor over `SELECT seq,
+   payload FROM events ORDER BY seq` (every event, payload as JSON text,
    not decoded) fetched 10,000 rows at a time.
 2. GetOnlineFeatures latency: the real features service (`python -m services.features`) folds the
    loaded log from the namespace's events stream, which the real outbox relay (`python -m
@@ -34,9 +36,10 @@ of 5,000, then `VACUUM ANALYZE events`. The load time is reported, it is not a f
    10,000), sampled at random (seeded) from `rows_from_events(log, "payment.authorized", VIEWS)`
    over the whole log and kept in log order, so the frame folds the whole log once. The time the
    frame spends in `offline.watermarks_at` (a query over every event's time) is reported apart.
-   Beside it, the same rows by `d2d.replay.partition.partitioned_frame` over every core (view x
-   entity-partition units, one worker process each at a time), checked equal cell for cell to the
-   single-process frame. Target: >= 2 x the single-process frame's 2,177 rows/s (full run, 2 cores).
+   Beside it, the same rows by `d2d.replay.partition.partitioned_frame` over every core (source x
+   entity-partition units, one worker process each at a time; that module says what each unit
+   reads and decodes), checked equal cell for cell to the single-process frame. Target: >= 2 x the
+   single-process frame's 2,177 rows/s (full run, 2 cores).
 4. Resident memory per entity: RSS of the features service process after it has caught up and
    taken its snapshot at the head, minus its RSS once it was serving on the empty stream (started
    before the relay, so nothing had been folded), divided by the entities its views hold. The
@@ -261,8 +264,8 @@ class Replay:
 
 
 async def replay(log: EventLog, into: Replay) -> int:
-    """The offline frame's path (offline.source_events + ViewState.apply): pages of the sources'
-    events, each a FoldEvent offered to every view of its type. Returns the events read."""
+    """The offline frame's fold (ViewState.apply) over EventLog.read pages of the sources' events,
+    each a FoldEvent offered to every view of its type. Returns the events read."""
     states = into.states = {v.name: ViewState(v) for v in VIEWS}
     by_source: dict[str, list[ViewState]] = {}
     for v in VIEWS:

@@ -9,14 +9,16 @@ import uuid
 from datetime import datetime, timedelta
 
 import asyncpg
+import orjson
 import pandas as pd
 import pytest
 
 from d2d.eventlog import EventLog
+from d2d.features import offline
 from d2d.features.definitions import LIFETIME, Aggregate, Aggregation, FeatureView, hours
 from d2d.features.fold import fold_all, fold_event
-from d2d.features.offline import FrameRow, rows_from_events, training_frame
-from d2d.replay.partition import _SQL_PARTITION, entity_partition, partitioned_frame, training_frame_on_every_core
+from d2d.features.offline import FrameRow, fold_pages, rows_from_events, source_events, training_frame
+from d2d.replay.partition import entity_partition, partitioned_frame, training_frame_on_every_core
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.views import VIEWS
 
@@ -96,16 +98,19 @@ async def test_partitioned_frame_equals_the_single_process_frame(
     pd.testing.assert_frame_equal(parted, single, check_exact=True)
 
 
-async def test_postgres_and_python_put_an_entity_in_the_same_partition(database_url: str) -> None:
-    ids = [f"cus_{i:06d}" for i in range(300)] + ["", "é-ü-ß", "商户-42", "a" * 200, "12345"]
+async def test_the_key_text_a_unit_reads_is_the_entity_id_the_fold_uses(database_url: str) -> None:
+    """Units partition by the entity key's text as Postgres writes it (one MD5 per entity, in the
+    worker); for string and integer keys that text is the fold's entity id (`str` of the value)."""
+    keys = ["cus_000001", "", "é-ü-ß", "商户-42", "a" * 200, "12345", 0, -7, 12345, 2**62, '"quoted"']
     conn = await asyncpg.connect(database_url)
     try:
-        for n in (1, 2, 3, 7):
-            sql = f"SELECT {_SQL_PARTITION.format(key='k', n='$2')} FROM unnest($1::text[]) AS k"
-            in_sql = [r[0] for r in await conn.fetch(sql, ids, n)]
-            assert in_sql == [entity_partition(i, n) for i in ids]
+        texts = await conn.fetch(
+            "SELECT p::jsonb #>> $2 FROM unnest($1::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
+            [orjson.dumps({"k": {"id": key}}).decode() for key in keys], ["k", "id"],
+        )  # fmt: skip
     finally:
         await conn.close()
+    assert [r[0] for r in texts] == [str(key) for key in keys]
 
 
 async def test_training_frames_use_every_core_with_the_same_result(event_log: EventLog) -> None:
@@ -135,3 +140,51 @@ async def test_a_view_keyed_on_numbers_postgres_writes_otherwise_is_partitioned_
     single = await training_frame(event_log, [by_amount], rows)
     assert (single["amount_payments.count_lifetime"] > 0).sum() > len(rows) / 2
     pd.testing.assert_frame_equal(parted, single, check_exact=True)
+
+
+async def test_payments_without_an_entity_key_fold_alike_in_partitions(event_log: EventLog, database_url: str) -> None:
+    """A payment whose customer key is missing or null folds into no customer but still counts for
+    the merchant and card views, and never moves the customer view's newest time: the same on
+    every path, however the keys of the others are partitioned."""
+    events, x, y_at = await load(event_log)
+    keyless = []
+    for i, minutes in enumerate((30, 50, 5, 70)):  # one older than the newest, inside the lateness
+        event = payment(events[-3], ("cus_unused", f"mer_k{i}", f"card_k{i}"), y_at + timedelta(minutes=minutes))
+        payload = dict(event.payload)
+        if i % 2:
+            payload["customer_id"] = None
+        else:
+            del payload["customer_id"]
+        keyless.append(dataclasses.replace(event, payload=payload))
+    await event_log.append([e.as_new_event() for e in keyless])
+    head = await event_log.head()
+    at = y_at + timedelta(hours=2)
+    rows = [
+        FrameRow({"merchant": f"mer_k{i}", "card": f"card_k{i}", "customer": "cus_unused"}, at, head) for i in range(4)
+    ]
+    rows += (await frame_rows(event_log, x, y_at))[:200]
+
+    single = await training_frame(event_log, VIEWS, rows)
+    assert (single["merchant_payments.count_1d"].iloc[:4] == 1).all()
+    assert (single["unknown_entities"].iloc[:4] == "customer").all()
+
+    parted = await partitioned_frame(database_url, VIEWS, rows, workers=2, role="d2d_service")
+
+    pd.testing.assert_frame_equal(parted, single, check_exact=True)
+
+
+async def test_the_frame_reader_gives_the_folds_events_of_the_stored_log(
+    event_log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fold_pages` (the frame's narrow reader) yields exactly what `fold_event` makes of each
+    stored event of the types asked, event times included, in seq order, page after page."""
+    await load(event_log)
+    monkeypatch.setattr(offline, "PAGE", 1000)
+    types = ["payment.authorized", "card.issued"]
+    read = [event async for page in fold_pages(event_log, types) for event in page]
+    stored = [
+        fold_event(e.seq, e.type, e.schema_version, e.occurred_at.timestamp(), e.payload)
+        async for e in source_events(event_log, types)
+    ]
+    assert len(read) > 5 * offline.PAGE and {e.type for e in read} == set(types)
+    assert read == stored

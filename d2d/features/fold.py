@@ -52,7 +52,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import methodcaller
+from operator import itemgetter, methodcaller
 from typing import Any
 
 from d2d.contracts.upcasting import UpcastError, upcast
@@ -108,6 +108,7 @@ def posix_seconds(value: datetime | str) -> float:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_first = itemgetter(0)
 
 
 def _num(v: Any) -> float | None:
@@ -152,7 +153,7 @@ def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tu
     Generated (like dataclasses' methods) so that folding an event costs one call and one tuple.
     Field names are validated identifiers, inserted with repr().
     """
-    ns: dict[str, Any] = {"_num": _num, "_scalar": _scalar, "_any": _any, "_get": resolve_path}
+    ns: dict[str, Any] = {"_num": _num, "_scalar": _scalar, "_intern": _intern, "_get": resolve_path}
     exprs = []
     for i, (kind, field, where) in enumerate(columns):
         if field is None:
@@ -164,17 +165,25 @@ def _build_extractor(columns: list[tuple[str, str | None, Filter | None]]) -> tu
             else:
                 ns[f"_path{i}"] = path
                 get = f"_get(p, _path{i})"
+            # The common types are tested inline (no call); the rest go to the same functions.
             if kind == "count":
                 expr = f"(None if {get} is None else 1)"
             elif kind == "num":
-                expr = f"_num({get})"
+                expr = f"(_v if type(_v := {get}) is float and _v - _v == 0.0 else _num(_v))"
             elif kind == "scalar":
-                expr = f"_scalar({get})"
+                expr = f"(_intern(_v) if type(_v := {get}) is str else _scalar(_v))"
             else:
-                expr = f"_any({get})"
+                expr = f"(_intern(_v) if type(_v := {get}) is str else _v)"
         if where is not None:
             ns[f"_where{i}"] = where.matches
-            expr = f"({expr} if _where{i}(p) else None)"
+            cond = f"_where{i}(p)"
+            where_path = tuple(where.field.split("."))
+            if where.op == "==" and where.value is not None and len(where_path) == 1:
+                # Filter.matches for "==" on a top-level field: a missing (None) value never equals
+                # a non-None one, so the comparison alone is the same test.
+                ns[f"_value{i}"] = where.value
+                cond = f"p.get({where_path[0]!r}) == _value{i}"
+            expr = f"({expr} if {cond} else None)"
         exprs.append(expr)
     src = "def _extract(p, t, seq):\n    return (t, seq, " + "".join(e + ", " for e in exprs) + ")\n"
     exec(src, ns)  # noqa: S102 -- source built above from validated names only
@@ -234,6 +243,9 @@ def _build_query(plan: _Plan, count_all: int) -> tuple[Callable[..., dict], str]
         lo = lo_of(w)
         if c == count_all:
             lines.append(f"    out[{key}] = hi - {lo}")
+            continue
+        if KINDS[aggregation].input == "count":  # the column's non-None values in the window, counted in C
+            lines.append(f"    out[{key}] = hi - {lo} - (cols[{c}][{lo}:hi].count(None) if nones[{c}] else 0)")
             continue
         name = taken.get((w, c))
         if name is None:
@@ -316,7 +328,7 @@ class ViewState:
         self._count_all = 2 + col_index[("count", None, None)] if self._always else -1
         self._plan = plan
         self._life = life
-        self._accumulators = [(kind.accumulate, c, s) for kind, c, s in life]
+        self._accumulators = [(kind.accumulate, itemgetter(c), s) for kind, c, s in life]
         self._prefix_template = tuple(template)
         self._extract, self._extract_source = _build_extractor(columns)
         self._compute, self._compute_source = _build_query(plan, self._count_all)
@@ -353,14 +365,20 @@ class ViewState:
         if event.type != self._source:
             self.watermark = seq
             return False
-        payload = event.payload
+        return self.apply_payload(seq, event.occurred_at, event.payload)
+
+    def apply_payload(self, seq: int, occurred_at: float, payload: dict[str, Any]) -> bool:
+        """`apply` of an event of the view's source type, given by its parts rather than a FoldEvent
+        (the partitioned fold reads the parts from its cursor): the same checks and the same fold."""
+        if seq <= self.watermark:
+            return False
         eid = self._key(payload)
         if eid is None:
             self.watermark = seq
             return False
         if type(eid) is not str:
             eid = str(eid)
-        t = event.occurred_at
+        t = occurred_at
         if type(t) is not float:
             t = float(t)
         if t - t != 0.0:  # raised before any change, so the state stays consistent
@@ -457,16 +475,28 @@ class ViewState:
             cols = self._cols[eid] = [[] for _ in range(2 + self._ncols)]
             self._nones[eid] = [0] * (2 + self._ncols)
         nones = self._nones[eid]
-        if len(cols[0]) < len(buf):  # rows appended since the last query
-            push = self._push
-            for row in buf[len(cols[0]) :]:
-                push(cols, nones, row)
+        done = len(cols[0])
+        if done < len(buf):  # rows appended since the last query
+            if done + 8 > len(buf):  # a few: row by row
+                push = self._push
+                for row in buf[done:]:
+                    push(cols, nones, row)
+            else:  # several: column by column, each taken from the new rows in one pass
+                new = buf[done:]
+                cols[0] += map(_first, new)
+                for c in range(2, len(cols)):
+                    values = list(map(itemgetter(c), new))
+                    if None in values:  # (None compares by identity first)
+                        nones[c] += values.count(None)
+                    cols[c] += values
         return cols, nones
 
     def _accumulate(self, pre: list[Any], rows: list[tuple]) -> None:
         """Continue the lifetime aggregates' left fold `pre` with `rows` (in (occurred_at, seq) order)."""
-        for accumulate, c, s in self._accumulators:
-            vals = [v for r in rows if (v := r[c]) is not None]
+        for accumulate, get, s in self._accumulators:
+            vals = list(map(get, rows))
+            if None in vals:
+                vals = [v for v in vals if v is not None]
             if vals:
                 accumulate(pre, s, vals)
 

@@ -20,7 +20,7 @@ from typing import Any
 from d2d.contracts.upcasting import upcast_event
 from d2d.eventlog import EventLog, StoredEvent
 from d2d.features.definitions import FeatureView
-from d2d.features.fold import StaleQueryError, ViewState, fold_event
+from d2d.features.fold import FoldEvent, StaleQueryError, ViewState, fold_event
 
 PAGE = 10_000
 
@@ -65,6 +65,33 @@ async def source_events(log: EventLog, types: Sequence[str], to_seq: int | None 
         after = page[-1].seq
 
 
+# What the fold needs of an event, and nothing else (no ids, metadata or datetimes to build): the
+# event time as exact integer microseconds, divided once in Python as `datetime.timestamp()` does.
+_FOLD_SELECT = (
+    "SELECT seq, type, schema_version, (extract(epoch FROM occurred_at) * 1000000)::int8, payload"
+    " FROM events WHERE seq > $1 AND type = ANY($3) ORDER BY seq LIMIT $2"
+)
+
+
+async def fold_pages(log: EventLog, types: Sequence[str]) -> AsyncIterator[list[FoldEvent]]:
+    """The log's events of `types` as the fold takes them (`fold_event`), in seq order, a page at a
+    time: the same FoldEvents as `source_events` gives through `fold_event`, read with less work."""
+    if not types:
+        return
+    after = 0
+    while True:
+        async with log.pool.acquire() as conn:
+            rows = await conn.fetch(_FOLD_SELECT, after, PAGE, list(types))
+        if rows:
+            yield [
+                fold_event(seq, type_, version, micros / 1_000_000, payload)
+                for seq, type_, version, micros, payload in rows
+            ]
+        if len(rows) < PAGE:
+            return
+        after = rows[-1][0]
+
+
 async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequence[FrameRow]) -> Any:
     """A pandas DataFrame: the rows' keys, as_of, watermark, one column per `{view}.{feature}`,
     `unknown_entities` (entity types answered with defaults) and `stale` (as_of too far behind the
@@ -83,16 +110,20 @@ async def training_frame(log: EventLog, views: Sequence[FeatureView], rows: Sequ
     values: list[list[Any]] = [[] for _ in rows]
     unknown: list[str] = [""] * len(rows)
     stale = [False] * len(rows)
-    events = source_events(log, list(by_source))
-    pending: StoredEvent | None = await anext(events, None)
+    pages = fold_pages(log, list(by_source))
+    page: list[FoldEvent] = await anext(pages, [])
+    j = 0  # the next event of `page` to fold
     for i in order:
-        while pending is not None and pending.seq <= watermarks[i]:
-            event = fold_event(
-                pending.seq, pending.type, pending.schema_version, pending.occurred_at.timestamp(), pending.payload
-            )
-            for state in by_source[pending.type]:
-                state.apply(event)
-            pending = await anext(events, None)
+        watermark = watermarks[i]
+        while page:
+            while j < len(page) and page[j].seq <= watermark:
+                event = page[j]
+                for state in by_source[event.type]:
+                    state.apply(event)
+                j += 1
+            if j < len(page):
+                break
+            page, j = await anext(pages, []), 0
         row_values: list[Any] = []
         unknown_here: list[str] = []
         for view in views:

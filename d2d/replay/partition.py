@@ -1,16 +1,20 @@
 """Point-in-time folds partitioned by entity over worker processes.
 
 A view's entities are split into `n` partitions by a stable hash of the entity id (the first 31
-bits of its MD5, modulo n; Postgres computes the same number, so the filter runs in SQL). One
-*work unit* is partition k of the views that fold one source type: a worker process opens its own
-connection, reads that type's events in seq order through a server-side cursor, and folds, per
-view, only the entities of partition k (a unit per (view, k) would read the same events once per
-view; one per (source, k) reads them once). Every event still counts for the whole view: the
-fold's lateness, pruning horizon and `StaleQueryError` depend on the view-wide newest event time,
-so where an event's entity is another partition's it arrives as its seq and time only (Postgres
-sends a payload only where some view's entity is in partition k) and
-`ViewState.apply_elsewhere` advances the time and watermark without storing anything. Each state
-therefore accepts, prunes and refuses exactly as the single-process fold does, for its entities.
+bits of its MD5, modulo n). One *work unit* is partition k of the views that fold one source type:
+a worker process opens its own connection, reads that type's events in seq order through a
+server-side cursor, and folds, per view, only the entities of partition k (a unit per (view, k)
+would read the same events once per view; one per (source, k) reads them once). Postgres sends,
+per event, each view's entity key as text (where every key of the source is a JSON string or
+integer, that text is the fold's entity id) and the payload as JSON text; the worker maps a key to
+its partition once per entity (a dict of the keys met so far: one MD5 per entity, none per event,
+and none in Postgres, which shares the cores) and decodes a payload only when some view of its
+partition folds it. Every event still counts for the whole view: the fold's lateness, pruning
+horizon and `StaleQueryError` depend on the view-wide newest event time, so where an event's
+entity is another partition's, `ViewState.apply_elsewhere` advances the time and watermark
+without storing anything. Each state therefore accepts, prunes and refuses exactly as the
+single-process fold does, for its entities. (A source with upcasters, or with an entity key of
+another JSON type somewhere, is read whole: every payload decoded and upcast, its keys taken from it.)
 
 A frame row is answered, per view, by the unit holding its entity there; rows are merged back by
 index, so `partitioned_frame` equals `d2d.features.offline.training_frame` cell for cell.
@@ -89,7 +93,7 @@ class Unit:
     views: list[dict[str, Any]]  # FeatureView.to_dict() of each view of the source
     partition: int
     partitions: int
-    in_sql: bool  # partition in SQL (payloads only for partition k) or in Python (every payload sent)
+    in_sql: bool  # entity keys' text from SQL (no upcasters, keys strings or integers), else from payloads
     rows: list[tuple[int, int, str, float, int]]  # (view position, row index, entity id, as_of, watermark)
     to_seq: int
     check: StateCheck | None = None
@@ -108,19 +112,12 @@ class UnitResult:
 
 
 def _unit_sql(views: int, in_sql: bool) -> str:
-    """$1 the type, $2 the last seq, $3 partitions, $4 partition k, $5.. each view's entity key path.
-    Per view, its entity's partition (NULL: the event has no entity key); in SQL the payload only
-    where some view's entity is in partition k."""
+    """$1 the type, $2 the last seq; with `in_sql`, $3.. each view's entity key path, whose text
+    (NULL: the event has no entity key) the worker maps to a partition. The payload comes as JSON
+    text: the worker decodes only the payloads a view of its partition folds."""
     micros = "(extract(epoch FROM occurred_at) * 1000000)::int8"
-    if not in_sql:
-        return f"SELECT seq, schema_version, {micros}, payload FROM events WHERE type = $1 AND seq <= $2 ORDER BY seq"
-    parts = [_SQL_PARTITION.format(key=f"payload #>> ${5 + i}", n="$3") + f" AS p{i}" for i in range(views)]
-    names = ", ".join(f"p{i}" for i in range(views))
-    return (
-        f"SELECT seq, schema_version, micros, {names}, CASE WHEN $4 IN ({names}) THEN payload END FROM"
-        f" (SELECT seq, schema_version, {micros} AS micros, payload, {', '.join(parts)}"
-        " FROM events WHERE type = $1 AND seq <= $2) e ORDER BY seq"
-    )
+    keys = "".join(f"payload #>> ${3 + i}, " for i in range(views)) if in_sql else ""
+    return f"SELECT seq, schema_version, {micros}, {keys}payload FROM events WHERE type = $1 AND seq <= $2 ORDER BY seq"
 
 
 def _run_unit(unit: Unit) -> list[UnitResult]:
@@ -135,6 +132,7 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
     names = [v.feature_names() for v in views]
     paths = [tuple(v.entity_key.split(".")) for v in views]
     k, n, source, width = unit.partition, unit.partitions, views[0].source, len(views)
+    in_sql = unit.in_sql
     rows, r = unit.rows, 0
     check = unit.check
 
@@ -156,42 +154,53 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
                 _check_state(state, check, k, n, result)
             check = None
 
-    sql = _unit_sql(width, unit.in_sql)
-    args = [source, unit.to_seq, *([n, k, *(list(p) for p in paths)] if unit.in_sql else [])]
-    conn = await asyncpg.connect(unit.url)
+    sql = _unit_sql(width, in_sql)
+    args = [source, unit.to_seq, *([list(p) for p in paths] if in_sql else [])]
+    # The partition of each entity key text met so far (entities recur: one MD5 per entity).
+    partition_of: dict[str, int] = {}
+    keys = range(3, 3 + width)
+    loads = orjson.loads
+    conn = await asyncpg.connect(unit.url)  # no jsonb codec: payloads arrive as text
     try:
-        await conn.set_type_codec("jsonb", encoder=lambda v: v, decoder=orjson.loads, schema="pg_catalog")
         if unit.role:
             await conn.execute(f'SET ROLE "{unit.role}"')
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             events = 0
-            async for record in conn.cursor(sql, *args, prefetch=PREFETCH):
-                seq = record[0]
-                events += 1
-                answer_until(seq)
-                occurred_at = record[2] / 1_000_000  # exact microseconds, divided once: datetime.timestamp()
-                payload = record[-1]
-                event = None if payload is None else fold_event(seq, source, record[1], occurred_at, payload)
-                for position in range(width):
-                    state = states[position]
-                    if unit.in_sql:
-                        part = record[3 + position]
-                        if part is None:  # no entity key: folds into nothing, on every path
-                            continue
-                        if part != k:  # another partition's entity
-                            state.apply_elsewhere(seq, occurred_at)
-                            continue
-                        assert event is not None
-                        state.apply(event)
+            next_watermark = rows[0][4] if rows else None  # answer_until is called only when a row is due
+            cursor = await conn.cursor(sql, *args)
+            while page := await cursor.fetch(PREFETCH):  # pages: no per-record await
+                events += len(page)
+                for record in page:
+                    seq = record[0]
+                    if next_watermark is not None and next_watermark < seq or check is not None:
+                        answer_until(seq)
+                        next_watermark = rows[r][4] if r < len(rows) else None
+                    occurred_at = record[2] / 1_000_000  # exact microseconds, divided once: datetime.timestamp()
+                    if in_sql:  # a type without upcasters: the payload is folded as stored
+                        payload = None
+                        for position, column in enumerate(keys):
+                            key = record[column]
+                            if key is None:  # no entity key: folds into nothing, on every path
+                                continue
+                            part = partition_of.get(key)
+                            if part is None:
+                                part = partition_of[key] = entity_partition(key, n)
+                            if part == k:
+                                if payload is None:
+                                    payload = loads(record[-1])
+                                states[position].apply_payload(seq, occurred_at, payload)
+                            else:  # another partition's entity
+                                states[position].apply_elsewhere(seq, occurred_at)
                         continue
-                    assert event is not None
-                    entity = resolve_path(event.payload, paths[position])
-                    if entity is None:
-                        continue
-                    if entity_partition(str(entity), n) == k:
-                        state.apply(event)
-                    else:
-                        state.apply_elsewhere(seq, occurred_at)
+                    event = fold_event(seq, source, record[1], occurred_at, loads(record[-1]))
+                    for position in range(width):
+                        entity = resolve_path(event.payload, paths[position])
+                        if entity is None:
+                            continue
+                        if entity_partition(str(entity), n) == k:
+                            states[position].apply(event)
+                        else:
+                            states[position].apply_elsewhere(seq, occurred_at)
         answer_until(unit.to_seq + 1)
     finally:
         await conn.close()
@@ -298,9 +307,9 @@ async def fold_partitions(
         async def run(unit: Unit) -> list[UnitResult]:
             return await loop.run_in_executor(pool, _run_unit, unit)
 
-        for done in asyncio.as_completed([run(u) for u in units]):
+        for finished, done in enumerate(asyncio.as_completed([run(u) for u in units]), 1):
             results += await done
-            progress(stage, len(results), len(units))
+            progress(stage, finished, len(units))
     answers: dict[str, dict[int, tuple[list[Any] | None, bool]]] = {v.name: {} for v in views}
     for result in results:
         for index, values, stale in result.answers:
@@ -356,26 +365,32 @@ async def partitioned_frame(
     database's; `role`, if given, is SET on the workers' connections (they only read events)."""
     watermarks = await resolve_watermarks(url, rows, role)
     folded = await fold_partitions(url, views, rows, watermarks, workers=workers, role=role, progress=progress)
-    defaults = {v.name: ViewState(v).defaults() for v in views}
+    # Per view: its answers by row, its defaults in feature order, its entity type (hoisted: per row
+    # and view the loop below only looks up and extends).
+    per_view = []
+    for view in views:
+        defaults = ViewState(view).defaults()
+        names = view.feature_names()
+        per_view.append((folded.answers[view.name], [defaults[f] for f in names], [None] * len(names), view.entity))
     values: list[list[Any]] = []
     unknown: list[str] = []
     stale: list[bool] = []
+    unanswered = (None, False)
     for i in range(len(rows)):
         row_values: list[Any] = []
         unknown_here: list[str] = []
         row_stale = False
-        for view in views:
-            names = view.feature_names()
-            answer, view_stale = folded.answers[view.name].get(i, (None, False))
+        for answers, default, empty, entity in per_view:
+            answer, view_stale = answers.get(i, unanswered)
             if view_stale:
                 row_stale = True
-                row_values.extend([None] * len(names))
+                row_values += empty
                 continue
             if answer is None:
-                answer = [defaults[view.name][f] for f in names]
-                if view.entity not in unknown_here:
-                    unknown_here.append(view.entity)
-            row_values.extend(answer)
+                answer = default
+                if entity not in unknown_here:
+                    unknown_here.append(entity)
+            row_values += answer
         values.append(row_values)
         unknown.append(",".join(unknown_here))
         stale.append(row_stale)
