@@ -139,10 +139,6 @@ def _scalar(v: Any) -> Any:
     return None
 
 
-def _any(v: Any) -> Any:
-    return _intern(v) if type(v) is str else v
-
-
 def _interned(row: Iterable[Any]) -> tuple:
     return tuple(_intern(v) if type(v) is str else v for v in row)
 
