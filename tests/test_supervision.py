@@ -11,6 +11,7 @@ import pwd
 import re
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from d2d.bus import EVENTS_STREAM
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.runtime.supervisor import Backoff
 from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
+from tests.conftest import ROOT
 from tests.test_up import append_one, command_line, start_up, stop_up, wait_endpoints
 
 
@@ -56,6 +58,28 @@ def leave_stale_pid_file(server: EmbeddedPostgres, pid_file_text: str, pid: int)
     pid_file.write_text("\n".join([str(pid), *pid_file_text.splitlines()[1:]]) + "\n")
     owner = server.pgdata.stat()
     os.chown(pid_file, owner.st_uid, owner.st_gid)
+
+
+def test_a_supervised_child_dies_with_its_parent_however_the_parent_dies(tmp_path: Path) -> None:
+    """A parent that spawns a child and is then killed with SIGKILL (no cleanup runs) leaves no child."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from d2d.runtime.supervisor import Supervisor\n"
+        f"child = Supervisor(Path({str(tmp_path)!r})).spawn('sleeper', ['-c', 'import time; time.sleep(120)'])\n"
+        "print(child.process.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=ROOT)
+    assert parent.stdout is not None
+    child = psutil.Process(int(parent.stdout.readline()))
+    deadline = time.monotonic() + 10
+    while child.cmdline()[-1] != "import time; time.sleep(120)":  # the launcher execs the program itself
+        assert time.monotonic() < deadline, child.cmdline()
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait()
+    child.wait(timeout=10)  # psutil.TimeoutExpired if the child outlived its parent
 
 
 def test_a_stale_postmaster_pid_of_a_dead_process_does_not_block_start(

@@ -8,7 +8,6 @@ directory, so a second start on the same directory finds everything that was the
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -27,10 +26,10 @@ import psutil
 
 from d2d.limits import BUS_MAX_PAYLOAD
 from d2d.private import PRIVATE_UMASK, open_private, write_private_text
+from d2d.runtime.deathsig import die_with_parent, dying_with_parent
 
 PG_USER = "postgres"
 PG_DATABASE = "d2d"
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -63,12 +62,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _die_with_parent() -> None:
-    """preexec: have the kernel send SIGTERM to this child when its parent dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _remembered_port(state_file: Path, key: str) -> int:
@@ -174,10 +167,10 @@ class EmbeddedPostgres:
             "-c", f"fsync={'on' if self.fsync else 'off'}",
         ]  # fmt: skip
         with open_private(log) as out:  # root's (as root): Postgres writes to the descriptor it inherits
+            # preexec, not `dying_with_parent`: Postgres may run as a user who cannot run this interpreter.
             self.process = subprocess.Popen(
-                args, stdout=out, stderr=out, **self._run_as(), preexec_fn=_die_with_parent,
-                start_new_session=True,
-            )  # fmt: skip
+                args, stdout=out, stderr=out, **self._run_as(), preexec_fn=die_with_parent, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while True:
             ready = subprocess.run(
@@ -246,8 +239,8 @@ class NatsServer:
             "-m", str(self.monitor_port), "-n", "d2d", "-l", str(log),
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent, start_new_session=True, umask=PRIVATE_UMASK,  # its JetStream files
+            dying_with_parent(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, umask=PRIVATE_UMASK,  # its JetStream files
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"

@@ -10,7 +10,6 @@ servers with a stop of their own, last started first.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -23,14 +22,9 @@ from pathlib import Path
 from types import TracebackType
 
 from d2d.private import PRIVATE_UMASK, open_private, private_dir
+from d2d.runtime.deathsig import dying_with_parent
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-try:  # loaded here: a forked child must not load libraries before it execs
-    _prctl: Callable[..., int] | None = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-except OSError:
-    _prctl = None
 
 
 @dataclass
@@ -113,12 +107,6 @@ def exit_reason(returncode: int) -> str:
     return f"exited with {returncode}"
 
 
-def _die_with_parent() -> None:
-    """preexec: the kernel sends SIGTERM to the child when its parent dies, however it dies."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class Supervisor:
     """Children started in order, restarted on `watch_once`, stopped together by `stop_all`.
 
@@ -152,9 +140,8 @@ class Supervisor:
         def launch() -> subprocess.Popen[bytes]:
             with open_private(log_path) if self.private else open(log_path, "ab") as out:
                 return subprocess.Popen(
-                    [sys.executable, *args], cwd=self.cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent,
-                    umask=PRIVATE_UMASK if self.private else -1,
+                    dying_with_parent([sys.executable, *args]), cwd=self.cwd, env=full_env, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK if self.private else -1,
                 )  # fmt: skip
 
         return self.adopt(name, launch, log_path=log_path)
