@@ -177,7 +177,8 @@ async def test_the_frame_reader_gives_the_folds_events_of_the_stored_log(
     event_log: EventLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fold_pages` (the frame's narrow reader) yields exactly what `fold_event` makes of each
-    stored event of the types asked, event times included, in seq order, page after page."""
+    stored event of the types asked, event times included, in seq order, page after page, and
+    stops at `to_seq` when given."""
     await load(event_log)
     monkeypatch.setattr(offline, "PAGE", 1000)
     types = ["payment.authorized", "card.issued"]
@@ -188,3 +189,6 @@ async def test_the_frame_reader_gives_the_folds_events_of_the_stored_log(
     ]
     assert len(read) > 5 * offline.PAGE and {e.type for e in read} == set(types)
     assert read == stored
+    to_seq = read[2 * offline.PAGE + 17].seq  # inside a page: the rest of it is left out
+    upto = [event async for page in fold_pages(event_log, types, to_seq) for event in page]
+    assert upto == [e for e in stored if e.seq <= to_seq] and upto[-1].seq == to_seq

@@ -23,10 +23,10 @@ from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import StaleQueryError, ViewState
-from d2d.features.offline import source_events, utc
+from d2d.features.offline import fold_pages, utc
 from d2d.metrics import JoinRow, compute
-from d2d.replay.explain import Registered, as_fold_event, log_views
-from d2d.replay.log import PAGE, Progress, no_progress
+from d2d.replay.explain import Registered, log_views
+from d2d.replay.log import Progress, no_progress
 from d2d.replay.scratch import scratch_database
 
 
@@ -70,13 +70,12 @@ async def feature_state(
     for view in views:
         by_source.setdefault(view.source, []).append(states[view.name])
     done = 0
-    async for stored in source_events(log, list(by_source), seq):
-        event = as_fold_event(stored)
-        for state in by_source[stored.type]:
-            state.apply(event)
-        done += 1
-        if done % PAGE == 0:
-            progress("features", done, 0)
+    async for page in fold_pages(log, list(by_source), seq):
+        for event in page:
+            for state in by_source[event.type]:
+                state.apply(event)
+        done += len(page)
+        progress("features", done, 0)
     progress("features", done, done)
     found: dict[str, Any] = {}
     for view in views:
