@@ -226,47 +226,65 @@ class Services(Supervisor):
 # Where the CPU goes
 
 
+REAPED = -1  # CpuMeter's key for the CPU of a root's reaped children
+
+
 class CpuMeter:
     """CPU seconds (user + system) spent by labelled process trees between `start()` and `stop()`.
 
-    `roots` maps a label to (pid, with_children). Processes that exit before `stop()` are not
-    counted; the long-lived servers and services a benchmark watches do not.
+    `roots` maps a label to (pid, with_children). With children, the CPU of children the root
+    started and reaped meanwhile counts too (a worker pool's processes, Postgres backends of
+    connections opened and closed during the phase): the root's `children_user + children_system`
+    grow by a reaped child's whole lifetime, less what it had used at `start()` if it was already
+    there. (A grandchild that exits meanwhile is counted only up to the last sample before.)
     """
 
     def __init__(self, roots: Mapping[str, tuple[int, bool]]) -> None:
         self.roots = dict(roots)
         self._started: dict[str, dict[int, float]] = {}
+        self._direct: dict[str, set[int]] = {}  # each root's own children at the last sample
+        self._direct_at_start: dict[str, set[int]] = {}
         self._t0 = 0.0
         self.wall = 0.0
 
     def _sample(self) -> dict[str, dict[int, float]]:
+        """Per label, CPU seconds by pid, and under the key REAPED the root's reaped children's."""
         found: dict[str, dict[int, float]] = {}
         for label, (pid, with_children) in self.roots.items():
             seconds: dict[int, float] = {}
             try:
                 root = psutil.Process(pid)
                 procs = [root, *(root.children(recursive=True) if with_children else [])]
+                self._direct[label] = {c.pid for c in root.children()} if with_children else set()
             except psutil.Error:
                 procs = []
             for p in procs:
                 with contextlib.suppress(psutil.Error):
                     t = p.cpu_times()
                     seconds[p.pid] = t.user + t.system
+                    if p is procs[0] and with_children:
+                        seconds[REAPED] = t.children_user + t.children_system
             found[label] = seconds
         return found
 
     def start(self) -> None:
         self._started = self._sample()
+        self._direct_at_start = {label: set(pids) for label, pids in self._direct.items()}
         self._t0 = time.perf_counter()
 
     def stop(self) -> dict[str, float]:
         """CPU seconds per label since `start()`."""
         self.wall = time.perf_counter() - self._t0
         now = self._sample()
-        return {
-            label: round(sum(t - self._started.get(label, {}).get(pid, 0.0) for pid, t in pids.items()), 2)
-            for label, pids in now.items()
-        }
+        cpu: dict[str, float] = {}
+        for label, pids in now.items():
+            before = self._started.get(label, {})
+            seconds = sum(t - before.get(pid, 0.0) for pid, t in pids.items())
+            if REAPED in pids:  # the root's children gone since start() are in REAPED's growth from 0
+                direct = self._direct_at_start.get(label, set())
+                seconds -= sum(t for pid, t in before.items() if pid in direct and pid not in pids)
+            cpu[label] = round(seconds, 2)
+        return cpu
 
     @staticmethod
     def describe(cpu: Mapping[str, float], wall: float) -> str:

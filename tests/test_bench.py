@@ -5,6 +5,7 @@ things); a benchmark that no longer runs, or drops a figure, fails."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,16 @@ def test_benchmark_runs_quick_and_ends_with_its_figures(name: str, tmp_path: Pat
         assert figures["events_duplicated_in_log"] == 0 and figures["events_duplicated_on_stream"] == 0
         # every registered process killed once, and NATS and Postgres
         assert figures["poison_answered_imprecisely"] == 0 and figures["faults_injected"] == len(SERVICES) + 2
+
+
+def test_cpu_meter_counts_children_that_started_and_exited_during_the_phase() -> None:
+    """A worker process started and reaped between start() and stop() is the root's CPU, not
+    "other processes" (bench.features' partitioned frame runs in such workers)."""
+    from bench._common import CpuMeter
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    meter = CpuMeter({"me": (os.getpid(), True)})
+    meter.start()
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    cpu = meter.stop()
+    assert cpu["me"] >= 0.5, cpu  # the child's 0.5 CPU-s at least; missing it counted ~0
