@@ -29,6 +29,11 @@ class Settings:
     features_snapshot_seconds: float = field(
         default_factory=lambda: float(os.environ.get("D2D_FEATURES_SNAPSHOT_SECONDS", "5"))
     )
+    # Where serving reads a Predict's features: "local", from the online state of its models' views
+    # that it folds itself (under its own consumer and snapshot name `serving_consumer`, which
+    # instances share one at a time), or "remote", from the features service over gRPC.
+    serving_features: str = field(default_factory=lambda: os.environ.get("D2D_SERVING_FEATURES", "local"))
+    serving_consumer: str = field(default_factory=lambda: os.environ.get("D2D_SERVING_CONSUMER", "serving"))
     # Rows (Predicts, BatchPredict rows) serving decides at once; more are refused with
     # RESOURCE_EXHAUSTED and RetryInfo rather than queued.
     serving_max_in_flight: int = field(default_factory=lambda: int(os.environ.get("D2D_SERVING_MAX_IN_FLIGHT", "4000")))

@@ -193,9 +193,7 @@ class Run:
 class Loop:
     """The simulator driven slice by slice, paced by the platform (see the module docstring)."""
 
-    def __init__(
-        self, platform: Platform, log: EventLog, clients: tuple[IngestClient, ServingClient, FeatureClient]
-    ) -> None:
+    def __init__(self, platform: Platform, log: EventLog, clients: tuple[IngestClient, ServingClient]) -> None:
         self.platform, self.log, self.clients = platform, log, clients
         self.sim = PaymentsSimulator(SIM)
         self.day = HISTORY_DAYS
@@ -235,11 +233,10 @@ async def test_drift_is_noticed_retrained_on_logged_decisions_and_promoted_throu
         async with (
             IngestClient(platform.addrs["ingest"]) as ingest, ServingClient(platform.addrs["serving"]) as serving,
             RegistryClient(platform.addrs["registry"]) as registry,
-            FeatureClient(platform.addrs["features"]) as features,
             FeedbackClient(platform.addrs["feedback"]) as feedback,
         ):  # fmt: skip
             run = Run(before=await log.head())
-            loop = Loop(platform, log, (ingest, serving, features))
+            loop = Loop(platform, log, (ingest, serving))
             await loop.advance(DRIFT_DAY - HISTORY_DAYS)  # labels of the first half close before the drift
             run.drift_seq = await log.head()
             early = await _first(log, run.before, "retrain.requested", lambda e: True)

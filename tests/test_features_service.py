@@ -23,11 +23,11 @@ from d2d import bus
 from d2d.client import FeatureClient, IngestClient, make_event
 from d2d.eventlog import EventLog
 from d2d.features.offline import FrameRow, training_frame
+from d2d.features.online import OnlineState
 from d2d.runtime.servers import NatsServer, free_port
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
 from d2d.sim.views import VIEWS
 from d2d.v1 import features_pb2
-from services.features.online import OnlineState
 from tests.conftest import run_cli, settings_env
 
 ALL_FEATURES = [f"{v.name}.*" for v in VIEWS]

@@ -12,10 +12,10 @@ import pytest
 from d2d import bus
 from d2d.bus import Topology
 from d2d.eventlog import EventLog
+from d2d.features.consumer import Folder
+from d2d.features.online import GapError, OnlineState
 from d2d.runtime.servers import NatsServer
 from d2d.sim.views import VIEWS
-from services.features.consumer import Folder
-from services.features.online import GapError, OnlineState
 
 SOURCE = "payment.authorized"
 

@@ -5,22 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import uuid
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
 
 import asyncpg
 import grpc
+import orjson
 import pytest
 
 from d2d import eventlog
 from d2d.client import RegistryClient, ServingClient
-from d2d.eventlog import EventLog
+from d2d.config import Settings
+from d2d.eventlog import EventLog, NewEvent
+from d2d.features.definitions import Aggregate, Aggregation, FeatureView, days, hours
 from d2d.features.offline import FrameRow, training_frame
-from d2d.runtime.servers import EmbeddedPostgres, NatsServer
+from d2d.features.store import register_views
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.sim.training import default_spec
 from d2d.sim.views import VIEWS
 from d2d.training.spec import TrainingSpec
-from tests.conftest import MODEL, Platform, context_of, entities_of, requests_for, serving_platform
+from services.serving.server import serve
+from tests.conftest import MODEL, NOW, Platform, context_of, entities_of, requests_for, serving_platform
+
+# A view no served model reads until a test trains a version on it.
+CARD_AMOUNTS = FeatureView(
+    name="card_amounts",
+    entity="card",
+    entity_key="card_id",
+    source="payment.authorized",
+    aggregates=(
+        Aggregate("amount_sum", Aggregation.SUM, "amount", (hours(1), days(1))),
+        Aggregate("amount_max", Aggregation.MAX, "amount", (days(1),)),
+    ),
+    allowed_lateness_seconds=3600,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +124,8 @@ async def test_predict_logs_every_decision_with_the_features_served(platform: Pl
         logged = [await log.get(uuid.UUID(a.decision_id)) for a in answers]
         assert all(e is not None and e.type == "decision.made" for e in logged)
         assert [e.seq for e in logged] == [a.seq for a in answers]
-        # the logged vector is what the features service answers at the logged (time, watermark):
-        # recomputed independently from the log, offline
-        rows = [
-            FrameRow(e.payload["entities"], datetime.fromisoformat(e.payload["as_of"]),
-                     e.payload["feature_watermark"]) for e in logged[:50]
-        ]  # fmt: skip
-        frame = await training_frame(log, VIEWS, rows)
+        await assert_features_are_offline(log, logged[:50], VIEWS)
         for i, event in enumerate(logged[:50]):
-            for name, value in event.payload["features"].items():
-                offline = frame.at[i, name]
-                offline = None if offline is None or offline != offline else offline
-                assert value == offline, (name, value, offline)
             assert event.payload["score"] == answers[i].score and event.payload["action"] == answers[i].action
     finally:
         await pool.close()
@@ -122,6 +133,127 @@ async def test_predict_logs_every_decision_with_the_features_served(platform: Pl
     transactions = await decision_transactions(platform.database_url, [a.decision_id for a in answers])
     assert sum(transactions.values()) == len(answers)
     assert len(transactions) <= len(answers) // 4, transactions
+
+
+async def assert_features_are_offline(log: EventLog, logged: list, views: Sequence[FeatureView]) -> None:
+    """Each decision's logged features are what the log gives offline at its logged (entities, time,
+    watermark): recomputed independently, by the offline frame."""
+    rows = [
+        FrameRow(e.payload["entities"], datetime.fromisoformat(e.payload["as_of"]), e.payload["feature_watermark"])
+        for e in logged
+    ]
+    frame = await training_frame(log, views, rows)
+    compared = 0
+    for i, event in enumerate(logged):
+        for name, value in event.payload["features"].items():
+            offline = frame.at[i, name]
+            offline = None if offline is None or offline != offline else offline
+            assert value == offline, (event.payload["model_version"], name, value, offline)
+            compared += 1
+    assert compared >= 20 * len(logged)
+
+
+async def test_remote_features_mode_logs_what_the_features_service_answers(platform: Platform) -> None:
+    """`D2D_SERVING_FEATURES=remote`: the same decisions, features from GetOnlineFeatures, and the
+    same guarantee: every logged vector is the offline one at its logged watermark."""
+    addr = f"127.0.0.1:{free_port()}"
+    settings = Settings(
+        database_url=platform.database_url, nats_url=platform.nats_url, nats_namespace=platform.namespace,
+        addrs={"serving": addr, "features": platform.features, "registry": platform.registry},
+        serving_features="remote", serving_consumer="remote-serving",
+    )  # fmt: skip
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(settings, stop))
+    try:
+        async with ServingClient(addr) as serving:
+            await serving.wait_ready()
+            answers = await serving.batch_predict(requests_for(platform, 100))
+        pool = await eventlog.create_pool(platform.database_url, max_size=2)
+        try:
+            log = EventLog(pool)
+            logged = [await log.get(uuid.UUID(a.decision_id)) for a in answers]
+            await assert_features_are_offline(log, logged, VIEWS)
+            # nothing folded in serving: no state of its own was saved
+            held = "SELECT count(*) FROM feature_snapshots WHERE consumer LIKE 'remote-serving%'"
+            assert await pool.fetchval(held) == 0
+        finally:
+            await pool.close()
+    finally:
+        stop.set()
+        await server
+
+
+async def test_a_model_needing_a_new_view_is_switched_to_only_once_serving_holds_the_view(platform: Platform) -> None:
+    """Serving holds the views of the models it serves. A version reading a view no served model
+    read before is promoted under steady load while payments keep arriving (so the view is built
+    while the others move on): no request fails, and every decision of the new version, from the
+    first, logged that view's features exactly as the log gives them offline at its watermark (a
+    half-built or lagging view would answer with events missing)."""
+    pool = await eventlog.create_pool(platform.database_url, max_size=2)
+    log = EventLog(pool)
+    try:
+        async with ServingClient(platform.serving) as serving:  # serving holds the served views
+            await serving.wait_ready()
+            assert {a.model_version for a in await serving.batch_predict(requests_for(platform, 5))} == {
+                f"models/{MODEL}/versions/1"
+            }
+        await register_views(log, [CARD_AMOUNTS])
+        spec = default_spec().to_dict()
+        spec["views"] = [*spec["views"], [CARD_AMOUNTS.name, CARD_AMOUNTS.version]]
+        async with RegistryClient(platform.registry) as registry:
+            trained = await registry.train(MODEL, json.dumps({**spec, "num_boost_round": 20}))
+        version = int(trained.name.rsplit("/", 1)[1])
+        requests = requests_for(platform, 400)
+        failures: list[Exception] = []
+        answered: list = []
+        stop = asyncio.Event()
+        async with ServingClient(platform.serving) as serving:
+
+            async def load(worker: int) -> None:
+                i = worker
+                while not stop.is_set():
+                    try:
+                        answered.append(await serving.stub.Predict(requests[i % len(requests)], timeout=10))
+                    except grpc.aio.AioRpcError as exc:
+                        failures.append(exc)
+                    i += 8
+
+            async def arrive() -> None:  # payments of the served entities, a few every 20 ms
+                when = datetime.fromisoformat(NOW) - timedelta(minutes=5)
+                for k in itertools.count():
+                    if stop.is_set():
+                        return
+                    again = [
+                        NewEvent(uuid.uuid4(), p.type, p.schema_version, p.entity_type, f"{p.entity_id}-{k}", when,
+                                 orjson.dumps({**p.payload, "payment_id": f"{p.entity_id}-{k}"}).decode())
+                        for p in platform.payments[-5 * (k % 40 + 1) :][:5]
+                    ]  # fmt: skip
+                    await log.append(again)
+                    await asyncio.sleep(0.02)
+
+            workers = [asyncio.create_task(load(w)) for w in range(8)]
+            arriving = asyncio.create_task(arrive())
+            await asyncio.sleep(0.5)
+            async with RegistryClient(platform.registry) as registry:
+                await registry.set_alias(MODEL, "production", version, reason="a new view")
+            new_version = f"models/{MODEL}/versions/{version}"
+            for _ in range(600):  # until the new version has decided a while
+                await asyncio.sleep(0.05)
+                if sum(a.model_version == new_version for a in answered) >= 100:
+                    break
+            stop.set()
+            await asyncio.gather(*workers, arriving)
+        async with RegistryClient(platform.registry) as registry:
+            await registry.set_alias(MODEL, "production", 1)
+        assert failures == []
+        logged = [e for e in await logged_decisions(platform.database_url, answered)]
+        mine = [e for e in logged if e.payload["model_version"] == new_version]
+        assert len(mine) >= 100
+        assert len({e.payload["feature_watermark"] for e in mine}) > 1  # payments kept being folded
+        assert all(any(name.startswith(f"{CARD_AMOUNTS.name}.") for name in e.payload["features"]) for e in mine)
+        await assert_features_are_offline(log, mine, [*VIEWS, CARD_AMOUNTS])
+    finally:
+        await pool.close()
 
 
 async def test_the_served_input_vector_is_the_one_training_builds(platform: Platform) -> None:

@@ -140,10 +140,9 @@ async def looped(services: Services) -> Looped:
     seen: list[int] = []
     async with (
         IngestClient(services.addrs["ingest"]) as ingest, ServingClient(services.addrs["serving"]) as serving,
-        FeatureClient(services.addrs["features"]) as features,
     ):  # fmt: skip
         counts = await run_loop(
-            sim, ingest, serving, features, MODEL, start_day=HISTORY_DAYS, days=LOOP_DAYS, state=state,
+            sim, ingest, serving, MODEL, start_day=HISTORY_DAYS, days=LOOP_DAYS, state=state,
             on_progress=lambda c, _: seen.append(c.payments),
         )  # fmt: skip
     return Looped(counts, state, before, carried, seen)

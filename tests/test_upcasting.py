@@ -270,9 +270,8 @@ def _without_upcaster() -> Iterator[None]:
 async def test_a_snapshot_folded_under_other_upcasters_is_not_restored(event_log: EventLog) -> None:
     """A snapshot holds state folded with the upcasters of its time: once an upcaster for a view's
     source is declared (or removed), the old events fold differently, so the state is rebuilt."""
+    from d2d.features.online import OnlineState, restore
     from d2d.features.store import Snapshot, save_snapshot
-    from services.features.online import OnlineState
-    from services.features.server import restore
 
     async def snapshot_at(consumer: str, watermark: int) -> None:
         state = OnlineState(VIEWS)

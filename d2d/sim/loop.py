@@ -7,18 +7,19 @@ on features that hold every earlier payment of its customer, merchant and card: 
 training row of it reads (the log just before the payment, `d2d.features.offline.rows_from_events`),
 so the loop serves the first model the inputs it was trained on. To get there in few round trips,
 payments go in windows, and a window in waves: a payment's wave is one after the last wave in its
-window that shares an entity with it. A wave is decided in one BatchPredict, appended, and folded by
-the features service before the next wave is decided; payments of a window (spanning less than the
-views' allowed lateness) may reach the log out of event-time order, but never before an earlier payment
-of one of their entities.
+window that shares an entity with it. A wave is decided in one BatchPredict, then appended; the next
+wave's requests carry the log position of the last payment appended (`min_feature_watermark`), so
+serving decides them only on features that have folded it (read-your-writes). Payments of a window
+(spanning less than the views' allowed lateness) may reach the log out of event-time order, but never
+before an earlier payment of one of their entities.
 
 Windows go out in event-time order, and chargebacks that fall due between them in their place: a
 window spans less than the simulator's shortest chargeback delay (so no chargeback of a window can fall
 due inside it), is cut where a pending chargeback falls due, and spans less than `MAX_BATCH_SPAN` (so
 each payment's time is still one the features service answers for).
 
-A library client of the platform's public APIs (`IngestClient`, `ServingClient`, `FeatureClient`), not
-of its services.
+A library client of the platform's public APIs (`IngestClient`, `ServingClient`; `wait_folded` uses
+`FeatureClient`), not of its services.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class LoopState:
     fraudulent payments not due yet, and whether the reference events went out."""
 
     reference_sent: bool = False
+    last_payment_seq: int = 0  # the next decisions' min_feature_watermark
     pending: list[tuple[datetime, str, SimEvent]] = field(default_factory=list)  # heap by chargeback time
 
 
@@ -158,7 +160,6 @@ async def run_loop(
     sim: PaymentsSimulator,
     ingest: IngestClient,
     serving: ServingClient,
-    features: FeatureClient,
     model: str,
     *,
     start_day: float,
@@ -192,8 +193,10 @@ async def run_loop(
     async def decide(window: Sequence[SimEvent]) -> None:
         for wave in waves(window):
             requests = [payment_request(model, p) for p in wave]
+            for request in requests:
+                request.min_feature_watermark = state.last_payment_seq
             answers = await _retrying(lambda requests=requests: serving.batch_predict(requests))
-            await wait_folded(features, await _send(ingest, wave))
+            state.last_payment_seq = max(state.last_payment_seq, await _send(ingest, wave))
             tally(wave, answers)
         if on_progress is not None:
             on_progress(counts, window[-1].occurred_at)

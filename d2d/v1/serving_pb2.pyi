@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "entities", "context", "unit_id", "request_id")
+    __slots__ = ("model", "entities", "context", "unit_id", "request_id", "min_feature_watermark")
     class EntitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,12 +22,14 @@ class PredictRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     UNIT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_FEATURE_WATERMARK_FIELD_NUMBER: _ClassVar[int]
     model: str
     entities: _containers.ScalarMap[str, str]
     context: _struct_pb2.Struct
     unit_id: str
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., entities: _Optional[_Mapping[str, str]] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., unit_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    min_feature_watermark: int
+    def __init__(self, model: _Optional[str] = ..., entities: _Optional[_Mapping[str, str]] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., unit_id: _Optional[str] = ..., request_id: _Optional[str] = ..., min_feature_watermark: _Optional[int] = ...) -> None: ...
 
 class ShadowScore(_message.Message):
     __slots__ = ("model_version", "score")

@@ -20,10 +20,10 @@ from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import StaleQueryError
 from d2d.features.offline import FrameRow, rows_from_events
+from d2d.features.online import MissingEntityKey, OnlineState
 from d2d.features.skew import verify
 from d2d.replay.partition import training_frame_on_every_core
 from d2d.v1 import features_pb2
-from services.features.online import OnlineState
 
 SERVICE_NAME = "d2d.v1.FeatureService"
 MAX_ROWS = 1000
@@ -151,28 +151,14 @@ class FeatureApi:
             response.dropped_late[view_name] = self.state.states[view_name].dropped_late
         for i, row in enumerate(request.rows):
             row_as_of = row.as_of.ToMicroseconds() / 1e6 if row.HasField("as_of") else as_of
-            per_view: dict[str, dict[str, Any]] = {}
-            unknown: list[str] = []
-            for view_name in views:
-                view = self.state.views[view_name]
-                entity_id = row.keys.get(view.entity)
-                if not entity_id:
-                    await grpcserver.fail(
-                        context, "INVALID_ARGUMENT",
-                        f"rows[{i}].keys has no {view.entity!r} id, which {view_name} needs", f"rows[{i}].keys",
-                    )  # fmt: skip
-                state = self.state.states[view_name]
-                try:
-                    values = state.values(entity_id, row_as_of)
-                except StaleQueryError as exc:
-                    await grpcserver.fail(
-                        context, "OUT_OF_RANGE", str(exc), f"rows[{i}].as_of" if row.HasField("as_of") else "as_of"
-                    )
-                if values is None:
-                    values = state.defaults()
-                    if view.entity not in unknown:
-                        unknown.append(view.entity)
-                per_view[view_name] = values
+            try:
+                per_view, unknown = self.state.read(views, row.keys, row_as_of)
+            except MissingEntityKey as exc:
+                await grpcserver.fail(context, "INVALID_ARGUMENT", f"rows[{i}].keys has {exc}", f"rows[{i}].keys")
+            except StaleQueryError as exc:
+                await grpcserver.fail(
+                    context, "OUT_OF_RANGE", str(exc), f"rows[{i}].as_of" if row.HasField("as_of") else "as_of"
+                )
             answer = response.rows.add(unknown_entities=unknown)
             add_values(answer, [per_view[v][f] for v, f in resolved])
             answer.as_of.FromMicroseconds(round(row_as_of * 1e6))

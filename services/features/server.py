@@ -7,20 +7,19 @@ import asyncio
 import contextlib
 import importlib
 import logging
-from collections.abc import Sequence
 
 from grpc_health.v1 import health_pb2
 
 from d2d import bus, eventlog, grpcserver
 from d2d.config import Settings
 from d2d.eventlog import EventLog
+from d2d.features.consumer import Folder
 from d2d.features.definitions import FeatureView
-from d2d.features.store import fold_key, load_snapshot, register_views
+from d2d.features.online import restore
+from d2d.features.store import register_views
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import features_pb2
 from services.features.api import SERVICE_NAME, FeatureApi
-from services.features.consumer import Folder
-from services.features.online import OnlineState
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +29,6 @@ def load_views(module: str) -> tuple[FeatureView, ...]:
     if not views:
         raise SystemExit(f"features: {module}.VIEWS is empty")
     return views
-
-
-async def restore(event_log: EventLog, views: Sequence[FeatureView], consumer: str) -> OnlineState:
-    """The last snapshot if it was folded with these view versions and upcasters, else an empty state."""
-    snapshot = await load_snapshot(event_log.pool, consumer)
-    wanted = fold_key(views)
-    if snapshot is None:
-        return OnlineState(views)
-    if snapshot.views != wanted:
-        log.warning("features: snapshot has views %s, serving %s: rebuilding from the log", snapshot.views, wanted)
-        return OnlineState(views)
-    try:
-        state = OnlineState.from_bytes(views, snapshot.state, snapshot.stream_seq)
-    except ValueError as exc:
-        log.warning("features: snapshot not usable (%s): rebuilding from the log", exc)
-        return OnlineState(views)
-    log.info("features: restored snapshot at seq %d", state.watermark)
-    return state
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

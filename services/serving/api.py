@@ -40,15 +40,17 @@ import grpc
 import orjson
 from google.protobuf import struct_pb2
 
-from d2d.client import FeatureClient
 from d2d.contracts.upcasting import upcast_event
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog, GroupCommitter, NewEvent
 from d2d.features.definitions import NUMBER, SCALAR, TEXT, TIME, resolve_path
+from d2d.features.fold import StaleQueryError
+from d2d.features.online import MissingEntityKey
 from d2d.training.spec import SpecError
 from d2d.v1 import serving_pb2
 from services.serving.decisions import choose, decision_id, route
-from services.serving.models import Deployment, FeatureLookups, NoProductionVersion, plain
+from services.serving.features import Features, NotFoldedYet
+from services.serving.models import Deployment, NoProductionVersion, plain
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +151,11 @@ class Row:
 
 class ServingApi:
     def __init__(
-        self, deployments: Any, features: FeatureClient, log: EventLog, committer: GroupCommitter,
+        self, deployments: Any, features: Features, log: EventLog, committer: GroupCommitter,
         *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:  # fmt: skip
         self.deployments = deployments  # services.serving.server.Deployments: loaded(model), get(model)
-        self.features = features
-        self.lookups = FeatureLookups(features)
+        self.features = features  # in-process (LocalFeatures) or the features service (RemoteFeatures)
         self.log = log
         self.committer = committer
         self.in_flight = InFlight(max_in_flight)
@@ -232,6 +233,11 @@ class ServingApi:
         _check_id(request.unit_id, f"{where}unit_id")
         if request.request_id:
             _check_id(request.request_id, f"{where}request_id")
+        if request.min_feature_watermark < 0:
+            field = f"{where}min_feature_watermark"
+            raise Refusal(
+                "INVALID_ARGUMENT", f"{field} is {request.min_feature_watermark}; a log position is >= 0", field
+            )
         if not request.entities:
             raise Refusal("INVALID_ARGUMENT", "entities: name at least one entity id", f"{where}entities")
         for entity_type, entity_id in request.entities.items():
@@ -327,11 +333,23 @@ class ServingApi:
 
     async def _features(self, row: Row, answer_by: float) -> tuple[dict[str, Any], list[str], int]:
         refs = tuple(row.deployment.feature_refs())
-        lookup = self.lookups.get(refs, dict(row.request.entities), row.as_of, answer_by)
+        lookup = self.features.get(
+            refs, dict(row.request.entities), row.as_of, answer_by, row.request.min_feature_watermark
+        )
         try:
             return await self._within(lookup, answer_by, "fetching features")
         except Refusal:
             raise
+        except NotFoldedYet as exc:
+            message = f"{exc} (min_feature_watermark); {NOT_RECORDED}"
+            raise Refusal("UNAVAILABLE", message, retry_after=RETRY_UNAVAILABLE) from None
+        except MissingEntityKey as exc:  # read in-process: the same answers as the features service's
+            raise Refusal("INVALID_ARGUMENT", f"features: entities has {exc}", f"{row.where}entities") from None
+        except StaleQueryError as exc:
+            raise Refusal("OUT_OF_RANGE", f"features: {exc}", f"{row.where}context.occurred_at") from None
+        except LookupError as exc:
+            message = f"features for models/{row.model} cannot be served: {exc}"
+            raise Refusal("FAILED_PRECONDITION", message, f"{row.where}model") from None
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details()
             if code in _TRANSIENT:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -103,6 +102,10 @@ class Deployment:
                         kinds.setdefault(tuple(rest.split(".")), set()).add(TRANSFORM_INPUT_KIND[transform.op])
         return kinds
 
+    def views(self) -> list[FeatureView]:
+        """Every view any of its versions reads (what serving must hold before switching to it)."""
+        return list({(view.name, view.version): view for v in self.versions() for view in v.views}.values())
+
     def feature_refs(self) -> list[str]:
         """Every `{view}.*` any of its versions needs: one FeatureService call covers all."""
         return list(dict.fromkeys(f"{view.name}.*" for v in self.versions() for view in v.views))
@@ -164,58 +167,3 @@ async def load_deployment(
 
 def plain(value: float) -> float | None:
     return None if math.isnan(value) else value
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """One Predict's feature row: the refs its deployment reads, its entities, as of when, and the
-    time its answer is due (a `time.monotonic()` value)."""
-
-    refs: tuple[str, ...]
-    entities: dict[str, str]
-    as_of: Any
-    answer_by: float
-
-
-class FeatureLookups:
-    """Concurrent feature lookups folded into one GetOnlineFeatures call (rows carry their own time).
-
-    While one call is in flight, new lookups queue; the next call takes all of them (a
-    `d2d.batching.Batcher`; one GetOnlineFeatures call per distinct set of refs among them), so under
-    load a call answers many Predicts and they reach the scorer together (where they batch again)."""
-
-    def __init__(self, client: Any, *, max_rows: int = 1000) -> None:
-        self.client = client
-        self.calls = 0
-        self.rows = 0
-        self._batcher: Batcher[Lookup, Any] = Batcher(self._fetch, name="the features service", max_weight=max_rows)
-
-    async def get(self, refs: tuple[str, ...], entities: dict[str, str], as_of: Any, deadline: float) -> Any:
-        """(values by feature, unknown entity types, watermark) for one row."""
-        return await self._batcher.submit(Lookup(refs, entities, as_of, deadline))
-
-    async def _fetch(self, lookups: list[Lookup]) -> list[Any]:
-        """One call per set of refs, with the latest of its rows' deadlines; a failed call fails its rows."""
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for k, lookup in enumerate(lookups):
-            groups.setdefault(lookup.refs, []).append(k)
-        answers: list[Any] = [None] * len(lookups)
-        for refs, indexes in groups.items():
-            rows = [lookups[k] for k in indexes]
-            timeout = max(0.001, max(r.answer_by for r in rows) - time.monotonic())
-            try:
-                answer = await self.client.get_online(
-                    list(refs), [r.entities for r in rows], row_as_of=[r.as_of for r in rows], timeout=timeout
-                )
-            except Exception as exc:
-                for k in indexes:
-                    answers[k] = exc
-                continue
-            self.calls += 1
-            self.rows += len(rows)
-            for j, k in enumerate(indexes):
-                answers[k] = (answer.rows[j], answer.unknown_entities[j], answer.watermark)
-        return answers
-
-    def close(self) -> None:
-        self._batcher.close()

@@ -1,6 +1,6 @@
 """Assembles the serving service: deployments loaded from the registry and hot-swapped when an
-alias or policy moves (followed on JetStream), features from the features service, decisions
-logged through a group committer."""
+alias or policy moves (followed on JetStream), features from the online state serving folds
+itself (or from the features service), decisions logged through a group committer."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ import logging
 
 import grpc
 import orjson
+from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from d2d import bus, eventlog, grpcserver
 from d2d.client import FeatureClient, RegistryClient
 from d2d.config import Settings
 from d2d.eventlog import EventLog, GroupCommitter
+from d2d.features.consumer import Folder
+from d2d.features.online import restore_snapshot_views
 from d2d.features.store import registered_views
 from d2d.runtime.process import stop_on_signals
 from d2d.v1 import serving_pb2
 from services.serving.api import SERVICE_NAME, ServingApi
+from services.serving.features import Features, LocalFeatures, RemoteFeatures
 from services.serving.models import Deployment, LoadedVersion, load_deployment
 
 log = logging.getLogger(__name__)
@@ -28,9 +32,12 @@ log = logging.getLogger(__name__)
 class Deployments:
     """The loaded deployment of each model served so far; swapped whole when its aliases move."""
 
-    def __init__(self, registry: RegistryClient, event_log: EventLog, *, micro_batching: bool = True) -> None:
+    def __init__(
+        self, registry: RegistryClient, event_log: EventLog, features: Features, *, micro_batching: bool = True
+    ) -> None:
         self.registry = registry
         self.log = event_log
+        self.features = features
         self.micro_batching = micro_batching
         self._loaded: dict[str, Deployment] = {}
         self._loading: dict[str, asyncio.Task[Deployment]] = {}
@@ -60,18 +67,25 @@ class Deployments:
         return deployment
 
     async def _fetch(self, model: str) -> Deployment:
+        """The model's deployment, with every view it reads held by the features (so switching to it
+        never answers from a half-built view)."""
         views = {(v.name, v.version): v for v in await registered_views(self.log.pool)}
         try:
-            return await load_deployment(self.registry, model, views, self._cache, micro_batching=self.micro_batching)
+            deployment = await load_deployment(
+                self.registry, model, views, self._cache, micro_batching=self.micro_batching
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise LookupError(exc.details()) from None
             raise
+        await self.features.host(deployment.views())
+        return deployment
 
     async def reload(self, model: str) -> None:
         """Load the model's current deployment and switch to it; requests in flight finish on the old."""
         if model not in self._loaded:
             return
+        log.info("serving: %s changed; loading its deployment", model)
         try:
             fresh = await self._fetch(model)
         except Exception as exc:  # keep serving what is loaded; the next change tries again
@@ -118,23 +132,55 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     event_log = EventLog(pool)
     committer = GroupCommitter(event_log)
     registry = RegistryClient(settings.addr("registry"))
-    features = FeatureClient(settings.addr("features"))
-    deployments = Deployments(registry, event_log, micro_batching=micro_batching)
+    nc = await bus.connect(settings.require_nats_url(), name="d2d-serving")
+    topology = bus.Topology(settings.nats_namespace)
+    features, folding = await _features(settings, event_log, nc, topology, stop)
+    deployments = Deployments(registry, event_log, features, micro_batching=micro_batching)
     server, health = grpcserver.new_server([SERVICE_NAME])
     api = ServingApi(deployments, features, event_log, committer, max_in_flight=settings.serving_max_in_flight)
     grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api)
     addr = settings.addr("serving")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"serving: cannot listen on {addr}")
-    nc = await bus.connect(settings.require_nats_url(), name="d2d-serving")
-    following = asyncio.create_task(follow_model_changes(nc, deployments, bus.Topology(settings.nats_namespace), stop))
+    following = asyncio.create_task(follow_model_changes(nc, deployments, topology, stop))
     await server.start()
-    await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"serving on {addr}")
+    await grpcserver.serve_until(
+        server, health, [SERVICE_NAME], stop, f"serving on {addr} ({settings.serving_features} features)"
+    )
     with contextlib.suppress(Exception):
         await asyncio.wait_for(following, 5)
     await api.settle()  # late commits and their withdrawals, before the committer closes
     await committer.close()
+    features.close()
+    if isinstance(features, RemoteFeatures):
+        await features.client.channel.close()
+    if folding is not None:
+        await folding  # takes a last snapshot; a folding failure ends the process (the supervisor restarts it)
+    await nc.flush(timeout=5)
     await nc.close()
     await registry.channel.close()
-    await features.channel.close()
     await pool.close()
+
+
+async def _features(
+    settings: Settings, event_log: EventLog, nc: NATS, topology: bus.Topology, stop: asyncio.Event
+) -> tuple[Features, asyncio.Task[None] | None]:
+    """The features in the mode settings name, and the task folding them (in-process mode): it is
+    running and caught up with what it restored when this returns. A failing fold stops the service."""
+    if settings.serving_features == "remote":
+        return RemoteFeatures(FeatureClient(settings.addr("features"))), None
+    if settings.serving_features != "local":
+        raise SystemExit(f"D2D_SERVING_FEATURES must be 'local' or 'remote', not {settings.serving_features!r}")
+    consumer = f"{settings.serving_consumer}:{topology.events_stream}"
+    state = await restore_snapshot_views(event_log, consumer, await registered_views(event_log.pool))
+    folder = Folder(
+        nc, event_log, state, consumer=consumer, topology=topology,
+        snapshot_every_seconds=settings.features_snapshot_seconds,
+    )  # fmt: skip
+    folding = asyncio.create_task(folder.run(stop), name="fold")
+    folding.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
+    caught_up = asyncio.create_task(folder.caught_up.wait())
+    await asyncio.wait([folding, caught_up, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if folding.done():
+        folding.result()
+    return LocalFeatures(folder), folding

@@ -1,4 +1,5 @@
-"""The features service's in-memory state: one ViewState per view, folded in log order.
+"""The online feature state: one ViewState per view, folded in log order. The features service
+holds one; serving holds one of its models' views (`d2d.features.consumer.Folder` feeds both).
 
 Only events of the views' source types reach `offer()`, each in seq order. Each carries the seq of
 the previous event of its type (the relay's `D2D-Prev-Of-Type`), so a missed one shows as a gap
@@ -9,16 +10,20 @@ hold nothing newer for these types (`advance`).
 
 from __future__ import annotations
 
+import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import orjson
 
+from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import ViewState, fold_event
-from d2d.features.store import fold_key
+from d2d.features.store import fold_key, load_snapshot
+
+log = logging.getLogger(__name__)
 
 
 class GapError(RuntimeError):
@@ -27,6 +32,14 @@ class GapError(RuntimeError):
     def __init__(self, type_: str, after: int, through: int) -> None:
         super().__init__(f"{type_}: last folded seq {after}, but the event after seq {through} arrived")
         self.type, self.after, self.through = type_, after, through
+
+
+class MissingEntityKey(LookupError):
+    """A read names no id for the entity a view is keyed by."""
+
+    def __init__(self, view: str, entity: str) -> None:
+        super().__init__(f"no {entity!r} id, which {view} needs")
+        self.view, self.entity = view, entity
 
 
 def event_time(value: str) -> float:
@@ -82,6 +95,42 @@ class OnlineState:
         if seq > self.watermark:
             self.watermark = seq
 
+    def read(
+        self, views: Sequence[str], keys: Mapping[str, str], as_of: float
+    ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Per view (names held here), its features for the entity `keys` names, as of event time
+        `as_of`: defaults for an entity never seen, whose type is then listed as unknown.
+        MissingEntityKey when `keys` has no id for a view's entity; StaleQueryError (d2d.features.fold)
+        when `as_of` is older than a view can answer exactly."""
+        values: dict[str, dict[str, Any]] = {}
+        unknown: list[str] = []
+        for name in views:
+            view, state = self.views[name], self.states[name]
+            entity_id = keys.get(view.entity)
+            if not entity_id:
+                raise MissingEntityKey(name, view.entity)
+            answer = state.values(entity_id, as_of)
+            if answer is None:
+                answer = state.defaults()
+                if view.entity not in unknown:
+                    unknown.append(view.entity)
+            values[name] = answer
+        return values, unknown
+
+    def host(self, states: Mapping[str, ViewState], last_of_type: Mapping[str, int]) -> None:
+        """Add views folded elsewhere exactly up to this state's watermark (`Folder.host` builds
+        them), with the last folded seq of each source type new here."""
+        for name, state in states.items():
+            if name in self.views:
+                raise ValueError(f"view {name} is already held")
+            if state.watermark > self.watermark:
+                raise ValueError(f"view {name} is folded to seq {state.watermark}, past the state's {self.watermark}")
+            self.views[name] = state.view
+            self.states[name] = state
+            self.by_source.setdefault(state.view.source, []).append(state)
+        for type_, seq in last_of_type.items():
+            self.last_of_type.setdefault(type_, seq)
+
     def advance(self, seq: int, stream_seq: int) -> None:
         """Every source event up to `seq` (stream position `stream_seq`) is folded: say so."""
         if seq > self.watermark:
@@ -114,3 +163,39 @@ class OnlineState:
         state.last_of_type = {t: doc["last_of_type"].get(t, 0) for t in state.by_source}
         state.stream_seq = stream_seq
         return state
+
+
+async def restore(event_log: EventLog, views: Sequence[FeatureView], consumer: str) -> OnlineState:
+    """The last snapshot of `consumer` if it was folded with these view versions and upcasters,
+    else an empty state of `views`."""
+    snapshot = await load_snapshot(event_log.pool, consumer)
+    wanted = fold_key(views)
+    if snapshot is None:
+        return OnlineState(views)
+    if snapshot.views != wanted:
+        log.warning("%s: snapshot has views %s, wanted %s: rebuilding from the log", consumer, snapshot.views, wanted)
+        return OnlineState(views)
+    try:
+        state = OnlineState.from_bytes(views, snapshot.state, snapshot.stream_seq)
+    except ValueError as exc:
+        log.warning("%s: snapshot not usable (%s): rebuilding from the log", consumer, exc)
+        return OnlineState(views)
+    log.info("%s: restored snapshot at seq %d", consumer, state.watermark)
+    return state
+
+
+async def restore_snapshot_views(event_log: EventLog, consumer: str, definitions: Sequence[FeatureView]) -> OnlineState:
+    """The last snapshot of `consumer` with whichever views it holds (looked up by name and
+    version in `definitions`, the registered views), or an empty state holding no view: for a
+    holder whose views follow what it serves (serving's)."""
+    snapshot = await load_snapshot(event_log.pool, consumer)
+    if snapshot is None:
+        return OnlineState([])
+    by_name = {}
+    for view in definitions:
+        if fold_key([view])[view.name] == snapshot.views.get(view.name):
+            by_name[view.name] = view
+    if set(by_name) != set(snapshot.views):
+        log.warning("%s: snapshot views %s are not all registered now: starting empty", consumer, snapshot.views)
+        return OnlineState([])
+    return await restore(event_log, [by_name[name] for name in snapshot.views], consumer)
