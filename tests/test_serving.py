@@ -218,21 +218,8 @@ async def test_a_model_needing_a_new_view_is_switched_to_only_once_serving_holds
                         failures.append(exc)
                     i += 8
 
-            async def arrive() -> None:  # payments of the served entities, a few every 20 ms
-                when = datetime.fromisoformat(NOW) - timedelta(minutes=5)
-                for k in itertools.count():
-                    if stop.is_set():
-                        return
-                    again = [
-                        NewEvent(uuid.uuid4(), p.type, p.schema_version, p.entity_type, f"{p.entity_id}-{k}", when,
-                                 orjson.dumps({**p.payload, "payment_id": f"{p.entity_id}-{k}"}).decode())
-                        for p in platform.payments[-5 * (k % 40 + 1) :][:5]
-                    ]  # fmt: skip
-                    await log.append(again)
-                    await asyncio.sleep(0.02)
-
             workers = [asyncio.create_task(load(w)) for w in range(8)]
-            arriving = asyncio.create_task(arrive())
+            arriving = arrivals(platform, log, stop)
             await asyncio.sleep(0.5)
             async with RegistryClient(platform.registry) as registry:
                 await registry.set_alias(MODEL, "production", version, reason="a new view")
@@ -253,6 +240,78 @@ async def test_a_model_needing_a_new_view_is_switched_to_only_once_serving_holds
         assert all(any(name.startswith(f"{CARD_AMOUNTS.name}.") for name in e.payload["features"]) for e in mine)
         await assert_features_are_offline(log, mine, [*VIEWS, CARD_AMOUNTS])
     finally:
+        await pool.close()
+
+
+def arrivals(platform: Platform, log: EventLog, stop: asyncio.Event) -> asyncio.Task[int]:
+    """Payments of the served entities appended a few every 20 ms until `stop`; the count."""
+
+    async def arrive() -> int:
+        when = datetime.fromisoformat(NOW) - timedelta(minutes=5)
+        tag = uuid.uuid4().hex[:6]
+        for k in itertools.count():
+            if stop.is_set():
+                return 5 * k
+            again = [
+                NewEvent(uuid.uuid4(), p.type, p.schema_version, p.entity_type, f"{p.entity_id}-{tag}{k}", when,
+                         orjson.dumps({**p.payload, "payment_id": f"{p.entity_id}-{tag}{k}"}).decode())
+                for p in platform.payments[-5 * (k % 40 + 1) :][:5]
+            ]  # fmt: skip
+            await log.append(again)
+            await asyncio.sleep(0.02)
+        raise AssertionError("unreachable")
+
+    return asyncio.create_task(arrive())
+
+
+async def test_serving_killed_mid_stream_restores_its_features_and_folds_each_event_once(
+    platform: Platform, start_service
+) -> None:  # noqa: ANN001
+    """Serving's features survive a SIGKILL while payments arrive: the restarted process restores
+    its own snapshot (the views it held), folds what the snapshot lacked from its durable consumer,
+    and decides on features equal to the log's offline at its watermark: nothing lost, nothing
+    folded twice (lifetime counts would show either)."""
+    addr = f"127.0.0.1:{free_port()}"
+    env = {
+        "D2D_DATABASE_URL": platform.database_url, "D2D_NATS_URL": platform.nats_url,
+        "D2D_NATS_NAMESPACE": platform.namespace, "D2D_SERVING_ADDR": addr,
+        "D2D_FEATURES_ADDR": platform.features, "D2D_REGISTRY_ADDR": platform.registry,
+        "D2D_SERVING_CONSUMER": "killed-serving", "D2D_FEATURES_SNAPSHOT_SECONDS": "0.3",
+    }  # fmt: skip
+    pool = await eventlog.create_pool(platform.database_url, max_size=2)
+    log = EventLog(pool)
+    stop = asyncio.Event()
+    try:
+        first = start_service(["-m", "services.serving"], env, "serving-killed")
+        async with ServingClient(addr) as serving:
+            await serving.wait_ready()
+            await serving.batch_predict(requests_for(platform, 5))  # it holds the model's views from here on
+        arriving = arrivals(platform, log, stop)
+        saved = "SELECT watermark FROM feature_snapshots WHERE consumer LIKE 'killed-serving:%'"
+        start = await log.head()
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            if (await pool.fetchval(saved) or 0) > start:
+                break
+        await asyncio.sleep(0.2)  # folded past the snapshot, payments still arriving
+        first.kill()
+        again = start_service(["-m", "services.serving"], env, "serving-killed")
+        await asyncio.sleep(1.0)
+        stop.set()
+        assert await arriving > 0
+        head = await log.head()
+        async with ServingClient(addr) as serving:
+            await serving.wait_ready()
+            requests = requests_for(platform, 100)
+            for request in requests:
+                request.min_feature_watermark = head
+            answers = await serving.batch_predict(requests)
+        logged = [await log.get(uuid.UUID(a.decision_id)) for a in answers]
+        assert {e.payload["feature_watermark"] for e in logged} == {head}
+        await assert_features_are_offline(log, logged, VIEWS)
+        assert "restored snapshot" in again.log() and "built" not in again.log(), again.log()[-3000:]
+    finally:
+        stop.set()
         await pool.close()
 
 
