@@ -9,7 +9,9 @@ payments_per_day=1200, customers=800, merchants=80), as tests/test_serving.py, a
 events; quick: payments_per_day=600, customers=500, merchants=50, about 22,000) appended with
 `EventLog.append` in batches of 5,000. Then the platform runs as `d2d up` runs it, each service
 its own process: `python -m services.ingest relay`, `python -m services.features`, `python -m
-services.registry`, `python -m services.serving`. Once the features service has folded the whole
+services.registry`, `python -m services.serving` (features in-process, the default), and a second
+`python -m services.serving` with `D2D_SERVING_FEATURES=remote` ('serving remote': features from
+the features service over gRPC) on its own port. Once the features service has folded the whole
 log, a model is trained through `RegistryClient.train` (the default spec: the simulator's views
 and transforms, 300 rounds with early stopping after 30) and made the production version. None of
 this is timed as a figure.
@@ -17,11 +19,14 @@ this is timed as a figure.
 Requests: `ServingClient.request(model, entities, context, unit_id=customer)` for the newest
 payments of the simulation (up to 4,096 different ones, cycled), context = the payment's fields
 with occurred_at = the end of the simulated period, no request id (every call is a new decision),
-built before any clock starts. Every Predict does the whole path: the deployment lookup, a
-GetOnlineFeatures call to the features service, model inputs, micro-batched XGBoost scoring, the
-policy, and the decision.made event group-committed to the Postgres log; the answer comes back
-once that commit is durable. The number of decision.made events in the log is checked against the
-calls made.
+built before any clock starts. Every Predict does the whole path: the deployment lookup, the
+features (read from the state serving folds itself; in 'serving remote', a GetOnlineFeatures call
+to the features service, coalesced with concurrent ones), model inputs, micro-batched XGBoost
+scoring, the policy, and the decision.made event group-committed to the Postgres log; the answer
+comes back once that commit is durable. The number of decision.made events in the log is checked
+against the calls made. Before timing, both serving processes answer one Predict, so the local
+one has built its models' views; its resident memory (RSS) is then reported beside the remote
+one's, which holds no feature state: the difference is what the state costs.
 
 1. Predict throughput at concurrency 64: one client process (this one), one channel
    (`d2d.client.ServingClient`'s: `d2d.grpcserver.channel`), 64 coroutines sharing one counter,
@@ -134,7 +139,7 @@ TARGET_P50_RATIO = 3.0  # Predict p50 <= 3 x the empty handler's
 TARGET_P99_RATIO = 4.0  # Predict p99 <= 4 x the empty handler's
 TARGET_BATCHING_RATIO = 5.0  # scores/s with micro-batching >= 5 x without
 OTHERS = "other processes"
-EMPTY, PLATFORM_EMPTY, SERVING = "empty", "platform empty", "serving"
+EMPTY, PLATFORM_EMPTY, SERVING, REMOTE = "empty", "platform empty", "serving", "serving remote"
 LOOKUP, COMMIT = "features lookup", "decision commit"
 
 
@@ -489,17 +494,20 @@ async def run(
         "D2D_DATA_DIR": str(tmp / "data"),
         **{f"D2D_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
     }  # fmt: skip
+    remote_env = {**env, "D2D_SERVING_ADDR": f"127.0.0.1:{free_port()}", "D2D_SERVING_FEATURES": "remote"}
     bare_port, platform_port = free_port(), free_port()
     started_services = {}
     for name, module in (
         ("relay", ["services.ingest", "relay"]), ("features", ["services.features"]),
         ("registry", ["services.registry"]), ("serving", ["services.serving"]),
+        ("serving remote", ["services.serving"]),
         ("empty server", ["bench.serving", "--serve-empty", f"{bare_port},{platform_port}"]),
     ):  # fmt: skip
         args = ["-m", *module]
         if options.profile_dir is not None and name in ("features", "serving"):
             args = ["-m", "cProfile", "-o", str(options.profile_dir / f"{name}.prof"), *args]
-        started_services[name] = services.start(name.replace(" ", "-"), args, env)
+        own = remote_env if name == "serving remote" else env
+        started_services[name] = services.start(name.replace(" ", "-"), args, own)
     roots = {**{f"{name}": (s.process.pid, False) for name, s in started_services.items()}, **servers.cpu_roots()}
     say(f"services: relay, features, registry, serving (namespace {token}) and the empty server, each its own"
         " process")  # fmt: skip
@@ -507,11 +515,12 @@ async def run(
     registry = RegistryClient(env["D2D_REGISTRY_ADDR"])
     features = FeatureClient(env["D2D_FEATURES_ADDR"])
     serving = ServingClient(env["D2D_SERVING_ADDR"])
+    remote = ServingClient(remote_env["D2D_SERVING_ADDR"])
     bare = ServingClient(f"127.0.0.1:{bare_port}")
     platform = ServingClient(f"127.0.0.1:{platform_port}")
     conn = await asyncpg.connect(url)
     try:
-        for client in (registry, features, serving, bare, platform):
+        for client in (registry, features, serving, remote, bare, platform):
             await until_ready(client.wait_ready(), services)
 
         # The features service folds the whole log (relay -> JetStream -> fold).
@@ -558,6 +567,12 @@ async def run(
             return True
 
         first = await serving.stub.Predict(workload.requests[0], timeout=CALL_TIMEOUT)
+        await remote.stub.Predict(workload.requests[0], timeout=CALL_TIMEOUT)
+        rss = {name: psutil.Process(started_services[name].process.pid).memory_info().rss for name in (SERVING, REMOTE)}
+        state_bytes = rss[SERVING] - rss[REMOTE]
+        say(f"serving RSS {rss[SERVING] / 2**20:,.1f} MB holding its model's views (watermark"
+            f" {first.feature_watermark:,}), 'serving remote' RSS {rss[REMOTE] / 2**20:,.1f} MB holding none:"
+            f" the state costs about {state_bytes / 2**20:,.1f} MB")  # fmt: skip
         decision = await conn.fetchrow(
             "SELECT payload::text AS payload, metadata FROM events WHERE event_id = $1", uuid.UUID(first.decision_id)
         )
@@ -582,6 +597,7 @@ async def run(
             Target(EMPTY, predict_call(bare.stub, workload.requests)),
             Target(PLATFORM_EMPTY, predict_call(platform.stub, workload.requests)),
             Target(SERVING, predict_call(serving.stub, workload.requests), threads_of=serving_pid),
+            Target(REMOTE, predict_call(remote.stub, workload.requests)),
             Target(LOOKUP, lookup_call),
             Target(COMMIT, commit_call),
         ]
@@ -605,13 +621,15 @@ async def run(
         decisions = await conn.fetchval("SELECT count(*) FROM events WHERE type = 'decision.made'") - before
         by_name = {t.name: t for t in targets}
         empty, platform_empty, predict = by_name[EMPTY], by_name[PLATFORM_EMPTY], by_name[SERVING]
+        remote_predict = by_name[REMOTE]
         lookup, commit = by_name[LOOKUP], by_name[COMMIT]
-        if decisions != predict.made or predict.answered != predict.made or commit.answered != commit.made:
+        made = predict.made + remote_predict.made
+        if decisions != made or predict.answered + remote_predict.answered != made or commit.answered != commit.made:
             raise RuntimeError(
-                f"{predict.made} Predict calls, {predict.answered} answers with a decision id,"
+                f"{made} Predict calls, {predict.answered + remote_predict.answered} answers with a decision id,"
                 f" {decisions} decision.made events in the log; {commit.answered} of {commit.made} commits stored"
             )
-        say(f"    every one of the {predict.made:,} Predict calls to serving answered a decision, and the log holds"
+        say(f"    every one of the {made:,} Predict calls to serving (both modes) answered a decision; the log holds"
             f" {decisions:,} new decision.made events")  # fmt: skip
         for t in targets:
             say(f"    {t.name:>15}: {t.calls:,} calls at concurrency {CONCURRENCY} in {t.seconds:.2f}s ="
@@ -653,7 +671,7 @@ async def run(
         services.check_alive()
     finally:
         await conn.close()
-        for client in (registry, features, serving, bare, platform):
+        for client in (registry, features, serving, remote, bare, platform):
             with contextlib.suppress(Exception):
                 await client.channel.close()
 
@@ -666,6 +684,9 @@ async def run(
         f" {met(p50_ratio <= TARGET_P50_RATIO)}")  # fmt: skip
     say(f"Predict p99 / empty handler p99 = {p99_ratio:.2f} (target <= {TARGET_P99_RATIO}):"
         f" {met(p99_ratio <= TARGET_P99_RATIO)}")  # fmt: skip
+    remote_ratios = (remote_predict.rate / empty.rate, remote_predict.p50 / empty.p50, remote_predict.p99 / empty.p99)
+    say(f"remote features mode, beside: throughput {remote_ratios[0]:.3f}, p50 {remote_ratios[1]:.2f},"
+        f" p99 {remote_ratios[2]:.2f} x the empty handler's")  # fmt: skip
     say(f"  (against the platform-served empty handler: throughput {predict.rate / platform_empty.rate:.3f},"
         f" p50 {predict.p50 / platform_empty.p50:.2f}, p99 {predict.p99 / platform_empty.p99:.2f})")  # fmt: skip
     say(f"scores/s micro-batching on / off = {batching_ratio:.2f} (target >= {TARGET_BATCHING_RATIO}):"
@@ -721,6 +742,16 @@ async def run(
         "p50_target_met": p50_ratio <= TARGET_P50_RATIO,
         "p99_target_met": p99_ratio <= TARGET_P99_RATIO,
         "serving": grpc_figures(predict),
+        "serving_remote": grpc_figures(remote_predict),
+        "remote_predict_calls_per_s": rounded(remote_predict.rate),
+        "remote_predict_p50_ms": round(remote_predict.p50, 3),
+        "remote_predict_p99_ms": round(remote_predict.p99, 3),
+        "remote_ratio_throughput_vs_empty": round(remote_ratios[0], 3),
+        "remote_ratio_p50_vs_empty": round(remote_ratios[1], 3),
+        "remote_ratio_p99_vs_empty": round(remote_ratios[2], 3),
+        "serving_rss_bytes": rss[SERVING],
+        "serving_remote_rss_bytes": rss[REMOTE],
+        "serving_feature_state_bytes": state_bytes,
         "empty_handler": grpc_figures(empty),
         "platform_empty_handler": grpc_figures(platform_empty),
         "part_features_lookup": grpc_figures(lookup),

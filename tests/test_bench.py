@@ -38,7 +38,8 @@ FIGURES = {
     "registry": ["train_examples_per_s", "xgb_alone_train_rows_per_s", "ratio_end_to_end_vs_xgb_alone"],
     "serving": [
         "predict_calls_per_s", "empty_calls_per_s", "ratio_throughput_vs_empty", "predict_p50_ms", "empty_p50_ms",
-        "ratio_p50_vs_empty", "ratio_p99_vs_empty", "ratio_batching_on_vs_off",
+        "ratio_p50_vs_empty", "ratio_p99_vs_empty", "ratio_batching_on_vs_off", "remote_predict_calls_per_s",
+        "remote_ratio_p50_vs_empty", "serving_rss_bytes", "serving_remote_rss_bytes",
     ],
 }  # fmt: skip
 
