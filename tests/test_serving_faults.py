@@ -18,9 +18,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from d2d import eventlog
 from d2d.client import RegistryClient, ServingClient, error_details
 from d2d.config import Settings
-from d2d.eventlog import APPEND_LOCK_KEY
+from d2d.eventlog import APPEND_LOCK_KEY, EventLog
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer
 from d2d.v1 import serving_pb2
 from services.serving.server import serve
@@ -345,3 +346,34 @@ async def test_a_model_that_cannot_be_served_is_a_precise_status_naming_the_mode
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await serving.stub.Predict(serving_pb2.PredictRequest(model="fraud", unit_id="u"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(caught.value) == ["model"]
+
+
+async def test_min_feature_watermark_waits_for_the_features_or_answers_unavailable(platform: Platform) -> None:
+    """Read-your-writes: a Predict asking for features at or past a log position is decided on a state
+    that reflects it; one the features cannot reach before the deadline gets UNAVAILABLE, retryable,
+    and decides nothing; a negative position is refused naming the field."""
+    pool = await eventlog.create_pool(platform.database_url, max_size=2)
+    try:
+        log = EventLog(pool)
+        head = await log.head()
+        async with ServingClient(platform.serving) as serving:
+            payment = platform.payments[-1]
+            request = ServingClient.request(MODEL, entities_of(payment), context_of(payment), unit_id="rw")
+            request.min_feature_watermark = head
+            answer = await serving.stub.Predict(request, timeout=10)
+            assert answer.feature_watermark >= head
+            before = await log.head()
+            request.min_feature_watermark = before + 1_000_000
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await serving.stub.Predict(request, timeout=1)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+            assert f"not yet {before + 1_000_000}" in caught.value.details()
+            assert retry_after(caught.value) is not None
+            assert await log.head() == before  # nothing decided
+            request.min_feature_watermark = -1
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await serving.stub.Predict(request, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert violations(caught.value) == ["min_feature_watermark"]
+    finally:
+        await pool.close()
