@@ -81,6 +81,7 @@ class Folder:
         self._host_lock = asyncio.Lock()  # one build at a time: each starts from the state as it is
         self._arrived = asyncio.Event()
         self._moved = asyncio.Event()  # set (and replaced) whenever the watermark may have moved
+        self._ended = False  # run() has returned: nothing will join hosted views any more
 
     @property
     def durable(self) -> str:
@@ -165,6 +166,7 @@ class Folder:
             if unacked is not None:
                 await unacked.ack()
         finally:
+            self._ended = True
             for hosting in self._hosting:  # never joined: their callers must not wait on
                 if not hosting.done.done():
                     hosting.done.set_exception(RuntimeError("the fold stopped before the views joined it"))
@@ -234,6 +236,8 @@ class Folder:
                 built_to,
                 time.monotonic() - started,
             )
+            if self._ended:
+                raise RuntimeError("the fold has stopped: no view can join it")
             hosting = _Hosting(states, built_to, last_of_type)
             self._hosting.append(hosting)
             self._arrived.set()
