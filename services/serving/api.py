@@ -333,13 +333,15 @@ class ServingApi:
 
     async def _features(self, row: Row, answer_by: float) -> tuple[dict[str, Any], list[str], int]:
         refs = tuple(row.deployment.feature_refs())
-        lookup = self.features.get(
-            refs, dict(row.request.entities), row.as_of, answer_by, row.request.min_feature_watermark
-        )
-        try:
-            return await self._within(lookup, answer_by, "fetching features")
+        try:  # awaited in place (no task): an in-process read mostly does not wait at all
+            return await self.features.get(
+                refs, dict(row.request.entities), row.as_of, answer_by, row.request.min_feature_watermark
+            )
         except Refusal:
             raise
+        except TimeoutError:
+            message = f"fetching features did not finish within the deadline; {NOT_RECORDED}"
+            raise Refusal("UNAVAILABLE", message, retry_after=RETRY_UNAVAILABLE) from None
         except NotFoldedYet as exc:
             message = f"{exc} (min_feature_watermark); {NOT_RECORDED}"
             raise Refusal("UNAVAILABLE", message, retry_after=RETRY_UNAVAILABLE) from None

@@ -47,7 +47,8 @@ class Features(Protocol):
         self, refs: tuple[str, ...], entities: dict[str, str], as_of: datetime, answer_by: float, min_watermark: int = 0
     ) -> tuple[dict[str, Any], list[str], int]:
         """(values by `view.feature`, unknown entity types, watermark) for one row, from a state
-        folded at least to `min_watermark` (NotFoldedYet if it is not by `answer_by`)."""
+        folded at least to `min_watermark` (NotFoldedYet if it is not by `answer_by`, a
+        `time.monotonic()` value; TimeoutError if no answer came by then)."""
 
     def close(self) -> None: ...
 
@@ -138,7 +139,11 @@ class RemoteFeatures:
     ) -> tuple[dict[str, Any], list[str], int]:
         """Raises grpc.aio.AioRpcError as the features service answers, NotFoldedYet."""
         while True:
-            answer = await self._batcher.submit(Lookup(refs, entities, as_of, answer_by))
+            left = answer_by - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            # The call goes on for the other rows it carries if this caller stops waiting.
+            answer = await asyncio.wait_for(self._batcher.submit(Lookup(refs, entities, as_of, answer_by)), left)
             if answer[2] >= min_watermark:
                 return answer
             if time.monotonic() + RECHECK_SECONDS >= answer_by - SPARE_SECONDS:
