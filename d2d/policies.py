@@ -107,14 +107,7 @@ class Policy(ABC):
 
     def draw(self, score: float, u: float) -> str:
         """The action for `score` and a uniform `u` in [0, 1): inverse CDF over `probabilities`."""
-        cumulative = 0.0
-        probabilities = self.probabilities(score)
-        for action in self.actions:
-            cumulative += probabilities[action]
-            if u < cumulative:
-                return action
-        # u within rounding of 1: the last action with any probability
-        return next(a for a in reversed(self.actions) if probabilities[a] > 0)
+        return inverse_cdf(self.actions, self.probabilities(score), u)
 
     def action_scores(self, score: float) -> dict[str, float]:
         """Every action's score as logged with a decision (its utility)."""
@@ -123,6 +116,18 @@ class Policy(ABC):
     def to_dict(self) -> dict[str, Any]:
         """The policy as JSON data; `policy_from_dict` reads it back to an equal policy."""
         return {"kind": self.kind, "actions": list(self.actions), **self._kind_dict(), **self.exploration.to_dict()}
+
+
+def inverse_cdf(actions: Sequence[str], probabilities: Mapping[str, float], u: float) -> str:
+    """The first action whose cumulative probability (in `actions` order) exceeds `u` in [0, 1): each
+    action is drawn with its probability (u's resolution aside)."""
+    cumulative = 0.0
+    for action in actions:
+        cumulative += probabilities[action]
+        if u < cumulative:
+            return action
+    # u within rounding of 1: the last action with any probability
+    return next(a for a in reversed(actions) if probabilities[a] > 0)
 
 
 @dataclass(frozen=True)
@@ -166,8 +171,7 @@ class BestActionPolicy(Policy):
         return {u.action: u.weight * score + u.bias for u in self.action_utilities}
 
     def greedy(self, score: float) -> str:
-        utilities = self.utilities(score)
-        return max(self.actions, key=lambda a: (utilities[a], -self.actions.index(a)))
+        return max(self.actions, key=self.utilities(score).__getitem__)  # max keeps the first of equals
 
     def _kind_dict(self) -> dict[str, Any]:
         return {"utilities": [{"action": u.action, "weight": u.weight, "bias": u.bias} for u in self.action_utilities]}

@@ -31,7 +31,7 @@ from d2d.policies import (
 from d2d.runtime.servers import free_port
 from d2d.v1 import registry_pb2
 from services.registry.server import serve
-from services.serving.decisions import choose, decision_id
+from services.serving.decisions import choose, decision_id, unit_interval
 
 DECISIONS = 20_000
 # The 0.999 quantile of the chi-square distribution by degrees of freedom (K actions: K - 1).
@@ -56,7 +56,9 @@ def test_drawn_actions_follow_the_probabilities_logged_as_propensities(name: str
     assert math.isclose(math.fsum(probabilities.values()), 1.0, abs_tol=1e-12)
     counts: Counter[str] = Counter()
     for i in range(DECISIONS):
-        choice = choose(score, policy, decision_id("policy-test", f"{name}/{score}/{i}"))
+        decision = decision_id("policy-test", f"{name}/{score}/{i}")
+        choice = choose(score, policy, decision)
+        assert choice.action == policy.draw(score, unit_interval("draw", str(decision)))
         assert choice.propensity == probabilities[choice.action]
         assert choice.greedy_action == policy.greedy(score)
         assert choice.explored == (choice.action != choice.greedy_action)

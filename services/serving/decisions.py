@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from d2d.policies import Policy, as_policy
+from d2d.policies import Policy, as_policy, inverse_cdf
 
 DECISION_NAMESPACE = uuid.UUID("3f0c1d52-6a4e-4c8e-9b61-0d2d0d2d0d2d")
 
@@ -45,7 +45,8 @@ def choose(score: float, policy: Policy | Mapping[str, Any], decision: uuid.UUID
     """The action the policy draws for `score`, the uniform draw coming from the decision id (so it
     replays), with the probability the policy gave it as its propensity."""
     policy = as_policy(policy)
-    action = policy.draw(score, unit_interval("draw", str(decision)))
+    probabilities = policy.probabilities(score)
+    # Policy.draw, with the probabilities it would compute kept for the propensity
+    action = inverse_cdf(policy.actions, probabilities, unit_interval("draw", str(decision)))
     greedy = policy.greedy(score)
-    propensity = policy.probabilities(score)[action]
-    return Choice(action, propensity, action != greedy, greedy, policy.action_scores(score))
+    return Choice(action, probabilities[action], action != greedy, greedy, policy.action_scores(score))
