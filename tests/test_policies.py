@@ -5,6 +5,7 @@ refuses a bad policy naming its field and keeps a good one with its kind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from d2d.runtime.servers import free_port
 from d2d.v1 import registry_pb2
 from services.registry.server import serve
 from services.serving.decisions import choose, decision_id, unit_interval
+from tests.conftest import run_cli
 
 DECISIONS = 20_000
 # The 0.999 quantile of the chi-square distribution by degrees of freedom (K actions: K - 1).
@@ -296,3 +298,23 @@ async def test_a_policy_recorded_before_kinds_reads_as_threshold_with_epsilon_gr
     read = (await client.get_model("old-policy")).deployment_policy
     assert policy_from_proto(read) == ThresholdPolicy(("ok", "no"), EpsilonGreedy(0.2), 0.7)
     assert read.kind == Message.THRESHOLD and read.exploration == Message.EPSILON_GREEDY and read.canary_share == 0.3
+
+
+async def test_d2d_models_policy_sets_a_best_action_policy_and_refuses_a_bad_one_naming_the_field(
+    registry,  # noqa: ANN001
+    database_url: str,
+) -> None:
+    client, _ = registry
+    await client.create_model("cli-policy", policy=threshold_policy(["approve", "decline"], 0.5))
+    env = {"D2D_DATABASE_URL": database_url, "D2D_NATS_URL": "nats://unused", "D2D_REGISTRY_ADDR": client.target}
+    policy = best_action_policy(THREE, epsilon=0.1)
+    code, out = await run_cli(env, "models", "policy", "cli-policy", "--set", json.dumps(policy.to_dict()),
+                              "--canary-share", "0.2")  # fmt: skip
+    assert code == 0, out
+    assert "best_action of approve -1*score+0.6, review 0*score+0.15, decline 1*score-0.3, epsilon 0.1" in out, out
+    read = (await client.get_model("cli-policy")).deployment_policy
+    assert policy_from_proto(read) == policy and read.canary_share == 0.2
+    bad = {**policy.to_dict(), "exploration": "softmax", "temperature": -1}
+    code, out = await run_cli(env, "models", "policy", "cli-policy", "--set", json.dumps(bad))
+    assert code != 0 and "--set.temperature must be above 0" in out, out
+    assert policy_from_proto((await client.get_model("cli-policy")).deployment_policy) == policy
