@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 
 from d2d.client import AuditClient, error_details
 from d2d.eventlog import EventLog, NewEvent
+from d2d.policies import best_action_policy
 from d2d.replay.log import load_version
 from services.serving.decisions import choose
 from tests.conftest import audit_service, rule_outcome, run_cli
@@ -234,3 +235,29 @@ async def test_ips_of_a_best_action_candidate_on_best_action_decisions_is_the_te
         await audit.evaluate_policy("models/fraud/versions/1", policy=bad, reward=TABLE_THREE)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(refused.value) == ["policy_json.utilities[2].weight"]
+
+
+async def test_rescore_applies_each_decisions_best_action_policy_to_the_new_scores(
+    audit: AuditClient, event_log: EventLog
+) -> None:
+    """Rescore compares the greedy action of the logged best_action policy at the logged score with
+    its greedy action at the version's score on the logged inputs."""
+    await register(event_log, model_artifact())
+    policy = best_action_policy({"approve": (-2.0, 1.0), "review": (0.0, 0.2), "decline": (2.0, -1.0)}, epsilon=0.1)
+    assert [policy.greedy(s) for s in (0.05, 0.5, 0.95)] == ["approve", "review", "decline"]
+    # (input x, the score logged): the version scores x = 0.05 low and x = 0.95 high
+    logged = [(0.05, 0.5), (0.05, 0.95), (0.95, 0.96), (0.05, 0.04)]
+    new = (await load_version(event_log, "fraud@1")).predict(np.asarray([[x] for x, _ in logged])).tolist()
+    assert new[0] < 0.2 and new[2] > 0.8, new
+    events = []
+    for i, (x, score) in enumerate(logged):
+        greedy, logged_policy = policy.greedy(score), {**policy.to_dict(), "canary_share": 0.0}
+        propensity = policy.probabilities(score)[greedy]
+        event, _ = made(2000 + i, x, score, policy=logged_policy, action=greedy, propensity=propensity,
+                        explored=False, greedy_action=greedy)  # fmt: skip
+        events.append(event)
+    await event_log.append(events)
+    result = await audit.rescore("models/fraud/versions/1")
+    assert result["by_action_pair"] == {"approve -> approve": 1, "decline -> approve": 1, "decline -> decline": 1,
+                                        "review -> approve": 1}  # fmt: skip
+    assert result["actions_differ"] == 2
