@@ -235,6 +235,11 @@ async def test_ips_of_a_best_action_candidate_on_best_action_decisions_is_the_te
         await audit.evaluate_policy("models/fraud/versions/1", policy=bad, reward=TABLE_THREE)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(refused.value) == ["policy_json.utilities[2].weight"]
+    # A threshold over logged best_action policies has nothing to apply to: refused, not ignored.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await audit.evaluate_policy("models/fraud/versions/1", policy={"threshold": 0.3}, reward=TABLE_THREE)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no threshold" in refused.value.details()
+    assert violations(refused.value) == ["policy_json"]
 
 
 async def test_rescore_applies_each_decisions_best_action_policy_to_the_new_scores(

@@ -350,10 +350,18 @@ def candidate_policy(logged: Mapping[str, Any] | None, override: Mapping[str, An
     if override and "kind" in override:
         return policy_from_dict(with_changes({}, override), field)
     try:
-        return policy_from_dict(with_changes(logged or {}, override or {}), field)
+        policy = policy_from_dict(with_changes(logged or {}, override or {}), field)
     except Refusal as refusal:
         raise Refusal("FAILED_PRECONDITION", f"decision {decision} logged no complete policy ({refusal.message}): "
                       "give the candidate's policy in full", field) from None  # fmt: skip
+    foreign = sorted(k for k in override or {} if KIND_ONLY_FIELDS.get(k, policy.kind) != policy.kind)
+    if foreign:
+        raise Refusal("INVALID_ARGUMENT", f"decision {decision} logged a {policy.kind} policy, which has no "
+                      f"{', '.join(foreign)}: give the candidate's policy in full, with its kind", field)  # fmt: skip
+    return policy
+
+
+KIND_ONLY_FIELDS = {"threshold": "threshold", "utilities": "best_action"}  # a field -> the one kind that has it
 
 
 POLICY_FIELDS = {"kind", "actions", "threshold", "utilities", "exploration", "epsilon", "temperature", "canary_share"}
