@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from d2d import grpcserver
+from d2d.policies import Policy, deployment_policy_proto
 from d2d.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -417,13 +418,14 @@ class RegistryClient:
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
     async def create_model(
-        self, model_id: str, description: str = "", policy: dict[str, Any] | None = None
-    ) -> registry_pb2.Model:
-        """A new model; `policy` (canary_share, epsilon, threshold, actions) is its whole deployment
-        policy, default the domain's."""
+        self, model_id: str, description: str = "", policy: Policy | Mapping[str, Any] | None = None,
+        canary_share: float = 0.0,
+    ) -> registry_pb2.Model:  # fmt: skip
+        """A new model; `policy` (a d2d.policies Policy, or a deployment policy dict: canary_share and
+        the policy's fields) is its whole deployment policy, default the domain's."""
         model = registry_pb2.Model(description=description)
         if policy is not None:
-            model.deployment_policy.CopyFrom(registry_pb2.DeploymentPolicy(**policy))
+            model.deployment_policy.CopyFrom(deployment_policy_proto(policy, canary_share))
         request = registry_pb2.CreateModelRequest(model_id=model_id, model=model)
         return await self.stub.CreateModel(request, timeout=30)
 
@@ -431,17 +433,21 @@ class RegistryClient:
         return await self.stub.GetModel(registry_pb2.GetModelRequest(name=f"models/{model}"), timeout=30)
 
     async def set_policy(
-        self, model: str, *, canary_share: float = 0.0, epsilon: float = 0.0, threshold: float = 0.5,
-        actions: Sequence[str] = (),
+        self, model: str, policy: Policy | None = None, *, canary_share: float = 0.0, epsilon: float = 0.0,
+        threshold: float = 0.5, actions: Sequence[str] = (),
     ) -> registry_pb2.Model:  # fmt: skip
-        """Set the model's deployment policy; no `actions` keeps the model's current ones."""
+        """Set the model's deployment policy: `policy` (any kind, d2d.policies) with `canary_share`, or
+        without one a threshold policy of `epsilon`, `threshold` and `actions` (none: the model's current)."""
         from google.protobuf import field_mask_pb2
 
-        policy = registry_pb2.DeploymentPolicy(
-            canary_share=canary_share, epsilon=epsilon, threshold=threshold, actions=list(actions)
-        )
+        if policy is not None:
+            message = deployment_policy_proto(policy, canary_share)
+        else:
+            message = registry_pb2.DeploymentPolicy(
+                canary_share=canary_share, epsilon=epsilon, threshold=threshold, actions=list(actions)
+            )
         request = registry_pb2.UpdateModelRequest(
-            model=registry_pb2.Model(name=f"models/{model}", deployment_policy=policy),
+            model=registry_pb2.Model(name=f"models/{model}", deployment_policy=message),
             update_mask=field_mask_pb2.FieldMask(paths=["deployment_policy"]),
         )
         return await self.stub.UpdateModel(request, timeout=30)

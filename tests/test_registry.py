@@ -262,7 +262,8 @@ async def test_a_new_models_policy_is_in_its_event_and_a_model_without_one_is_re
     try:
         log = EventLog(pool)
         [event] = await log.newest(below=None, limit=1, event_type="model.registered", entity_id="policy-given")
-        assert event.payload["policy"] == given
+        # the whole policy, with the kind and exploration it was read as
+        assert event.payload["policy"] == {**given, "kind": "threshold", "exploration": "epsilon_greedy"}
         # A domain without a default_policy(): the creator must name the actions.
         with pytest.raises(Refusal) as refused:
             await ModelStore(log).create_model("policy-missing")

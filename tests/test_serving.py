@@ -23,6 +23,7 @@ from d2d.eventlog import EventLog, NewEvent
 from d2d.features.definitions import Aggregate, Aggregation, FeatureView, days, hours
 from d2d.features.offline import FrameRow, training_frame
 from d2d.features.store import register_views
+from d2d.policies import best_action_policy, threshold_policy
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.sim.training import default_spec
 from d2d.sim.views import VIEWS
@@ -403,6 +404,34 @@ async def test_exploration_frequencies_match_the_logged_propensities(platform: P
         assert a.propensity == pytest.approx(epsilon / 2 if a.explored else 1 - epsilon / 2)
         greedy = "decline" if a.score >= 0.5 else "approve"  # the default threshold
         assert (a.action != greedy) == a.explored
+
+
+async def test_a_best_action_policy_decides_and_logs_its_kind_and_exact_propensities(platform: Platform) -> None:
+    """Three actions, softmax exploration: every decision logs the policy with its kind, every
+    action's utility, and as its propensity exactly the probability the policy gave its action."""
+    policy = best_action_policy(
+        {"approve": (-1.0, 0.6), "review": (0.0, 0.15), "decline": (1.0, -0.3)}, temperature=0.25
+    )
+    async with RegistryClient(platform.registry) as registry:
+        await registry.set_policy(MODEL, policy)
+    await asyncio.sleep(1.0)  # serving follows model.policy_set on the bus
+    try:
+        async with ServingClient(platform.serving) as serving:
+            answers = await serving.batch_predict(requests_for(platform, 300))
+    finally:
+        async with RegistryClient(platform.registry) as registry:
+            await registry.set_policy(MODEL, threshold_policy(["approve", "decline"], 0.5))
+        await asyncio.sleep(1.0)
+    logged = await logged_decisions(platform.database_url, answers)
+    for answer, event in zip(answers, logged, strict=True):
+        p = event.payload
+        assert p["policy"] == {**policy.to_dict(), "canary_share": 0.0}
+        assert p["policy"]["kind"] == "best_action" and p["policy"]["exploration"] == "softmax"
+        assert p["propensity"] == policy.probabilities(p["score"])[p["action"]] == answer.propensity
+        assert p["action_scores"] == policy.action_scores(p["score"])
+        assert p["greedy_action"] == policy.greedy(p["score"]) and p["explored"] == (p["action"] != p["greedy_action"])
+        assert answer.action == p["action"]
+    assert {e.payload["action"] for e in logged} == {"approve", "review", "decline"}
 
 
 async def test_alias_moved_under_steady_load_fails_no_request(platform: Platform) -> None:

@@ -1,4 +1,4 @@
-"""`d2d models list|show|train|promote|rollback|reproduce`: the model registry, through RegistryService.
+"""`d2d models list|show|train|promote|rollback|reproduce|policy`: the model registry, through RegistryService.
 
 `reproduce` asks the registry to retrain a version from its stored spec (`ReproduceModelVersion`,
 which registers nothing) and exits 1 when the bytes differ from the stored artifact's.
@@ -46,6 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     mrepro = msub.add_parser("reproduce", help="retrain a version from its stored spec and compare sha256")
     mrepro.add_argument("model")
     mrepro.add_argument("version")
+    mpolicy = msub.add_parser("policy", help="show or set the model's deployment policy (threshold or best_action)")
+    mpolicy.add_argument("model")
+    mpolicy.add_argument(
+        "--set", metavar="JSON", dest="policy_json",
+        help='the decision policy, e.g. {"kind": "best_action", "utilities": [{"action": "approve", "weight": -1, '
+        '"bias": 0.6}, {"action": "review", "weight": 0, "bias": 0.1}, {"action": "decline", "weight": 1, "bias": 0}],'
+        ' "exploration": "softmax", "temperature": 0.05}, or {"kind": "threshold", "threshold": 0.5, "epsilon": 0.1,'
+        ' "actions": ["approve", "decline"]}',
+    )  # fmt: skip
+    mpolicy.add_argument("--canary-share", type=float, help="share of units for the canary (default: the current)")
     models.set_defaults(func=cmd_models)
 
 
@@ -59,7 +69,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         async with RegistryClient(endpoints.addr("registry")) as registry:
             handler = {
                 "list": _models_list, "show": _models_show, "train": _models_train, "promote": _models_promote,
-                "rollback": _models_rollback, "reproduce": _models_reproduce,
+                "rollback": _models_rollback, "reproduce": _models_reproduce, "policy": _models_policy,
             }[args.action]  # fmt: skip
             return await handler(registry, args, settings, endpoints)
 
@@ -208,6 +218,27 @@ async def _models_rollback(registry, args, settings, endpoints) -> int:  # noqa:
     target = changes[-1].previous_version
     model = await registry.set_alias(args.model, args.alias, target, reason=f"rollback from {changes[-1].version}")
     console.print(f"{args.alias} of {model.name} rolled back to version {target}")
+    return 0
+
+
+async def _models_policy(registry, args, settings, endpoints) -> int:  # noqa: ANN001
+    from d2d.errors import Refusal
+    from d2d.policies import deployment_dict_from_proto, describe, policy_from_dict
+
+    model = await registry.get_model(args.model)
+    if args.policy_json is not None or args.canary_share is not None:
+        current = deployment_dict_from_proto(model.deployment_policy)
+        try:
+            given = json.loads(args.policy_json) if args.policy_json is not None else current
+            policy = policy_from_dict(given, "--set")
+        except ValueError as exc:
+            raise SystemExit(f"--set is not JSON: {exc}") from None
+        except Refusal as refusal:
+            raise SystemExit(refusal.message) from None
+        share = args.canary_share if args.canary_share is not None else current["canary_share"]
+        model = await registry.set_policy(args.model, policy, canary_share=share)
+    shown = deployment_dict_from_proto(model.deployment_policy)
+    console.print(f"{model.name}: {describe(shown)}; canary share {shown['canary_share']:g}")
     return 0
 
 

@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ope.add_argument("--policy", required=True, metavar="M@V", help="the candidate's model version (model@n)")
     ope.add_argument("--epsilon", type=float, help="the candidate's exploration (default: each decision's logged)")
     ope.add_argument("--threshold", type=float, help="the candidate's threshold (default: each decision's logged)")
+    ope.add_argument("--temperature", type=float, help="the candidate explores by softmax at this temperature")
+    ope.add_argument("--decision-policy", metavar="JSON",
+                     help='the candidate\'s whole policy, e.g. {"kind": "best_action", "utilities": [{"action": '
+                     '"approve", "weight": -1, "bias": 0.5}, ...], "exploration": "softmax", "temperature": 0.1}; '
+                     "or fields over each decision's logged policy (the flags above go over it)")  # fmt: skip
     ope.add_argument("--logged-model", default="", help="evaluate on this model's decisions (default: the candidate's)")
     ope.add_argument("--clip", type=float, default=0.0, help="raise propensities below this to it (default 0: none)")
     ope.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for the intervals (default 200)")
@@ -161,7 +166,14 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 def cmd_ope(args: argparse.Namespace) -> int:
     from d2d.client import AuditClient
 
-    policy = {k: v for k, v in (("epsilon", args.epsilon), ("threshold", args.threshold)) if v is not None}
+    try:
+        policy = json.loads(args.decision_policy) if args.decision_policy else {}
+    except ValueError as exc:
+        raise SystemExit(f"--decision-policy is not JSON: {exc}") from None
+    if not isinstance(policy, dict):
+        raise SystemExit("--decision-policy must be a JSON object")
+    flags = (("epsilon", args.epsilon), ("threshold", args.threshold), ("temperature", args.temperature))
+    policy.update({k: v for k, v in flags if v is not None})
     try:
         reward = json.loads(args.reward) if args.reward else None
     except ValueError as exc:

@@ -20,6 +20,7 @@ from d2d.eventlog import EventLog, StoredEvent
 from d2d.features.definitions import FeatureView, resolve_path
 from d2d.features.fold import FoldEvent, StaleQueryError, ViewState, fold_event, posix_seconds
 from d2d.features.offline import source_events
+from d2d.policies import describe
 from d2d.replay.log import PAGE, Progress, load_version, no_progress, read_all
 from d2d.replay.log import decision_event as find_decision
 from d2d.training.decisions import decision_time
@@ -265,10 +266,7 @@ def render(explanation: Mapping[str, Any]) -> str:
         f" {_short(d['propensity'])}, {'explored' if d['explored'] else 'not explored'})",
     )  # fmt: skip
     policy = d.get("policy") or {}
-    lines += _wrap(
-        "policy", f"threshold {_short(policy.get('threshold'))}, epsilon {_short(policy.get('epsilon'))}, actions "
-        f"{'/'.join(policy.get('actions', []))}, canary share {_short(policy.get('canary_share'))}",
-    )  # fmt: skip
+    lines += _wrap("policy", f"{describe(policy)}, canary share {_short(policy.get('canary_share'))}")
     lines += _wrap("entities", ", ".join(f"{k} {v}" for k, v in d["entities"].items()))
     lines += _wrap("context", ", ".join(f"{k}={_short(v)}" for k, v in sorted(d["context"].items())))
     lines += _wrap("trace", explanation["trace_id"] or "-")

@@ -34,10 +34,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
-from d2d.policies import action_probabilities
+from d2d.policies import Policy, policy_from_dict, with_changes
 from d2d.replay.log import LoggedDecision, Progress, load_version, logged_decisions, logged_vectors, no_progress
 
 ESTIMATORS = ("ips", "snips", "dr")
@@ -343,32 +344,53 @@ def reward_of(
 
 
 def candidate_policy(logged: Mapping[str, Any] | None, override: Mapping[str, Any] | None, decision: str,
-                     field: str) -> dict[str, Any]:  # fmt: skip
-    """The candidate's policy for one decision: the logged policy with `override`'s fields over it."""
-    policy = {**(logged or {}), **(override or {})}
-    actions = policy.get("actions")
-    if not _is_number(policy.get("threshold")) or not isinstance(actions, list) or len(actions) != 2:
-        raise Refusal("FAILED_PRECONDITION", f"decision {decision} logged no complete policy (threshold, actions): "
-                      "give the candidate's policy in full", field)  # fmt: skip
+                     field: str) -> Policy:  # fmt: skip
+    """The candidate's policy for one decision: the logged policy with `override`'s fields over it
+    (`d2d.policies.with_changes`); an override naming its `kind` is a whole policy of its own."""
+    if override and "kind" in override:
+        return policy_from_dict(with_changes({}, override), field)
+    try:
+        policy = policy_from_dict(with_changes(logged or {}, override or {}), field)
+    except Refusal as refusal:
+        raise Refusal("FAILED_PRECONDITION", f"decision {decision} logged no complete policy ({refusal.message}): "
+                      "give the candidate's policy in full", field) from None  # fmt: skip
+    foreign = sorted(k for k in override or {} if KIND_ONLY_FIELDS.get(k, policy.kind) != policy.kind)
+    if foreign:
+        raise Refusal("INVALID_ARGUMENT", f"decision {decision} logged a {policy.kind} policy, which has no "
+                      f"{', '.join(foreign)}: give the candidate's policy in full, with its kind", field)  # fmt: skip
     return policy
 
 
+KIND_ONLY_FIELDS = {"threshold": "threshold", "utilities": "best_action"}  # a field -> the one kind that has it
+
+
+POLICY_FIELDS = {"kind", "actions", "threshold", "utilities", "exploration", "epsilon", "temperature", "canary_share"}
+
+
 def policy_override(policy: Any, field: str = "policy_json") -> dict[str, Any] | None:
-    """The candidate's policy fields (`threshold`, `epsilon`, `actions`) checked."""
+    """The candidate's policy fields checked: either fields over each decision's logged policy
+    (`threshold`, `epsilon`, `temperature`, `actions`, ...) or, with a `kind`, a whole policy
+    (d2d.policies' dict form, e.g. a best_action policy with its `utilities`)."""
     if policy is None:
         return None
     if not isinstance(policy, dict):
-        raise Refusal("INVALID_ARGUMENT", "the policy must be an object with threshold, epsilon and actions", field)
-    unknown = sorted(set(policy) - {"threshold", "epsilon", "actions", "canary_share"})
+        raise Refusal("INVALID_ARGUMENT", "the policy must be an object: a policy's fields (threshold, epsilon, "
+                      "actions, ...) or a whole policy with its kind", field)  # fmt: skip
+    unknown = sorted(set(policy) - POLICY_FIELDS)
     if unknown:
         raise Refusal("INVALID_ARGUMENT", f"unknown policy field(s) {', '.join(unknown)}", field)
+    if "kind" in policy:
+        policy_from_dict(with_changes({}, policy), field)  # a whole policy: all of it checked now
+        return dict(policy)
     if "threshold" in policy and not _is_number(policy["threshold"]):
         raise Refusal("INVALID_ARGUMENT", f"threshold must be a number, not {policy['threshold']!r}", field)
     if "epsilon" in policy and not (_is_number(policy["epsilon"]) and 0 <= policy["epsilon"] <= 1):
         raise Refusal("INVALID_ARGUMENT", f"epsilon must be in [0, 1], not {policy['epsilon']!r}", field)
+    if "temperature" in policy and not (_is_number(policy["temperature"]) and policy["temperature"] > 0):
+        raise Refusal("INVALID_ARGUMENT", f"temperature must be above 0, not {policy['temperature']!r}", field)
     actions = policy.get("actions", ["a", "b"])
-    if not (isinstance(actions, list) and len(actions) == 2 and all(isinstance(a, str) and a for a in actions)):
-        raise Refusal("INVALID_ARGUMENT", f"actions must be two action names, not {actions!r}", field)
+    if not (isinstance(actions, list) and len(actions) >= 2 and all(isinstance(a, str) and a for a in actions)):
+        raise Refusal("INVALID_ARGUMENT", f"actions must be a list of action names, not {actions!r}", field)
     return dict(policy)
 
 
@@ -412,18 +434,18 @@ async def evaluate_policy(
     scores = (await asyncio.to_thread(version.predict, features)).tolist()
     progress("scoring", len(decisions), len(decisions))
 
-    policies = [candidate_policy(d.payload.get("policy"), override, d.decision_id, policy_field) for d in decisions]
-    actions = _action_names(decisions, policies)
+    logging_policies, policies = _policies(decisions, override, policy_field)
+    actions = _action_names(decisions, logging_policies, policies)
     index = {a: k for k, a in enumerate(actions)}
     target = np.zeros((len(decisions), len(actions)))
     logging = np.ones((len(decisions), len(actions)))  # unknown: no support check for that decision
     for i, (decision, candidate, score) in enumerate(zip(decisions, policies, scores, strict=True)):
-        for action, p in action_probabilities(score, candidate).items():
+        for action, p in candidate.probabilities(score).items():
             target[i, index[action]] = p
-        logged_policy, logged_score = decision.payload.get("policy"), decision.payload.get("score")
-        if isinstance(logged_policy, dict) and "threshold" in logged_policy and _is_number(logged_score):
+        logging_policy, logged_score = logging_policies[i], decision.payload.get("score")
+        if logging_policy is not None and _is_number(logged_score):
             logging[i] = 0.0
-            for action, p in action_probabilities(float(logged_score), logged_policy).items():
+            for action, p in logging_policy.probabilities(float(logged_score)).items():
                 logging[i, index[action]] = p
     check_support(target, logging, ids, actions, policy_field)
 
@@ -499,12 +521,34 @@ def _label_rewards(
     return np.broadcast_to(by_label, (len(decisions), *by_label.shape)), labels
 
 
-def _action_names(decisions: Sequence[LoggedDecision], policies: Sequence[Mapping[str, Any]]) -> list[str]:
+def _policies(
+    decisions: Sequence[LoggedDecision], override: Mapping[str, Any] | None, field: str
+) -> tuple[list[Policy | None], list[Policy]]:
+    """Each decision's logging policy (None where it logged no complete one: its support is unknown)
+    and the candidate's policy for it. Decisions share a few distinct policies, each read once."""
+    logging: dict[bytes, Policy | None] = {}
+    candidates: dict[bytes, Policy] = {}
+    logging_policies, policies = [], []
+    for d in decisions:
+        logged = d.payload.get("policy")
+        key = orjson.dumps(logged, option=orjson.OPT_SORT_KEYS)
+        if key not in logging:
+            try:
+                logging[key] = policy_from_dict(logged)
+            except Refusal:
+                logging[key] = None
+            candidates[key] = candidate_policy(logged, override, d.decision_id, field)
+        logging_policies.append(logging[key])
+        policies.append(candidates[key])
+    return logging_policies, policies
+
+
+def _action_names(
+    decisions: Sequence[LoggedDecision], logging: Sequence[Policy | None], candidates: Sequence[Policy]
+) -> list[str]:
     """Every action a logging or candidate policy names or a decision took, in first-seen order."""
     names: dict[str, None] = {}
-    for decision, candidate in zip(decisions, policies, strict=True):
-        logged = decision.payload.get("policy")
-        for action in [*(logged.get("actions", []) if isinstance(logged, dict) else []), *candidate["actions"],
-                       decision.payload["action"]]:  # fmt: skip
+    for decision, logged, candidate in zip(decisions, logging, candidates, strict=True):
+        for action in [*(logged.actions if logged else ()), *candidate.actions, decision.payload["action"]]:
             names.setdefault(str(action), None)
     return list(names)

@@ -4,8 +4,9 @@ Each decision is scored on its logged input vector (mapped by input name onto th
 inputs, as retraining on decisions maps them), or, with `recompute_features`, on a vector rebuilt
 from the log at the decision's entities, time and feature watermark (the training frame, equal by
 construction to what the online path answered) plus its request context. The new action is the
-greedy action of the decision's own logged policy for the new score, compared with the greedy
-action the logged score gave under that policy: exploration draws are not replayed.
+greedy action of the decision's own logged policy (of either kind, d2d.policies) for the new score,
+compared with the greedy action the logged score gave under that policy: exploration draws are not
+replayed.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.offline import FrameRow, training_frame
-from d2d.policies import greedy_action
+from d2d.policies import Policy, policy_from_dict
 from d2d.replay.explain import log_views
 from d2d.replay.log import (
     LoggedDecision,
@@ -119,10 +121,12 @@ async def rescore(
     pairs: Counter[str] = Counter()
     differing: list[dict[str, Any]] = []
     differ = 0
+    read: dict[bytes, Policy] = {}  # decisions share a few distinct policies: each read once
     for d, old_score, new_score in zip(decisions, old, new, strict=True):
-        policy = d.payload["policy"]
-        before = d.payload.get("greedy_action") or greedy_action(float(old_score), policy)
-        after = greedy_action(float(new_score), policy)
+        key = orjson.dumps(d.payload["policy"], option=orjson.OPT_SORT_KEYS)
+        policy = read.get(key) or read.setdefault(key, policy_from_dict(d.payload["policy"]))
+        before = d.payload.get("greedy_action") or policy.greedy(float(old_score))
+        after = policy.greedy(float(new_score))
         pairs[f"{before} -> {after}"] += 1
         if before != after:
             differ += 1

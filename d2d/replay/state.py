@@ -25,6 +25,7 @@ from d2d.features.definitions import FeatureView
 from d2d.features.fold import StaleQueryError, ViewState
 from d2d.features.offline import fold_pages, utc
 from d2d.metrics import JoinRow, compute
+from d2d.policies import describe
 from d2d.replay.explain import Registered, log_views
 from d2d.replay.log import Progress, no_progress
 from d2d.replay.scratch import scratch_database
@@ -188,8 +189,7 @@ def render(state: dict[str, Any]) -> str:
         aliases = ", ".join(f"{alias} -> {a['version']} (seq {a['set_seq']})" for alias, a in model["aliases"].items())
         lines += [
             f"  models/{name}: {len(model['versions'])} versions; aliases: {aliases or 'none'}",
-            f"    policy: threshold {policy.get('threshold')}, epsilon {policy.get('epsilon')}, actions"
-            f" {'/'.join(policy.get('actions', []))}, canary share {policy.get('canary_share')}",
+            f"    policy: {describe(policy)}, canary share {policy.get('canary_share')}",
         ]
         if model["promotion_policy"]:
             promotion = ", ".join(f"{k} {v}" for k, v in sorted(model["promotion_policy"].items()))

@@ -6,6 +6,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -55,16 +56,50 @@ class PromotionPolicy(_message.Message):
     def __init__(self, canary_share: _Optional[float] = ..., min_decisions: _Optional[int] = ..., min_labels: _Optional[int] = ..., margin: _Optional[float] = ..., max_decisions: _Optional[int] = ...) -> None: ...
 
 class DeploymentPolicy(_message.Message):
-    __slots__ = ("canary_share", "epsilon", "threshold", "actions")
+    __slots__ = ("canary_share", "epsilon", "threshold", "actions", "kind", "exploration", "temperature", "utilities")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[DeploymentPolicy.Kind]
+        THRESHOLD: _ClassVar[DeploymentPolicy.Kind]
+        BEST_ACTION: _ClassVar[DeploymentPolicy.Kind]
+    KIND_UNSPECIFIED: DeploymentPolicy.Kind
+    THRESHOLD: DeploymentPolicy.Kind
+    BEST_ACTION: DeploymentPolicy.Kind
+    class Exploration(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        EXPLORATION_UNSPECIFIED: _ClassVar[DeploymentPolicy.Exploration]
+        EPSILON_GREEDY: _ClassVar[DeploymentPolicy.Exploration]
+        SOFTMAX: _ClassVar[DeploymentPolicy.Exploration]
+    EXPLORATION_UNSPECIFIED: DeploymentPolicy.Exploration
+    EPSILON_GREEDY: DeploymentPolicy.Exploration
+    SOFTMAX: DeploymentPolicy.Exploration
     CANARY_SHARE_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    UTILITIES_FIELD_NUMBER: _ClassVar[int]
     canary_share: float
     epsilon: float
     threshold: float
     actions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, canary_share: _Optional[float] = ..., epsilon: _Optional[float] = ..., threshold: _Optional[float] = ..., actions: _Optional[_Iterable[str]] = ...) -> None: ...
+    kind: DeploymentPolicy.Kind
+    exploration: DeploymentPolicy.Exploration
+    temperature: float
+    utilities: _containers.RepeatedCompositeFieldContainer[ActionUtility]
+    def __init__(self, canary_share: _Optional[float] = ..., epsilon: _Optional[float] = ..., threshold: _Optional[float] = ..., actions: _Optional[_Iterable[str]] = ..., kind: _Optional[_Union[DeploymentPolicy.Kind, str]] = ..., exploration: _Optional[_Union[DeploymentPolicy.Exploration, str]] = ..., temperature: _Optional[float] = ..., utilities: _Optional[_Iterable[_Union[ActionUtility, _Mapping]]] = ...) -> None: ...
+
+class ActionUtility(_message.Message):
+    __slots__ = ("action", "weight", "bias")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    weight: float
+    bias: float
+    def __init__(self, action: _Optional[str] = ..., weight: _Optional[float] = ..., bias: _Optional[float] = ...) -> None: ...
 
 class UpdateModelRequest(_message.Message):
     __slots__ = ("model", "update_mask")

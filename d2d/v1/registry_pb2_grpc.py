@@ -122,7 +122,8 @@ class RegistryServiceServicer:
         deployment policy change is a `model.policy_set` event, which serving follows; a promotion
         policy change is a `model.promotion_policy_set` event, which the registry's retraining loop
         follows. A promotion policy is given whole; a bad field is INVALID_ARGUMENT naming
-        `model.promotion_policy.<field>`.
+        `model.promotion_policy.<field>`, or for a deployment policy `model.deployment_policy.<field>`
+        (e.g. `model.deployment_policy.utilities[2].weight`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

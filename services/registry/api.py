@@ -19,6 +19,7 @@ from d2d.errors import Refusal
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.store import registered_views
+from d2d.policies import deployment_dict_from_proto, deployment_policy_proto
 from d2d.training.pipeline import Progress, TrainedModel, compare_on_rows, train
 from d2d.training.spec import SpecError, TrainingSpec
 from d2d.v1 import registry_pb2
@@ -151,7 +152,7 @@ class RegistryApi:
             description=record.description,
             aliases={k: str(v) for k, v in record.aliases.items()},
             alias_history=[_change(c) for c in await self.store.alias_history(record.name)],
-            deployment_policy=registry_pb2.DeploymentPolicy(**record.deployment_policy),
+            deployment_policy=deployment_policy_proto(record.deployment_policy),
             promotion_policy_is_default=record.promotion_policy is None,
         )
         if (promotion := self.store.promotion_policy(record)) is not None:
@@ -176,7 +177,8 @@ class RegistryApi:
         return views
 
     async def CreateModel(self, request: Any, context: grpc.aio.ServicerContext) -> registry_pb2.Model:
-        policy = _policy(request.model.deployment_policy) if request.model.HasField("deployment_policy") else None
+        given = request.model.HasField("deployment_policy")
+        policy = deployment_dict_from_proto(request.model.deployment_policy) if given else None
         return await self._model_proto(
             await self.store.create_model(request.model_id, request.model.description, policy)
         )
@@ -197,7 +199,7 @@ class RegistryApi:
             )
         policy = None
         if "deployment_policy" in paths:
-            policy = _policy(request.model.deployment_policy)
+            policy = deployment_dict_from_proto(request.model.deployment_policy)
         promotion = None
         if "promotion_policy" in paths:
             p = request.model.promotion_policy
@@ -343,7 +345,3 @@ class RegistryApi:
             raise Refusal("NOT_FOUND", f"models/{model} has no alias {request.alias!r}", "alias")
         await self.store.set_alias(model, request.alias, None)
         return await self._model_proto(await self.store.get_model(model))
-
-
-def _policy(p: registry_pb2.DeploymentPolicy) -> dict[str, Any]:
-    return {"canary_share": p.canary_share, "epsilon": p.epsilon, "threshold": p.threshold, "actions": list(p.actions)}

@@ -21,6 +21,7 @@ import orjson
 
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
+from d2d.policies import policy_from_dict, with_changes
 
 MODEL_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 ALIASES = ("production", "canary", "shadow")
@@ -38,26 +39,29 @@ class ModelRecord:
 
 
 _NO_POLICY: dict[str, Any] = {"canary_share": 0.0, "epsilon": 0.0, "threshold": 0.5, "actions": []}
+FIELD = "model.deployment_policy"
 
 
 def check_policy(current: dict[str, Any], policy: dict[str, Any]) -> dict[str, Any]:
-    """A complete, valid deployment policy or a Refusal naming the field.
+    """A complete, valid deployment policy (`canary_share` and the decision policy's dict, as
+    `d2d.policies` reads it) or a Refusal naming the field, e.g. `model.deployment_policy.utilities[2].weight`.
 
-    What `policy` leaves out (None, no actions) keeps its `current` value: the platform names no
-    actions of its own (a new model's come from the domain's defaults, D2D_TRAINING_DEFAULTS)."""
-    merged = {**current, **{k: v for k, v in policy.items() if v not in (None, [])}}
-    for key in ("canary_share", "epsilon", "threshold"):
-        value = merged[key]
-        if not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-            raise Refusal("INVALID_ARGUMENT", f"deployment_policy.{key} must be within 0..1, got {value!r}",
-                          f"model.deployment_policy.{key}")  # fmt: skip
-        merged[key] = float(value)
-    actions = merged["actions"]
-    if len(actions) != 2 or len(set(actions)) != 2 or not all(isinstance(a, str) and a for a in actions):
-        raise Refusal("INVALID_ARGUMENT", "deployment_policy.actions must be two distinct names (the first"
-                      " taken below the threshold)", "model.deployment_policy.actions")  # fmt: skip
-    merged["actions"] = list(actions)
-    return merged
+    What `policy` leaves out (None, no actions, no utilities) keeps its `current` value
+    (`d2d.policies.with_changes`), so the registry's loop can move `canary_share` alone: the platform
+    names no actions of its own (a new model's come from the domain's defaults, D2D_TRAINING_DEFAULTS)."""
+    merged = with_changes(current, policy)
+    share = merged.get("canary_share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= float(share) <= 1.0:
+        raise Refusal("INVALID_ARGUMENT", f"deployment_policy.canary_share must be within 0..1, got {share!r}",
+                      f"{FIELD}.canary_share")  # fmt: skip
+    return {"canary_share": float(share), **policy_from_dict(merged, FIELD).to_dict()}
+
+
+def read_policy(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored deployment policy in today's shape: one recorded before policies had kinds
+    ({canary_share, epsilon, threshold, actions}) reads as a threshold policy with epsilon-greedy
+    exploration. The events keep the bytes they were written with; only the reading upgrades them."""
+    return {"canary_share": float(stored.get("canary_share", 0.0)), **policy_from_dict(stored, FIELD).to_dict()}
 
 
 PROMOTION_COUNTS = ("min_decisions", "min_labels", "max_decisions")
@@ -122,8 +126,13 @@ class AliasChange:
     reason: str
 
 
+# Version 2 of these contracts carries a policy of any kind (d2d/contracts/platform/); the rest are at 1.
+SCHEMA_VERSIONS = {"model.policy_set": 2, "model.registered": 2}
+
+
 def _event(type_: str, model: str, payload: dict[str, Any]) -> NewEvent:
-    return NewEvent(uuid.uuid4(), type_, 1, "model", model, datetime.now(UTC), orjson.dumps(payload).decode())
+    version = SCHEMA_VERSIONS.get(type_, 1)
+    return NewEvent(uuid.uuid4(), type_, version, "model", model, datetime.now(UTC), orjson.dumps(payload).decode())
 
 
 _VERSION_COLUMNS = (
@@ -159,7 +168,7 @@ class ModelStore:
             raise Refusal(
                 "INVALID_ARGUMENT", f"model id {model!r} must be lower case letters, digits and '-'", "model_id"
             )
-        if self.default_policy is None and not (policy or {}).get("actions"):
+        if self.default_policy is None and not (policy or {}).get("actions") and not (policy or {}).get("utilities"):
             raise Refusal(
                 "INVALID_ARGUMENT",
                 "a new model needs its deployment policy's actions: set them, or give the domain a"
@@ -184,7 +193,11 @@ class ModelStore:
             if row is None:
                 raise Refusal("NOT_FOUND", f"models/{model} does not exist", "name")
             aliases = await conn.fetch("SELECT alias, version FROM model_aliases WHERE model = $1", model)
-        return ModelRecord(*row.values(), aliases={a["alias"]: a["version"] for a in aliases})
+        name, description, registered_seq, created_at, deployment_policy, promotion_policy = row.values()
+        return ModelRecord(
+            name, description, registered_seq, created_at, read_policy(deployment_policy), promotion_policy,
+            aliases={a["alias"]: a["version"] for a in aliases},
+        )  # fmt: skip
 
     def promotion_policy(self, record: ModelRecord) -> dict[str, Any] | None:
         """The model's promotion policy: its own, else the domain's default (None: neither)."""

@@ -290,9 +290,7 @@ class ServingApi:
             earlier = await self._within(self.log.get(decision), answer_by, "reading the decision log")
             if earlier is not None:
                 return response_from_payload(upcast_event(earlier).payload, earlier.seq)
-        arm = (
-            route(row.model, request.unit_id, deployment.policy["canary_share"]) if deployment.canary else "production"
-        )
+        arm = route(row.model, request.unit_id, deployment.canary_share) if deployment.canary else "production"
         acting = deployment.canary if arm == "canary" else deployment.production
         assert acting is not None
         values, unknown, watermark = await self._features(row, answer_by)
@@ -313,7 +311,8 @@ class ServingApi:
         payload = {
             "decision_id": str(decision), "model": row.model, "model_version": acting.name, "arm": arm,
             "score": scores[0], "action": choice.action, "propensity": choice.propensity, "explored": choice.explored,
-            "greedy_action": choice.greedy_action, "action_scores": choice.action_scores, "policy": deployment.policy,
+            "greedy_action": choice.greedy_action, "action_scores": choice.action_scores,
+            "policy": deployment.logged_policy,
             "features": values, "inputs": [plain(x) for x in inputs], "feature_watermark": watermark,
             "as_of": row.as_of.isoformat(), "unknown_entities": unknown,
             "shadow": [{"model_version": s.name, "score": sc} for s, sc in zip(shadows, scores[1:], strict=True)],

@@ -1,15 +1,17 @@
 """How a decision is made from a score, as pure functions: routing a unit to an arm and choosing an
-action with epsilon-greedy exploration. Deterministic given their inputs, so any logged decision
-can be replayed, and the logged propensity is exactly the probability the policy gave the action."""
+action by the model's decision policy (d2d.policies). Deterministic given their inputs, so any logged
+decision can be replayed, and the logged propensity is exactly the probability the policy gave the
+action."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from d2d.policies import action_probabilities, greedy_action
+from d2d.policies import Policy, as_policy
 
 DECISION_NAMESPACE = uuid.UUID("3f0c1d52-6a4e-4c8e-9b61-0d2d0d2d0d2d")
 
@@ -39,14 +41,12 @@ class Choice:
     action_scores: dict[str, float]
 
 
-def choose(score: float, policy: dict[str, Any], decision: uuid.UUID) -> Choice:
-    """The action the policy (d2d.policies) draws for `score`, the draw coming from the decision id
-    (so it replays), with the probability the policy gave it as its propensity."""
-    first, second = policy["actions"]
-    epsilon = float(policy["epsilon"])
-    greedy = greedy_action(score, policy)
-    action = greedy
-    if epsilon > 0 and unit_interval("explore", str(decision)) < epsilon:
-        action = first if unit_interval("pick", str(decision)) < 0.5 else second
-    propensity = action_probabilities(score, policy)[action]
-    return Choice(action, propensity, action != greedy, greedy, {second: score, first: 1.0 - score})
+def choose(score: float, policy: Policy | Mapping[str, Any], decision: uuid.UUID) -> Choice:
+    """The action the policy draws for `score`, the uniform draw coming from the decision id (so it
+    replays), with the probability the policy gave it as its propensity."""
+    policy = as_policy(policy)
+    probabilities = policy.probabilities(score)
+    u, v = unit_interval("explore", str(decision)), unit_interval("pick", str(decision))
+    action = policy.draw_from(probabilities, score, u, v)  # Policy.draw, its probabilities kept for the propensity
+    greedy = policy.greedy(score)
+    return Choice(action, probabilities[action], action != greedy, greedy, policy.action_scores(score))

@@ -12,6 +12,7 @@ import numpy as np
 from d2d.batching import Batcher
 from d2d.client import RegistryClient
 from d2d.features.definitions import NUMBER, TEXT, TRANSFORM_INPUT_KIND, FeatureView
+from d2d.policies import Policy, policy_from_proto
 from d2d.training.spec import TrainingSpec, model_inputs
 
 
@@ -76,13 +77,19 @@ class LoadedVersion:
 @dataclass
 class Deployment:
     model: str
-    policy: dict[str, Any]
+    policy: Policy  # how an action is chosen from the acting version's score
+    canary_share: float  # share of units routed to the canary (by a hash of the unit id)
     production: LoadedVersion
     canary: LoadedVersion | None = None
     shadows: list[LoadedVersion] = field(default_factory=list)
 
     def versions(self) -> list[LoadedVersion]:
         return [v for v in (self.production, self.canary, *self.shadows) if v is not None]
+
+    @cached_property
+    def logged_policy(self) -> dict[str, Any]:
+        """The deployment policy as each decision.made carries it: the policy's dict and the share."""
+        return {**self.policy.to_dict(), "canary_share": self.canary_share}
 
     @cached_property
     def request_inputs(self) -> dict[tuple[str, ...], set[str]]:
@@ -136,12 +143,8 @@ async def load_deployment(
     aliases = dict(record.aliases)
     if "production" not in aliases:
         raise NoProductionVersion(f"models/{model} has no production version")
-    policy = {
-        "canary_share": record.deployment_policy.canary_share,
-        "epsilon": record.deployment_policy.epsilon,
-        "threshold": record.deployment_policy.threshold,
-        "actions": list(record.deployment_policy.actions),  # the registry always names both
-    }
+    policy = policy_from_proto(record.deployment_policy)
+    canary_share = record.deployment_policy.canary_share
 
     async def load(number: str) -> LoadedVersion:
         meta = await registry.get_version(model, number)
@@ -160,9 +163,9 @@ async def load_deployment(
         return loaded
 
     production = await load(aliases["production"])
-    canary = await load(aliases["canary"]) if "canary" in aliases and policy["canary_share"] > 0 else None
+    canary = await load(aliases["canary"]) if "canary" in aliases and canary_share > 0 else None
     shadows = [await load(aliases["shadow"])] if "shadow" in aliases else []
-    return Deployment(model, policy, production, canary, shadows)
+    return Deployment(model, policy, canary_share, production, canary, shadows)
 
 
 def plain(value: float) -> float | None:
