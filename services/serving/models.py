@@ -33,7 +33,7 @@ class MicroBatcher:
         self.calls = 0
         self.rows = 0
         self._batcher: Batcher[list[float], float] = Batcher(
-            self._predict_rows, name="the scorer", max_weight=max_batch
+            self._predict_rows, name="the scorer", max_weight=max_batch, span="serving.score_batch"
         )
 
     def _predict(self, rows: list[list[float]]) -> list[float]:
@@ -188,7 +188,9 @@ class FeatureLookups:
         self.client = client
         self.calls = 0
         self.rows = 0
-        self._batcher: Batcher[Lookup, Any] = Batcher(self._fetch, name="the features service", max_weight=max_rows)
+        self._batcher: Batcher[Lookup, Any] = Batcher(
+            self._fetch, name="the features service", max_weight=max_rows, span="serving.features_batch"
+        )
 
     async def get(self, refs: tuple[str, ...], entities: dict[str, str], as_of: Any, deadline: float) -> Any:
         """(values by feature, unknown entity types, watermark) for one row."""
