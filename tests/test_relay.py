@@ -215,7 +215,8 @@ async def test_events_committed_one_by_one_close_together_are_published_in_one_b
     env = {**settings_env(database_url, nats_server.url, namespace), "D2D_RELAY_LINGER_MS": "1000"}
     relay = start_service(RELAY, env, "relay")
     ids = await append_many(event_log, batches=1, size=1)
-    await wait_until(lambda: _at_least(nats_server.url, namespace, 1))  # the relay is idle again
+    await wait_until(lambda: _at_least(nats_server.url, namespace, 1))
+    await asyncio.sleep(0.5)  # the relay reads once more, finds nothing and waits: idle
     ids += await append_many(event_log, batches=5, size=1)  # five transactions, one after another
     await wait_until(lambda: _at_least(nats_server.url, namespace, len(ids)))
     assert_exactly_once_in_order(await stream_contents(nats_server.url, namespace), ids)
