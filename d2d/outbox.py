@@ -12,10 +12,10 @@ JetStream's duplicate window (minutes) drops, so every event is on the stream ex
 down appends go on; the relay retries the same batch until NATS is back and then catches up.
 Only one relay per database publishes at a time (a session advisory lock); others wait.
 
-Woken from idle by a commit, the relay waits `linger` (a few milliseconds) before it reads, so
-events committed close together (decisions commit one small transaction after another) go in one
-batch: one read and one JetStream round trip instead of one each. Busy, it never lingers: what
-arrives while a batch is published is the next batch.
+Idle, the relay waits `linger` (a few milliseconds) before each read (woken by a commit's notice,
+or polling), so events committed close together (decisions commit one small transaction after
+another) go in one batch: one read and one JetStream round trip instead of one each. Busy, it
+never lingers: what arrives while a batch is published is the next batch.
 
 No single event stops the relay. One the bus cannot carry (larger than the server's `max_payload`,
 which `limits.check_event` makes impossible for events appended since, or refused by the stream)
@@ -150,12 +150,11 @@ class OutboxRelay:
                 wake.clear()
                 batch = await self.log.read_envelopes(position, self.batch_size, conn=conn)
                 if not batch:
-                    if await _wait_any(stop, wake, self.idle_poll):
-                        if self.linger and not stop.is_set():  # let the events close behind join
-                            await asyncio.sleep(self.linger)
-                    elif position != saved:  # idle
+                    if not await _wait_any(stop, wake, self.idle_poll) and position != saved:  # idle
                         await self.log.set_position(self.name, position)
                         saved, saved_at = position, time.monotonic()
+                    if self.linger and not stop.is_set():  # let events that follow close behind join
+                        await asyncio.sleep(self.linger)
                     continue
                 try:
                     await self._publish(batch)
