@@ -1,6 +1,6 @@
 """Ingest benchmark: how fast events become durable, beside what the raw parts can do.
 
-`python -m bench.ingest [--quick] [--inflight 4] [--batch 500]`
+`python -m bench.ingest [--quick] [--inflight 4] [--batch 500] [--trickle-rate 200]`
 
 What is measured, in one run, on real servers started in a temp dir (Postgres with fsync ON, so a
 commit waits for the WAL to reach the disk, and NATS JetStream with file storage):
@@ -26,6 +26,13 @@ commit waits for the WAL to reach the disk, and NATS JetStream with file storage
    up and idle otherwise; time until the response, i.e. committed in Postgres. It does NOT include
    the JetStream ack (the relay publishes after the commit).
 
+5. Bus latency at a low rate, with and without the relay's linger (`D2D_RELAY_LINGER_MS`): one-event
+   AppendEvents calls sent at random (Poisson) times, `--trickle-rate` a second on average, without
+   waiting for each other (as decisions commit); time from sending each until a subscriber on the
+   events subjects receives it from the relay. The relay is restarted with the linger off (0) and
+   with its default, in turn for `TRICKLE_ROUNDS` rounds (so a busy moment of the machine falls on
+   both alike); the batches it published (its `relay.publish` spans) are counted for each.
+
 Why: ingest is the front door of the platform, and "durable" means both stores have the event.
 The ratio durable ingest / raw publish_async says how much of the bus's speed the whole path keeps
 (target: 0.5). CPU seconds per process (service, relay, Postgres, NATS, this client) are printed
@@ -37,7 +44,9 @@ The last line printed is one JSON object with every figure and its baselines (se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -71,6 +80,7 @@ from bench._common import (
 )
 from d2d import bus
 from d2d.client import IngestClient, make_event
+from d2d.outbox import DEFAULT_LINGER
 from d2d.runtime.servers import free_port
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.payments import ContractSpec
@@ -86,6 +96,9 @@ COPY_COLUMNS = (
 )  # fmt: skip
 QUICK_DAYS, FULL_DAYS = 0.75, 5.0
 QUICK_SINGLES, FULL_SINGLES = 100, 300
+QUICK_TRICKLE, FULL_TRICKLE = 300, 2000  # one-event appends per linger setting in the bus latency phase
+TRICKLE_ROUNDS = 3  # the linger off, then on, this many times
+TRICKLE_RATE = 200.0  # their mean rate, events/s: low, events arrive one by one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,13 +115,14 @@ class Workload:
     envelopes: list[tuple[str, str, bytes]]  # (type, event_id, JSON envelope) for publish_async
     rows: list[tuple[Any, ...]]  # COPY_COLUMNS of the events table
     singles: list[event_pb2.Event]  # fresh events (new ids) for the one-event latency calls
+    trickles: list[list[event_pb2.Event]]  # fresh ones for the bus latency: per round, per linger setting
 
     @property
     def n(self) -> int:
         return len(self.events)
 
 
-def build_workload(days: float, singles: int) -> Workload:
+def build_workload(days: float, singles: int, trickle: int) -> Workload:
     simulator = PaymentsSimulator(SimConfig(days=days))
     sim_events = list(simulator.events())
     recorded_at = datetime.now(UTC)
@@ -135,14 +149,20 @@ def build_workload(days: float, singles: int) -> Workload:
              e.occurred_at, payload.decode(), "{}")
         )  # fmt: skip
     payments = [e for e in sim_events if e.type == "payment.authorized"]
-    single_events = [
-        make_event(
-            p.type, p.entity_type, p.entity_id, p.payload_json(), occurred_at=p.occurred_at,
-            event_id=uuid.uuid4(), schema_version=p.schema_version,
-        )
-        for p in (payments[i % len(payments)] for i in range(singles))
-    ]  # fmt: skip
-    return Workload(days, simulator.contracts(), events, envelopes, rows, single_events)
+
+    def fresh(count: int) -> list[event_pb2.Event]:
+        """`count` payments as new events (new ids)."""
+        return [
+            make_event(
+                p.type, p.entity_type, p.entity_id, p.payload_json(), occurred_at=p.occurred_at,
+                event_id=uuid.uuid4(), schema_version=p.schema_version,
+            )
+            for p in (payments[i % len(payments)] for i in range(count))
+        ]  # fmt: skip
+
+    per_round = -(-trickle // TRICKLE_ROUNDS)
+    trickles = [fresh(per_round + 1) for _ in range(2 * TRICKLE_ROUNDS)]  # the first of each warms the relay up
+    return Workload(days, simulator.contracts(), events, envelopes, rows, fresh(singles), trickles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +238,7 @@ async def start_ingest(
 ) -> tuple[str, dict[str, tuple[int, bool]]]:
     """Start `serve` and `relay` as their own processes; returns the gRPC address and CPU roots."""
     addr = f"127.0.0.1:{free_port()}"
-    env = {
-        "D2D_DATABASE_URL": url,
-        "D2D_NATS_URL": servers.nats.url,
-        "D2D_INGEST_ADDR": addr,
-        "D2D_DATA_DIR": str(tmp / "data"),
-        "D2D_NATS_NAMESPACE": namespace,
-    }
+    env = ingest_env(servers, url, namespace, tmp) | {"D2D_INGEST_ADDR": addr}
     roots: dict[str, tuple[int, bool]] = {}
     for role in ("serve", "relay"):
         args = ["-m", "services.ingest", role]
@@ -233,6 +247,15 @@ async def start_ingest(
         service = services.start(f"ingest-{role}", args, env)
         roots[f"ingest {role}"] = (service.process.pid, False)
     return addr, roots
+
+
+def ingest_env(servers: Servers, url: str, namespace: str, tmp: Path) -> dict[str, str]:
+    return {
+        "D2D_DATABASE_URL": url,
+        "D2D_NATS_URL": servers.nats.url,
+        "D2D_DATA_DIR": str(tmp / "data"),
+        "D2D_NATS_NAMESPACE": namespace,
+    }
 
 
 async def wait_ready(client: IngestClient, services: Services, timeout: float = 60) -> None:
@@ -311,6 +334,87 @@ async def measure_append_one(client: IngestClient, singles: Sequence[event_pb2.E
     return latencies
 
 
+@dataclass
+class BusLatency:
+    linger_ms: float
+    latencies_ms: list[float]  # from sending each one-event append until a subscriber received it
+    batches: int  # the relay's publish calls (JetStream round trips) that carried them
+    relay_cpu: float  # CPU seconds the relay spent meanwhile
+
+    def p(self, q: float) -> float:
+        return round(percentile(self.latencies_ms, q), 3)
+
+
+def restart_relay(services: Services, env: dict[str, str], linger_ms: float) -> int:
+    """Stop the relay (it records its position) and start one with `linger_ms`, which resumes
+    there; returns its pid."""
+    old = services.child("ingest-relay")
+    code = old.terminate()
+    if code != 0:
+        raise RuntimeError(f"the relay exited with {code}; end of its log:\n{old.log_tail()}")
+    services.children.remove(old)  # stopped on purpose: no longer checked as alive
+    args, linger = ["-m", "services.ingest", "relay"], {"D2D_RELAY_LINGER_MS": f"{linger_ms:g}"}
+    return services.start("ingest-relay", args, {**env, **linger}).process.pid
+
+
+def relay_batches(traces: Path, after: int, through: int) -> int:
+    """The relay's `relay.publish` spans (flushed when it stops) that published positions in (after, through]."""
+    spans = [orjson.loads(line) for line in traces.read_bytes().splitlines()]
+    return sum(
+        1 for s in spans
+        if s["name"] == "relay.publish" and after < s["attributes"]["d2d.first_seq"] <= through
+    )  # fmt: skip
+
+
+async def measure_bus_latency(
+    client: IngestClient, nc: nats.NATS, prefix: str, events: Sequence[event_pb2.Event], rate: float,
+    meter: CpuMeter,
+) -> tuple[list[float], float]:  # fmt: skip
+    """One-event appends at random times (`rate` a second on average, none waiting for another):
+    seconds from sending each until a subscriber on `prefix.>` received it, and the CPU seconds of
+    `meter`'s processes meanwhile. The first event only warms the relay up (it is not measured)."""
+    sent: dict[str, float] = {}
+    received: dict[str, float] = {}
+    arrived = asyncio.Event()
+
+    async def on_message(msg: Any) -> None:
+        received[msg.headers["Nats-Msg-Id"]] = time.perf_counter()
+        arrived.set()
+
+    async def append(event: event_pb2.Event) -> None:
+        response = await client.append([event])
+        if response.appended_count != 1:
+            raise RuntimeError(f"one-event append not appended: {response.results[0]}")
+
+    async def until_received(event_ids: Sequence[str], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(i in received for i in event_ids):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{sum(i not in received for i in event_ids)} events never reached the bus")
+            arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), 0.1)
+
+    subscription = await nc.subscribe(f"{prefix}.>", cb=on_message)
+    try:
+        warm_up, *measured = events
+        await append(warm_up)
+        await until_received([warm_up.event_id])
+        rng = random.Random(7)
+        meter.start()
+        calls = []
+        for event in measured:
+            sent[event.event_id] = time.perf_counter()
+            calls.append(asyncio.ensure_future(append(event)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*calls)
+        await until_received(list(sent))
+        cpu = sum(meter.stop().values())
+    finally:
+        await subscription.unsubscribe()
+    return [received[i] - t for i, t in sent.items()], cpu
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -321,6 +425,7 @@ class Options:
     batch: int
     inflight: int
     profile_dir: Path | None
+    trickle_rate: float
 
 
 async def postgres_settings(url: str) -> dict[str, str]:
@@ -409,6 +514,43 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         ms = [s * 1000 for s in latencies]
         p50, p99 = percentile(ms, 50), percentile(ms, 99)
         say(f"    p50 {p50:.2f} ms, p99 {p99:.2f} ms (mean {sum(ms) / calls:.2f}, max {max(ms):.2f})")
+
+        # Bus latency at a low rate, the relay's linger off and on.
+        trickle = sum(len(t) - 1 for t in workload.trickles[::2])
+        say(f"\n[E] bus latency at a low rate: {trickle} one-event AppendEvents calls per setting, at Poisson"
+            f" times ({options.trickle_rate:g}/s on average, none waiting for another); time from sending"
+            " each until a subscriber on the events subjects receives it. The relay is restarted for each"
+            f" setting of D2D_RELAY_LINGER_MS, in turn, {TRICKLE_ROUNDS} times")  # fmt: skip
+        env = ingest_env(servers, ingest_url, token, tmp)
+        traces = tmp / "data" / "traces" / "ingest-relay.jsonl"
+        settings = (0.0, DEFAULT_LINGER * 1000)
+        runs: list[tuple[float, list[float], float, int, int]] = []  # linger, latencies, cpu, seqs (after, through]
+        for round_, events in enumerate(workload.trickles):
+            linger_ms = settings[round_ % 2]
+            meter = CpuMeter({"relay": (restart_relay(services, env, linger_ms), False)})
+            after = await log_conn.fetchval("SELECT max(seq) FROM events") + 1  # the warm-up event's
+            latencies, cpu = await measure_bus_latency(
+                client, nc, topology.events_prefix, events, options.trickle_rate, meter
+            )
+            through = await log_conn.fetchval("SELECT max(seq) FROM events")
+            runs.append((linger_ms, latencies, cpu, after, through))
+        restart_relay(services, env, DEFAULT_LINGER * 1000)  # a relay stopped has flushed its spans
+        bus_latency = [
+            BusLatency(
+                linger_ms,
+                [s * 1000 for ms, latencies, _, _, _ in runs if ms == linger_ms for s in latencies],
+                sum(relay_batches(traces, after, through) for ms, _, _, after, through in runs if ms == linger_ms),
+                sum(cpu for ms, _, cpu, _, _ in runs if ms == linger_ms),
+            )
+            for linger_ms in settings
+        ]
+        for measured in bus_latency:
+            say(f"    linger {measured.linger_ms:g} ms: p50 {measured.p(50):.2f} ms, p99 {measured.p(99):.2f} ms;"
+                f" {measured.batches} relay batches for {trickle} events;"
+                f" relay CPU {measured.relay_cpu * 1e6 / trickle:.0f} us per event")  # fmt: skip
+        off, on = bus_latency
+        say(f"    the linger adds {on.p(50) - off.p(50):+.2f} ms at p50, {on.p(99) - off.p(99):+.2f} ms at p99;"
+            f" relay batches {off.batches} -> {on.batches}")  # fmt: skip
     finally:
         await log_conn.close()
         await nc.close()
@@ -437,6 +579,19 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         "append_one_calls": calls,
         "append_one_p50_ms": round(p50, 3),
         "append_one_p99_ms": round(p99, 3),
+        "bus_latency_events": trickle,
+        "bus_latency_rate_per_s": options.trickle_rate,
+        "relay_linger_ms": on.linger_ms,
+        "bus_p50_ms_linger_off": off.p(50),
+        "bus_p99_ms_linger_off": off.p(99),
+        "bus_p50_ms_linger_on": on.p(50),
+        "bus_p99_ms_linger_on": on.p(99),
+        "linger_added_p50_ms": round(on.p(50) - off.p(50), 3),
+        "linger_added_p99_ms": round(on.p(99) - off.p(99), 3),
+        "relay_batches_linger_off": off.batches,
+        "relay_batches_linger_on": on.batches,
+        "relay_cpu_us_per_event_linger_off": round(off.relay_cpu * 1e6 / trickle),
+        "relay_cpu_us_per_event_linger_on": round(on.relay_cpu * 1e6 / trickle),
         "envelope_bytes_avg": round(sum(len(b) for _, _, b in workload.envelopes) / n),
         "cpu_s_durable_ingest": durable.cpu,
         "cpu_s_publish_async": publish.cpu,
@@ -451,6 +606,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=500, help="events per AppendEvents request (default 500)")
     p.add_argument("--days", type=float, help=f"simulated days (default {QUICK_DAYS} quick, {FULL_DAYS} full)")
     p.add_argument("--latency-calls", type=int, help=f"one-event calls ({QUICK_SINGLES} quick, {FULL_SINGLES} full)")
+    p.add_argument("--trickle", type=int, help=f"one-event appends per linger setting in the bus latency phase"
+                   f" ({QUICK_TRICKLE} quick, {FULL_TRICKLE} full)")  # fmt: skip
+    p.add_argument("--trickle-rate", type=float, default=TRICKLE_RATE,
+                   help=f"their mean rate, events/s (default {TRICKLE_RATE:g})")  # fmt: skip
     p.add_argument("--tmp-dir", type=Path, help="where to put the servers' data (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) afterwards")
     p.add_argument("--profile", type=Path, metavar="DIR",
@@ -459,13 +618,14 @@ def main() -> None:
     stop_on_sigterm()
     days = args.days or (QUICK_DAYS if args.quick else FULL_DAYS)
     singles = args.latency_calls or (QUICK_SINGLES if args.quick else FULL_SINGLES)
+    trickle = args.trickle or (QUICK_TRICKLE if args.quick else FULL_TRICKLE)
     profile_dir = args.profile.resolve() if args.profile else None
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
-    options = Options(args.quick, args.batch, args.inflight, profile_dir)
+    options = Options(args.quick, args.batch, args.inflight, profile_dir, args.trickle_rate)
 
     started = time.perf_counter()
-    workload = build_workload(days, singles)
+    workload = build_workload(days, singles, trickle)
     info = machine()
     say(f"bench.ingest{' (quick)' if args.quick else ''}: {workload.n:,} simulator events (days={days}),"
         f" built in {time.perf_counter() - started:.1f}s before any timing;"

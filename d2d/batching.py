@@ -5,6 +5,10 @@ an XGBoost predict, a gRPC round trip), callers queue their items; while one cal
 fills, and the next call takes everything waiting (up to a size). Under load a call serves many
 callers; alone, a caller waits for no one. The group committer (d2d.eventlog), serving's scorer
 and its feature lookups are this loop with a different `run`.
+
+Each call is one span with a link to the span of every caller it served, and each caller's span
+gets a link back to the call's: a request's trace shows the shared work it waited on, though that
+work ran in a trace of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from opentelemetry import trace
+
+from d2d import telemetry
 from d2d.errors import Refusal
 
 Item = TypeVar("Item")
@@ -29,6 +36,7 @@ class _Waiting(Generic[Item, Result]):
     weight: int
     deadline: float | None  # time.monotonic() after which the item is dropped rather than run
     future: asyncio.Future[Result]
+    span: trace.Span  # the caller's span when it submitted (its request's trace)
 
 
 class Batcher(Generic[Item, Result]):
@@ -47,8 +55,9 @@ class Batcher(Generic[Item, Result]):
       caller who stopped waiting. A caller who was cancelled is dropped the same way.
 
     The calls run in a task of their own with an empty context: a call is no part of the trace of
-    whichever request happened to start the batcher (the spans it makes start traces of their
-    own; the group committer's events carry each caller's trace context themselves).
+    whichever request happened to start the batcher. Each call is one span (named `span`, a root
+    of its own trace, the parent of what `run` traces) linked to every caller's span at `submit`,
+    and each caller's span is linked to it; a caller keeps its own steps in its own trace.
     """
 
     def __init__(
@@ -61,6 +70,7 @@ class Batcher(Generic[Item, Result]):
         max_waiting: int | None = None,
         unit: str = "requests",
         expired: Callable[[], BaseException] | None = None,
+        span: str | None = None,
     ) -> None:
         self.name = name  # what the items wait for, as a refusal names it ("the event log")
         self.max_weight = max_weight
@@ -68,6 +78,8 @@ class Batcher(Generic[Item, Result]):
         self.unit = unit  # what weight counts, as a refusal names it ("events")
         self._run_items = run
         self._weight = weight
+        self.span_name = span or f"batch: {name}"
+        self._tracer = telemetry.tracer(__name__)
         self._expired = expired or (lambda: TimeoutError(f"the deadline passed before {name} took the request"))
         self._queue: collections.deque[_Waiting[Item, Result]] = collections.deque()
         self._queued = 0  # total weight in the queue
@@ -102,7 +114,7 @@ class Batcher(Generic[Item, Result]):
             # an empty context: the shared loop is no part of the trace of the caller who starts it
             self._task = asyncio.create_task(self._loop(), name=f"batcher: {self.name}", context=contextvars.Context())
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(item, weight, deadline, future))
+        self._queue.append(_Waiting(item, weight, deadline, future, trace.get_current_span()))
         self._queued += weight
         self._wake.set()
         return future
@@ -136,10 +148,17 @@ class Batcher(Generic[Item, Result]):
         return taken
 
     async def _call(self, taken: list[_Waiting[Item, Result]]) -> None:
+        served = [trace.Link(c) for c in (w.span.get_span_context() for w in taken) if c.is_valid]
+        attributes = {"d2d.batch.requests": len(taken), "d2d.batch.weight": sum(w.weight for w in taken)}
         try:
-            results = await self._run_items([w.item for w in taken])
-            if len(results) != len(taken):
-                raise RuntimeError(f"{self.name}: a call returned {len(results)} results for {len(taken)} requests")
+            with self._tracer.start_as_current_span(self.span_name, links=served, attributes=attributes) as span:
+                _link_back(taken, span.get_span_context())
+                results = await self._run_items([w.item for w in taken])
+                if len(results) != len(taken):
+                    raise RuntimeError(f"{self.name}: a call returned {len(results)} results for {len(taken)} requests")
+                failed = sum(1 for r in results if isinstance(r, BaseException))
+                if failed:
+                    span.set_attribute("d2d.batch.failed", failed)
         except asyncio.CancelledError:
             outcome_unknown = ConnectionError(f"{self.name} closed while a call ran; its outcome is unknown")
             _fail(taken, self._closed_with and outcome_unknown)
@@ -173,6 +192,15 @@ class Batcher(Generic[Item, Result]):
             except asyncio.CancelledError:
                 pass
         self._closed_with = None
+
+
+def _link_back(taken: Sequence[_Waiting[Item, Result]], call: trace.SpanContext) -> None:
+    """Link each caller's span (still open: its caller awaits the call) to the call's span."""
+    if not call.is_valid:
+        return
+    for waiting in taken:
+        if waiting.span.is_recording():
+            waiting.span.add_link(call)
 
 
 def _fail(waiting: Sequence[_Waiting[Item, Result]], error: BaseException | None) -> None:

@@ -67,6 +67,9 @@ class Settings:
     upcaster_modules: str = field(default_factory=lambda: os.environ.get("D2D_UPCASTERS", "d2d.sim.upcasters"))
     # Prefix of stream names and subjects (empty in production; tests use one per test).
     nats_namespace: str = field(default_factory=lambda: os.environ.get("D2D_NATS_NAMESPACE", ""))
+    # Milliseconds the outbox relay, woken from idle, waits for more events to join a batch (0: it
+    # does not wait); unset, the relay's default (d2d.outbox.DEFAULT_LINGER).
+    relay_linger_ms: float | None = field(default_factory=lambda: _float_or_none("D2D_RELAY_LINGER_MS"))
     # The role every service connection switches to: INSERT and SELECT on the log, nothing more.
     db_role: str | None = field(default_factory=lambda: os.environ.get("D2D_DB_ROLE", "d2d_service") or None)
 
@@ -83,3 +86,8 @@ class Settings:
         if not self.nats_url:
             raise SystemExit("D2D_NATS_URL is not set (d2d up sets it for the services it starts)")
         return self.nats_url
+
+
+def _float_or_none(name: str) -> float | None:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else None

@@ -448,6 +448,9 @@ class GroupCommitter:
     beyond it `append` refuses with RESOURCE_EXHAUSTED), and a caller's `deadline` that passes
     while its events are queued drops them (`CommitDeadlineExceeded`): nothing is committed for a
     caller who has stopped waiting, unless a transaction had already taken its events.
+
+    Each transaction is one `eventlog.group_commit` span linked to every caller's span, and each
+    event's metadata keeps its caller's `traceparent` (unless it brings its own).
     """
 
     def __init__(self, log: EventLog, *, max_events: int = 20_000, max_queued_events: int = 200_000) -> None:
@@ -463,6 +466,7 @@ class GroupCommitter:
             expired=lambda: CommitDeadlineExceeded(
                 "the deadline passed before the events reached the log; none was stored"
             ),
+            span="eventlog.group_commit",
         )
         self._conn: asyncpg.Connection | None = None
 

@@ -12,6 +12,11 @@ JetStream's duplicate window (minutes) drops, so every event is on the stream ex
 down appends go on; the relay retries the same batch until NATS is back and then catches up.
 Only one relay per database publishes at a time (a session advisory lock); others wait.
 
+Idle, the relay waits `linger` (a few milliseconds) before each read (woken by a commit's notice,
+or polling), so events committed close together (decisions commit one small transaction after
+another) go in one batch: one read and one JetStream round trip instead of one each. Busy, it
+never lingers: what arrives while a batch is published is the next batch.
+
 No single event stops the relay. One the bus cannot carry (larger than the server's `max_payload`,
 which `limits.check_event` makes impossible for events appended since, or refused by the stream)
 is skipped visibly: counted in `RelayStats.skipped` (and on the batch's span, with a span event
@@ -43,6 +48,7 @@ from d2d.eventlog import APPEND_LOCK_KEY, LOG_UNREACHABLE, NOTIFY_CHANNEL, Event
 log = logging.getLogger(__name__)
 
 _LEADER_LOCK_BASE = APPEND_LOCK_KEY + 100
+DEFAULT_LINGER = 0.003  # seconds the relay waits, woken from idle, for more events to join a batch
 _ALERT_NAMESPACE = uuid.UUID("6a1e7c1d-2d2d-4e0f-9a11-0d2d0d2d0a1e")
 
 
@@ -74,8 +80,11 @@ class OutboxRelay:
         ack_timeout: float = 5.0,
         idle_poll: float = 0.5,
         position_interval: float = 1.0,
+        linger: float = DEFAULT_LINGER,
         max_payload: int | None = None,
     ) -> None:
+        if linger < 0:
+            raise ValueError(f"the relay's linger must be 0 (none) or more seconds, not {linger}")
         self.log = event_log
         self.js = js
         self.name = name
@@ -85,6 +94,7 @@ class OutboxRelay:
         self.ack_timeout = ack_timeout
         self.idle_poll = idle_poll
         self.position_interval = position_interval
+        self.linger = linger
         self.stats = RelayStats()
         # What the server accepts per message (headers included): by default what it said at connect.
         self.max_payload: int = max_payload or js._nc.max_payload
@@ -143,6 +153,8 @@ class OutboxRelay:
                     if not await _wait_any(stop, wake, self.idle_poll) and position != saved:  # idle
                         await self.log.set_position(self.name, position)
                         saved, saved_at = position, time.monotonic()
+                    if self.linger and not stop.is_set():  # let events that follow close behind join
+                        await asyncio.sleep(self.linger)
                     continue
                 try:
                     await self._publish(batch)
@@ -255,8 +267,9 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) ->
 
 
 async def run_relay(
-    database_url: str, nats_url: str, *, role: str | None, stop: asyncio.Event, topology: bus.Topology | None = None
-) -> None:
+    database_url: str, nats_url: str, *, role: str | None, stop: asyncio.Event, topology: bus.Topology | None = None,
+    linger: float = DEFAULT_LINGER,
+) -> None:  # fmt: skip
     """Entry point used by `python -m services.ingest relay` and `d2d relay`."""
     from d2d.eventlog import create_pool
 
@@ -267,7 +280,7 @@ async def run_relay(
         relay = OutboxRelay(
             EventLog(pool), nc.jetstream(publish_async_max_pending=4000),
             name=relay_name(topology.events_stream), stream=topology.events_stream,
-            subject_prefix=topology.events_prefix,
+            subject_prefix=topology.events_prefix, linger=linger,
         )  # fmt: skip
         started = time.monotonic()
         await relay.run(stop)

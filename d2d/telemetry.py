@@ -18,13 +18,16 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from d2d.private import open_private, private_dir
 
 _provider: TracerProvider | None = None
 EXPORT_BATCH = 64
+# Links a span keeps (the SDK's default is 128): a span of work shared by many requests links to
+# every one it served, and a group commit can serve this many callers.
+MAX_LINKS = 20_000
 
 
 def span_record(span: ReadableSpan) -> dict[str, Any]:
@@ -74,7 +77,8 @@ def setup_tracing(service_name: str, data_dir: Path | None = None) -> TracerProv
     global _provider
     if _provider is not None:
         return _provider
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    limits = SpanLimits(max_links=None if os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT") else MAX_LINKS)
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}), span_limits=limits)
     exporter: SpanExporter | None
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

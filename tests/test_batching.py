@@ -7,7 +7,10 @@ import time
 from collections.abc import Callable
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from d2d import telemetry
 from d2d.batching import Batcher
 from d2d.errors import Refusal
 
@@ -142,3 +145,26 @@ async def test_a_cancelled_caller_is_dropped_and_closing_fails_the_ones_still_wa
         await stranded
     with pytest.raises(ConnectionError, match="outcome is unknown"):
         await running
+
+
+async def test_a_call_is_one_span_linked_to_every_caller_it_served_and_each_caller_to_it(
+    spans: InMemorySpanExporter,
+) -> None:
+    run = Stalled()
+    batcher: Batcher[int, int] = Batcher(run, name="the test", max_weight=100, span="test.shared_call")
+    tracer = telemetry.tracer("tests")
+
+    async def request(i: int) -> trace.SpanContext:
+        with tracer.start_as_current_span(f"request {i}") as own:
+            await batcher.submit(i)
+            return own.get_span_context()
+
+    shared = await asyncio.gather(*(request(i) for i in (1, 2, 3)))  # submitted together: one call
+    assert run.calls == [[1, 2, 3]]
+    batcher.close()
+    [call] = [s for s in spans.get_finished_spans() if s.name == "test.shared_call"]
+    assert [link.context.span_id for link in call.links] == [c.span_id for c in shared]
+    assert call.parent is None and call.context.trace_id not in {c.trace_id for c in shared}
+    assert call.attributes["d2d.batch.requests"] == 3
+    callers = [s for s in spans.get_finished_spans() if s.context in shared]
+    assert [[link.context.span_id for link in c.links] for c in callers] == [[call.context.span_id]] * 3

@@ -18,7 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Per benchmark: figures that must be present, each with the baseline it is printed beside.
 FIGURES = {
-    "ingest": ["durable_ingest_events_per_s", "raw_publish_async_msgs_per_s", "ratio_vs_publish_async"],
+    "ingest": [
+        "durable_ingest_events_per_s", "raw_publish_async_msgs_per_s", "ratio_vs_publish_async",
+        "bus_p50_ms_linger_on", "bus_p99_ms_linger_on", "bus_p50_ms_linger_off", "bus_p99_ms_linger_off",
+        "relay_batches_linger_on", "relay_batches_linger_off",
+    ],
     "features": [
         "replay_events_per_s", "scan_eventlog_read_events_per_s", "replay_ratio_vs_eventlog_read_scan",
         "online_1_row", "empty_handler_1_row", "online_1_row_p50_ratio_vs_empty", "frame_rows_per_s",

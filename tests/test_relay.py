@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import nats
+import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from d2d.eventlog import EventLog
@@ -204,3 +205,30 @@ async def test_the_relay_outlives_postgres_going_away_and_resumes(
     assert_exactly_once_in_order(await stream_contents(nats_server.url, namespace), ids)
     assert "the event log is unreachable" in relay.log()
     assert relay.terminate() == 0, relay.log()
+
+
+async def test_events_committed_one_by_one_close_together_are_published_in_one_batch(
+    event_log: EventLog, database_url: str, nats_server: NatsServer, namespace: str, start_service, tmp_path: Path
+) -> None:
+    """Idle, the relay lingers (D2D_RELAY_LINGER_MS; long here, so that a busy machine still commits
+    the five in time) and publishes the events of five transactions as one batch."""
+    env = {**settings_env(database_url, nats_server.url, namespace), "D2D_RELAY_LINGER_MS": "1000"}
+    relay = start_service(RELAY, env, "relay")
+    ids = await append_many(event_log, batches=1, size=1)
+    await wait_until(lambda: _at_least(nats_server.url, namespace, 1))
+    await asyncio.sleep(0.5)  # the relay reads once more, finds nothing and waits: idle
+    events = [new_event(i) for i in range(5)]
+    appended = await asyncio.gather(*(event_log.append([e]) for e in events))  # five transactions
+    ids += [e.event_id for _, e in sorted(zip((a.seq for [a] in appended), events, strict=True))]
+    await wait_until(lambda: _at_least(nats_server.url, namespace, len(ids)))
+    assert_exactly_once_in_order(await stream_contents(nats_server.url, namespace), ids)
+    assert relay.terminate() == 0, relay.log()
+    spans = [
+        orjson.loads(line) for line in (tmp_path / "data" / "traces" / "ingest-relay.jsonl").read_bytes().splitlines()
+    ]
+    batches = [
+        (s["attributes"]["d2d.first_seq"], s["attributes"]["d2d.last_seq"])
+        for s in spans
+        if s["name"] == "relay.publish"
+    ]
+    assert batches == [(1, 1), (2, 6)]

@@ -354,6 +354,54 @@ async def test_repeated_request_id_returns_the_same_decision(platform: Platform)
     assert again == first
 
 
+PREDICT_SPAN = "/d2d.v1.ServingService/Predict"
+# Each step a Predict waits on: its span in the Predict's trace, and the span of the shared work
+# (one per micro-batch, group commit) that served it; features are read in-process, by no shared work
+# (in the remote mode a coalesced call, "serving.features_batch", serves them: the Batcher's test
+# checks its links).
+STEPS = {"serving.features": None, "serving.score": "serving.score_batch", "serving.commit": "eventlog.group_commit"}
+
+
+def exported_spans(platform: Platform) -> list[dict]:
+    """What the serving process has exported so far (JSON lines under its data directory)."""
+    path = platform.logs / "traces" / "serving.jsonl"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+async def test_every_predicts_trace_holds_its_feature_read_scoring_and_commit(platform: Platform) -> None:
+    async with ServingClient(platform.serving) as serving:
+        answers = await asyncio.gather(
+            *(serving.stub.Predict(r, timeout=10) for r in requests_for(platform, 50, offset=2000))
+        )
+    logged = await logged_decisions(platform.database_url, answers)
+    traces = {e.payload["trace_id"]: e for e in logged}
+    assert len(traces) == len(answers), "one trace per Predict"
+    for _ in range(300):  # spans are exported in batches; a Predict's span ends after all it waited on
+        spans = exported_spans(platform)
+        if traces.keys() <= {s["trace_id"] for s in spans if s["name"] == PREDICT_SPAN}:
+            break
+        await asyncio.sleep(0.1)
+    by_id = {(s["trace_id"], s["span_id"]): s for s in spans}
+    served = {step: set() for step in STEPS}  # (trace, span) of every step span a shared span links to
+    for span in spans:
+        for step, shared in STEPS.items():
+            if span["name"] == shared:
+                served[step] |= {(link["trace_id"], link["span_id"]) for link in span["links"]}
+    for trace_id, event in traces.items():
+        [predict] = [s for s in spans if s["trace_id"] == trace_id and s["name"] == PREDICT_SPAN]
+        for step, shared in STEPS.items():
+            [own] = [s for s in spans if s["trace_id"] == trace_id and s["name"] == step]
+            assert own["parent_id"] == predict["span_id"], (step, trace_id)
+            if shared is None:
+                continue
+            assert (trace_id, own["span_id"]) in served[step], f"no {shared} span links to {step} of {trace_id}"
+            # and the step's span links to the shared span that served it
+            assert any(by_id.get((k["trace_id"], k["span_id"]), {}).get("name") == shared for k in own["links"])
+        # the decision carries the Predict's trace context (not its commit's, not the batch's)
+        _, traced, parent, _ = event.metadata["traceparent"].split("-")
+        assert (traced, parent) == (trace_id, predict["span_id"])
+
+
 async def test_canary_share_and_sticky_arms(platform: Platform) -> None:
     await set_policy(platform, canary_share=0.2)
     async with RegistryClient(platform.registry) as registry:

@@ -55,12 +55,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
 
 async def relay(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    from d2d.outbox import run_relay
+    from d2d.outbox import DEFAULT_LINGER, run_relay
 
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
+    linger = DEFAULT_LINGER if settings.relay_linger_ms is None else settings.relay_linger_ms / 1000
     await run_relay(
         url, settings.require_nats_url(), role=settings.db_role, stop=stop,
-        topology=bus.Topology(settings.nats_namespace),
+        topology=bus.Topology(settings.nats_namespace), linger=linger,
     )  # fmt: skip

@@ -40,6 +40,7 @@ import grpc
 import orjson
 from google.protobuf import struct_pb2
 
+from d2d import telemetry
 from d2d.contracts.upcasting import upcast_event
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, EventLog, GroupCommitter, NewEvent
@@ -161,6 +162,7 @@ class ServingApi:
         self.in_flight = InFlight(max_in_flight)
         self.withdrawn = 0
         self._settling: set[asyncio.Future[Any]] = set()  # late commits and withdrawals not yet done
+        self._tracer = telemetry.tracer(__name__)  # a span per step of a decision, in its Predict's trace
 
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> serving_pb2.PredictResponse:
         answer_by = _answer_by(context)
@@ -293,14 +295,16 @@ class ServingApi:
         arm = route(row.model, request.unit_id, deployment.canary_share) if deployment.canary else "production"
         acting = deployment.canary if arm == "canary" else deployment.production
         assert acting is not None
-        values, unknown, watermark = await self._features(row, answer_by)
+        with self._tracer.start_as_current_span("serving.features"):
+            values, unknown, watermark = await self._features(row, answer_by)
         shadows = deployment.shadows
         try:
             inputs = acting.inputs(values, row.context)
-            scoring = asyncio.gather(
-                acting.batcher.score(inputs), *(s.batcher.score(s.inputs(values, row.context)) for s in shadows)
-            )
-            scores = await self._within(scoring, answer_by, "scoring")
+            with self._tracer.start_as_current_span("serving.score"):
+                scoring = asyncio.gather(
+                    acting.batcher.score(inputs), *(s.batcher.score(s.inputs(values, row.context)) for s in shadows)
+                )
+                scores = await self._within(scoring, answer_by, "scoring")
             choice = choose(scores[0], deployment.policy, decision)
         except Refusal:
             raise
@@ -319,11 +323,16 @@ class ServingApi:
             "entities": dict(request.entities), "context": row.context, "unit_id": request.unit_id,
             "request_id": request.request_id, "trace_id": _trace_id(),
         }  # fmt: skip
+        metadata = {"producer": "serving", "model": row.model}
+        traceparent = telemetry.current_traceparent()  # the Predict's span, not its commit's or the batch's
+        if traceparent:
+            metadata["traceparent"] = traceparent
         event = NewEvent(
             decision, "decision.made", 1, "decision", str(decision), datetime.now(UTC),
-            orjson.dumps(payload).decode(), {"producer": "serving", "model": row.model},
+            orjson.dumps(payload).decode(), metadata,
         )  # fmt: skip
-        logged = await self._record(event, row, answer_by, slot)
+        with self._tracer.start_as_current_span("serving.commit"):
+            logged = await self._record(event, row, answer_by, slot)
         if logged.duplicate:  # a concurrent repeat of the same request id got there first
             earlier = await self._within(self.log.get(decision), answer_by, "reading the recorded decision")
             assert earlier is not None

@@ -129,7 +129,9 @@ class RemoteFeatures:
         self.client = client
         self.calls = 0
         self.rows = 0
-        self._batcher: Batcher[Lookup, Any] = Batcher(self._fetch, name="the features service", max_weight=max_rows)
+        self._batcher: Batcher[Lookup, Any] = Batcher(
+            self._fetch, name="the features service", max_weight=max_rows, span="serving.features_batch"
+        )
 
     async def host(self, views: Sequence[FeatureView]) -> None:
         """Nothing to do: the features service holds every registered view."""

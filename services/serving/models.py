@@ -33,7 +33,7 @@ class MicroBatcher:
         self.calls = 0
         self.rows = 0
         self._batcher: Batcher[list[float], float] = Batcher(
-            self._predict_rows, name="the scorer", max_weight=max_batch
+            self._predict_rows, name="the scorer", max_weight=max_batch, span="serving.score_batch"
         )
 
     def _predict(self, rows: list[list[float]]) -> list[float]:
