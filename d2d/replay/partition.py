@@ -121,8 +121,16 @@ def _unit_sql(views: int, in_sql: bool) -> str:
 
 
 def _run_unit(unit: Unit) -> list[UnitResult]:
-    """A worker process's entry point."""
-    return asyncio.run(_fold_unit(unit))
+    """A worker process's entry point.
+
+    Not `asyncio.run`: on its way out (Python 3.11) it looks the SIGINT handler it installed up in
+    the `Signals` enum, whose refusal formats the handler, with it the finished task and so the
+    repr of every answer in the result: seconds of CPU per unit, for nothing."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_fold_unit(unit))
+    finally:
+        loop.close()
 
 
 async def _fold_unit(unit: Unit) -> list[UnitResult]:
