@@ -324,7 +324,13 @@ class ViewState:
         self._count_all = 2 + col_index[("count", None, None)] if self._always else -1
         self._plan = plan
         self._life = life
-        self._accumulators = [(kind.accumulate, itemgetter(c), s) for kind, c, s in life]
+        # The lifetime aggregates by the row position they read (SUM, MEAN and MAX of one field
+        # share one), so a batch of rows is read once per position: (row position, counts every row,
+        # ((accumulate, prefix slot), ...)).
+        by_position: dict[int, list[tuple[Callable[..., None], int]]] = {}
+        for kind, c, s in life:
+            by_position.setdefault(c, []).append((kind.accumulate, s))
+        self._accumulators = [(itemgetter(c), c == self._count_all, tuple(f)) for c, f in by_position.items()]
         self._prefix_template = tuple(template)
         self._extract, self._extract_source = _build_extractor(columns)
         self._compute, self._compute_source = _build_query(plan, self._count_all)
@@ -489,12 +495,16 @@ class ViewState:
 
     def _accumulate(self, pre: list[Any], rows: list[tuple]) -> None:
         """Continue the lifetime aggregates' left fold `pre` with `rows` (in (occurred_at, seq) order)."""
-        for accumulate, get, s in self._accumulators:
-            vals = list(map(get, rows))
-            if None in vals:
-                vals = [v for v in vals if v is not None]
+        for get, every_row, folds in self._accumulators:
+            if every_row:  # the column that counts every event: 1 in every row
+                vals = [1] * len(rows)
+            else:
+                vals = list(map(get, rows))
+                if None in vals:
+                    vals = [v for v in vals if v is not None]
             if vals:
-                accumulate(pre, s, vals)
+                for accumulate, s in folds:
+                    accumulate(pre, s, vals)
 
     def _new_prefix(self) -> list[Any]:
         return self._copy_prefix(self._prefix_template)
