@@ -108,6 +108,7 @@ def posix_seconds(value: datetime | str) -> float:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_first = itemgetter(0)
 
 
 def _num(v: Any) -> float | None:
@@ -482,12 +483,13 @@ class ViewState:
                 push = self._push
                 for row in buf[done:]:
                     push(cols, nones, row)
-            else:  # several: transposed in one pass, then each column extended at once
-                new = tuple(zip(*buf[done:], strict=True))  # new[c]: position c of every new row
-                cols[0] += new[0]
+            else:  # several: column by column, each taken from the new rows in one pass
+                new = buf[done:]
+                cols[0] += map(_first, new)
                 for c in range(2, len(cols)):
-                    values = new[c]
-                    nones[c] += values.count(None)
+                    values = list(map(itemgetter(c), new))
+                    if None in values:  # (None compares by identity first)
+                        nones[c] += values.count(None)
                     cols[c] += values
         return cols, nones
 
