@@ -316,26 +316,46 @@ async def fold_partitions(
     by_source: dict[str, list[FeatureView]] = {}
     for view in views:
         by_source.setdefault(view.source, []).append(view)
-    units: list[Unit] = []
-    for source, group in by_source.items():
-        in_sql = not upcaster_names(source) and await _keys_are_text(url, role, source, group)
-        per_partition: list[list[tuple[int, int, str, float, int]]] = [[] for _ in range(partitions)]
-        for position, view in enumerate(group):
-            for i, row in enumerate(rows):
-                entity = row.keys.get(view.entity)
-                if entity:
-                    at = (position, i, entity, times[i], watermarks[i])
-                    per_partition[entity_partition(entity, partitions)].append(at)
-        for k, mine in enumerate(per_partition):
-            mine.sort(key=lambda x: x[4])
-            reach = max([to_seq, *(x[4] for x in mine), check.watermark if check else 0])
-            if mine or check is not None:
-                views_json = [v.to_dict() for v in group]
-                units.append(Unit(url, role, views_json, k, partitions, in_sql, mine, reach, check))
-    progress(stage, 0, len(units))
     results: list[UnitResult] = []
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(max_workers=min(workers, max(1, len(units))), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        # The worker processes start (Python, imports) and Postgres checks each source's keys while
+        # this process sorts the rows into units (in a thread: the event loop runs the checks).
+        for _ in range(workers):
+            pool.submit(os.getpid)
+        plain = [source for source in by_source if not upcaster_names(source)]
+        partition_of: dict[str, int] = {}  # each row entity's partition (entities recur in rows)
+
+        def sort_rows(group: list[FeatureView]) -> list[list[tuple[int, int, str, float, int]]]:
+            """The rows asking `group`'s views, by the partition of the entity asked."""
+            per_partition: list[list[tuple[int, int, str, float, int]]] = [[] for _ in range(partitions)]
+            for position, view in enumerate(group):
+                for i, row in enumerate(rows):
+                    entity = row.keys.get(view.entity)
+                    if entity:
+                        part = partition_of.get(entity)
+                        if part is None:
+                            part = partition_of[entity] = entity_partition(entity, partitions)
+                        per_partition[part].append((position, i, entity, times[i], watermarks[i]))
+            for mine in per_partition:
+                mine.sort(key=lambda x: x[4])
+            return per_partition
+
+        checked, sorted_rows = await asyncio.gather(
+            asyncio.gather(*(_keys_are_text(url, role, source, by_source[source]) for source in plain)),
+            asyncio.to_thread(lambda: {source: sort_rows(group) for source, group in by_source.items()}),
+        )
+        text_keys = dict(zip(plain, checked, strict=True))
+        units: list[Unit] = []
+        for source, group in by_source.items():
+            views_json = [v.to_dict() for v in group]
+            for k, mine in enumerate(sorted_rows[source]):
+                reach = max([to_seq, *(x[4] for x in mine), check.watermark if check else 0])
+                if mine or check is not None:
+                    units.append(
+                        Unit(url, role, views_json, k, partitions, text_keys.get(source, False), mine, reach, check)
+                    )
+        progress(stage, 0, len(units))
 
         async def run(unit: Unit) -> list[UnitResult]:
             return await loop.run_in_executor(pool, _run_unit, unit)
