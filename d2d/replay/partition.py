@@ -141,6 +141,8 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
     states = [ViewState(v) for v in views]
     results = [UnitResult(v.name, unit.partition) for v in views]
     names = [v.feature_names() for v in views]
+    # Where a state answers in feature order (its plan's), its values are taken as they come.
+    in_order = [list(state.defaults()) == names[position] for position, state in enumerate(states)]
     paths = [tuple(v.entity_key.split(".")) for v in views]
     k, n, source, width = unit.partition, unit.partitions, views[0].source, len(views)
     in_sql = unit.in_sql
@@ -171,7 +173,10 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
             except StaleQueryError:
                 result.answers.append((index, None, True))
             else:
-                result.answers.append((index, None if values is None else [values[f] for f in names[position]], False))
+                answer = None
+                if values is not None:
+                    answer = list(values.values()) if in_order[position] else [values[f] for f in names[position]]
+                result.answers.append((index, answer, False))
             r += 1
         if check is not None and check.watermark < seq:
             for state, result in zip(states, results, strict=True):
