@@ -326,7 +326,7 @@ async def fold_partitions(
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         # The worker processes start (Python, imports) and Postgres checks each source's keys while
         # this process sorts the rows into units (in a thread: the event loop runs the checks).
-        for _ in range(workers):
+        for _ in range(workers if rows or check is not None else 0):  # (no rows, no check: no units)
             pool.submit(os.getpid)
         plain = [source for source in by_source if not upcaster_names(source)]
         partition_of: dict[str, int] = {}  # each row entity's partition (entities recur in rows)
