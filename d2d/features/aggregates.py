@@ -52,7 +52,8 @@ class Kind:
         """Undo `encode` on the slots of `pre`, loaded from a snapshot."""
 
     def accumulate(self, pre: list[Any], s: int, vals: list[Any]) -> None:
-        """Continue the prefix slots with `vals` (not empty), the inputs after those already in it."""
+        """Continue the prefix slots with `vals` (not empty), the inputs after those already in it.
+        `vals` is read, never changed: the aggregates reading one column share it."""
         raise NotImplementedError
 
     def result(self, vals: list[Any] | tuple[()], pre: list[Any] | None, s: int) -> Any:

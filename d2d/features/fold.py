@@ -324,7 +324,13 @@ class ViewState:
         self._count_all = 2 + col_index[("count", None, None)] if self._always else -1
         self._plan = plan
         self._life = life
-        self._accumulators = [(kind.accumulate, itemgetter(c), s) for kind, c, s in life]
+        # The lifetime aggregates by the row position they read (SUM, MEAN and MAX of one field
+        # share one), so a batch of rows is read once per position: (row position, its getter, counts
+        # every row, ((accumulate, prefix slot), ...)).
+        by_position: dict[int, list[tuple[Callable[..., None], int]]] = {}
+        for kind, c, s in life:
+            by_position.setdefault(c, []).append((kind.accumulate, s))
+        self._accumulators = [(c, itemgetter(c), c == self._count_all, tuple(f)) for c, f in by_position.items()]
         self._prefix_template = tuple(template)
         self._extract, self._extract_source = _build_extractor(columns)
         self._compute, self._compute_source = _build_query(plan, self._count_all)
@@ -442,18 +448,18 @@ class ViewState:
         k = bisect_left(buf, (self._horizon,))  # rows with occurred_at < horizon
         if not k:
             return 0
+        cols = self._cols.get(eid)
         if self._life:
             pre = self._prefixes.get(eid)
             if pre is None:
                 pre = self._prefixes[eid] = self._new_prefix()
-            self._accumulate(pre, buf[:k])
+            self._accumulate(pre, buf, cols, 0, k)
             entry = self._totals.get(eid)
             if entry is not None:  # the buffer's rows shift down by k
                 if entry[1] < k:  # rows leaving the buffer not yet in the totals
-                    self._accumulate(entry[0], buf[entry[1] : k])
+                    self._accumulate(entry[0], buf, cols, entry[1], k)
                 entry[1] = max(0, entry[1] - k)
         del buf[:k]
-        cols = self._cols.get(eid)
         if cols is not None:
             nones, m = self._nones[eid], min(k, len(cols[0]))
             del cols[0][:m]
@@ -487,14 +493,22 @@ class ViewState:
                     cols[c] += values
         return cols, nones
 
-    def _accumulate(self, pre: list[Any], rows: list[tuple]) -> None:
-        """Continue the lifetime aggregates' left fold `pre` with `rows` (in (occurred_at, seq) order)."""
-        for accumulate, get, s in self._accumulators:
-            vals = list(map(get, rows))
-            if None in vals:
-                vals = [v for v in vals if v is not None]
+    def _accumulate(self, pre: list[Any], buf: list[tuple], cols: list[list[Any]] | None, lo: int, hi: int) -> None:
+        """Continue the lifetime aggregates' left fold `pre` with the rows ``buf[lo:hi]`` (in
+        (occurred_at, seq) order): each position's values are a slice of the entity's column where
+        its columns (`cols`, see `_by_column`) hold those rows, else read from the rows."""
+        columned = cols is not None and hi <= len(cols[0])
+        rows = buf[lo:hi] if not columned else []
+        for c, get, every_row, folds in self._accumulators:
+            if every_row:  # the column that counts every event: 1 in every row
+                vals = [1] * (hi - lo)
+            else:
+                vals = cols[c][lo:hi] if cols is not None and columned else list(map(get, rows))
+                if None in vals:
+                    vals = [v for v in vals if v is not None]
             if vals:
-                accumulate(pre, s, vals)
+                for accumulate, s in folds:
+                    accumulate(pre, s, vals)
 
     def _new_prefix(self) -> list[Any]:
         return self._copy_prefix(self._prefix_template)
@@ -536,10 +550,10 @@ class ViewState:
         cols, nones = self._by_column(entity_id, buf)
         times = cols[0]
         hi = bisect_right(times, as_of)
-        totals = self._lifetime_totals(entity_id, buf) if hi == len(buf) and self._life else None
+        totals = self._lifetime_totals(entity_id, buf, cols) if hi == len(buf) and self._life else None
         return self._compute(cols, nones, times, hi, as_of, pre, totals)
 
-    def _lifetime_totals(self, eid: str, buf: list[tuple]) -> list[Any]:
+    def _lifetime_totals(self, eid: str, buf: list[tuple], cols: list[list[Any]]) -> list[Any]:
         """The lifetime aggregates' fold over all the entity's rows, brought up to date."""
         entry = self._totals.get(eid)
         if entry is None:
@@ -548,7 +562,7 @@ class ViewState:
             entry = self._totals[eid] = [totals, 0]
         totals, start = entry  # start: buffer index of the first row not yet in the totals
         if start < len(buf):
-            self._accumulate(totals, buf[start:])
+            self._accumulate(totals, buf, cols, start, len(buf))
             entry[1] = len(buf)
         return totals
 

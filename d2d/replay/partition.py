@@ -12,7 +12,8 @@ and none in Postgres, which shares the cores) and decodes a payload only when so
 partition folds it. Every event still counts for the whole view: the fold's lateness, pruning
 horizon and `StaleQueryError` depend on the view-wide newest event time, so where an event's
 entity is another partition's, `ViewState.apply_elsewhere` advances the time and watermark
-without storing anything. Each state therefore accepts, prunes and refuses exactly as the
+without storing anything (a run of such events is noted in one call, before the state next folds
+or answers). Each state therefore accepts, prunes and refuses exactly as the
 single-process fold does, for its entities. (A source with upcasters, or with an entity key of
 another JSON type somewhere, is read whole: every payload decoded and upcast, its keys taken from it.)
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -113,16 +115,25 @@ class UnitResult:
 
 def _unit_sql(views: int, in_sql: bool) -> str:
     """$1 the type, $2 the last seq; with `in_sql`, $3.. each view's entity key path, whose text
-    (NULL: the event has no entity key) the worker maps to a partition. The payload comes as JSON
-    text: the worker decodes only the payloads a view of its partition folds."""
+    (NULL: the event has no entity key) the worker maps to a partition, else the schema version (to
+    upcast). The payload comes as JSON text: the worker decodes only the payloads a view of its
+    partition folds."""
     micros = "(extract(epoch FROM occurred_at) * 1000000)::int8"
-    keys = "".join(f"payload #>> ${3 + i}, " for i in range(views)) if in_sql else ""
-    return f"SELECT seq, schema_version, {micros}, {keys}payload FROM events WHERE type = $1 AND seq <= $2 ORDER BY seq"
+    columns = "".join(f"payload #>> ${3 + i}, " for i in range(views)) if in_sql else "schema_version, "
+    return f"SELECT seq, {micros}, {columns}payload FROM events WHERE type = $1 AND seq <= $2 ORDER BY seq"
 
 
 def _run_unit(unit: Unit) -> list[UnitResult]:
-    """A worker process's entry point."""
-    return asyncio.run(_fold_unit(unit))
+    """A worker process's entry point.
+
+    Not `asyncio.run`: on its way out (Python 3.11) it looks the SIGINT handler it installed up in
+    the `Signals` enum, whose refusal formats the handler, with it the finished task and so the
+    repr of every answer in the result: seconds of CPU per unit, for nothing."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_fold_unit(unit))
+    finally:
+        loop.close()
 
 
 async def _fold_unit(unit: Unit) -> list[UnitResult]:
@@ -130,15 +141,30 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
     states = [ViewState(v) for v in views]
     results = [UnitResult(v.name, unit.partition) for v in views]
     names = [v.feature_names() for v in views]
+    # Where a state answers in feature order (its plan's), its values are taken as they come.
+    in_order = [list(state.defaults()) == names[position] for position, state in enumerate(states)]
     paths = [tuple(v.entity_key.split(".")) for v in views]
     k, n, source, width = unit.partition, unit.partitions, views[0].source, len(views)
     in_sql = unit.in_sql
     rows, r = unit.rows, 0
     check = unit.check
 
+    # Per view, other partitions' events not yet noted in its state: the seq of the last (0: none)
+    # and the newest occurred_at met (a running maximum). `apply_elsewhere` of that pair equals its
+    # calls for each of them, so they are noted in one call, when the state is next used.
+    behind = [0] * width
+    newest = [-math.inf] * width
+
+    def note_elsewhere() -> None:
+        for position, state in enumerate(states):
+            if behind[position]:
+                state.apply_elsewhere(behind[position], newest[position])
+                behind[position] = 0
+
     def answer_until(seq: int) -> None:
         """Answer the rows (and the check) whose watermark is below `seq`: every event up to it is folded."""
         nonlocal r, check
+        note_elsewhere()
         while r < len(rows) and rows[r][4] < seq:
             position, index, entity_id, as_of, _ = rows[r]
             state, result = states[position], results[position]
@@ -147,18 +173,25 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
             except StaleQueryError:
                 result.answers.append((index, None, True))
             else:
-                result.answers.append((index, None if values is None else [values[f] for f in names[position]], False))
+                answer = None
+                if values is not None:
+                    answer = list(values.values()) if in_order[position] else [values[f] for f in names[position]]
+                result.answers.append((index, answer, False))
             r += 1
         if check is not None and check.watermark < seq:
             for state, result in zip(states, results, strict=True):
                 _check_state(state, check, k, n, result)
             check = None
 
+    def due() -> int:
+        """The first seq after which a row or the check is due (`to_seq`, which no seq exceeds: none)."""
+        return min(rows[r][4] if r < len(rows) else unit.to_seq, check.watermark if check is not None else unit.to_seq)
+
     sql = _unit_sql(width, in_sql)
     args = [source, unit.to_seq, *([list(p) for p in paths] if in_sql else [])]
-    # The partition of each entity key text met so far (entities recur: one MD5 per entity).
-    partition_of: dict[str, int] = {}
-    keys = range(3, 3 + width)
+    # Whether each entity key text met so far is this partition's (entities recur: one MD5 per entity).
+    is_mine: dict[str, bool] = {}
+    by_view = [(position, 2 + position, state) for position, state in enumerate(states)]  # key column of each
     loads = orjson.loads
     conn = await asyncpg.connect(unit.url)  # no jsonb codec: payloads arrive as text
     try:
@@ -166,33 +199,38 @@ async def _fold_unit(unit: Unit) -> list[UnitResult]:
             await conn.execute(f'SET ROLE "{unit.role}"')
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             events = 0
-            next_watermark = rows[0][4] if rows else None  # answer_until is called only when a row is due
+            next_due = due()
             cursor = await conn.cursor(sql, *args)
             while page := await cursor.fetch(PREFETCH):  # pages: no per-record await
                 events += len(page)
                 for record in page:
                     seq = record[0]
-                    if next_watermark is not None and next_watermark < seq or check is not None:
+                    if next_due < seq:
                         answer_until(seq)
-                        next_watermark = rows[r][4] if r < len(rows) else None
-                    occurred_at = record[2] / 1_000_000  # exact microseconds, divided once: datetime.timestamp()
+                        next_due = due()
+                    occurred_at = record[1] / 1_000_000  # exact microseconds, divided once: datetime.timestamp()
                     if in_sql:  # a type without upcasters: the payload is folded as stored
                         payload = None
-                        for position, column in enumerate(keys):
+                        for position, column, state in by_view:
                             key = record[column]
                             if key is None:  # no entity key: folds into nothing, on every path
                                 continue
-                            part = partition_of.get(key)
-                            if part is None:
-                                part = partition_of[key] = entity_partition(key, n)
-                            if part == k:
+                            mine = is_mine.get(key)
+                            if mine is None:
+                                mine = is_mine[key] = entity_partition(key, n) == k
+                            if mine:
                                 if payload is None:
                                     payload = loads(record[-1])
-                                states[position].apply_payload(seq, occurred_at, payload)
-                            else:  # another partition's entity
-                                states[position].apply_elsewhere(seq, occurred_at)
+                                if behind[position]:
+                                    state.apply_elsewhere(behind[position], newest[position])
+                                    behind[position] = 0
+                                state.apply_payload(seq, occurred_at, payload)
+                            else:  # another partition's entity: noted when this state is next used
+                                behind[position] = seq
+                                if occurred_at > newest[position]:
+                                    newest[position] = occurred_at
                         continue
-                    event = fold_event(seq, source, record[1], occurred_at, loads(record[-1]))
+                    event = fold_event(seq, source, record[2], occurred_at, loads(record[-1]))
                     for position in range(width):
                         entity = resolve_path(event.payload, paths[position])
                         if entity is None:
@@ -283,26 +321,46 @@ async def fold_partitions(
     by_source: dict[str, list[FeatureView]] = {}
     for view in views:
         by_source.setdefault(view.source, []).append(view)
-    units: list[Unit] = []
-    for source, group in by_source.items():
-        in_sql = not upcaster_names(source) and await _keys_are_text(url, role, source, group)
-        per_partition: list[list[tuple[int, int, str, float, int]]] = [[] for _ in range(partitions)]
-        for position, view in enumerate(group):
-            for i, row in enumerate(rows):
-                entity = row.keys.get(view.entity)
-                if entity:
-                    at = (position, i, entity, times[i], watermarks[i])
-                    per_partition[entity_partition(entity, partitions)].append(at)
-        for k, mine in enumerate(per_partition):
-            mine.sort(key=lambda x: x[4])
-            reach = max([to_seq, *(x[4] for x in mine), check.watermark if check else 0])
-            if mine or check is not None:
-                views_json = [v.to_dict() for v in group]
-                units.append(Unit(url, role, views_json, k, partitions, in_sql, mine, reach, check))
-    progress(stage, 0, len(units))
     results: list[UnitResult] = []
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(max_workers=min(workers, max(1, len(units))), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        # The worker processes start (Python, imports) and Postgres checks each source's keys while
+        # this process sorts the rows into units (in a thread: the event loop runs the checks).
+        for _ in range(workers if rows or check is not None else 0):  # (no rows, no check: no units)
+            pool.submit(os.getpid)
+        plain = [source for source in by_source if not upcaster_names(source)]
+        partition_of: dict[str, int] = {}  # each row entity's partition (entities recur in rows)
+
+        def sort_rows(group: list[FeatureView]) -> list[list[tuple[int, int, str, float, int]]]:
+            """The rows asking `group`'s views, by the partition of the entity asked."""
+            per_partition: list[list[tuple[int, int, str, float, int]]] = [[] for _ in range(partitions)]
+            for position, view in enumerate(group):
+                for i, row in enumerate(rows):
+                    entity = row.keys.get(view.entity)
+                    if entity:
+                        part = partition_of.get(entity)
+                        if part is None:
+                            part = partition_of[entity] = entity_partition(entity, partitions)
+                        per_partition[part].append((position, i, entity, times[i], watermarks[i]))
+            for mine in per_partition:
+                mine.sort(key=lambda x: x[4])
+            return per_partition
+
+        checked, sorted_rows = await asyncio.gather(
+            asyncio.gather(*(_keys_are_text(url, role, source, by_source[source]) for source in plain)),
+            asyncio.to_thread(lambda: {source: sort_rows(group) for source, group in by_source.items()}),
+        )
+        text_keys = dict(zip(plain, checked, strict=True))
+        units: list[Unit] = []
+        for source, group in by_source.items():
+            views_json = [v.to_dict() for v in group]
+            for k, mine in enumerate(sorted_rows[source]):
+                reach = max([to_seq, *(x[4] for x in mine), check.watermark if check else 0])
+                if mine or check is not None:
+                    units.append(
+                        Unit(url, role, views_json, k, partitions, text_keys.get(source, False), mine, reach, check)
+                    )
+        progress(stage, 0, len(units))
 
         async def run(unit: Unit) -> list[UnitResult]:
             return await loop.run_in_executor(pool, _run_unit, unit)
