@@ -336,8 +336,9 @@ async def run(quick: bool, servers: Servers, services: Services, tmp: Path) -> d
         finally:
             await conn.close()
             await nc.close()
-        # After everything: the platform still decides.
-        await serving.stub.Predict(workload.requests[1], timeout=30)
+        # After everything: the platform still decides (serving may have restarted moments ago, and the
+        # channel may be backing off from its last refused connection: wait for it, within the timeout).
+        await serving.stub.Predict(workload.requests[1], timeout=30, wait_for_ready=True)
     finally:
         load.stopping = True
         stop_supervising.set()

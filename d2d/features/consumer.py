@@ -109,9 +109,11 @@ class Folder:
         return await js.pull_subscribe("", durable=self.durable, stream=stream, config=config)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Fold until `stop`. A NATS outage (or a failed subscribe or acknowledgement) is waited
+        out: the state keeps answering at its watermark, and folding resumes where it stopped."""
         js = self.nc.jetstream()
         stream, prefix = self.topology.events_stream, self.topology.events_prefix
-        sub = await self.subscribe(js) if self.state.sources else None
+        sub = None  # subscribed while the state has source types
         cut = len(prefix) + 1
         last_snapshot_at, folded_since = time.monotonic(), 0
         unacked = None
@@ -122,10 +124,17 @@ class Folder:
                     new_sources = await self._join_hosted()
                     changed = True
                     self._watermark_moved()
-                    if new_sources:  # the consumer needs their subjects: re-create it at the state's position
-                        if sub is not None:
+                    if new_sources and sub is not None:  # the consumer needs their subjects: re-create it
+                        with contextlib.suppress(Exception):
                             await sub.unsubscribe()
-                        sub, unacked = await self.subscribe(js), None
+                        sub, unacked = None, None
+                if sub is None and self.state.sources:
+                    try:  # (re)created at the state's stream position
+                        sub = await self.subscribe(js)
+                    except Exception as exc:  # NATS away: try again shortly
+                        log.warning("features: subscribing failed (%s); will retry", exc)
+                        await asyncio.sleep(0.5)
+                        continue
                 if sub is None:  # no view yet: nothing to fold until one is hosted
                     self.caught_up.set()
                     self._arrived.clear()
@@ -154,17 +163,20 @@ class Folder:
                 if (unacked is not None or changed) and (folded_since >= self.snapshot_every_events or due):
                     try:
                         await self.snapshot()
-                    except Exception as exc:  # Postgres away: keep folding and serving, snapshot later
-                        log.warning("features: snapshot failed (%s); will retry", exc)
+                        if unacked is not None:
+                            await unacked.ack()  # AckAll: everything up to here is in the snapshot
+                    except Exception as exc:  # Postgres or NATS away: keep folding and serving, retry later
+                        log.warning("features: snapshot or acknowledgement failed (%s); will retry", exc)
                         last_snapshot_at = time.monotonic()
                         continue
-                    if unacked is not None:
-                        await unacked.ack()  # AckAll: everything up to here is in the snapshot
                     unacked, folded_since, last_snapshot_at, changed = None, 0, time.monotonic(), False
             if unacked is not None or changed:
-                await self.snapshot()
-            if unacked is not None:
-                await unacked.ack()
+                try:
+                    await self.snapshot()
+                    if unacked is not None:
+                        await unacked.ack()
+                except Exception as exc:  # the next start folds from the last snapshot saved instead
+                    log.warning("features: the last snapshot or acknowledgement failed (%s)", exc)
         finally:
             self._ended = True
             for hosting in self._hosting:  # never joined: their callers must not wait on

@@ -71,6 +71,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await server.stop(grace=5)
     with contextlib.suppress(asyncio.CancelledError):
         await folding  # takes a last snapshot
-    await nc.flush(timeout=5)  # the last acknowledgement
-    await nc.close()
+    with contextlib.suppress(Exception):  # NATS may be away: the consumer is durable
+        await nc.flush(timeout=5)  # the last acknowledgement
+        await nc.close()
     await pool.close()

@@ -156,8 +156,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
         await features.client.channel.close()
     if folding is not None:
         await folding  # takes a last snapshot; a folding failure ends the process (the supervisor restarts it)
-    await nc.flush(timeout=5)
-    await nc.close()
+    with contextlib.suppress(Exception):  # NATS may be away: the consumer is durable, its acks redone
+        await nc.flush(timeout=5)
+        await nc.close()
     await registry.channel.close()
     await pool.close()
 
