@@ -204,22 +204,11 @@ async def test_a_model_needing_a_new_view_is_switched_to_only_once_serving_holds
         async with RegistryClient(platform.registry) as registry:
             trained = await registry.train(MODEL, json.dumps({**spec, "num_boost_round": 20}))
         version = int(trained.name.rsplit("/", 1)[1])
-        requests = requests_for(platform, 400)
         failures: list[Exception] = []
         answered: list = []
         stop = asyncio.Event()
         async with ServingClient(platform.serving) as serving:
-
-            async def load(worker: int) -> None:
-                i = worker
-                while not stop.is_set():
-                    try:
-                        answered.append(await serving.stub.Predict(requests[i % len(requests)], timeout=10))
-                    except grpc.aio.AioRpcError as exc:
-                        failures.append(exc)
-                    i += 8
-
-            workers = [asyncio.create_task(load(w)) for w in range(8)]
+            workers = steady_predicts(serving, requests_for(platform, 400), stop, answered, failures)
             arriving = arrivals(platform, log, stop)
             await asyncio.sleep(0.5)
             async with RegistryClient(platform.registry) as registry:
@@ -242,6 +231,24 @@ async def test_a_model_needing_a_new_view_is_switched_to_only_once_serving_holds
         await assert_features_are_offline(log, mine, [*VIEWS, CARD_AMOUNTS])
     finally:
         await pool.close()
+
+
+def steady_predicts(
+    serving: ServingClient, requests: list, stop: asyncio.Event, answered: list, failures: list
+) -> list[asyncio.Task[None]]:
+    """8 clients calling Predict one call after another until `stop`: answers (in the order they came)
+    into `answered`, errors into `failures`."""
+
+    async def load(worker: int) -> None:
+        i = worker
+        while not stop.is_set():
+            try:
+                answered.append(await serving.stub.Predict(requests[i % len(requests)], timeout=10))
+            except grpc.aio.AioRpcError as exc:
+                failures.append(exc)
+            i += 8
+
+    return [asyncio.create_task(load(w)) for w in range(8)]
 
 
 def arrivals(platform: Platform, log: EventLog, stop: asyncio.Event) -> asyncio.Task[int]:
@@ -483,26 +490,12 @@ async def test_a_best_action_policy_decides_and_logs_its_kind_and_exact_propensi
 
 
 async def test_alias_moved_under_steady_load_fails_no_request(platform: Platform) -> None:
-    requests = requests_for(platform, 400)
     failures: list[Exception] = []
-    versions: list[str] = []
     answered: list = []
     stop = asyncio.Event()
 
     async with ServingClient(platform.serving) as serving:
-
-        async def load(worker: int) -> None:
-            i = worker
-            while not stop.is_set():
-                try:
-                    answer = await serving.stub.Predict(requests[i % len(requests)], timeout=5)
-                    versions.append(answer.model_version)
-                    answered.append(answer)
-                except grpc.aio.AioRpcError as exc:
-                    failures.append(exc)
-                i += 8
-
-        workers = [asyncio.create_task(load(w)) for w in range(8)]
+        workers = steady_predicts(serving, requests_for(platform, 400), stop, answered, failures)
         await asyncio.sleep(1.0)
         async with RegistryClient(platform.registry) as registry:
             await registry.set_alias(MODEL, "production", 2, reason="hot swap test")
@@ -512,6 +505,7 @@ async def test_alias_moved_under_steady_load_fails_no_request(platform: Platform
         async with RegistryClient(platform.registry) as registry:
             await registry.set_alias(MODEL, "production", 1)
     assert failures == []
+    versions = [a.model_version for a in answered]
     assert versions[0].endswith("/1") and versions[-1].endswith("/2") and len(versions) > 100
     # Every decision, also those in flight at the swap, was scored whole by the version it names:
     # its logged inputs rescored by that version's artifact give its score.
