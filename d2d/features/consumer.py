@@ -35,7 +35,7 @@ from opentelemetry import trace
 from d2d import bus, telemetry
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
-from d2d.features.fold import ViewState, fold_event
+from d2d.features.fold import ViewState
 from d2d.features.offline import fold_pages
 from d2d.features.online import GapError, OnlineState
 from d2d.features.store import Snapshot, save_snapshot
@@ -276,24 +276,12 @@ class Folder:
         for state in states.values():
             by_source.setdefault(state.view.source, []).append(state)
         last = dict.fromkeys(by_source, 0)
-        if after == 0:
-            async for page in fold_pages(self.log, list(by_source), to_seq):
-                for event in page:
-                    for state in by_source[event.type]:
-                        state.apply(event)
-                    last[event.type] = event.seq
-                await asyncio.sleep(0)  # a page at a time: the service keeps answering meanwhile
-        else:
-            while after < to_seq:
-                events = [e for e in await self.log.read(after, 1000, types=list(by_source)) if e.seq <= to_seq]
-                for e in events:
-                    event = fold_event(e.seq, e.type, e.schema_version, e.occurred_at.timestamp(), e.payload)
-                    for state in by_source[e.type]:
-                        state.apply(event)
-                    last[e.type] = e.seq
-                if len(events) < 1000:
-                    break
-                after = events[-1].seq
+        async for page in fold_pages(self.log, list(by_source), to_seq, after=after):
+            for event in page:
+                for state in by_source[event.type]:
+                    state.apply(event)
+                last[event.type] = event.seq
+            await asyncio.sleep(0)  # a page at a time: the service keeps answering meanwhile
         for state in states.values():  # every event up to to_seq is folded, whatever its type
             state.watermark = max(state.watermark, to_seq)
         return last

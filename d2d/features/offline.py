@@ -73,13 +73,14 @@ _FOLD_SELECT = (
 )
 
 
-async def fold_pages(log: EventLog, types: Sequence[str], to_seq: int | None = None) -> AsyncIterator[list[FoldEvent]]:
-    """The log's events of `types` (with seq <= to_seq, when given) as the fold takes them
-    (`fold_event`), in seq order, a page at a time: the same FoldEvents as `source_events` gives
-    through `fold_event`, read with less work (for a fold that needs no event ids)."""
+async def fold_pages(
+    log: EventLog, types: Sequence[str], to_seq: int | None = None, *, after: int = 0
+) -> AsyncIterator[list[FoldEvent]]:
+    """The log's events of `types` with seq > after (and <= to_seq, when given) as the fold takes
+    them (`fold_event`), in seq order, a page at a time: the same FoldEvents as `source_events`
+    gives through `fold_event`, read with less work (for a fold that needs no event ids)."""
     if not types:
         return
-    after = 0
     while to_seq is None or after < to_seq:
         async with log.pool.acquire() as conn:
             rows = await conn.fetch(_FOLD_SELECT, after, PAGE, list(types))

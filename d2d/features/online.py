@@ -21,7 +21,7 @@ import orjson
 from d2d.eventlog import EventLog
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import ViewState, fold_event
-from d2d.features.store import fold_key, load_snapshot
+from d2d.features.store import Snapshot, fold_key, load_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,10 @@ class OnlineState:
 async def restore(event_log: EventLog, views: Sequence[FeatureView], consumer: str) -> OnlineState:
     """The last snapshot of `consumer` if it was folded with these view versions and upcasters,
     else an empty state of `views`."""
-    snapshot = await load_snapshot(event_log.pool, consumer)
+    return _restored(await load_snapshot(event_log.pool, consumer), views, consumer)
+
+
+def _restored(snapshot: Snapshot | None, views: Sequence[FeatureView], consumer: str) -> OnlineState:
     wanted = fold_key(views)
     if snapshot is None:
         return OnlineState(views)
@@ -198,4 +201,4 @@ async def restore_snapshot_views(event_log: EventLog, consumer: str, definitions
     if set(by_name) != set(snapshot.views):
         log.warning("%s: snapshot views %s are not all registered now: starting empty", consumer, snapshot.views)
         return OnlineState([])
-    return await restore(event_log, [by_name[name] for name in snapshot.views], consumer)
+    return _restored(snapshot, [by_name[name] for name in snapshot.views], consumer)
