@@ -113,12 +113,16 @@ class Stack:
         # One OpenMP thread per service: XGBoost's default pool spins on the few cores the services share.
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.endpoints.env()}
         for spec in SERVICES:
-            self.supervisor.spawn(spec.name, spec.args, env)
+            self.supervisor.spawn(spec.name, spec.args, {**env, **self._service_env(spec)})
         deadline = time.monotonic() + timeout
         for spec in APIS:
             self._wait_healthy(spec, deadline)
         write_private_text(self.data_dir / ENDPOINTS_FILE, self.endpoints.to_json())
         return self.endpoints
+
+    def _service_env(self, spec: ServiceSpec) -> dict[str, str]:
+        """What only this service is given (its own credentials), over the environment all share."""
+        return {}
 
     def _default_addr(self, spec: ServiceSpec) -> str:
         if port_is_free(spec.port):
