@@ -15,7 +15,9 @@ Only one relay per database publishes at a time (a session advisory lock); other
 Idle, the relay waits `linger` (a few milliseconds) before each read (woken by a commit's notice,
 or polling), so events committed close together (decisions commit one small transaction after
 another) go in one batch: one read and one JetStream round trip instead of one each. Busy, it
-never lingers: what arrives while a batch is published is the next batch.
+never lingers: what arrives while a batch is published is the next batch. A read that returns
+less than a full batch has seen every commit before it, so the relay waits for the next notice
+instead of reading again (at low rates that halves its reads).
 
 No single event stops the relay. One the bus cannot carry (larger than the server's `max_payload`,
 which `limits.check_event` makes impossible for events appended since, or refused by the stream)
@@ -145,20 +147,27 @@ class OutboxRelay:
         log.info("relay %s publishing from seq %d", self.name, position)
         backoff = 0.1
         saved, saved_at = position, time.monotonic()
+        caught_up = False  # the last read found everything committed before it: wait for a notice
         try:
             while not stop.is_set():
-                wake.clear()
-                batch = await self.log.read_envelopes(position, self.batch_size, conn=conn)
-                if not batch:
+                if caught_up:
                     if not await _wait_any(stop, wake, self.idle_poll) and position != saved:  # idle
                         await self.log.set_position(self.name, position)
                         saved, saved_at = position, time.monotonic()
                     if self.linger and not stop.is_set():  # let events that follow close behind join
                         await asyncio.sleep(self.linger)
+                    if stop.is_set():
+                        break
+                # Cleared before the read: a commit the read does not see notifies after this point.
+                wake.clear()
+                batch = await self.log.read_envelopes(position, self.batch_size, conn=conn)
+                caught_up = len(batch) < self.batch_size
+                if not batch:
                     continue
                 try:
                     await self._publish(batch)
                 except Exception as exc:  # NATS down, slow, or refusing: retry the same batch
+                    caught_up = False
                     self.stats.retries += 1
                     log.warning("relay: publishing seq %d.. failed (%s); retrying", batch[0][0], exc)
                     await _wait_any(stop, asyncio.Event(), backoff)
