@@ -109,10 +109,10 @@ async def _init_connection(conn: asyncpg.Connection, role: str | None) -> None:
         await conn.execute(f'SET ROLE "{role}"')
 
 
-async def create_pool(
-    url: str, *, role: str | None = "d2d_service", min_size: int = 1, max_size: int = 10
-) -> asyncpg.Pool:
-    """A pool whose connections act as `role` (INSERT and SELECT on the log only)."""
+async def create_pool(url: str, *, role: str | None = None, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool of connections as the URL's user: a service's own login (d2d.dbroles), whose
+    privileges are its group's. `role`, for tests and tools on an owner's URL only, is SET on each
+    connection to act as that role (a service's group, say); services never switch roles."""
     return await asyncpg.create_pool(
         url,
         min_size=min_size,

@@ -40,7 +40,7 @@ async def decide(platform: Platform) -> None:
     async with ServingClient(platform.serving) as serving:
         answers = await serving.batch_predict(requests_for(platform, DECISIONS))
     assert len(answers) == DECISIONS
-    pool = await create_pool(platform.database_url, role="d2d_service", max_size=2)
+    pool = await create_pool(platform.database_url, role="d2d_feedback", max_size=2)
     try:
         log = EventLog(pool)
         await FeedbackConsumer(log).catch_up()
