@@ -8,9 +8,11 @@ Each bypass the issue found is tried here as a service login and must be refused
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -21,7 +23,7 @@ from d2d.dbroles import SERVICE_GROUPS, login_role, login_url
 from d2d.deadletters import DeadLetters, Rejected
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.store import Snapshot, load_snapshot, register_views, save_snapshot
-from d2d.runtime.servers import PG_USER, EmbeddedPostgres
+from d2d.runtime.servers import PG_DATABASE, PG_USER, EmbeddedPostgres, free_port
 from d2d.sim.views import VIEWS
 from tests.conftest import service_url
 
@@ -291,3 +293,30 @@ async def test_each_service_records_its_own_facts(pools) -> None:
         assert await feedback.lock_position("feedback", conn) == 0
         await feedback.set_position("feedback", 3, conn=conn)
     assert await feedback.position("feedback") == 3
+
+
+def test_a_data_dir_from_before_passwords_requires_them_from_its_next_start(tmp_path: Path) -> None:
+    """A cluster initialised as before (every local connection trusted, no password file) is converted
+    when it starts: the superuser gets a generated password and pg_hba trusts no one."""
+    server = EmbeddedPostgres(tmp_path / "data", port=free_port(), fsync=False)
+    server.pgdata.mkdir(parents=True)
+    server._prepare_user()  # as root, the server's own user runs initdb, as start() would
+    subprocess.run(
+        [str(server.bin_dir / "initdb"), "-D", str(server.pgdata), "-U", PG_USER, "--auth=trust", "--no-sync"],
+        check=True, capture_output=True, **server._run_as(),
+    )  # fmt: skip
+    assert not server.password_file.exists()
+    server.start()
+    try:
+
+        async def logins() -> None:
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(f"postgresql://{PG_USER}@127.0.0.1:{server.port}/{PG_DATABASE}")
+            conn = await asyncpg.connect(server.url)
+            await conn.close()
+
+        asyncio.run(logins())
+    finally:
+        server.stop()
+    assert server.password_file.stat().st_mode & 0o777 == 0o600
+    assert "trust" not in (server.pgdata / "pg_hba.conf").read_text()
