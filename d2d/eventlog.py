@@ -136,7 +136,16 @@ async def migrate(url: str) -> list[str]:
         async with engine.connect() as conn:
             await conn.execute(db.text("SELECT pg_advisory_lock(:key)"), {"key": APPEND_LOCK_KEY + 1})
             await conn.commit()  # the lock is the session's; each revision then commits on its own
-            return await conn.run_sync(db.upgrade_to_head)
+            try:
+                return await conn.run_sync(db.upgrade_to_head)
+            except db.ProgrammingError as exc:
+                if "permission denied" not in str(exc):
+                    raise
+                # A service's own login may read the schema, not change it (d2d.dbroles).
+                raise RuntimeError(
+                    "the database is not at the newest schema and this login may not change it:"
+                    " run `d2d migrate` (or `d2d up`) as the database's owner first"
+                ) from exc
     finally:
         await engine.dispose()  # closing the connection releases the lock
 

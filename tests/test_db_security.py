@@ -320,3 +320,11 @@ def test_a_data_dir_from_before_passwords_requires_them_from_its_next_start(tmp_
         server.stop()
     assert server.password_file.stat().st_mode & 0o777 == 0o600
     assert "trust" not in (server.pgdata / "pg_hba.conf").read_text()
+
+
+async def test_a_service_login_is_told_to_migrate_as_the_owner_on_a_database_behind(postgres: EmbeddedPostgres) -> None:
+    url = await asyncio.to_thread(postgres.create_database, f"t_{uuid.uuid4().hex[:12]}")
+    with pytest.raises(RuntimeError, match="run `d2d migrate`"):
+        await eventlog.migrate(service_url(url, "serving"))
+    assert await eventlog.migrate(url)  # the owner may
+    assert await eventlog.migrate(service_url(url, "serving")) == []  # at the newest: nothing to change
