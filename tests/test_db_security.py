@@ -8,11 +8,13 @@ Each bypass the issue found is tried here as a service login and must be refused
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -75,46 +77,41 @@ def unchanged_url(postgres: EmbeddedPostgres) -> str:
     return url
 
 
-def _connector(url: str, opened: list[asyncpg.Connection]):  # noqa: ANN202
-    async def open_as(service: str) -> asyncpg.Connection:
-        conn = await asyncpg.connect(service_url(url, service))
-        opened.append(conn)
-        return conn
+@contextlib.asynccontextmanager
+async def _as_services(url: str, open_one: Callable[[str], Awaitable[Any]]) -> AsyncIterator:
+    """open_as(service) -> `open_one` of `url` as that service's login; all closed on exit."""
+    opened = []
 
-    return open_as
+    async def open_as(service: str) -> Any:
+        opened.append(await open_one(service_url(url, service)))
+        return opened[-1]
+
+    try:
+        yield open_as
+    finally:
+        for each in opened:
+            await each.close()
 
 
 @pytest.fixture
 async def connect(unchanged_url: str) -> AsyncIterator:
     """connect(service) -> a connection as that service's login, to a database no test changes."""
-    opened: list[asyncpg.Connection] = []
-    yield _connector(unchanged_url, opened)
-    for conn in opened:
-        await conn.close()
+    async with _as_services(unchanged_url, asyncpg.connect) as open_as:
+        yield open_as
 
 
 @pytest.fixture
 async def connect_fresh(database_url: str) -> AsyncIterator:
     """connect_fresh(service) -> a connection as that service's login, to this test's own database."""
-    opened: list[asyncpg.Connection] = []
-    yield _connector(database_url, opened)
-    for conn in opened:
-        await conn.close()
+    async with _as_services(database_url, asyncpg.connect) as open_as:
+        yield open_as
 
 
 @pytest.fixture
 async def pools(database_url: str) -> AsyncIterator:
-    """pool(service) -> an asyncpg pool as that service's login (as the service's own)."""
-    opened: list[asyncpg.Pool] = []
-
-    async def open_as(service: str) -> asyncpg.Pool:
-        pool = await eventlog.create_pool(service_url(database_url, service), max_size=2)
-        opened.append(pool)
-        return pool
-
-    yield open_as
-    for pool in opened:
-        await pool.close()
+    """pools(service) -> a pool as that service's login (as the service's own), to this test's database."""
+    async with _as_services(database_url, lambda url: eventlog.create_pool(url, max_size=2)) as open_as:
+        yield open_as
 
 
 # ---------------------------------------------------------------------------------------------
