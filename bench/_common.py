@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -28,8 +29,9 @@ from typing import Any
 
 import psutil
 
-from d2d import eventlog
+from d2d import dbroles, eventlog
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
+from d2d.runtime.services import SERVICES
 from d2d.runtime.supervisor import Backoff, Child, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,9 +219,26 @@ class Services(Supervisor):
 
     def __init__(self, log_dir: Path, backoff: Callable[[], Backoff] = Backoff) -> None:
         super().__init__(log_dir, cwd=ROOT, backoff=backoff)
+        self._logins_on: set[str] = set()  # servers (host:port) whose service logins are made
 
     def start(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> Service:
-        return self.spawn(name, args, env)
+        return self.spawn(name, args, self._own_login(args, env))
+
+    def _own_login(self, args: Sequence[str], env: Mapping[str, str]) -> Mapping[str, str]:
+        """`env` with a registered service's own database login in place of the owner's URL, as
+        `d2d up` gives it (the logins are made on the first service started on a server)."""
+        spec = next((s for s in SERVICES if tuple(args[-len(s.args) :]) == s.args), None)
+        url = env.get("D2D_DATABASE_URL")
+        if spec is None or not url:
+            return env
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        passwords = dbroles.load_passwords(self.log_dir / dbroles.LOGINS_FILE)
+        server = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        if server not in self._logins_on:
+            with concurrent.futures.ThreadPoolExecutor(1) as thread:  # callers may be inside an event loop
+                thread.submit(asyncio.run, dbroles.ensure_logins(url, passwords)).result()
+            self._logins_on.add(server)
+        return {**env, "D2D_DATABASE_URL": dbroles.login_url(url, spec.name, passwords[spec.name])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -532,7 +532,7 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
     roots = servers.cpu_roots()
     url = await servers.new_database(f"{token}_features")
     owner_pool = await eventlog.create_pool(url, role=None, max_size=2)
-    pool = await eventlog.create_pool(url, role="d2d_service", max_size=4)
+    pool = await eventlog.create_pool(url, role="d2d_features", max_size=4)
     admin = await asyncpg.connect(url)
     result: dict[str, Any] = {"bench": "features", "quick": options.quick}
     try:
@@ -637,7 +637,7 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
             f" (source, entity partition), {cores} partitions, each a worker process with its own cursor")  # fmt: skip
 
         async def make_partitioned() -> int:
-            frame_holder.append(await partitioned_frame(url, VIEWS, rows, workers=cores, role="d2d_service"))
+            frame_holder.append(await partitioned_frame(url, VIEWS, rows, workers=cores, role="d2d_features"))
             return len(rows)
 
         parted = await timed({**roots, "bench client": (os.getpid(), True)}, make_partitioned)

@@ -279,7 +279,7 @@ async def run(n: int, quick: bool, postgres: EmbeddedPostgres, tmp: Path, profil
     roots = {"postgres": (postgres.process.pid, True), "bench process": (os.getpid(), False)}
     work = await asyncio.to_thread(build_workload, n)
 
-    pool = await eventlog.create_pool(url, role="d2d_service", max_size=4)
+    pool = await eventlog.create_pool(url, role="d2d_feedback", max_size=4)
     try:
         log = EventLog(pool)
         started = time.perf_counter()

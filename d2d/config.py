@@ -1,7 +1,8 @@
 """Configuration from the environment, read in one place.
 
 `D2D_DATABASE_URL` and `D2D_NATS_URL` point at existing servers; without them `d2d up` starts
-embedded ones under `D2D_DATA_DIR` (default `./.d2d`).
+embedded ones under `D2D_DATA_DIR` (default `./.d2d`). A service's `D2D_DATABASE_URL` logs in as
+its own role (d2d.dbroles), which holds only what that service needs.
 """
 
 from __future__ import annotations
@@ -70,8 +71,6 @@ class Settings:
     # Milliseconds the outbox relay, woken from idle, waits for more events to join a batch (0: it
     # does not wait); unset, the relay's default (d2d.outbox.DEFAULT_LINGER).
     relay_linger_ms: float | None = field(default_factory=lambda: _float_or_none("D2D_RELAY_LINGER_MS"))
-    # The role every service connection switches to: INSERT and SELECT on the log, nothing more.
-    db_role: str | None = field(default_factory=lambda: os.environ.get("D2D_DB_ROLE", "d2d_service") or None)
 
     def addr(self, name: str) -> str:
         """The address of the gRPC service called `name`."""

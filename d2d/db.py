@@ -11,10 +11,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-__all__ = ["alembic_config", "async_engine", "text", "upgrade_to_head"]
+__all__ = ["ProgrammingError", "alembic_config", "async_engine", "text", "upgrade_to_head"]
 
 
 def async_engine(url: str) -> AsyncEngine:

@@ -109,10 +109,10 @@ async def _init_connection(conn: asyncpg.Connection, role: str | None) -> None:
         await conn.execute(f'SET ROLE "{role}"')
 
 
-async def create_pool(
-    url: str, *, role: str | None = "d2d_service", min_size: int = 1, max_size: int = 10
-) -> asyncpg.Pool:
-    """A pool whose connections act as `role` (INSERT and SELECT on the log only)."""
+async def create_pool(url: str, *, role: str | None = None, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool of connections as the URL's user: a service's own login (d2d.dbroles), whose
+    privileges are its group's. `role`, for tests and tools on an owner's URL only, is SET on each
+    connection to act as that role (a service's group, say); services never switch roles."""
     return await asyncpg.create_pool(
         url,
         min_size=min_size,
@@ -136,7 +136,16 @@ async def migrate(url: str) -> list[str]:
         async with engine.connect() as conn:
             await conn.execute(db.text("SELECT pg_advisory_lock(:key)"), {"key": APPEND_LOCK_KEY + 1})
             await conn.commit()  # the lock is the session's; each revision then commits on its own
-            return await conn.run_sync(db.upgrade_to_head)
+            try:
+                return await conn.run_sync(db.upgrade_to_head)
+            except db.ProgrammingError as exc:
+                if "permission denied" not in str(exc):
+                    raise
+                # A service's own login may read the schema, not change it (d2d.dbroles).
+                raise RuntimeError(
+                    "the database is not at the newest schema and this login may not change it:"
+                    " run `d2d migrate` (or `d2d up`) as the database's owner first"
+                ) from exc
     finally:
         await engine.dispose()  # closing the connection releases the lock
 

@@ -276,14 +276,14 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float) ->
 
 
 async def run_relay(
-    database_url: str, nats_url: str, *, role: str | None, stop: asyncio.Event, topology: bus.Topology | None = None,
+    database_url: str, nats_url: str, *, stop: asyncio.Event, topology: bus.Topology | None = None,
     linger: float = DEFAULT_LINGER,
 ) -> None:  # fmt: skip
     """Entry point used by `python -m services.ingest relay` and `d2d relay`."""
     from d2d.eventlog import create_pool
 
     topology = topology or bus.Topology()
-    pool = await create_pool(database_url, role=role, max_size=3)
+    pool = await create_pool(database_url, max_size=3)
     nc = await bus.connect(nats_url, name="d2d-relay")
     try:
         relay = OutboxRelay(

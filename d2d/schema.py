@@ -71,6 +71,13 @@ events = Table(
     Index("events_occurred_at", "occurred_at"),
 )
 
+
+def _owner_role() -> Column:
+    """The group role of the service whose row it is: row-level security lets only that service
+    change it (migration 0012)."""
+    return Column("owner_role", Text, nullable=False, server_default=text("d2d_service_group()"))
+
+
 # How far each publisher of the log (the outbox relay) got; updated in place.
 log_positions = Table(
     "log_positions",
@@ -78,6 +85,7 @@ log_positions = Table(
     Column("name", Text, primary_key=True),
     Column("seq", BigInteger, nullable=False),
     _timestamp("updated_at", server_default=NOW),
+    _owner_role(),
 )
 
 contracts = Table(
@@ -145,6 +153,7 @@ feature_snapshots = Table(
     Column("views", JSONB, nullable=False),  # {view name: version}
     Column("state", LargeBinary, nullable=False),
     _timestamp("created_at", server_default=NOW),
+    _owner_role(),
 )
 
 models = Table(

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,13 +21,13 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from d2d import eventlog, telemetry
+from d2d import dbroles, eventlog, telemetry
 from d2d.client import AuditClient, FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.config import Settings
 from d2d.eventlog import NewEvent
 from d2d.outcomes import outcome_event_id
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
-from d2d.runtime.services import service
+from d2d.runtime.services import SERVICES, service
 from d2d.runtime.supervisor import Child, Supervisor
 from d2d.sim import PaymentsSimulator, SimConfig, load_contracts
 from d2d.sim.loop import payment_entities as entities_of
@@ -43,8 +43,39 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostg
     # fsync off: tests kill processes, not machines; committed data survives a process kill.
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), port=free_port(), fsync=False)
     server.start()
+    _make_service_logins(server)
     yield server
     server.stop()
+
+
+_LOGIN_PASSWORDS: dict[str, str] = {}  # the session server's service logins (d2d.dbroles)
+
+
+def _make_service_logins(server: EmbeddedPostgres) -> None:
+    """Every service's login role on the session server, once (roles are cluster-wide; the grants
+    they inherit come with each test database's migration)."""
+
+    async def make() -> None:
+        await eventlog.migrate(server.url)  # the group roles the logins join
+        await dbroles.ensure_logins(server.url, passwords)
+
+    passwords = dbroles.load_passwords(server.data_dir / dbroles.LOGINS_FILE)
+    asyncio.run(make())
+    _LOGIN_PASSWORDS.update(passwords)
+
+
+def service_url(database_url: str, name: str) -> str:
+    """The (migrated) database at `database_url` as the service `name` logs in to it: its own role."""
+    return dbroles.login_url(database_url, name, _LOGIN_PASSWORDS[name])
+
+
+def as_service(args: Sequence[str], env: dict[str, str]) -> dict[str, str]:
+    """`env` for the process `python ARGS`: a registered service gets its own login in place of the
+    owner's D2D_DATABASE_URL, as `d2d up` gives it."""
+    spec = next((spec for spec in SERVICES if tuple(args) == spec.args), None)
+    if spec is None or "D2D_DATABASE_URL" not in env:
+        return env
+    return {**env, "D2D_DATABASE_URL": service_url(env["D2D_DATABASE_URL"], spec.name)}
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +110,7 @@ def namespace() -> str:
 
 @pytest.fixture
 async def event_log(database_url: str) -> AsyncIterator[eventlog.EventLog]:
-    pool = await eventlog.create_pool(database_url, role="d2d_service", max_size=20)
+    pool = await eventlog.create_pool(database_url, max_size=20)
     yield eventlog.EventLog(pool)
     await pool.close()
 
@@ -100,12 +131,13 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 
 @pytest.fixture
 def start_service(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """start_service(args, env, name) -> the started Child, as `d2d up` starts it; never restarted
-    (a test that kills one sees it stay dead); every process is stopped after the test."""
+    """start_service(args, env, name) -> the started Child, as `d2d up` starts it (a service with its
+    own database login, `as_service`); never restarted (a test that kills one sees it stay dead);
+    every process is stopped after the test."""
     supervisor = Supervisor(tmp_path, cwd=ROOT, base_env={"D2D_DATA_DIR": str(tmp_path / "data")})
 
     def start(args: list[str], settings_env: dict[str, str], name: str = "svc") -> Child:
-        return supervisor.spawn(f"{name}-{len(supervisor.children)}", args, settings_env)
+        return supervisor.spawn(f"{name}-{len(supervisor.children)}", args, as_service(args, settings_env))
 
     with supervisor:
         yield start
@@ -143,7 +175,8 @@ async def audit_service(database_url: str) -> AsyncIterator[str]:
 
     addr = f"127.0.0.1:{free_port()}"
     stop = asyncio.Event()
-    task = asyncio.create_task(serve_audit(Settings(database_url=database_url, addrs={"audit": addr}), stop))
+    own_login = service_url(database_url, "audit")
+    task = asyncio.create_task(serve_audit(Settings(database_url=own_login, addrs={"audit": addr}), stop))
     try:
         async with AuditClient(addr) as client:
             await client.wait_ready()
@@ -209,7 +242,7 @@ def serving_platform(
         asyncio.run(prepare(url))
     supervisor = Supervisor(logs, cwd=ROOT, base_env=env)
     for name in ("ingest-relay", "features", "registry", *(["serving"] if serving_process else [])):
-        supervisor.spawn(name, service(name).args)
+        supervisor.spawn(name, service(name).args, {"D2D_DATABASE_URL": service_url(url, name)})
     processes = [child.process for child in supervisor.children if child.process is not None]
 
     async def train_and_deploy() -> None:
@@ -274,7 +307,8 @@ async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> 
     """The ingest service in this process, with the simulator's contracts registered."""
     port = free_port()
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings_for(database_url, nats_server.url, namespace, port), stop))
+    own_login = service_url(database_url, "ingest")
+    task = asyncio.create_task(serve(settings_for(own_login, nats_server.url, namespace, port), stop))
     client = IngestClient(f"127.0.0.1:{port}")
     await client.wait_ready()
     await register_sim_contracts(client)

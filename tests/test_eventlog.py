@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from d2d.dbroles import login_role
 from d2d.eventlog import EventLog, GroupCommitter, NewEvent
+from tests.conftest import service_url
 
 
 def new_event(i: int = 0, **overrides: object) -> NewEvent:
@@ -56,12 +58,15 @@ async def test_repeat_inside_one_batch_is_stored_once(event_log: EventLog) -> No
     "statement",
     ["UPDATE events SET type = 'changed'", "DELETE FROM events", "TRUNCATE events"],
 )
-async def test_service_role_cannot_change_the_log(event_log: EventLog, statement: str) -> None:
+async def test_a_service_login_cannot_change_the_log(database_url: str, event_log: EventLog, statement: str) -> None:
     await event_log.append([new_event(1)])
-    async with event_log.pool.acquire() as conn:
-        assert await conn.fetchval("SELECT current_user") == "d2d_service"
+    conn = await asyncpg.connect(service_url(database_url, "ingest"))
+    try:
+        assert await conn.fetchval("SELECT current_user") == login_role("ingest")
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
             await conn.execute(statement)
+    finally:
+        await conn.close()
     assert await count_rows(event_log) == 1
 
 

@@ -91,7 +91,7 @@ async def test_partitioned_frame_equals_the_single_process_frame(
     assert single["unknown_entities"].iloc[-2] == "customer,merchant,card"  # X came too late
     assert single["stale"].iloc[-1]
 
-    parted = await partitioned_frame(database_url, VIEWS, rows, workers=workers, role="d2d_service")
+    parted = await partitioned_frame(database_url, VIEWS, rows, workers=workers, role="d2d_registry")
 
     assert list(parted.columns) == list(single.columns)
     assert list(parted.dtypes) == list(single.dtypes)
@@ -168,7 +168,7 @@ async def test_payments_without_an_entity_key_fold_alike_in_partitions(event_log
     assert (single["merchant_payments.count_1d"].iloc[:4] == 1).all()
     assert (single["unknown_entities"].iloc[:4] == "customer").all()
 
-    parted = await partitioned_frame(database_url, VIEWS, rows, workers=2, role="d2d_service")
+    parted = await partitioned_frame(database_url, VIEWS, rows, workers=2, role="d2d_registry")
 
     pd.testing.assert_frame_equal(parted, single, check_exact=True)
 

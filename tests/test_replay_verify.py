@@ -40,18 +40,21 @@ async def decide(platform: Platform) -> None:
     async with ServingClient(platform.serving) as serving:
         answers = await serving.batch_predict(requests_for(platform, DECISIONS))
     assert len(answers) == DECISIONS
-    pool = await create_pool(platform.database_url, role="d2d_service", max_size=2)
+    pool = await create_pool(platform.database_url, role="d2d_feedback", max_size=2)  # as the feedback service
     try:
         log = EventLog(pool)
         await FeedbackConsumer(log).catch_up()
         head = await log.head()
-        async with pool.acquire() as conn:
-            for _ in range(300):  # the features service snapshots every few seconds
-                if (await conn.fetchval("SELECT max(watermark) FROM feature_snapshots") or 0) >= head:
-                    break
-                await asyncio.sleep(0.1)
     finally:
         await pool.close()
+    conn = await asyncpg.connect(platform.database_url)
+    try:
+        for _ in range(300):  # the features service snapshots every few seconds
+            if (await conn.fetchval("SELECT max(watermark) FROM feature_snapshots") or 0) >= head:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ import pytest
 from d2d import eventlog
 from d2d.client import RegistryClient, ServingClient
 from d2d.config import Settings
+from d2d.dbroles import login_role
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.definitions import Aggregate, Aggregation, FeatureView, days, hours
 from d2d.features.offline import FrameRow, training_frame
@@ -58,10 +59,10 @@ async def record_writers(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(
-            "CREATE TABLE test_writers (tbl text, acting_role name, client_port int);"
+            "CREATE TABLE test_writers (tbl text, acting_role name, client_port int, login name);"
             " GRANT INSERT ON test_writers TO PUBLIC;"
             " CREATE FUNCTION test_record_writer() RETURNS trigger LANGUAGE plpgsql AS $$"
-            " BEGIN INSERT INTO test_writers VALUES (TG_TABLE_NAME, current_user, inet_client_port());"
+            " BEGIN INSERT INTO test_writers VALUES (TG_TABLE_NAME, current_user, inet_client_port(), session_user);"
             " RETURN NULL; END $$;"
         )
         tables = await conn.fetch(
@@ -554,31 +555,35 @@ async def test_shadow_version_is_scored_and_logged_but_never_acts(platform: Plat
     print(f"{len(flips)} of {len(answers)} decisions would have flipped had the shadow acted")
 
 
-async def test_every_service_process_writes_as_the_service_role(platform: Platform) -> None:
-    """Each process's writes (relay: positions, features: snapshots, registry: models, serving:
-    decisions) were made as `d2d_service`, never as the owner its URL logs in as."""
+async def test_every_service_process_writes_as_its_own_login(platform: Platform) -> None:
+    """Each process logs in as its own role and writes only as it (relay: positions, features:
+    snapshots, registry: models, serving: decisions), never as the owner; events are inserted
+    only by `append_events`, which runs as its owner."""
     import psutil
 
     conn = await asyncpg.connect(platform.database_url)
     try:
         port = await conn.fetchval("SELECT inet_server_port()")
-        rows = await conn.fetch("SELECT tbl, acting_role, client_port FROM test_writers")
+        owner = await conn.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'events'")
+        rows = await conn.fetch("SELECT tbl, acting_role, client_port, login FROM test_writers")
     finally:
         await conn.close()
     assert rows, "nothing was written since the platform started"
-    assert {r["acting_role"] for r in rows} == {"d2d_service"}, {(r["tbl"], r["acting_role"]) for r in rows}
-    tables_by_port: dict[int, set[str]] = {}
+    assert {r["acting_role"] for r in rows if r["tbl"] == "events"} == {owner}
+    assert all(r["acting_role"] == r["login"] for r in rows if r["tbl"] != "events")
+    writes_by_port: dict[int, set[tuple[str, str]]] = {}
     for r in rows:
-        tables_by_port.setdefault(r["client_port"], set()).add(r["tbl"])
-    written_by = []
-    for process in platform.processes:
+        writes_by_port.setdefault(r["client_port"], set()).add((r["tbl"], r["login"]))
+    written_by = {}
+    for name, process in zip(("ingest-relay", "features", "registry", "serving"), platform.processes, strict=True):
         connections = psutil.Process(process.pid).net_connections(kind="tcp")
         ports = {c.laddr.port for c in connections if c.raddr and c.raddr.port == port}
         assert ports, f"{process.args} holds no connection to Postgres"
-        written_by.append(set().union(*(tables_by_port.get(p, set()) for p in ports)))
-    relay, features, registry, serving = written_by
-    assert "log_positions" in relay and "feature_snapshots" in features
-    assert {"models", "model_versions"} & registry and "events" in serving
+        writes = set().union(*(writes_by_port.get(p, set()) for p in ports))
+        assert {login for _, login in writes} <= {login_role(name)}, (name, writes)
+        written_by[name] = {table for table, _ in writes}
+    assert "log_positions" in written_by["ingest-relay"] and "feature_snapshots" in written_by["features"]
+    assert {"models", "model_versions"} & written_by["registry"] and "events" in written_by["serving"]
 
 
 async def test_unknown_model_is_not_found(platform: Platform) -> None:

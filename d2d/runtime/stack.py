@@ -20,10 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from d2d import eventlog
+from d2d import dbroles, eventlog
 from d2d.config import Settings
 from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
@@ -90,6 +91,7 @@ class Stack:
         # Servers first, then SERVICES, in start order; logs and files under the data dir are private.
         self.supervisor = Supervisor(self.data_dir / "logs", private=True)
         self.endpoints: Endpoints | None = None
+        self.database_urls: dict[str, str] = {}  # each service's own login (d2d.dbroles), by service name
 
     @property
     def processes(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -108,6 +110,7 @@ class Stack:
             self.supervisor.adopt("nats", lambda: _started(nats), stop=nats.stop)
             nats_url = nats.url
         asyncio.run(eventlog.migrate(database_url))
+        self.database_urls = self._service_logins(database_url)
         addrs = {spec.name: os.environ.get(spec.addr_env) or self._default_addr(spec) for spec in APIS}
         self.endpoints = Endpoints(database_url, nats_url, addrs, str(self.data_dir), os.getpid())
         # One OpenMP thread per service: XGBoost's default pool spins on the few cores the services share.
@@ -122,7 +125,22 @@ class Stack:
 
     def _service_env(self, spec: ServiceSpec) -> dict[str, str]:
         """What only this service is given (its own credentials), over the environment all share."""
-        return {}
+        env = {}
+        if spec.name in self.database_urls:
+            env["D2D_DATABASE_URL"] = self.database_urls[spec.name]
+        return env
+
+    def _service_logins(self, owner_url: str) -> dict[str, str]:
+        """Each service's database URL as its own login role, made or updated with the owner's
+        connection (passwords generated once into a private file of the data dir). On a server
+        whose given role may not create roles, services share its URL (with a warning)."""
+        passwords = dbroles.load_passwords(self.data_dir / dbroles.LOGINS_FILE)
+        try:
+            asyncio.run(dbroles.ensure_logins(owner_url, passwords))
+        except asyncpg.InsufficientPrivilegeError as exc:
+            log.warning("services log in as the role of D2D_DATABASE_URL: it cannot create their own (%s)", exc)
+            return {}
+        return {name: dbroles.login_url(owner_url, name, passwords[name]) for name in dbroles.SERVICE_GROUPS}
 
     def _default_addr(self, spec: ServiceSpec) -> str:
         if port_is_free(spec.port):

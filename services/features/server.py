@@ -37,7 +37,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     views = load_views(settings.feature_views_module)
     url = settings.require_database_url()
     await eventlog.migrate(url)
-    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=4)
+    pool = await eventlog.create_pool(url, max_size=4)
     event_log = EventLog(pool)
     await register_views(event_log, views)
     topology = bus.Topology(settings.nats_namespace)

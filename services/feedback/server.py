@@ -60,7 +60,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
-    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=6)
+    pool = await eventlog.create_pool(url, max_size=6)
     event_log = EventLog(pool)
     api = FeedbackApi(event_log)
     consumer = FeedbackConsumer(event_log, monitor_settings=MonitorSettings.from_json(settings.feedback_monitor_json))

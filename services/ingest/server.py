@@ -21,7 +21,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
-    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=10)
+    pool = await eventlog.create_pool(url, max_size=10)
     log_ = EventLog(pool)
     registry = ContractRegistry(log_)
     await register_platform_contracts(registry)  # `d2d contracts list` shows them beside producers' own
@@ -62,6 +62,6 @@ async def relay(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await eventlog.migrate(url)
     linger = DEFAULT_LINGER if settings.relay_linger_ms is None else settings.relay_linger_ms / 1000
     await run_relay(
-        url, settings.require_nats_url(), role=settings.db_role, stop=stop,
+        url, settings.require_nats_url(), stop=stop,
         topology=bus.Topology(settings.nats_namespace), linger=linger,
     )  # fmt: skip

@@ -21,7 +21,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
-    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=6)
+    pool = await eventlog.create_pool(url, max_size=6)
     server, health = grpcserver.new_server([SERVICE_NAME])
     defaults = importlib.import_module(settings.training_defaults_module)
     api = RegistryApi(

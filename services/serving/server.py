@@ -128,7 +128,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     stop = stop or stop_on_signals()
     url = settings.require_database_url()
     await eventlog.migrate(url)
-    pool = await eventlog.create_pool(url, role=settings.db_role, max_size=8)
+    pool = await eventlog.create_pool(url, max_size=8)
     event_log = EventLog(pool)
     committer = GroupCommitter(event_log)
     registry = RegistryClient(settings.addr("registry"))
