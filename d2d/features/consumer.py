@@ -85,7 +85,7 @@ class Folder:
 
     @property
     def durable(self) -> str:
-        return self.consumer.replace(".", "_").replace(":", "_")
+        return bus.durable_name(self.consumer)
 
     async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         """The durable pull consumer, (re)created right after the state's stream position."""

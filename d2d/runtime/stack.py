@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from d2d import eventlog
+from d2d import bus, eventlog
 from d2d.config import Settings
 from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
@@ -104,7 +104,7 @@ class Stack:
             database_url = postgres.url
         nats_url = self.settings.nats_url
         if not nats_url:
-            nats = self.nats = NatsServer(self.data_dir)
+            nats = self.nats = NatsServer(self.data_dir, users=self._bus_permissions())
             self.supervisor.adopt("nats", lambda: _started(nats), stop=nats.stop)
             nats_url = nats.url
         asyncio.run(eventlog.migrate(database_url))
@@ -122,7 +122,17 @@ class Stack:
 
     def _service_env(self, spec: ServiceSpec) -> dict[str, str]:
         """What only this service is given (its own credentials), over the environment all share."""
-        return {}
+        env: dict[str, str] = {}
+        if self.nats is not None and spec.name in bus.SERVICE_USERS:  # its own NATS user
+            env["D2D_NATS_URL"] = self.nats.url_for(bus.SERVICE_USERS[spec.name])
+        return env
+
+    def _bus_permissions(self) -> dict[str, dict]:
+        """The embedded NATS server's users: each service's, and `producer` for applications."""
+        return bus.permissions(
+            bus.Topology(self.settings.nats_namespace),
+            features_consumer=self.settings.features_consumer, serving_consumer=self.settings.serving_consumer,
+        )  # fmt: skip
 
     def _default_addr(self, spec: ServiceSpec) -> str:
         if port_is_free(spec.port):
