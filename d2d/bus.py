@@ -16,6 +16,7 @@ other user can read them.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from d2d.config import Settings
 from d2d.limits import check_bus
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,10 @@ class Topology:
         return f"{self.namespace}.{INGEST_SUBJECT_PREFIX}" if self.namespace else INGEST_SUBJECT_PREFIX
 
 
-async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1) -> NATS:
+async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1, tls: ssl.SSLContext | None = None) -> NATS:
     """Connect, reconnecting forever by default (the relay and ingest outlive NATS restarts), with
-    the credentials `url` carries (`nats://user:password@host:port`), replies on the user's inbox.
+    the credentials `url` carries (`nats://user:password@host:port`), replies on the user's inbox,
+    over TLS as `tls` or else the settings say (`D2D_NATS_CA`, `D2D_NATS_CERT`, `D2D_NATS_KEY`).
 
     Exits (SystemExit, with what to configure) if the server's `max_payload` could not carry an
     event of the largest size the log accepts: the relay would otherwise stall on it."""
@@ -81,6 +84,7 @@ async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1) -> N
         connect_timeout=5,
         error_cb=on_error,
         inbox_prefix=inbox_prefix(url),
+        tls=tls or Settings().nats_tls(),
     )
     try:
         check_bus(nc.max_payload)

@@ -2,6 +2,8 @@
 publishes `d2d.events.>`, producers only `d2d.in.>`), and a consumer never takes a message's word
 for its position: one claiming a seq past the log's head is refused, alerted, and the fold goes on.
 
+TLS: a client trusts NATS and Postgres as the settings say (CA, client certificate, sslmode).
+
 The session's NATS server is open (every other test connects to it without credentials); these
 tests start a server of their own with the permissions `d2d up` gives its embedded one.
 """
@@ -9,9 +11,13 @@ tests start a server of their own with the permissions `d2d up` gives its embedd
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import nats
 import orjson
@@ -19,12 +25,13 @@ import pytest
 from nats.errors import Error as NatsError
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from d2d import bus
+from d2d import bus, eventlog
+from d2d.config import Settings
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.consumer import Folder
 from d2d.features.online import OnlineState
 from d2d.outbox import run_relay
-from d2d.runtime.servers import NatsServer, free_port
+from d2d.runtime.servers import NatsServer, NatsTls, free_port
 from d2d.sim.views import VIEWS
 
 SOURCE = "payment.authorized"
@@ -174,3 +181,66 @@ async def test_a_forged_message_past_the_head_is_refused_alerted_and_the_fold_go
         await asyncio.wait_for(asyncio.gather(folding, relay), 30)
         await forger.close()
         await features.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS to NATS and to Postgres, as the settings name it
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, and a server (127.0.0.1) and a client certificate it signed, in one directory."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    where = tmp_path_factory.mktemp("certificates")
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=d2d test CA",
+             cwd=where)  # fmt: skip
+    (where / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    (where / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client"):
+        _openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=d2d {name}", cwd=where)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=where)  # fmt: skip
+    return where
+
+
+async def test_nats_over_tls_takes_the_ca_and_client_certificate_from_the_settings(
+    certificates: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = NatsTls(certificates / "server.pem", certificates / "server.key", client_ca=certificates / "ca.pem")
+    server = NatsServer(tmp_path / "nats", port=free_port(), tls=tls)
+    server.start()
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):  # no CA: the server's certificate is not trusted
+            await nats.connect(server.url, allow_reconnect=False, connect_timeout=5)
+        monkeypatch.setenv("D2D_NATS_CA", str(certificates / "ca.pem"))
+        # Trusted, but the server refuses a client without a certificate (a TLS alert, or a reset if it comes first).
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await nats.connect(server.url, tls=Settings().nats_tls(), allow_reconnect=False, connect_timeout=5)
+        monkeypatch.setenv("D2D_NATS_CERT", str(certificates / "client.pem"))
+        monkeypatch.setenv("D2D_NATS_KEY", str(certificates / "client.key"))
+        nc = await bus.connect(server.url, name="test-mutual-tls", max_reconnect_attempts=0)
+        try:
+            reply = await nc.request("$JS.API.INFO", b"", timeout=5)
+            assert b"io.nats.jetstream.api.v1.account_info_response" in reply.data
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+
+
+async def test_the_database_tls_settings_reach_every_connection(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's Postgres speaks no TLS: asking for it must fail the connection, not be ignored."""
+    monkeypatch.setenv("D2D_DATABASE_URL", database_url)
+    monkeypatch.setenv("D2D_DATABASE_SSLMODE", "require")
+    with pytest.raises(ConnectionError, match="SSL"):
+        await eventlog.migrate(Settings().require_database_url())
+    monkeypatch.setenv("D2D_DATABASE_SSLMODE", "disable")
+    await eventlog.migrate(Settings().require_database_url())

