@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psutil
 
@@ -209,6 +209,15 @@ class EmbeddedPostgres:
 
 
 NATS_USERS_FILE = "nats-users.json"
+
+
+def nats_url_as(url: str, data_dir: Path, user: str) -> str:
+    """`url` (of the NATS server `d2d up` runs on `data_dir`) with `user`'s credentials."""
+    password = json.loads((Path(data_dir) / NATS_USERS_FILE).read_text())[user]
+    parts = urlsplit(url)
+    return urlunsplit(
+        parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}")
+    )
 
 
 @dataclass(frozen=True)
