@@ -1,16 +1,24 @@
 """Configuration from the environment, read in one place.
 
 `D2D_DATABASE_URL` and `D2D_NATS_URL` point at existing servers; without them `d2d up` starts
-embedded ones under `D2D_DATA_DIR` (default `./.d2d`). A service's `D2D_DATABASE_URL` logs in as
-its own role (d2d.dbroles), which holds only what that service needs.
+embedded ones under `D2D_DATA_DIR` (default `./.d2d`). Either URL carries its credentials; a
+service's `D2D_DATABASE_URL` logs in as its own role (d2d.dbroles), which holds only what that
+service needs, and its `D2D_NATS_URL` as its own NATS user (d2d.bus.permissions).
+
+TLS: to NATS with `D2D_NATS_CA` (the CA file that signed the server's certificate) and, for mutual
+TLS, `D2D_NATS_CERT` and `D2D_NATS_KEY` (this client's); to Postgres with `D2D_DATABASE_SSLMODE`
+(`verify-full`, say) and `D2D_DATABASE_SSLROOTCERT`, added to the database URL's options unless it
+names them itself (the URL's own `sslcert`/`sslkey` options give a client certificate).
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from d2d.runtime.services import APIS, service
 
@@ -18,8 +26,12 @@ from d2d.runtime.services import APIS, service
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
-    database_url: str | None = field(default_factory=lambda: os.environ.get("D2D_DATABASE_URL"))
+    database_url: str | None = field(default_factory=lambda: _database_url_from_env())
     nats_url: str | None = field(default_factory=lambda: os.environ.get("D2D_NATS_URL"))
+    # TLS to NATS: the CA that signed the server's certificate, and this client's certificate and key.
+    nats_ca: str | None = field(default_factory=lambda: os.environ.get("D2D_NATS_CA") or None)
+    nats_cert: str | None = field(default_factory=lambda: os.environ.get("D2D_NATS_CERT") or None)
+    nats_key: str | None = field(default_factory=lambda: os.environ.get("D2D_NATS_KEY") or None)
     # Address of each gRPC service (d2d.runtime.services), from its D2D_<NAME>_ADDR: where it
     # listens, and where its clients call it. A service left out is read from the environment.
     addrs: Mapping[str, str] = field(default_factory=lambda: {spec.name: spec.addr_from_env() for spec in APIS})
@@ -81,6 +93,15 @@ class Settings:
             raise SystemExit("D2D_DATABASE_URL is not set (d2d up sets it for the services it starts)")
         return self.database_url
 
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for NATS the settings describe (None: plain, unless the URL says `tls://`)."""
+        if not (self.nats_ca or self.nats_cert):
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.nats_ca)
+        if self.nats_cert:
+            context.load_cert_chain(self.nats_cert, self.nats_key)
+        return context
+
     def require_nats_url(self) -> str:
         if not self.nats_url:
             raise SystemExit("D2D_NATS_URL is not set (d2d up sets it for the services it starts)")
@@ -90,3 +111,16 @@ class Settings:
 def _float_or_none(name: str) -> float | None:
     value = os.environ.get(name, "").strip()
     return float(value) if value else None
+
+
+def _database_url_from_env() -> str | None:
+    """`D2D_DATABASE_URL` with the TLS options `D2D_DATABASE_SSLMODE` and `D2D_DATABASE_SSLROOTCERT`
+    (those the URL does not set itself)."""
+    url = os.environ.get("D2D_DATABASE_URL")
+    tls = {"sslmode": "D2D_DATABASE_SSLMODE", "sslrootcert": "D2D_DATABASE_SSLROOTCERT"}
+    wanted = {option: os.environ[name] for option, name in tls.items() if os.environ.get(name)}
+    if not url or not wanted:
+        return url
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    return urlunsplit(parts._replace(query=urlencode({**wanted, **query})))

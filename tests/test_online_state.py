@@ -4,14 +4,16 @@ its watermark claims only what it folded."""
 
 from __future__ import annotations
 
+import uuid
 import zlib
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 
 from d2d import bus
 from d2d.bus import Topology
-from d2d.eventlog import EventLog
+from d2d.eventlog import EventLog, NewEvent
 from d2d.features.consumer import Folder
 from d2d.features.online import GapError, OnlineState
 from d2d.runtime.servers import NatsServer
@@ -80,6 +82,8 @@ async def test_idle_advance_waits_for_a_delivered_message_it_has_not_folded(
     client's queue, no longer pending on the server. The idle check must not move the watermark
     past it (a Predict would log a watermark whose state it did not read)."""
     topology = Topology(namespace)
+    now = datetime.now(UTC)  # the log holds seqs 1-6, as the messages below claim (none may claim more)
+    await event_log.append([NewEvent(uuid.uuid4(), "test.filler", 1, "t", str(i), now, "{}") for i in range(6)])
     nc = await bus.connect(nats_server.url, name="test-idle-advance")
     try:
         folder = Folder(nc, event_log, OnlineState(VIEWS), consumer=f"{namespace}-features", topology=topology)

@@ -22,8 +22,8 @@ import grpc
 import psutil
 import pytest
 
-from d2d.bus import EVENTS_STREAM
-from d2d.runtime.servers import EmbeddedPostgres, free_port
+from d2d.bus import EVENTS_STREAM, inbox_prefix
+from d2d.runtime.servers import EmbeddedPostgres, free_port, nats_url_as
 from d2d.runtime.supervisor import Backoff
 from d2d.sim import PaymentsSimulator, SimConfig, write_truth_csv
 from tests.conftest import ROOT
@@ -273,14 +273,15 @@ async def _accepts(url: str) -> bool:
 
 
 def test_nats_killed_under_up_comes_back_and_the_relay_catches_up(platform: Platform) -> None:
-    up, endpoints, _, log = platform
+    up, endpoints, data_dir, log = platform
     nats = server_child(up, "nats-server")
     assert nats is not None
     nats.kill()
     eventually(lambda: (p := server_child(up, "nats-server")) is not None and p.pid != nats.pid, "a new nats-server")
     event_id = "7d9f6c1e-0000-4000-8000-0000000000c1"
     asyncio.run(append_one(endpoints["ingest"], event_id))
-    eventually(lambda: asyncio.run(_last_published_id(endpoints["nats_url"])) == event_id, "the event on the stream")
+    reader = nats_url_as(endpoints["nats_url"], data_dir, "features")  # a user who may read the stream
+    eventually(lambda: asyncio.run(_last_published_id(reader)) == event_id, "the event on the stream")
     assert zombies_of(up) == []
     assert "nats was killed by SIGKILL" in log.read_text()
 
@@ -289,7 +290,9 @@ async def _last_published_id(nats_url: str) -> str | None:
     import nats
 
     try:
-        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+        nc = await nats.connect(
+            nats_url, connect_timeout=2, max_reconnect_attempts=0, inbox_prefix=inbox_prefix(nats_url)
+        )
     except Exception:  # noqa: BLE001 - not back yet
         return None
     try:

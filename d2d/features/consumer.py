@@ -9,6 +9,12 @@ them is committed to Postgres. Each message names the previous event of its type
 When a fetch finds nothing and the consumer has nothing pending, every source event up to the
 stream's last message is folded, so the watermark moves to that message's position.
 
+A message's word alone never moves the watermark past the log's head: a message claiming a
+position (`D2D-Seq`) beyond the head as last read (read again, once per batch, when a message goes
+past it) is not the relay's (only it may publish there, `bus.permissions`; this holds if someone
+else could). It is refused: not folded, its payload never read, logged, a span event, and a
+`quality.alert` (kind `forged_message`) in the log; the fold goes on with the next message.
+
 Views can be added while it runs (`host`, how serving follows the views of the models it serves):
 a new view is folded from the log up to the state's watermark beside the running fold, then, between
 two fetches, caught up to the watermark of that moment and added whole, so no read ever sees a view
@@ -22,10 +28,14 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+import orjson
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -33,7 +43,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from d2d import bus, telemetry
-from d2d.eventlog import EventLog
+from d2d.eventlog import EventLog, NewEvent
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import ViewState
 from d2d.features.offline import fold_pages
@@ -41,6 +51,8 @@ from d2d.features.online import GapError, OnlineState
 from d2d.features.store import Snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
+
+_ALERT_NAMESPACE = uuid.UUID("5f0a7c2e-2d2d-4b1e-8f0d-f0a9ed0d2d15")
 
 
 @dataclass
@@ -82,10 +94,12 @@ class Folder:
         self._arrived = asyncio.Event()
         self._moved = asyncio.Event()  # set (and replaced) whenever the watermark may have moved
         self._ended = False  # run() has returned: nothing will join hosted views any more
+        self.head = 0  # the log's head as last read: no message may claim a position past it
+        self.refused = 0  # messages refused as not the relay's (forged)
 
     @property
     def durable(self) -> str:
-        return self.consumer.replace(".", "_").replace(":", "_")
+        return bus.durable_name(self.consumer)
 
     async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         """The durable pull consumer, (re)created right after the state's stream position."""
@@ -210,8 +224,17 @@ class Folder:
             "features.fold", kind=trace.SpanKind.CONSUMER, links=telemetry.links(m.headers for m in msgs[:32])
         ) as span:
             span.set_attribute("messaging.batch.message_count", len(msgs))
+            refused: list[tuple[Msg, str]] = []
+            head_read = False  # the head is read again at most once per batch
             for m in msgs:
-                seq, type_ = int(m.headers["D2D-Seq"]), m.subject[cut:]
+                seq = _claimed_seq(m)
+                if seq is None or seq > self.head:
+                    if seq is not None and not head_read:
+                        self.head, head_read = max(self.head, await self.log.head()), True
+                    if seq is None or seq > self.head:
+                        refused.append((m, (m.headers or {}).get("D2D-Seq", "")))
+                        continue
+                type_ = m.subject[cut:]
                 prev_of_type = m.headers.get("D2D-Prev-Of-Type")  # absent from older relays' messages
                 prev = int(prev_of_type) if prev_of_type is not None else None
                 try:
@@ -219,8 +242,39 @@ class Folder:
                 except GapError as gap:
                     await self._fill_gap(gap)
                     self.state.offer(seq, type_, m.data, m.metadata.sequence.stream, prev)
+            if refused:
+                await self._refuse(refused, span)
             span.set_attribute("d2d.watermark", self.state.watermark)
         self._watermark_moved()
+
+    async def _refuse(self, refused: list[tuple[Msg, str]], span: trace.Span) -> None:
+        """Alert on messages claiming a position past the log's head (see the module's docstring)."""
+        self.refused += len(refused)
+        span.set_attribute("d2d.refused", len(refused))
+        alerts = []
+        for m, claimed in refused:
+            stream_seq = m.metadata.sequence.stream
+            log.error(
+                "features: refused the message at stream seq %d on %s: it claims seq %r, past the log's head %d",
+                stream_seq, m.subject, claimed, self.head,
+            )  # fmt: skip
+            found = {
+                "kind": "forged_message", "source": self.consumer, "subject": m.subject, "claimed_seq": claimed[:40],
+                "head": self.head, "stream": self.topology.events_stream, "stream_seq": stream_seq,
+                "msg_id": (m.headers or {}).get("Nats-Msg-Id", "")[:80],
+            }  # fmt: skip
+            span.add_event("forged_message", {f"d2d.{k}": v for k, v in found.items() if k != "kind"})
+            alerts.append(
+                NewEvent(
+                    uuid.uuid5(_ALERT_NAMESPACE, f"{self.consumer}/{stream_seq}"), "quality.alert", 1, "stream",
+                    self.topology.events_stream, datetime.now(UTC), orjson.dumps(found).decode(),
+                    {"producer": self.consumer},
+                )
+            )  # fmt: skip
+        try:  # ids derive from the messages' stream positions: one redelivered is recorded once
+            await self.log.append(alerts)
+        except Exception as exc:  # the log is away: the fold goes on, the refusal stands (and is logged)
+            log.warning("features: recording %d forged_message alerts failed (%s)", len(alerts), exc)
 
     async def host(self, views: Sequence[FeatureView]) -> None:
         """Fold `views` too (those not held yet), from the log; returns once they are part of the
@@ -265,7 +319,7 @@ class Folder:
         stream = self.topology.events_stream
         await bus.ensure_stream(js, bus.events_stream_config(stream, self.topology.events_prefix))
         last = (await js.stream_info(stream)).state.last_seq
-        head = await self.log.head()
+        head = self.head = max(self.head, await self.log.head())
         self.state.watermark = max(self.state.watermark, head)
         self.state.stream_seq = max(self.state.stream_seq, last)
 
@@ -328,7 +382,11 @@ class Folder:
             if not last or last <= self.state.stream_seq:
                 return
             message = await js.get_msg(stream, last)
-            seq = int((message.headers or {}).get("D2D-Seq", 0))
+            seq = _claimed_seq(message) or 0
+            if seq > self.head:  # the fold refuses (and alerts) a message past the head
+                self.head = max(self.head, await self.log.head())
+                if seq > self.head:
+                    return
             info = await js.consumer_info(stream, self.durable)
             delivered = info.delivered.stream_seq if info.delivered is not None else 0
             if seq and info.num_pending == 0 and delivered <= self.state.stream_seq:
@@ -344,3 +402,10 @@ class Folder:
             Snapshot(self.consumer, self.state.watermark, self.state.stream_seq, self.state.fold_key(), data),
         )
         self.snapshots += 1
+
+
+def _claimed_seq(message: object) -> int | None:
+    """The log position a message (fetched or read from the stream) claims in `D2D-Seq`; None if
+    it has none that is a positive integer."""
+    value = (getattr(message, "headers", None) or {}).get("D2D-Seq", "")
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None

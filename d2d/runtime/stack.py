@@ -24,7 +24,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from d2d import dbroles, eventlog
+from d2d import bus, dbroles, eventlog
 from d2d.config import Settings
 from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
@@ -106,7 +106,7 @@ class Stack:
             database_url = postgres.url
         nats_url = self.settings.nats_url
         if not nats_url:
-            nats = self.nats = NatsServer(self.data_dir)
+            nats = self.nats = NatsServer(self.data_dir, users=self._bus_permissions())
             self.supervisor.adopt("nats", lambda: _started(nats), stop=nats.stop)
             nats_url = nats.url
         asyncio.run(eventlog.migrate(database_url))
@@ -125,9 +125,11 @@ class Stack:
 
     def _service_env(self, spec: ServiceSpec) -> dict[str, str]:
         """What only this service is given (its own credentials), over the environment all share."""
-        env = {}
-        if spec.name in self.database_urls:
+        env: dict[str, str] = {}
+        if spec.name in self.database_urls:  # its own database login
             env["D2D_DATABASE_URL"] = self.database_urls[spec.name]
+        if self.nats is not None and spec.name in bus.SERVICE_USERS:  # its own NATS user
+            env["D2D_NATS_URL"] = self.nats.url_for(bus.SERVICE_USERS[spec.name])
         return env
 
     def _service_logins(self, owner_url: str) -> dict[str, str]:
@@ -141,6 +143,13 @@ class Stack:
             log.warning("services log in as the role of D2D_DATABASE_URL: it cannot create their own (%s)", exc)
             return {}
         return {name: dbroles.login_url(owner_url, name, passwords[name]) for name in dbroles.SERVICE_GROUPS}
+
+    def _bus_permissions(self) -> dict[str, dict]:
+        """The embedded NATS server's users: each service's, and `producer` for applications."""
+        return bus.permissions(
+            bus.Topology(self.settings.nats_namespace),
+            features_consumer=self.settings.features_consumer, serving_consumer=self.settings.serving_consumer,
+        )  # fmt: skip
 
     def _default_addr(self, spec: ServiceSpec) -> str:
         if port_is_free(spec.port):

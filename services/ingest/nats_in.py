@@ -28,7 +28,7 @@ from services.ingest.pipeline import Ingestor, candidate_from_json
 
 log = logging.getLogger(__name__)
 
-DURABLE = "ingest"
+DURABLE = bus.INGEST_DURABLE
 # Unacknowledged messages (the process died before committing) come back after this long.
 ACK_WAIT_SECONDS = 10
 # Deliveries of one message that failed before it is kept in dead letters instead.
