@@ -6,6 +6,7 @@ log by the group committer, the refused ones are kept in dead letters; only then
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from d2d.deadletters import DeadLetters, Rejected
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, GroupCommitter, NewEvent
 from d2d.limits import check_event, check_text
+from d2d.personal import KeyStore, seal_payload, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class Ingestor:
         self.registry = registry
         self.committer = committer
         self.dead_letters = dead_letters
+        self.keys = KeyStore(committer.log.pool)
 
     async def ingest(
         self,
@@ -110,6 +113,7 @@ class Ingestor:
         accepted: list[tuple[int, NewEvent]] = []
         rejected: list[tuple[int, Rejected]] = []
         received_at = datetime.now(UTC)
+        personal: list[tuple[int, NewEvent, tuple[str, ...]]] = []  # events with personal fields to seal
 
         def refuse(i: int, r: Refusal) -> None:
             c = candidates[i]
@@ -127,11 +131,17 @@ class Ingestor:
                 if traceparent and "traceparent" not in metadata:
                     metadata = {**metadata, "traceparent": traceparent}
                 event = NewEvent(event_id, c.type, version, c.entity_type, c.entity_id, c.occurred_at, text, metadata)  # type: ignore[arg-type]
+                contract = await self.registry.get(c.type, version)
+                if contract is not None and contract.pii_fields:
+                    personal.append((i, event, contract.pii_fields))  # checked once sealed
+                    continue
                 check_event(event)
             except Refusal as r:
                 refuse(i, r)
                 continue
             accepted.append((i, event))
+        if personal:
+            accepted = sorted(accepted + await self._sealed(personal, refuse), key=lambda a: a[0])
         results = await self._commit(accepted, refuse, deadline)
         # Kept after the commit: it may refuse an event the checks above let through.
         dead_ids = await self.dead_letters.keep([r for _, r in rejected]) if keep_rejected else []
@@ -140,6 +150,25 @@ class Ingestor:
         for (i, _), dead_id in zip(rejected, dead_ids, strict=False):
             outcomes[i].dead_letter_id = dead_id
         return outcomes
+
+    async def _sealed(
+        self, personal: list[tuple[int, NewEvent, tuple[str, ...]]], refuse: Any
+    ) -> list[tuple[int, NewEvent]]:
+        """The events whose contract marks personal fields, validated on their clear values, with
+        those fields sealed under their subject's key (d2d.personal): what the log, the stream and
+        every projection hold. One look-up makes or finds every subject's key."""
+        keys = await self.keys.keys({subject_of(e.entity_type, e.entity_id) for _, e, _ in personal}, create=True)
+        sealed = []
+        for i, event, pointers in personal:
+            key = keys[subject_of(event.entity_type, event.entity_id)]
+            event = dataclasses.replace(event, payload=seal_payload(event.payload, event.event_id, pointers, key))
+            try:
+                check_event(event)
+            except Refusal as r:
+                refuse(i, r)
+                continue
+            sealed.append((i, event))
+        return sealed
 
     async def _commit(self, accepted: list[tuple[int, NewEvent]], refuse: Any, deadline: float | None) -> list[Any]:
         """Commit the accepted events in one group commit. If the log refuses the transaction for
