@@ -135,6 +135,42 @@ def seal_payload(payload: str, event_id: uuid.UUID, pointers: Sequence[str], key
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
+_RAW_AAD = b"dead letter"  # the whole input as received, refused: it has no event id or pointer to bind
+_RAW_PREFIX = b'{"$personal":1,'
+
+
+def seal_raw(key: SubjectKey, raw: bytes) -> bytes:
+    """The bytes of a refused input as a dead letter keeps them when its subject is known: sealed
+    whole (an envelope's JSON), so its personal fields are erased with the subject's key."""
+    nonce = os.urandom(NONCE_BYTES)
+    sealed = AESGCM(key.key).encrypt(nonce, raw, _RAW_AAD)
+    envelope = {"subject": key.subject, "kid": key.key_id, "ct": base64.b64encode(nonce + sealed).decode()}
+    return _RAW_PREFIX + orjson.dumps(envelope)[1:]
+
+
+def raw_subject(raw: bytes) -> tuple[str, str] | None:
+    """(subject, key id) of bytes `seal_raw` made; None for bytes kept as received."""
+    if not raw.startswith(_RAW_PREFIX):
+        return None
+    try:
+        envelope = orjson.loads(raw)
+        return str(envelope["subject"]), str(envelope["kid"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def open_raw(key: SubjectKey | None, raw: bytes) -> bytes | None:
+    """The bytes `seal_raw` sealed (None when the key is gone or they do not open)."""
+    envelope = orjson.loads(raw)
+    if key is None or key.key_id != envelope.get("kid"):
+        return None
+    blob = base64.b64decode(envelope["ct"])
+    try:
+        return AESGCM(key.key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _RAW_AAD)
+    except InvalidTag:
+        return None
+
+
 def envelopes(document: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
     """(pointer, envelope) of every sealed value in a payload."""
     if is_envelope(document):

@@ -18,11 +18,11 @@ import orjson
 
 from d2d.contracts.platform import is_platform_type
 from d2d.contracts.registry import EVENT_TYPE_RE, ContractRegistry
-from d2d.deadletters import DeadLetters, Rejected
+from d2d.deadletters import DeadLetter, DeadLetters, Rejected
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, GroupCommitter, NewEvent
 from d2d.limits import check_event, check_text
-from d2d.personal import KeyStore, seal_payload, subject_of
+from d2d.personal import KeyStore, open_raw, raw_subject, seal_payload, seal_raw, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Ingestor:
             accepted = sorted(accepted + await self._sealed(personal, refuse), key=lambda a: a[0])
         results = await self._commit(accepted, refuse, deadline)
         # Kept after the commit: it may refuse an event the checks above let through.
-        dead_ids = await self.dead_letters.keep([r for _, r in rejected]) if keep_rejected else []
+        dead_ids = await self.dead_letters.keep(await self._sealed_raw(rejected, candidates)) if keep_rejected else []
         for i, result in results:
             outcomes[i].seq, outcomes[i].duplicate = result.seq, result.duplicate
         for (i, _), dead_id in zip(rejected, dead_ids, strict=False):
@@ -169,6 +169,34 @@ class Ingestor:
                 continue
             sealed.append((i, event))
         return sealed
+
+    async def _sealed_raw(
+        self, rejected: list[tuple[int, Rejected]], candidates: Sequence[Candidate]
+    ) -> list[Rejected]:
+        """The refused inputs to keep, those of a type whose contract marks personal fields sealed
+        whole under their subject's key when the envelope names one (else kept as received: a
+        subject that cannot be read cannot be forgotten either)."""
+        personal = []
+        for i, _ in rejected:
+            c = candidates[i]
+            if c.entity_type and c.entity_id and EVENT_TYPE_RE.match(c.type):
+                contract = await self.registry.get(c.type)
+                if contract is not None and contract.pii_fields:
+                    personal.append((i, subject_of(c.entity_type, c.entity_id)))
+        if not personal:
+            return [r for _, r in rejected]
+        keys = await self.keys.keys({s for _, s in personal}, create=True)
+        subjects = dict(personal)
+        return [
+            dataclasses.replace(r, raw=seal_raw(keys[subjects[i]], r.raw)) if i in subjects else r for i, r in rejected
+        ]
+
+    async def open_kept(self, letters: Sequence[DeadLetter]) -> list[bytes | None]:
+        """Each dead letter's bytes as received, for redrive: opened where they were kept sealed,
+        None where their subject has since been forgotten."""
+        sealed = {d.id: found for d in letters if not d.truncated and (found := raw_subject(d.raw))}
+        keys = await self.keys.keys({subject for subject, _ in sealed.values()}) if sealed else {}
+        return [open_raw(keys.get(sealed[d.id][0]), d.raw) if d.id in sealed else d.raw for d in letters]
 
     async def _commit(self, accepted: list[tuple[int, NewEvent]], refuse: Any, deadline: float | None) -> list[Any]:
         """Commit the accepted events in one group commit. If the log refuses the transaction for
