@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import jsonschema_rs
 import nats
 import orjson
 import pytest
@@ -25,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from d2d import bus
 from d2d.contracts.platform import register_platform_contracts
 from d2d.contracts.registry import ContractRegistry
+from d2d.contracts.validation import check_payload
 from d2d.deadletters import DeadLetters
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, GroupCommitter, create_pool
@@ -153,6 +155,22 @@ async def test_a_refused_personal_event_is_kept_sealed_redriven_in_clear_and_era
     erased = _from_dead_letter(letter, None, None)
     assert erased.refusal is not None and erased.refusal.code == "FAILED_PRECONDITION"
     assert "forgotten" in erased.refusal.message
+
+
+async def test_stored_payloads_pass_their_contract_except_for_the_sealed_fields_they_hold(ingest: Ingest) -> None:
+    """What a contract check on stored events (an upcaster's samples) sees: the envelopes are not
+    counted against the schema, every other field is."""
+    assert (await ingest.send(ADA)).ok
+    [stored] = await ingest.log.read(0, 10, types=["customer.registered"])
+    [spec] = [c for c in load_contracts() if c.event_type == "customer.registered"]
+    validator = jsonschema_rs.validator_for(spec.schema)
+    sealed = tuple(p for p, _ in envelopes(stored.payload))
+    with pytest.raises(Refusal):
+        check_payload(validator, orjson.dumps(stored.payload))
+    assert check_payload(validator, orjson.dumps(stored.payload), sealed=sealed)
+    with pytest.raises(Refusal) as refused:
+        check_payload(validator, orjson.dumps({**stored.payload, "country": "gb"}), sealed=sealed)
+    assert refused.value.field == "payload.country"
 
 
 async def test_a_view_reading_a_personal_field_is_refused_at_registration_naming_it(ingest: Ingest) -> None:

@@ -24,6 +24,7 @@ from d2d.contracts.upcasting import UPCASTERS, UpcastError, upcast, upgraded_by
 from d2d.contracts.validation import check_payload
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
+from d2d.personal import envelopes
 
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
@@ -255,7 +256,8 @@ class ContractRegistry:
             where = f"event seq {row['seq']} (version {row['schema_version']})"
             try:
                 _, upcast_payload = upcast(candidate.event_type, row["schema_version"], row["payload"])
-                check_payload(validator, orjson.dumps(upcast_payload))
+                sealed = tuple(pointer for pointer, _ in envelopes(upcast_payload))  # stored as ciphertext
+                check_payload(validator, orjson.dumps(upcast_payload), sealed=sealed)
             except (UpcastError, Refusal) as exc:
                 raise Refusal(
                     "FAILED_PRECONDITION",
