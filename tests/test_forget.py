@@ -136,6 +136,20 @@ async def test_a_refused_event_never_repeats_a_personal_value(ingest: Ingest) ->
     assert "not an email address" not in outcome.message and "personal data" in outcome.message
 
 
+async def test_a_refusal_of_an_object_holding_a_personal_field_does_not_quote_it(ingest: Ingest) -> None:
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "minProperties": 2,
+        "properties": {"contact": {"type": "object", "maxProperties": 1}},
+    }  # fmt: skip
+    registry = ingest.ingestor.registry
+    await registry.register("person.noted", owner="t", json_schema=schema, pii_fields=["/contact/email"])
+    for payload in ({"contact": {"email": "ada.lovelace@example.org"}},  # the whole payload fails
+                    {"contact": {"email": "ada.lovelace@example.org", "phone": "1"}, "n": 1}):  # fmt: skip
+        with pytest.raises(Refusal) as refused:
+            await registry.validate("person.noted", 0, orjson.dumps(payload))
+        assert "ada.lovelace" not in refused.value.message and "personal data" in refused.value.message
+
+
 async def test_a_refused_personal_event_is_kept_sealed_redriven_in_clear_and_erased_with_its_subject(
     ingest: Ingest,
 ) -> None:
