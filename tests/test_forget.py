@@ -23,7 +23,7 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from d2d import bus
+from d2d import bus, dbroles
 from d2d.contracts.platform import register_platform_contracts
 from d2d.contracts.registry import ContractRegistry
 from d2d.contracts.validation import check_payload
@@ -303,6 +303,40 @@ async def test_forgetting_a_subject_erases_its_fields_everywhere_and_changes_no_
         "subject": "customer/cus_000001", "key_id": forgotten[0].payload["key_id"], "requested_by": "privacy-desk",
         "reason": "ticket 42",
     }]  # fmt: skip
+
+
+async def test_only_ingest_makes_keys_only_it_and_audit_read_them_and_no_service_deletes_one(
+    ingest: Ingest, database_url: str
+) -> None:
+    assert (await ingest.send(ADA)).ok
+    for group in dbroles.SERVICE_GROUPS.values():
+        pool = await create_pool(database_url, role=group, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                if group in ("d2d_ingest", "d2d_audit"):
+                    assert await conn.fetchval("SELECT count(*) FROM personal_keys") == 1
+                else:
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await conn.fetchval("SELECT count(*) FROM personal_keys")
+                for change in ("DELETE FROM personal_keys", "UPDATE personal_keys SET key = key"):
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await conn.execute(change)
+        finally:
+            await pool.close()
+
+
+async def test_a_forgotten_key_does_not_linger_in_the_key_tables_files(ingest: Ingest) -> None:
+    assert (await ingest.send(ADA)).ok
+    async with ingest.owner.acquire() as conn:
+        key = await conn.fetchval("SELECT key FROM personal_keys WHERE subject = 'customer/cus_000001'")
+        await conn.execute("CHECKPOINT")  # the key is in the table's heap file on disk
+        before = await conn.fetchval("SELECT pg_read_binary_file(pg_relation_filepath('personal_keys'))")
+    assert key in before
+    await forget(ingest.owner, "customer/cus_000001", requested_by="privacy-desk")
+    async with ingest.owner.acquire() as conn:
+        await conn.execute("CHECKPOINT")
+        after = await conn.fetchval("SELECT pg_read_binary_file(pg_relation_filepath('personal_keys'))")
+    assert key not in after
 
 
 async def test_forget_through_the_cli_is_idempotent_and_says_when_a_subject_is_unknown(
