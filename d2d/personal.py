@@ -288,10 +288,6 @@ class Forgotten:
     seq: int = 0
     earlier_seq: int = 0
 
-    @property
-    def known(self) -> bool:
-        return bool(self.seq or self.earlier_seq)
-
 
 async def forget(pool: asyncpg.Pool, subject: str, *, requested_by: str, reason: str = "") -> Forgotten:
     """Destroy `subject`'s key and record `subject.forgotten`, in one transaction (the owner's pool:
