@@ -199,6 +199,18 @@ async def test_a_view_reading_a_personal_field_is_refused_at_registration_naming
     assert await register_views(ingest.features, [CUSTOMERS])  # one reading no personal field registers
 
 
+async def test_marking_personal_a_field_a_registered_view_reads_is_refused_naming_the_view(ingest: Ingest) -> None:
+    await register_views(ingest.features, [CUSTOMERS])  # reads /risk_segment
+    [spec] = [c for c in load_contracts() if c.event_type == "customer.registered"]
+    with pytest.raises(Refusal) as refused:
+        await ingest.ingestor.registry.register(
+            spec.event_type, owner=spec.owner, json_schema=spec.schema, pii_fields=[*spec.pii_fields, "/risk_segment"]
+        )
+    assert refused.value.code == "FAILED_PRECONDITION" and refused.value.field == "contract_version.pii_fields"
+    assert "customer_profile" in refused.value.message and "/risk_segment" in refused.value.message
+    assert (await ingest.ingestor.registry.get("customer.registered")).version == 1
+
+
 async def published_payloads(nats_url: str, namespace: str) -> list[bytes]:
     """Every message body on the namespace's events stream."""
     nc = await nats.connect(nats_url)

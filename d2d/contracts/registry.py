@@ -213,6 +213,7 @@ class ContractRegistry:
                 )
             if upcast_to:
                 await self._check_upcast_samples(tx.conn, candidate, upcast_to)
+            await self._check_no_view_reads_personal_fields(tx.conn, candidate)
             if validate_only:
                 return candidate
             payload = {
@@ -264,6 +265,30 @@ class ContractRegistry:
                     f"contract {candidate.event_type} version {candidate.version}: {where}, upcast, does not"
                     f" pass the new schema: {exc}",
                     exc.field if isinstance(exc, Refusal) else "json_schema",
+                ) from exc
+
+    @staticmethod
+    async def _check_no_view_reads_personal_fields(conn: asyncpg.Connection, candidate: Contract) -> None:
+        """Refuse marking a field personal that a registered feature view reads: its fold would see
+        ciphertext from now on (d2d.personal); views reading personal fields are refused too."""
+        from d2d.features.definitions import FeatureView
+        from d2d.features.store import check_reads_no_personal_data
+
+        if not candidate.pii_fields:
+            return
+        rows = await conn.fetch(
+            "SELECT definition FROM feature_views WHERE definition->>'source' = $1", candidate.event_type
+        )
+        for row in rows:
+            view = FeatureView.from_dict(row["definition"])
+            try:
+                check_reads_no_personal_data(view, candidate.pii_fields)
+            except Refusal as exc:
+                raise Refusal(
+                    "FAILED_PRECONDITION",
+                    f"contract {candidate.event_type} version {candidate.version} marks a field personal that a"
+                    f" registered feature view reads: {exc.message}",
+                    "contract_version.pii_fields",
                 ) from exc
 
     # -- reading ------------------------------------------------------------------------------
