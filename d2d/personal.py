@@ -127,7 +127,7 @@ def open_value(key: SubjectKey, event_id: uuid.UUID, pointer: str, envelope: Map
 def seal_payload(payload: str, event_id: uuid.UUID, pointers: Sequence[str], key: SubjectKey) -> str:
     """The JSON text of `payload` with the value at each of `pointers` present in it sealed."""
     document = json.loads(payload)  # exact: integers beyond 64 bits stay as they were
-    for pointer in pointers:
+    for pointer in sorted(pointers, key=len):  # an object marked personal is sealed whole, once
         found = _locate(document, pointer)
         if found is not None:
             container, at = found
