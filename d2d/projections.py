@@ -22,7 +22,9 @@ Not projections, and why: `artifacts` is a content-addressed blob store (a `mode
 event names the sha256 of its artifact; a rebuild copies the blobs and checks every hash);
 `log_positions` and `feature_snapshots` are checkpoints of consumers (how far the relay
 published, the features service's folded state at its watermark): both are recomputed by their
-consumer from the log when missing.
+consumer from the log when missing. `personal_keys` holds the keys of personal data (d2d.personal):
+kept out of the log on purpose, since forgetting a subject destroys its key, which no append-only
+log could do.
 """
 
 from __future__ import annotations

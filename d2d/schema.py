@@ -244,3 +244,15 @@ outcome_rules = Table(
     _seq_of("registered_seq"),
     _timestamp("created_at", server_default=NOW),
 )
+
+# Personal data keys (d2d.personal): not a projection of the log, on purpose. A subject's key is
+# destroyed to forget it, which an append-only log could never do; no event carries a key.
+personal_keys = Table(
+    "personal_keys",
+    metadata,
+    Column("subject", Text, primary_key=True),  # "<entity_type>/<entity_id>"
+    Column("key_id", UUID(as_uuid=True), nullable=False, server_default=text("gen_random_uuid()")),
+    Column("key", LargeBinary, nullable=False),  # 32 random bytes: AES-256-GCM
+    _timestamp("created_at", server_default=NOW),
+    CheckConstraint("length(key) = 32", name="personal_keys_key_check"),
+)

@@ -34,7 +34,12 @@ APPENDERS = tuple(name for name in SERVICES if name != "audit")
 
 # What each service may change, exactly: (table, privilege). Everything else is refused.
 WRITES: dict[str, set[tuple[str, str]]] = {
-    "ingest": {("contracts", "INSERT"), ("dead_letters", "INSERT"), ("dead_letters", "UPDATE")},
+    "ingest": {
+        ("contracts", "INSERT"),
+        ("dead_letters", "INSERT"),
+        ("dead_letters", "UPDATE"),
+        ("personal_keys", "INSERT"),  # a subject's key, made the first time one of its events is personal
+    },
     "ingest-relay": {("log_positions", "INSERT"), ("log_positions", "UPDATE")},
     "features": {("feature_views", "INSERT"), ("feature_snapshots", "INSERT"), ("feature_snapshots", "UPDATE")},
     "registry": {

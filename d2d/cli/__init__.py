@@ -12,8 +12,9 @@ d2d outcomes record|rules   outcomes of decisions, outcome rules
 d2d metrics MODEL           live metrics per version and arm
 d2d replay state|explain|rescore|ope|verify   audit and counterfactuals, from the log
 d2d migrate                 apply database migrations
+d2d forget SUBJECT          destroy a data subject's personal data key (crypto-shredding)
 
-Every command but `up` and `migrate` talks to the services over gRPC (training frames and skew
+Every command but `up`, `migrate` and `forget` talks to the services over gRPC (training frames and skew
 checks too: the features service recomputes them from the log; `models reproduce` asks the
 registry to retrain, recording nothing). A command
 group is one module here with a `register(subparsers)` function, listed once in GROUPS.
@@ -25,10 +26,10 @@ import argparse
 import logging
 import os
 
-from d2d.cli import contracts, dlq, features, log, metrics, migrate, models, outcomes, predict, replay, up
+from d2d.cli import contracts, dlq, features, forget, log, metrics, migrate, models, outcomes, predict, replay, up
 from d2d.private import PRIVATE_UMASK
 
-GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, replay, migrate)
+GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, replay, migrate, forget)
 
 
 def build_parser() -> argparse.ArgumentParser:

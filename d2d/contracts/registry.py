@@ -24,6 +24,7 @@ from d2d.contracts.upcasting import UPCASTERS, UpcastError, upcast, upgraded_by
 from d2d.contracts.validation import check_payload
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
+from d2d.personal import envelopes
 
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
@@ -212,6 +213,7 @@ class ContractRegistry:
                 )
             if upcast_to:
                 await self._check_upcast_samples(tx.conn, candidate, upcast_to)
+            await self._check_no_view_reads_personal_fields(tx.conn, candidate)
             if validate_only:
                 return candidate
             payload = {
@@ -255,13 +257,38 @@ class ContractRegistry:
             where = f"event seq {row['seq']} (version {row['schema_version']})"
             try:
                 _, upcast_payload = upcast(candidate.event_type, row["schema_version"], row["payload"])
-                check_payload(validator, orjson.dumps(upcast_payload))
+                sealed = tuple(pointer for pointer, _ in envelopes(upcast_payload))  # stored as ciphertext
+                check_payload(validator, orjson.dumps(upcast_payload), sealed=sealed)
             except (UpcastError, Refusal) as exc:
                 raise Refusal(
                     "FAILED_PRECONDITION",
                     f"contract {candidate.event_type} version {candidate.version}: {where}, upcast, does not"
                     f" pass the new schema: {exc}",
                     exc.field if isinstance(exc, Refusal) else "json_schema",
+                ) from exc
+
+    @staticmethod
+    async def _check_no_view_reads_personal_fields(conn: asyncpg.Connection, candidate: Contract) -> None:
+        """Refuse marking a field personal that a registered feature view reads: its fold would see
+        ciphertext from now on (d2d.personal); views reading personal fields are refused too."""
+        from d2d.features.definitions import FeatureView
+        from d2d.features.store import check_reads_no_personal_data
+
+        if not candidate.pii_fields:
+            return
+        rows = await conn.fetch(
+            "SELECT definition FROM feature_views WHERE definition->>'source' = $1", candidate.event_type
+        )
+        for row in rows:
+            view = FeatureView.from_dict(row["definition"])
+            try:
+                check_reads_no_personal_data(view, candidate.pii_fields)
+            except Refusal as exc:
+                raise Refusal(
+                    "FAILED_PRECONDITION",
+                    f"contract {candidate.event_type} version {candidate.version} marks a field personal that a"
+                    f" registered feature view reads: {exc.message}",
+                    "contract_version.pii_fields",
                 ) from exc
 
     # -- reading ------------------------------------------------------------------------------

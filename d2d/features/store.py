@@ -12,16 +12,51 @@ import asyncpg
 import orjson
 
 from d2d.contracts.upcasting import upcaster_names
+from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
 from d2d.features.definitions import FeatureView
 
 
+def fields_read(view: FeatureView) -> list[tuple[str, str]]:
+    """(where in the definition, dotted payload path) of every payload field the view's fold reads."""
+    read = [("entity_key", view.entity_key)]
+    for a in view.aggregates:
+        if a.field is not None:
+            read.append((f"aggregates.{a.name}.field", a.field))
+        if a.where is not None:
+            read.append((f"aggregates.{a.name}.where.field", a.where.field))
+    return read
+
+
+def check_reads_no_personal_data(view: FeatureView, personal_pointers: Sequence[str]) -> None:
+    """Refuse a view that reads a field its source's contract marks personal (or one holding or
+    inside it): the fold would see only ciphertext (d2d.personal), and a feature folded from a
+    clear value would keep the subject in every snapshot and frame after `d2d forget`."""
+    for where, path in fields_read(view):
+        pointer = "/" + path.replace(".", "/")
+        for personal in personal_pointers:
+            if pointer == personal or pointer.startswith(personal + "/") or personal.startswith(pointer + "/"):
+                raise Refusal(
+                    "FAILED_PRECONDITION",
+                    f"view {view.name}: {where} reads {path!r}, which contract {view.source} marks as personal"
+                    f" data ({personal}); features may not fold personal fields",
+                    f"views.{view.name}.{where}",
+                )
+
+
 async def register_views(log: EventLog, views: Sequence[FeatureView]) -> dict[str, int]:
     """Record each view version not yet registered (a `feature_view.registered` event, projected into
-    `feature_views`); returns {view name: seq of its registration}."""
+    `feature_views`); returns {view name: seq of its registration}. A view reading a field any
+    version of its source's contract marks personal is refused (`check_reads_no_personal_data`)."""
     registered: dict[str, int] = {}
     async with log.recording() as tx:
         for view in views:
+            personal = await tx.conn.fetchval(
+                "SELECT coalesce(array_agg(DISTINCT p), '{}') FROM contracts, unnest(pii_fields) AS p"
+                " WHERE event_type = $1",
+                view.source,
+            )
+            check_reads_no_personal_data(view, personal)
             seq = await tx.conn.fetchval(
                 "SELECT registered_seq FROM feature_views WHERE name = $1 AND version = $2", view.name, view.version
             )

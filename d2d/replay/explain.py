@@ -20,6 +20,7 @@ from d2d.eventlog import EventLog, StoredEvent
 from d2d.features.definitions import FeatureView, resolve_path
 from d2d.features.fold import FoldEvent, StaleQueryError, ViewState, fold_event, posix_seconds
 from d2d.features.offline import source_events
+from d2d.personal import KeyStore, envelopes
 from d2d.policies import describe
 from d2d.replay.log import PAGE, Progress, load_version, no_progress, read_all
 from d2d.replay.log import decision_event as find_decision
@@ -101,6 +102,7 @@ async def fed_events(
             progress("events", done, 0)
     progress("events", done, done)
 
+    personal = await _personal_fields([stored for view in views for _, stored in accepted[view.name]], log)
     explained: dict[str, dict[str, Any]] = {}
     for view in views:
         entity_id = entities.get(view.entity)
@@ -127,7 +129,12 @@ async def fed_events(
             "stale": stale,
             "dropped_late": dropped[view.name],
             "events": [
-                {"event_id": str(stored.event_id), "seq": stored.seq, "occurred_at": stored.occurred_at.isoformat()}
+                {
+                    "event_id": str(stored.event_id),
+                    "seq": stored.seq,
+                    "occurred_at": stored.occurred_at.isoformat(),
+                    **personal.get(stored.seq, {}),
+                }  # fmt: skip
                 for _, stored in accepted[view.name]
             ],
             "features": {
@@ -136,6 +143,20 @@ async def fed_events(
             },
         }
     return explained
+
+
+async def _personal_fields(events: Sequence[StoredEvent], log: EventLog) -> dict[int, dict[str, Any]]:
+    """Per event (by seq) holding personal fields: `personal` (pointer -> clear value, None once its
+    subject is forgotten) and `erased` (the pointers whose key is destroyed). Explain is an
+    auditor's: its caller must be entitled to clear personal data (it reads `personal_keys`)."""
+    sealed = {e.seq: e for e in events if any(True for _ in envelopes(e.payload))}
+    if not sealed:
+        return {}
+    revealed = await KeyStore(log.pool).reveal([(e.event_id, e.payload) for e in sealed.values()])
+    return {
+        seq: {"personal": r.personal, "erased": [*r.erased, *r.unreadable]}
+        for seq, r in zip(sealed, revealed, strict=True)
+    }
 
 
 def _same(logged: Any, recomputed: Any) -> bool:
@@ -308,7 +329,8 @@ def render(explanation: Mapping[str, Any]) -> str:
             lines.append("    events (#, event id, log seq, occurred at):")
             for i, e in enumerate(events, start=1):
                 if len(events) <= LISTED_EVENTS or i <= 5 or i > len(events) - LISTED_EVENTS + 5:
-                    lines.append(f"    {i:>4}  {e['event_id']}  {e['seq']:>10}  {_when(e['occurred_at'])}")
+                    erased = f"  erased: {', '.join(e['erased'])}" if e.get("erased") else ""
+                    lines.append(f"    {i:>4}  {e['event_id']}  {e['seq']:>10}  {_when(e['occurred_at'])}{erased}")
                 elif i == 6:
                     lines.append(
                         f"          ... #6-{len(events) - LISTED_EVENTS + 5} (the JSON document lists every one)"

@@ -330,7 +330,8 @@ class IngestApi:
             letters = [d for d in letters if d.state == "PENDING"]
         else:
             letters = await self.dead_letters.list(event_type=request.event_type or None, limit=MAX_EVENTS_PER_REQUEST)
-        candidates = [_from_dead_letter(d, request.payload or None) for d in letters]
+        opened = await self.ingestor.open_kept(letters)  # sealed when personal: None once forgotten
+        candidates = [_from_dead_letter(d, request.payload or None, r) for d, r in zip(letters, opened, strict=True)]
         outcomes = await self._ingest(
             context, candidates, traceparent=telemetry.current_traceparent(), keep_rejected=False
         )
@@ -400,24 +401,31 @@ def _time_bounds(cv: ingest_pb2.ContractVersion) -> dict[str, int]:
     return bounds
 
 
-def _from_dead_letter(d: DeadLetter, payload: bytes | None) -> Candidate:
+def _from_dead_letter(d: DeadLetter, payload: bytes | None, raw: bytes | None) -> Candidate:
+    """The candidate a dead letter makes from its bytes as received (`raw`: opened where they were
+    kept sealed; None once its subject was forgotten)."""
+    refused = Candidate(d.source, d.raw, d.event_id or "", d.event_type or "", 0, "", "", None, b"")
     if d.truncated:
-        candidate = Candidate(d.source, d.raw, d.event_id or "", d.event_type or "", 0, "", "", None, b"")
-        candidate.refusal = Refusal(
+        refused.refusal = Refusal(
             "FAILED_PRECONDITION",
             f"{d.name} keeps only the first {len(d.raw)} of the {d.raw_size} bytes received;"
             " the producer must send the event again",
             "names",
         )
-        return candidate
+        return refused
+    if raw is None:
+        refused.refusal = Refusal(
+            "FAILED_PRECONDITION", f"the subject of {d.name} was forgotten: its bytes are erased", "names"
+        )
+        return refused
     if d.source == "grpc":
         try:
-            candidate = _candidate(event_pb2.Event.FromString(d.raw))
+            candidate = _candidate(event_pb2.Event.FromString(raw))
         except Exception as exc:
-            candidate = Candidate(d.source, d.raw, d.event_id or "", d.event_type or "", 0, "", "", None, b"")
+            candidate = Candidate(d.source, raw, d.event_id or "", d.event_type or "", 0, "", "", None, b"")
             candidate.refusal = Refusal("INVALID_ARGUMENT", f"stored bytes are not an Event: {exc}", "raw")
     else:
-        candidate = candidate_from_json(d.source, d.event_type or "", d.raw)
+        candidate = candidate_from_json(d.source, d.event_type or "", raw)
     if payload is not None:
         candidate.payload = payload
     return candidate

@@ -6,6 +6,7 @@ log by the group committer, the refused ones are kept in dead letters; only then
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Sequence
@@ -17,10 +18,11 @@ import orjson
 
 from d2d.contracts.platform import is_platform_type
 from d2d.contracts.registry import EVENT_TYPE_RE, ContractRegistry
-from d2d.deadletters import DeadLetters, Rejected
+from d2d.deadletters import DeadLetter, DeadLetters, Rejected
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE, CommitDeadlineExceeded, GroupCommitter, NewEvent
 from d2d.limits import check_event, check_text
+from d2d.personal import KeyStore, open_raw, raw_subject, seal_payload, seal_raw, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class Ingestor:
         self.registry = registry
         self.committer = committer
         self.dead_letters = dead_letters
+        self.keys = KeyStore(committer.log.pool)
 
     async def ingest(
         self,
@@ -110,6 +113,7 @@ class Ingestor:
         accepted: list[tuple[int, NewEvent]] = []
         rejected: list[tuple[int, Rejected]] = []
         received_at = datetime.now(UTC)
+        personal: list[tuple[int, NewEvent, tuple[str, ...]]] = []  # events with personal fields to seal
 
         def refuse(i: int, r: Refusal) -> None:
             c = candidates[i]
@@ -127,19 +131,72 @@ class Ingestor:
                 if traceparent and "traceparent" not in metadata:
                     metadata = {**metadata, "traceparent": traceparent}
                 event = NewEvent(event_id, c.type, version, c.entity_type, c.entity_id, c.occurred_at, text, metadata)  # type: ignore[arg-type]
+                contract = await self.registry.get(c.type, version)
+                if contract is not None and contract.pii_fields:
+                    personal.append((i, event, contract.pii_fields))  # checked once sealed
+                    continue
                 check_event(event)
             except Refusal as r:
                 refuse(i, r)
                 continue
             accepted.append((i, event))
+        if personal:
+            accepted = sorted(accepted + await self._sealed(personal, refuse), key=lambda a: a[0])
         results = await self._commit(accepted, refuse, deadline)
         # Kept after the commit: it may refuse an event the checks above let through.
-        dead_ids = await self.dead_letters.keep([r for _, r in rejected]) if keep_rejected else []
+        dead_ids = await self.dead_letters.keep(await self._sealed_raw(rejected, candidates)) if keep_rejected else []
         for i, result in results:
             outcomes[i].seq, outcomes[i].duplicate = result.seq, result.duplicate
         for (i, _), dead_id in zip(rejected, dead_ids, strict=False):
             outcomes[i].dead_letter_id = dead_id
         return outcomes
+
+    async def _sealed(
+        self, personal: list[tuple[int, NewEvent, tuple[str, ...]]], refuse: Any
+    ) -> list[tuple[int, NewEvent]]:
+        """The events whose contract marks personal fields, validated on their clear values, with
+        those fields sealed under their subject's key (d2d.personal): what the log, the stream and
+        every projection hold. One look-up makes or finds every subject's key."""
+        keys = await self.keys.keys({subject_of(e.entity_type, e.entity_id) for _, e, _ in personal}, create=True)
+        sealed = []
+        for i, event, pointers in personal:
+            key = keys[subject_of(event.entity_type, event.entity_id)]
+            event = dataclasses.replace(event, payload=seal_payload(event.payload, event.event_id, pointers, key))
+            try:
+                check_event(event)
+            except Refusal as r:
+                refuse(i, r)
+                continue
+            sealed.append((i, event))
+        return sealed
+
+    async def _sealed_raw(
+        self, rejected: list[tuple[int, Rejected]], candidates: Sequence[Candidate]
+    ) -> list[Rejected]:
+        """The refused inputs to keep, those of a type whose contract marks personal fields sealed
+        whole under their subject's key when the envelope names one (else kept as received: a
+        subject that cannot be read cannot be forgotten either)."""
+        personal = []
+        for i, _ in rejected:
+            c = candidates[i]
+            if c.entity_type and c.entity_id and EVENT_TYPE_RE.match(c.type):
+                contract = await self.registry.get(c.type)
+                if contract is not None and contract.pii_fields:
+                    personal.append((i, subject_of(c.entity_type, c.entity_id)))
+        if not personal:
+            return [r for _, r in rejected]
+        keys = await self.keys.keys({s for _, s in personal}, create=True)
+        subjects = dict(personal)
+        return [
+            dataclasses.replace(r, raw=seal_raw(keys[subjects[i]], r.raw)) if i in subjects else r for i, r in rejected
+        ]
+
+    async def open_kept(self, letters: Sequence[DeadLetter]) -> list[bytes | None]:
+        """Each dead letter's bytes as received, for redrive: opened where they were kept sealed,
+        None where their subject has since been forgotten."""
+        sealed = {d.id: found for d in letters if not d.truncated and (found := raw_subject(d.raw))}
+        keys = await self.keys.keys({subject for subject, _ in sealed.values()}) if sealed else {}
+        return [open_raw(keys.get(sealed[d.id][0]), d.raw) if d.id in sealed else d.raw for d in letters]
 
     async def _commit(self, accepted: list[tuple[int, NewEvent]], refuse: Any, deadline: float | None) -> list[Any]:
         """Commit the accepted events in one group commit. If the log refuses the transaction for
