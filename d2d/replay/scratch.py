@@ -3,6 +3,7 @@ verify's rebuild): created, migrated, handed out, and dropped afterwards whateve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -33,8 +34,24 @@ async def scratch_database(url: str, purpose: str = "replay") -> AsyncIterator[s
         await eventlog.migrate(scratch)
         yield scratch
     finally:
-        admin = await asyncpg.connect(url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _drop(url, name)
+
+
+async def _drop(url: str, name: str, attempts: int = 5) -> None:
+    """Drop the scratch database. Plainly first: Postgres stops an autovacuum worker on it by itself,
+    while WITH (FORCE) would have to signal it, which a role that is not a superuser may not do.
+    FORCE only for a connection still open on it."""
+    admin = await asyncpg.connect(url)
+    try:
+        for attempt in range(attempts):
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+                return
+            except asyncpg.ObjectInUseError:
+                with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                    return
+                await asyncio.sleep(0.2 * (attempt + 1))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
