@@ -73,6 +73,14 @@ class Settings:
     # The role every service connection switches to: INSERT and SELECT on the log, nothing more.
     db_role: str | None = field(default_factory=lambda: os.environ.get("D2D_DB_ROLE", "d2d_service") or None)
 
+    # gRPC server reflection (lists every method and message to any caller): off unless D2D_GRPC_REFLECTION is 1.
+    grpc_reflection: bool = field(
+        default_factory=lambda: os.environ.get("D2D_GRPC_REFLECTION", "0").strip().lower() in ("1", "true")
+    )
+    # The API key this process calls the platform's services with (`d2d up` gives each service its
+    # admin key; clients and the CLI read it too). Empty: calls carry no key.
+    api_key: str = field(default_factory=lambda: os.environ.get("D2D_API_KEY", ""), repr=False)
+
     def addr(self, name: str) -> str:
         """The address of the gRPC service called `name`."""
         return self.addrs.get(name) or service(name).addr_from_env()

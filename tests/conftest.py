@@ -21,7 +21,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from d2d import eventlog, telemetry
+from d2d import auth, eventlog, telemetry
 from d2d.client import AuditClient, FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.config import Settings
 from d2d.eventlog import NewEvent
@@ -36,6 +36,20 @@ from d2d.sim.training import default_spec
 from services.ingest.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Auth is on in every test: each database the tests create holds this admin key (`seed_test_key`),
+# and every client, in this process or in a service process it starts, sends it (D2D_API_KEY).
+TEST_API_KEY, TEST_KEY_CREATED = auth.new_key("admin", "tests")
+os.environ["D2D_API_KEY"] = TEST_API_KEY
+
+
+async def seed_test_key(url: str) -> None:
+    """Put the tests' admin key in the (migrated) database at `url`; seeding twice stores it once."""
+    pool = await eventlog.create_pool(url, max_size=1)
+    try:
+        await eventlog.EventLog(pool).append([TEST_KEY_CREATED])
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +82,7 @@ def database_url(postgres: EmbeddedPostgres) -> str:
     """A new, migrated database for this test (owner connection)."""
     url = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
     asyncio.run(eventlog.migrate(url))
+    asyncio.run(seed_test_key(url))
     return url
 
 
@@ -203,6 +218,7 @@ def serving_platform(
         for i in range(0, len(events), 5000):
             await log.append([e.as_new_event() for e in events[i : i + 5000]])
         await pool.close()
+        await seed_test_key(url)
 
     asyncio.run(load())
     if prepare is not None:
