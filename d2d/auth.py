@@ -180,7 +180,10 @@ class KeyRing:
     def __init__(self, event_log: EventLog | None, keys: Sequence[ApiKey] = ()) -> None:
         self._log = event_log
         self._keys: dict[str, ApiKey] = {k.key_id: k for k in keys}
-        self._after = 0
+        # Read position per event type: each type is read alone, an ordered scan of its (type, seq)
+        # index, whatever else the log holds after it.
+        self._after = dict.fromkeys(KEY_EVENT_TYPES, 0)
+        self._early_revocations: dict[str, StoredEvent] = {}  # read before their key's creation
         self._lock = asyncio.Lock()
         self._last_read_started = float("-inf")
         self._follower: asyncio.Task[None] | None = None
@@ -224,13 +227,14 @@ class KeyRing:
             return
         async with self._lock:
             self._last_read_started = time.monotonic()
-            while True:
-                events = await self._log.read(self._after, 1000, types=KEY_EVENT_TYPES)
-                for event in events:
-                    self.fold(event)
-                    self._after = event.seq
-                if len(events) < 1000:
-                    return
+            for event_type in KEY_EVENT_TYPES:
+                while True:
+                    events = await self._log.read(self._after[event_type], 1000, types=[event_type])
+                    for event in events:
+                        self.fold(event)
+                        self._after[event_type] = event.seq
+                    if len(events) < 1000:
+                        break
 
     async def _refresh_for(self, arrived: float) -> None:
         """Make sure the keys were read after `arrived`, at most one read per UNKNOWN_KEY_REFRESH_SECONDS."""
@@ -248,14 +252,21 @@ class KeyRing:
         await self.refresh()
 
     def fold(self, event: StoredEvent) -> None:
+        """Apply one key event. A revocation read before its key's creation (created and revoked
+        between the reads of the two types) is kept and applied when the creation comes."""
         p = event.payload
         if event.type == "api_key.created":
             self._keys[p["key_id"]] = ApiKey(
                 p["key_id"], p["role"], p.get("display_name", ""), p["secret_sha256"], p["created_by"],
                 event.recorded_at,
             )  # fmt: skip
-        elif event.type == "api_key.revoked" and (key := self._keys.get(p["key_id"])) is not None:
-            if not key.revoked:
+            if (early := self._early_revocations.pop(p["key_id"], None)) is not None:
+                self.fold(early)
+        elif event.type == "api_key.revoked":
+            key = self._keys.get(p["key_id"])
+            if key is None:
+                self._early_revocations[p["key_id"]] = event
+            elif not key.revoked:
                 self._keys[key.key_id] = replace(key, revoke_time=event.recorded_at, revoked_by=p["revoked_by"])
 
     def get(self, key_id: str) -> ApiKey | None:

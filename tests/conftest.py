@@ -4,6 +4,7 @@ from their wheels in a temp dir on free ports; a fresh database and NATS namespa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -37,8 +38,9 @@ from services.ingest.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Auth is on in every test: each database the tests create holds this admin key (`seed_test_key`),
-# and every client, in this process or in a service process it starts, sends it (D2D_API_KEY).
+# Auth is on in every test: every database a test serves gRPC on holds this admin key (`seed_test_key`,
+# run by the fixtures that start services: the log of `database_url` itself starts empty), and every
+# client, in this process or in a service process it starts, sends it (D2D_API_KEY).
 TEST_API_KEY, TEST_KEY_CREATED = auth.new_key("admin", "tests")
 os.environ["D2D_API_KEY"] = TEST_API_KEY
 
@@ -82,7 +84,6 @@ def database_url(postgres: EmbeddedPostgres) -> str:
     """A new, migrated database for this test (owner connection)."""
     url = postgres.create_database(f"t_{uuid.uuid4().hex[:12]}")
     asyncio.run(eventlog.migrate(url))
-    asyncio.run(seed_test_key(url))
     return url
 
 
@@ -120,6 +121,9 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Child]]:
     supervisor = Supervisor(tmp_path, cwd=ROOT, base_env={"D2D_DATA_DIR": str(tmp_path / "data")})
 
     def start(args: list[str], settings_env: dict[str, str], name: str = "svc") -> Child:
+        if "D2D_DATABASE_URL" in settings_env and "relay" not in args:  # a gRPC service: callers need the key
+            with concurrent.futures.ThreadPoolExecutor(1) as seeding:  # the caller may be in a running loop
+                seeding.submit(asyncio.run, seed_test_key(settings_env["D2D_DATABASE_URL"])).result()
         return supervisor.spawn(f"{name}-{len(supervisor.children)}", args, settings_env)
 
     with supervisor:
@@ -157,6 +161,7 @@ async def audit_service(database_url: str) -> AsyncIterator[str]:
     from services.audit.server import serve as serve_audit
 
     addr = f"127.0.0.1:{free_port()}"
+    await seed_test_key(database_url)
     stop = asyncio.Event()
     task = asyncio.create_task(serve_audit(Settings(database_url=database_url, addrs={"audit": addr}), stop))
     try:
@@ -289,6 +294,7 @@ async def register_sim_contracts(ingest: IngestClient) -> None:
 async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> AsyncIterator[IngestClient]:
     """The ingest service in this process, with the simulator's contracts registered."""
     port = free_port()
+    await seed_test_key(database_url)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings_for(database_url, nats_server.url, namespace, port), stop))
     client = IngestClient(f"127.0.0.1:{port}")

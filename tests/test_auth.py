@@ -19,13 +19,14 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from d2d import auth, grpcserver
+from d2d import auth, eventlog, grpcserver
 from d2d.client import AccessClient, IngestClient, RegistryClient, error_details
 from d2d.config import Settings
+from d2d.eventlog import NewEvent, StoredEvent
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.sim import load_contracts
 from d2d.v1 import access_pb2, audit_pb2, features_pb2, feedback_pb2, ingest_pb2, registry_pb2, serving_pb2
-from tests.conftest import TEST_API_KEY, seed_test_key
+from tests.conftest import TEST_API_KEY, run_cli, seed_test_key
 
 MODULES = (ingest_pb2, features_pb2, registry_pb2, serving_pb2, feedback_pb2, audit_pb2, access_pb2)
 # The process hosting each service (the registry hosts the AccessService).
@@ -59,8 +60,6 @@ async def platform(
     from services.serving.server import serve as serve_serving
 
     url = await asyncio.to_thread(postgres.create_database, f"auth_{namespace_for_module}")
-    from d2d import eventlog
-
     await eventlog.migrate(url)
     await seed_test_key(url)
     names = ("ingest", "features", "registry", "serving", "feedback", "audit")
@@ -276,3 +275,57 @@ async def test_a_method_without_allowed_roles_cannot_be_served() -> None:
     server, _ = grpcserver.new_server([health.full_name])
     with pytest.raises(ValueError, match=r"grpc\.health\.v1\.Health\.Check declares no allowed_roles"):
         grpcserver.add_service(server, health, object(), auth.KeyRing(None))
+
+
+async def test_keys_commands_create_list_and_revoke(platform: Platform, tmp_path) -> None:  # noqa: ANN001
+    env = {
+        "D2D_DATABASE_URL": platform.database_url, "D2D_NATS_URL": "nats://unused", "D2D_DATA_DIR": str(tmp_path),
+        "D2D_REGISTRY_ADDR": platform.addrs["registry"],
+    }  # fmt: skip
+    code, out = await run_cli(env, "keys", "create", "--role", "producer", "--name", "checkout")
+    assert code == 0, out
+    [text] = [line.strip() for line in out.splitlines() if auth.key_id_of(line.strip())]
+    key_id = auth.key_id_of(text)
+    append = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].methods_by_name["AppendEvents"]
+    assert await call(platform.addrs["ingest"], append, text) not in DENIED
+    code, out = await run_cli(env, "keys", "list")
+    assert code == 0 and f"apiKeys/{key_id}" in out and "checkout" in out and "producer" in out, out
+    assert text.split("_", 2)[2] not in out
+    code, out = await run_cli({**env, "D2D_API_KEY": platform.keys["operator"]}, "keys", "list")
+    assert code == 1 and "PERMISSION_DENIED" in out and "needs role admin" in out, out
+    code, out = await run_cli(env, "keys", "revoke", key_id)
+    assert code == 0 and f"revoked apiKeys/{key_id}" in out, out
+
+
+async def test_keys_bootstrap_makes_a_working_admin_key_once(platform: Platform, tmp_path) -> None:  # noqa: ANN001
+    """Where no `d2d up` made one (servers named by the environment), the first admin key comes
+    straight from the log's owner connection."""
+    env = {"D2D_DATABASE_URL": platform.database_url, "D2D_NATS_URL": "nats://unused", "D2D_API_KEY": ""}
+    key_file = tmp_path / "admin.key"
+    code, out = await run_cli(env, "keys", "bootstrap", "--out", str(key_file))
+    assert code == 0, out
+    text = auth.read_key_file(key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600 and text not in out
+    create = access_pb2.DESCRIPTOR.services_by_name["AccessService"].methods_by_name["CreateApiKey"]
+    assert await call(platform.addrs["registry"], create, text) == grpc.StatusCode.INVALID_ARGUMENT  # no role given
+    code, out = await run_cli(env, "keys", "bootstrap", "--out", str(key_file))
+    assert code == 0 and auth.read_key_file(key_file) == text, out
+
+
+def stored(event: NewEvent, seq: int) -> StoredEvent:
+    return StoredEvent(seq, event.event_id, event.type, 1, event.entity_type, event.entity_id, event.occurred_at,
+                       event.occurred_at, json.loads(event.payload), event.metadata)  # fmt: skip
+
+
+def test_a_revocation_read_before_its_keys_creation_still_revokes_it() -> None:
+    """The ring reads creations, then revocations: a key created and revoked between the two reads
+    comes to it revocation first."""
+    text, created = auth.new_key("app")
+    ring = auth.KeyRing(None)
+    ring.fold(stored(auth.revoke_event(auth.key_id_of(text), revoked_by="someone"), 2))
+    ring.fold(stored(created, 1))
+    with pytest.raises(auth.Unauthenticated, match="revoked"):
+        ring.check(text)
+    fresh_text, fresh = auth.new_key("app")
+    ring.fold(stored(fresh, 3))
+    assert ring.check(fresh_text) == auth.Principal(auth.key_id_of(fresh_text), "app")

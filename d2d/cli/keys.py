@@ -1,4 +1,6 @@
-"""`d2d keys create|list|revoke`: API keys, through the AccessService the registry hosts (admin only)."""
+"""`d2d keys create|list|revoke`: API keys, through the AccessService the registry hosts (admin only).
+`d2d keys bootstrap`: the first admin key where no `d2d up` made one (servers named by D2D_DATABASE_URL,
+e.g. docker-compose), appended straight to the log with the database URL's (owner) connection."""
 
 from __future__ import annotations
 
@@ -20,12 +22,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     ksub.add_parser("list", help="every key, newest first, revoked ones too")
     revoke = ksub.add_parser("revoke", help="calls with the key are refused from then on")
     revoke.add_argument("key_id", help="the key's id (apiKeys/{id} or the id alone)")
+    bootstrap = ksub.add_parser(
+        "bootstrap", help="the data dir's admin key, made in the log of D2D_DATABASE_URL if new (no services needed)"
+    )
+    bootstrap.add_argument("--out", help="the key file to write (default <data dir>/admin.key; 0600)")
     keys.set_defaults(func=cmd_keys)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from d2d.client import AccessClient
 
+    if args.action == "bootstrap":
+        return _bootstrap(args)
     target = common.endpoints(common.settings(args)).addr("registry")
 
     async def work() -> int:
@@ -55,3 +63,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def _when(timestamp: Any) -> str:
     return timestamp.ToDatetime().isoformat(timespec="seconds")
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from d2d import eventlog
+    from d2d.private import private_dir
+
+    found = common.settings(args)
+    if args.out:
+        path = Path(args.out)
+    else:
+        path = private_dir(found.data_dir) / auth.ADMIN_KEY_FILE
+
+    async def work() -> str:
+        pool = await eventlog.create_pool(found.require_database_url(), role=None, max_size=1)
+        try:
+            return await auth.ensure_admin_key(eventlog.EventLog(pool), path)
+        finally:
+            await pool.close()
+
+    key_id = auth.key_id_of(asyncio.run(work()))
+    common.console.print(f"admin key apiKeys/{key_id} is in {path} (private; D2D_API_KEY takes its text)")
+    return 0
