@@ -11,7 +11,7 @@ d2d predict MODEL           one decision
 d2d outcomes record|rules   outcomes of decisions, outcome rules
 d2d metrics MODEL           live metrics per version and arm
 d2d replay state|explain|rescore|ope|verify   audit and counterfactuals, from the log
-d2d keys create|list|revoke API keys (admin)
+d2d keys create|list|revoke|bootstrap   API keys (admin)
 d2d migrate                 apply database migrations
 
 Every command but `up` and `migrate` talks to the services over gRPC (training frames and skew
