@@ -29,12 +29,28 @@ from typing import Any
 
 import psutil
 
-from d2d import dbroles, eventlog
+from d2d import auth, dbroles, eventlog
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import SERVICES
 from d2d.runtime.supervisor import Backoff, Child, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Benchmarks call the services as any client does, with an API key (auth is on, as in production):
+# an admin key every database they create holds (`seed_bench_key`), in D2D_API_KEY so the services
+# and baseline servers they start inherit it.
+if not auth.key_id_of(os.environ.get("D2D_API_KEY", "")):
+    os.environ["D2D_API_KEY"] = auth.new_key("admin", "bench")[0]
+BENCH_KEY_CREATED = auth.created_event(os.environ["D2D_API_KEY"], "admin", "bench")
+
+
+async def seed_bench_key(url: str) -> None:
+    """Put the benchmarks' admin key in the (migrated) database at `url`."""
+    pool = await eventlog.create_pool(url, max_size=1)
+    try:
+        await eventlog.EventLog(pool).append([BENCH_KEY_CREATED])
+    finally:
+        await pool.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +199,7 @@ class Servers:
         """A new database with the project's schema; returns its owner URL."""
         url = await asyncio.to_thread(self.postgres.create_database, name)
         await eventlog.migrate(url)
+        await seed_bench_key(url)
         return url
 
     def cpu_roots(self) -> dict[str, tuple[int, bool]]:
@@ -361,7 +378,7 @@ async def serve_empty(service: Any, method: str, bare_port: int, platform_port: 
     empty_api = type("EmptyApi", (), {name: staticmethod(empty_answer(t)) for name, t in responses.items()})
     telemetry.setup_tracing("bench-empty", Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
     platform_server, health = grpcserver.new_server([service.full_name])
-    grpcserver.add_service(platform_server, service, empty_api())
+    grpcserver.add_service(platform_server, service, empty_api(), auth.KeyRing.of(BENCH_KEY_CREATED))
     if platform_server.add_insecure_port(f"127.0.0.1:{platform_port}") == 0:
         raise SystemExit(f"empty server: cannot listen on {platform_port}")
     await bare.start()

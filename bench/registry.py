@@ -81,6 +81,7 @@ from bench._common import (
     postgres_server,
     rounded,
     say,
+    seed_bench_key,
     stop_on_sigterm,
 )
 from d2d import eventlog
@@ -129,6 +130,7 @@ def build_events(config: SimConfig) -> list[NewEvent]:
 async def load_log(url: str, events: list[NewEvent]) -> None:
     """Migrate, append every event, register the simulator's views, VACUUM ANALYZE."""
     await eventlog.migrate(url)
+    await seed_bench_key(url)
     pool = await eventlog.create_pool(url, max_size=2)
     try:
         log = EventLog(pool)

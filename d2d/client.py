@@ -1,4 +1,7 @@
-"""Python client for the platform's gRPC APIs (traced, with the platform's message limits)."""
+"""Python client for the platform's gRPC APIs (traced, with the platform's message limits).
+
+Every client calls with `api_key`, by default the D2D_API_KEY environment variable's.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from google.protobuf import duration_pb2
 from d2d import grpcserver
 from d2d.policies import Policy, deployment_policy_proto
 from d2d.v1 import (
+    access_pb2,
+    access_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
     event_pb2,
@@ -65,9 +70,9 @@ def make_event(
 class IngestClient:
     """`async with IngestClient("127.0.0.1:50051") as ingest: await ingest.append([...])`."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self.target = target
-        self.channel = grpcserver.channel(target)
+        self.channel = grpcserver.channel(target, api_key)
         self.stub = ingest_pb2_grpc.IngestServiceStub(self.channel)
 
     async def __aenter__(self) -> IngestClient:
@@ -263,9 +268,9 @@ class SkewCheck:
 class FeatureClient:
     """`async with FeatureClient("127.0.0.1:50052") as features: await features.get_online(...)`."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self.target = target
-        self.channel = grpcserver.channel(target)
+        self.channel = grpcserver.channel(target, api_key)
         self.stub = features_pb2_grpc.FeatureServiceStub(self.channel)
 
     async def __aenter__(self) -> FeatureClient:
@@ -403,9 +408,9 @@ async def _last_progress(
 class RegistryClient:
     """`async with RegistryClient("127.0.0.1:50053") as registry: ...`."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self.target = target
-        self.channel = grpcserver.channel(target)
+        self.channel = grpcserver.channel(target, api_key)
         self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
 
     async def __aenter__(self) -> RegistryClient:
@@ -521,9 +526,9 @@ class RegistryClient:
 class ServingClient:
     """`async with ServingClient("127.0.0.1:50054") as serving: await serving.predict(...)`."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self.target = target
-        self.channel = grpcserver.channel(target)
+        self.channel = grpcserver.channel(target, api_key)
         self.stub = serving_pb2_grpc.ServingServiceStub(self.channel)
 
     async def __aenter__(self) -> ServingClient:
@@ -582,9 +587,9 @@ def outcome_rule_request(terms: dict[str, Any]) -> feedback_pb2.CreateOutcomeRul
 class FeedbackClient:
     """`async with FeedbackClient("127.0.0.1:50055") as feedback: await feedback.record_outcome(...)`."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self.target = target
-        self.channel = grpcserver.channel(target)
+        self.channel = grpcserver.channel(target, api_key)
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
 
     async def __aenter__(self) -> FeedbackClient:
@@ -644,9 +649,9 @@ class AuditClient:
 
     The streamed operations take `on_progress(stage, done, total)` and return the result document."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         self.target = target
-        self.channel = grpcserver.channel(target)
+        self.channel = grpcserver.channel(target, api_key)
         self.stub = audit_pb2_grpc.AuditServiceStub(self.channel)
 
     async def __aenter__(self) -> AuditClient:
@@ -716,3 +721,34 @@ class AuditClient:
     ) -> dict[str, Any]:  # fmt: skip
         request = audit_pb2.VerifyLogRequest(workers=workers, skip_projections=skip_projections)
         return await self._result(self.stub.VerifyLog(request, timeout=timeout), on_progress)
+
+
+class AccessClient:
+    """API keys, through the AccessService the registry hosts (admin keys only):
+    `async with AccessClient(registry_addr) as access: key, text = await access.create_key("app")`."""
+
+    def __init__(self, target: str, api_key: str | None = None) -> None:
+        self.target = target
+        self.channel = grpcserver.channel(target, api_key)
+        self.stub = access_pb2_grpc.AccessServiceStub(self.channel)
+
+    async def __aenter__(self) -> AccessClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def create_key(self, role: str, display_name: str = "") -> tuple[access_pb2.ApiKey, str]:
+        """A new key of `role` (producer, app, operator, auditor, admin): its record and its text,
+        which is shown this once."""
+        request = access_pb2.CreateApiKeyRequest(
+            api_key=access_pb2.ApiKey(role=access_pb2.Role.Value(role.upper()), display_name=display_name)
+        )
+        response = await self.stub.CreateApiKey(request, timeout=30)
+        return response.api_key, response.key
+
+    async def list_keys(self) -> list[access_pb2.ApiKey]:
+        return list((await self.stub.ListApiKeys(access_pb2.ListApiKeysRequest(), timeout=30)).api_keys)
+
+    async def revoke_key(self, key_id: str) -> access_pb2.ApiKey:
+        return await self.stub.RevokeApiKey(access_pb2.RevokeApiKeyRequest(name=f"apiKeys/{key_id}"), timeout=30)

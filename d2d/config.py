@@ -84,6 +84,14 @@ class Settings:
     # does not wait); unset, the relay's default (d2d.outbox.DEFAULT_LINGER).
     relay_linger_ms: float | None = field(default_factory=lambda: _float_or_none("D2D_RELAY_LINGER_MS"))
 
+    # gRPC server reflection (lists every method and message to any caller): off unless D2D_GRPC_REFLECTION is 1.
+    grpc_reflection: bool = field(
+        default_factory=lambda: os.environ.get("D2D_GRPC_REFLECTION", "0").strip().lower() in ("1", "true")
+    )
+    # The API key this process calls the platform's services with (`d2d up` gives each service its
+    # admin key; clients and the CLI read it too). Empty: calls carry no key.
+    api_key: str = field(default_factory=lambda: os.environ.get("D2D_API_KEY", ""), repr=False)
+
     def addr(self, name: str) -> str:
         """The address of the gRPC service called `name`."""
         return self.addrs.get(name) or service(name).addr_from_env()

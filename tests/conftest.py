@@ -4,6 +4,7 @@ from their wheels in a temp dir on free ports; a fresh database and NATS namespa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from d2d import dbroles, eventlog, telemetry
+from d2d import auth, dbroles, eventlog, telemetry
 from d2d.client import AuditClient, FeatureClient, IngestClient, RegistryClient, ServingClient
 from d2d.config import Settings
 from d2d.eventlog import NewEvent
@@ -36,6 +37,21 @@ from d2d.sim.training import default_spec
 from services.ingest.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Auth is on in every test: every database a test serves gRPC on holds this admin key (`seed_test_key`,
+# run by the fixtures that start services: the log of `database_url` itself starts empty), and every
+# client, in this process or in a service process it starts, sends it (D2D_API_KEY).
+TEST_API_KEY, TEST_KEY_CREATED = auth.new_key("admin", "tests")
+os.environ["D2D_API_KEY"] = TEST_API_KEY
+
+
+async def seed_test_key(url: str) -> None:
+    """Put the tests' admin key in the (migrated) database at `url`; seeding twice stores it once."""
+    pool = await eventlog.create_pool(url, max_size=1)
+    try:
+        await eventlog.EventLog(pool).append([TEST_KEY_CREATED])
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +153,9 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Child]]:
     supervisor = Supervisor(tmp_path, cwd=ROOT, base_env={"D2D_DATA_DIR": str(tmp_path / "data")})
 
     def start(args: list[str], settings_env: dict[str, str], name: str = "svc") -> Child:
+        if "D2D_DATABASE_URL" in settings_env and "relay" not in args:  # a gRPC service: callers need the key
+            with concurrent.futures.ThreadPoolExecutor(1) as seeding:  # the caller may be in a running loop
+                seeding.submit(asyncio.run, seed_test_key(settings_env["D2D_DATABASE_URL"])).result()
         return supervisor.spawn(f"{name}-{len(supervisor.children)}", args, as_service(args, settings_env))
 
     with supervisor:
@@ -174,6 +193,7 @@ async def audit_service(database_url: str) -> AsyncIterator[str]:
     from services.audit.server import serve as serve_audit
 
     addr = f"127.0.0.1:{free_port()}"
+    await seed_test_key(database_url)
     stop = asyncio.Event()
     own_login = service_url(database_url, "audit")
     task = asyncio.create_task(serve_audit(Settings(database_url=own_login, addrs={"audit": addr}), stop))
@@ -236,6 +256,7 @@ def serving_platform(
         for i in range(0, len(events), 5000):
             await log.append([e.as_new_event() for e in events[i : i + 5000]])
         await pool.close()
+        await seed_test_key(url)
 
     asyncio.run(load())
     if prepare is not None:
@@ -306,6 +327,7 @@ async def register_sim_contracts(ingest: IngestClient) -> None:
 async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> AsyncIterator[IngestClient]:
     """The ingest service in this process, with the simulator's contracts registered."""
     port = free_port()
+    await seed_test_key(database_url)
     stop = asyncio.Event()
     own_login = service_url(database_url, "ingest")
     task = asyncio.create_task(serve(settings_for(own_login, nats_server.url, namespace, port), stop))

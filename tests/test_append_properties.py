@@ -15,11 +15,12 @@ from google.rpc import error_details_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2d import grpcserver
+from d2d import auth, grpcserver
 from d2d.client import IngestClient, error_details
 from d2d.errors import Refusal
 from d2d.runtime.servers import free_port
 from d2d.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
+from tests.conftest import TEST_KEY_CREATED
 
 PRECISE = {grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.NOT_FOUND.value[0]}
 FREE_FORM = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object"}
@@ -144,7 +145,8 @@ class Failing:
 async def failing() -> tuple[Failing, ingest_pb2_grpc.IngestServiceStub]:
     servicer = Failing()
     server, _ = grpcserver.new_server(["d2d.v1.IngestService"])
-    grpcserver.add_service(server, ingest_pb2.DESCRIPTOR.services_by_name["IngestService"], servicer)
+    keys = auth.KeyRing.of(TEST_KEY_CREATED)
+    grpcserver.add_service(server, ingest_pb2.DESCRIPTOR.services_by_name["IngestService"], servicer, keys)
     port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
     await server.start()
     channel = grpcserver.channel(f"127.0.0.1:{port}")

@@ -52,7 +52,7 @@ from d2d.training.spec import TrainingSpec
 from d2d.training.split import time_split
 from services.registry.loop import retrain_spec
 from tests.closed_loop_outcomes import WINDOW_SECONDS
-from tests.conftest import ROOT, register_sim_contracts
+from tests.conftest import ROOT, register_sim_contracts, seed_test_key
 
 T = TypeVar("T")
 
@@ -125,6 +125,7 @@ def platform(
 
     async def load() -> None:
         await eventlog.migrate(url)
+        await seed_test_key(url)
         pool = await eventlog.create_pool(url, max_size=2)
         for i in range(0, len(history), 5000):
             await EventLog(pool).append([e.as_new_event() for e in history[i : i + 5000]])

@@ -442,12 +442,14 @@ async def test_a_frame_row_without_a_watermark_uses_no_event_after_its_time(even
 @contextlib.asynccontextmanager
 async def feature_service(event_log: EventLog, state: OnlineState) -> AsyncIterator[FeatureClient]:
     """The FeatureService over `state` in this process, built as `services.features` builds it."""
-    from d2d import grpcserver
+    from d2d import auth, grpcserver
     from services.features.api import SERVICE_NAME, FeatureApi
+    from tests.conftest import TEST_KEY_CREATED
 
     server, _ = grpcserver.new_server([SERVICE_NAME])
+    keys = auth.KeyRing.of(TEST_KEY_CREATED)  # the tests' key, without putting it in the log
     grpcserver.add_service(
-        server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], FeatureApi(state, event_log)
+        server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], FeatureApi(state, event_log), keys
     )
     port = free_port()
     assert server.add_insecure_port(f"127.0.0.1:{port}") == port

@@ -31,7 +31,7 @@ from d2d.sim import load_contracts
 from d2d.sim.outcomes import CHARGEBACK
 from services.feedback.consumer import FeedbackConsumer, PositionMoved
 from services.feedback.server import serve
-from tests.conftest import rule_outcome, run_cli
+from tests.conftest import rule_outcome, run_cli, seed_test_key
 
 DECIDED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -82,6 +82,7 @@ async def register_sim_contracts(log: EventLog) -> None:
 async def feedback(database_url: str, event_log: EventLog) -> AsyncIterator[FeedbackClient]:
     """The feedback service in this process, on the test's database."""
     settings = Settings(database_url=database_url, addrs={"feedback": f"127.0.0.1:{free_port()}"})
+    await seed_test_key(database_url)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
     client = FeedbackClient(settings.addr("feedback"))

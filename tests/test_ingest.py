@@ -4,6 +4,7 @@ limits and malformed input."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -16,10 +17,11 @@ import nats
 import pytest
 from google.rpc import error_details_pb2
 
+from d2d import grpcserver
 from d2d.client import IngestClient, error_details, make_event
-from d2d.runtime.servers import EmbeddedPostgres, NatsServer
+from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.v1 import ingest_pb2
-from services.ingest.server import relay
+from services.ingest.server import relay, serve
 from tests.conftest import run_cli, settings_for
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
@@ -235,22 +237,41 @@ async def test_nats_intake_commits_before_ack_and_keeps_bad_messages(
     await nc.close()
 
 
-async def test_health_and_reflection_are_served(ingest: IngestClient) -> None:
+async def test_health_needs_no_key_and_reflection_is_off_unless_enabled(
+    ingest: IngestClient, database_url: str, nats_server: NatsServer, namespace: str
+) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    health = health_pb2_grpc.HealthStub(ingest.channel)
-    reply = await health.Check(health_pb2.HealthCheckRequest(service="d2d.v1.IngestService"), timeout=5)
+    async def services_listed(target: str) -> set[str]:
+        async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async with grpcserver.channel(target, api_key="") as anonymous:
+            reflection = reflection_pb2_grpc.ServerReflectionStub(anonymous)
+            async for answer in reflection.ServerReflectionInfo(ask(), timeout=5):
+                return {s.name for s in answer.list_services_response.service}
+        return set()
+
+    async with grpcserver.channel(ingest.target, api_key="") as anonymous:
+        health = health_pb2_grpc.HealthStub(anonymous)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="d2d.v1.IngestService"), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as off:
+        await services_listed(ingest.target)
+    assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
-    async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-
-    reflection = reflection_pb2_grpc.ServerReflectionStub(ingest.channel)
-    async for answer in reflection.ServerReflectionInfo(ask(), timeout=5):
-        names = {s.name for s in answer.list_services_response.service}
-        break
-    assert {"d2d.v1.IngestService", "grpc.health.v1.Health"} <= names
+    port = free_port()
+    enabled = dataclasses.replace(settings_for(database_url, nats_server.url, namespace, port), grpc_reflection=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(enabled, stop))
+    try:
+        async with IngestClient(f"127.0.0.1:{port}") as client:
+            await client.wait_ready()
+        assert {"d2d.v1.IngestService", "grpc.health.v1.Health"} <= await services_listed(f"127.0.0.1:{port}")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 def cli_env(ingest: IngestClient, database_url: str) -> dict[str, str]:
@@ -333,7 +354,7 @@ async def test_list_events_pages_newest_first_and_filters_by_type_and_entity(ing
     everything, head = await ingest.list_events(limit=1000)  # the contracts' registrations are events too
     assert head == seqs[-1] and [e.seq for e in everything[:7]] == seqs[::-1]
     assert [e.seq for e in everything] == sorted((e.seq for e in everything), reverse=True)
-    assert len(everything) > 7 and everything[-1].type == "contract.registered"
+    assert len(everything) > 7 and {e.type for e in everything[7:]} == {"contract.registered", "api_key.created"}
 
     [one], _ = await ingest.list_events(entity_type="payment", entity_id="pay_00000004")
     assert one.seq == seqs[3]

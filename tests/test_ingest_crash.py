@@ -35,7 +35,8 @@ async def register_contracts(ingest: IngestClient) -> None:
 async def log_counts(event_log: EventLog) -> tuple[int, int]:
     async with event_log.pool.acquire() as conn:
         row = await conn.fetchrow(
-            "SELECT count(*), count(DISTINCT event_id) FROM events WHERE type <> 'contract.registered'"
+            "SELECT count(*), count(DISTINCT event_id) FROM events"
+            " WHERE type NOT IN ('contract.registered', 'api_key.created')"
         )
     return row[0], row[1]
 

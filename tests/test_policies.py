@@ -33,7 +33,7 @@ from d2d.runtime.servers import free_port
 from d2d.v1 import registry_pb2
 from services.registry.server import serve
 from services.serving.decisions import choose, decision_id, unit_interval
-from tests.conftest import run_cli
+from tests.conftest import run_cli, seed_test_key
 
 DECISIONS = 20_000
 # The 0.999 quantile of the chi-square distribution by degrees of freedom (K actions: K - 1).
@@ -182,6 +182,7 @@ async def registry(database_url: str) -> AsyncIterator[tuple[RegistryClient, Eve
     from d2d import eventlog
 
     settings = Settings(database_url=database_url, addrs={"registry": f"127.0.0.1:{free_port()}"})
+    await seed_test_key(database_url)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))
     client = RegistryClient(settings.addr("registry"))

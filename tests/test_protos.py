@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from d2d import protogen
-from d2d.v1 import event_pb2, features_pb2, feedback_pb2, ingest_pb2, registry_pb2, serving_pb2
+from d2d.v1 import access_pb2, event_pb2, features_pb2, feedback_pb2, ingest_pb2, registry_pb2, serving_pb2
 from services.features.api import FeatureApi
 from services.feedback.api import FeedbackApi
 from services.ingest.api import IngestApi
+from services.registry.access import AccessApi
 from services.registry.api import RegistryApi
 from services.serving.api import ServingApi
 
@@ -18,6 +19,7 @@ SERVICES = [
     (registry_pb2, "RegistryService", RegistryApi),
     (serving_pb2, "ServingService", ServingApi),
     (feedback_pb2, "FeedbackService", FeedbackApi),
+    (access_pb2, "AccessService", AccessApi),
 ]
 
 
@@ -35,13 +37,15 @@ def test_every_rpc_in_the_proto_is_implemented(module, service: str, servicer: t
 
 def test_every_service_in_the_protos_is_covered() -> None:
     declared = {
-        name for module in (ingest_pb2, features_pb2, registry_pb2, serving_pb2, feedback_pb2)
+        name for module in (ingest_pb2, features_pb2, registry_pb2, serving_pb2, feedback_pb2, access_pb2)
         for name in module.DESCRIPTOR.services_by_name
     }  # fmt: skip
     assert declared == {service for _, service, _ in SERVICES}
 
 
-@pytest.mark.parametrize("module", [event_pb2, ingest_pb2, features_pb2, registry_pb2, serving_pb2, feedback_pb2])
+@pytest.mark.parametrize(
+    "module", [event_pb2, ingest_pb2, features_pb2, registry_pb2, serving_pb2, feedback_pb2, access_pb2]
+)
 def test_enum_zero_values_are_unspecified(module) -> None:  # noqa: ANN001
     enums = list(module.DESCRIPTOR.enum_types_by_name.values())
     pending = list(module.DESCRIPTOR.message_types_by_name.values())

@@ -33,7 +33,7 @@ from d2d.training.spec import TrainingSpec
 from d2d.v1 import registry_pb2
 from services.registry.server import serve
 from services.registry.store import ModelStore
-from tests.conftest import run_cli
+from tests.conftest import run_cli, seed_test_key
 
 SIM = SimConfig(seed=3, days=40, payments_per_day=1500, customers=1000, merchants=100)
 
@@ -50,6 +50,7 @@ def loaded_url(postgres: EmbeddedPostgres, simulated: PaymentsSimulator) -> Iter
 
     async def load() -> None:
         await eventlog.migrate(url)
+        await seed_test_key(url)
         pool = await eventlog.create_pool(url, max_size=2)
         log = EventLog(pool)
         events = list(simulated.events())

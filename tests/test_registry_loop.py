@@ -37,6 +37,7 @@ from d2d.training.labels import DecisionLabel
 from d2d.training.spec import TrainingSpec
 from services.registry.loop import POSITION, ArmMetrics, arm_metrics, judge, retrain_spec
 from services.registry.server import serve
+from tests.conftest import seed_test_key
 
 SIM = SimConfig(seed=4, days=35, payments_per_day=1200, customers=800, merchants=80)
 POLICY = {"canary_share": 0.25, "min_decisions": 20, "min_labels": 10, "margin": 0.02, "max_decisions": 1000}
@@ -134,6 +135,7 @@ def template(postgres: EmbeddedPostgres) -> Iterator[str]:
 
     async def load() -> None:
         await eventlog.migrate(url)
+        await seed_test_key(url)
         pool = await eventlog.create_pool(url, max_size=2)
         log = EventLog(pool)
         events = [e.as_new_event() for e in PaymentsSimulator(SIM).events()]

@@ -29,7 +29,7 @@ from d2d.sim.loop import MAX_BATCH_SPAN, LoopState, payment_entities, payment_re
 from d2d.sim.training import default_spec
 from d2d.sim.views import VIEWS
 from d2d.training.labels import LabelDefinition
-from tests.conftest import ROOT, register_sim_contracts
+from tests.conftest import ROOT, register_sim_contracts, seed_test_key
 
 MODEL = "loop"
 # Short chargeback delays and a 2-day label window: a few days of history are enough to train on.
@@ -65,6 +65,7 @@ def services(
 
     async def load() -> None:
         await eventlog.migrate(url)
+        await seed_test_key(url)
         pool = await eventlog.create_pool(url, max_size=2)
         log = EventLog(pool)
         for i in range(0, len(history), 5000):

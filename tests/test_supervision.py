@@ -180,7 +180,7 @@ def zombies_of(up: subprocess.Popen[bytes]) -> list[str]:
 
 def test_the_data_dir_and_everything_the_platform_writes_there_is_private(platform: Platform) -> None:
     up, endpoints, data_dir, log = platform
-    asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000a1"))
+    asyncio.run(append_one(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000a1"))
     top = data_dir.stat()
     if os.geteuid() == 0:
         # Postgres runs as `embedded_postgres`; its group may pass through (x), nothing more.
@@ -228,12 +228,12 @@ def kill_postgres_until_it_is_back(up: subprocess.Popen[bytes], endpoints: dict[
     return again
 
 
-def append_retrying(target: str, event_id: str) -> int:
+def append_retrying(data_dir: Path, target: str, event_id: str) -> int:
     """append_one, retried while ingest answers UNAVAILABLE (it is told to retry)."""
 
     def attempt() -> int | None:
         try:
-            return asyncio.run(append_one(target, event_id))
+            return asyncio.run(append_one(data_dir, target, event_id))
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
             return None
@@ -244,14 +244,14 @@ def append_retrying(target: str, event_id: str) -> int:
 
 
 def test_postgres_killed_under_up_is_reaped_and_restarted_on_its_port_and_data(platform: Platform) -> None:
-    up, endpoints, _, log = platform
-    before = append_retrying(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b1")
+    up, endpoints, data_dir, log = platform
+    before = append_retrying(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b1")
     again = kill_postgres_until_it_is_back(up, endpoints)
     assert zombies_of(up) == []
     assert str(urlsplit(endpoints["database_url"]).port) in again.cmdline()
     # the same data: the same event id answers with the position it was first given
-    assert append_retrying(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b1") == before
-    assert append_retrying(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b2") > before
+    assert append_retrying(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b1") == before
+    assert append_retrying(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b2") > before
     printed = log.read_text()
     assert re.search(r"postgres was killed by SIGKILL after [\d.]+ s up; restart 1 in 0\.5 s", printed), printed
     assert f"postgres restarted (pid {again.pid})" in printed, printed
@@ -259,10 +259,11 @@ def test_postgres_killed_under_up_is_reaped_and_restarted_on_its_port_and_data(p
 
 def test_the_first_append_after_postgres_is_back_succeeds(platform: Platform) -> None:
     """The group committer's kept connection died with Postgres: the append is retried on a fresh one."""
-    up, endpoints, _, _ = platform
-    append_retrying(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b3")  # the committer holds a connection
+    up, endpoints, data_dir, _ = platform
+    # the committer holds a connection
+    append_retrying(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b3")
     kill_postgres_until_it_is_back(up, endpoints)
-    assert asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b4")) >= 1
+    assert asyncio.run(append_one(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000b4")) >= 1
 
 
 async def _accepts(url: str) -> bool:
@@ -279,7 +280,7 @@ def test_nats_killed_under_up_comes_back_and_the_relay_catches_up(platform: Plat
     nats.kill()
     eventually(lambda: (p := server_child(up, "nats-server")) is not None and p.pid != nats.pid, "a new nats-server")
     event_id = "7d9f6c1e-0000-4000-8000-0000000000c1"
-    asyncio.run(append_one(endpoints["ingest"], event_id))
+    asyncio.run(append_one(data_dir, endpoints["ingest"], event_id))
     reader = nats_url_as(endpoints["nats_url"], data_dir, "features")  # a user who may read the stream
     eventually(lambda: asyncio.run(_last_published_id(reader)) == event_id, "the event on the stream")
     assert zombies_of(up) == []
@@ -305,7 +306,7 @@ async def _last_published_id(nats_url: str) -> str | None:
 
 
 def test_a_service_that_keeps_dying_is_restarted_later_each_time(platform: Platform) -> None:
-    up, endpoints, _, log = platform
+    up, endpoints, data_dir, log = platform
     seen: list[int] = []
 
     def new_ingest() -> psutil.Process | None:
@@ -320,4 +321,4 @@ def test_a_service_that_keeps_dying_is_restarted_later_each_time(platform: Platf
     eventually(new_ingest, "ingest restarted a third time")
     delays = re.findall(r"ingest was killed by SIGKILL after [\d.]+ s up; restart \d+ in ([\d.]+) s", log.read_text())
     assert [float(d) for d in delays] == [0.5, 1, 2]
-    append_retrying(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000d1")
+    append_retrying(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-0000000000d1")

@@ -16,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
+from d2d import auth
 from d2d.client import IngestClient, make_event
 from d2d.dbroles import LOGINS_FILE
 from d2d.private import private_dir, write_private_text
@@ -25,6 +26,8 @@ from d2d.sim import load_contracts
 from tests.conftest import ROOT
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+# The CLI as a user runs it beside `d2d up`: no D2D_API_KEY, so it reads the data dir's admin key.
+CLI_ENV = {**os.environ, "COLUMNS": "200", "D2D_API_KEY": ""}
 
 
 def start_up(data_dir: Path, log: Path, ingest_port: int, **servers: str) -> subprocess.Popen[bytes]:
@@ -66,8 +69,13 @@ def stop_up(process: subprocess.Popen[bytes], log: Path) -> None:
     assert process.wait(60) == 0, log.read_text()
 
 
-async def append_one(target: str, event_id: str) -> int:
-    async with IngestClient(target) as ingest:
+def admin_key(data_dir: Path) -> str:
+    """The admin key `d2d up` made for the data dir (the tests' own key is not in its database)."""
+    return auth.read_key_file(data_dir / auth.ADMIN_KEY_FILE)
+
+
+async def append_one(data_dir: Path, target: str, event_id: str) -> int:
+    async with IngestClient(target, api_key=admin_key(data_dir)) as ingest:
         await ingest.wait_ready()
         spec = next(c for c in load_contracts() if c.event_type == "merchant.onboarded")
         await ingest.create_contract_version(spec.event_type, owner=spec.owner, json_schema=spec.schema)
@@ -85,7 +93,7 @@ def test_up_serves_stops_cleanly_and_keeps_data_across_restarts(tmp_path: Path) 
     try:
         endpoints = wait_endpoints(data_dir, up, log)
         assert endpoints["ingest"] == f"127.0.0.1:{port}"
-        first_seq = asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000001"))
+        first_seq = asyncio.run(append_one(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000001"))
         names = " ".join(command_line(p) for p in children_of(up.pid))
         assert "postgres" in names and "nats-server" in names and "services.ingest serve" in names
         assert "services.ingest relay" in names and "services.features" in names
@@ -94,6 +102,10 @@ def test_up_serves_stops_cleanly_and_keeps_data_across_restarts(tmp_path: Path) 
         children = children_of(up.pid)
         printed = log.read_text()
         assert f"127.0.0.1:{port}" in printed and "postgresql://" in printed and "nats://" in printed
+        # the admin key is in a private file whose path is printed, never the key itself
+        key_file = data_dir / auth.ADMIN_KEY_FILE
+        assert key_file.stat().st_mode & 0o777 == 0o600 and auth.key_id_of(admin_key(data_dir))
+        assert auth.ADMIN_KEY_FILE in printed and admin_key(data_dir) not in printed
     finally:
         stop_up(up, log)
     psutil.wait_procs(children, timeout=10)
@@ -104,7 +116,8 @@ def test_up_serves_stops_cleanly_and_keeps_data_across_restarts(tmp_path: Path) 
     try:
         endpoints = wait_endpoints(data_dir, again, log)
         # the same event id answers with its first position: the log survived the restart
-        assert asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000001")) == first_seq
+        again_seq = asyncio.run(append_one(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000001"))
+        assert again_seq == first_seq
     finally:
         stop_up(again, log)
 
@@ -123,7 +136,7 @@ def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        assert asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000002")) >= 1
+        assert asyncio.run(append_one(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000002")) >= 1
         assert "restarted" in log.read_text()
     finally:
         stop_up(up, log)
@@ -144,7 +157,7 @@ def test_up_uses_the_servers_named_in_the_environment(
         names = " ".join(command_line(p) for p in children_of(up.pid))
         assert "services.ingest serve" in names
         assert "nats-server" not in names and "bin/postgres" not in names
-        seq = asyncio.run(append_one(endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000003"))
+        seq = asyncio.run(append_one(data_dir, endpoints["ingest"], "7d9f6c1e-0000-4000-8000-000000000003"))
     finally:
         stop_up(up, log)
     assert not (data_dir / "postgres").exists()
@@ -166,7 +179,7 @@ def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
     def run_demo() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "demo", "--days", "0.25"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=CLI_ENV,
         )  # fmt: skip
 
     async def stored(url: str) -> tuple[int, int]:
@@ -197,7 +210,7 @@ def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
         after_second = asyncio.run(stored(endpoints["database_url"]))
         verify = subprocess.run(  # everything derived from the demo's log, recomputed from it
             [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "replay", "verify"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=CLI_ENV,
         )  # fmt: skip
     finally:
         stop_up(up, log)

@@ -11,6 +11,7 @@ d2d predict MODEL           one decision
 d2d outcomes record|rules   outcomes of decisions, outcome rules
 d2d metrics MODEL           live metrics per version and arm
 d2d replay state|explain|rescore|ope|verify   audit and counterfactuals, from the log
+d2d keys create|list|revoke|bootstrap   API keys (admin)
 d2d migrate                 apply database migrations
 d2d forget SUBJECT          destroy a data subject's personal data key (crypto-shredding)
 
@@ -18,6 +19,9 @@ Every command but `up`, `migrate` and `forget` talks to the services over gRPC (
 checks too: the features service recomputes them from the log; `models reproduce` asks the
 registry to retrain, recording nothing). A command
 group is one module here with a `register(subparsers)` function, listed once in GROUPS.
+
+Every call carries an API key: D2D_API_KEY, else the admin key `d2d up` wrote in the data
+directory (`admin.key`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import argparse
 import logging
 import os
 
-from d2d.cli import contracts, dlq, features, forget, log, metrics, migrate, models, outcomes, predict, replay, up
+from d2d import auth
+from d2d.cli import contracts, dlq, features, forget, keys, log, metrics, migrate, models, outcomes, predict, replay, up
+from d2d.cli.common import settings
 from d2d.private import PRIVATE_UMASK
 
-GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, replay, migrate, forget)
+GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, replay, keys, migrate, forget)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,4 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(PRIVATE_UMASK)  # what the CLI and the servers and services it starts write is the owner's only
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
+    if not os.environ.get("D2D_API_KEY"):  # the clients' key: the environment's, else the data dir's admin key
+        if admin_key := auth.read_key_file(settings(args).data_dir / auth.ADMIN_KEY_FILE):
+            os.environ["D2D_API_KEY"] = admin_key
     return args.func(args)

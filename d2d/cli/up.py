@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         table.add_row("NATS JetStream", started.nats_url)
         table.add_row("data directory", started.data_dir)
         table.add_row("service logs", str(Path(started.data_dir) / "logs"))
+        table.add_row("admin API key", f"{stack.admin_key_path} (private; the CLI reads it)")
         console.print(table)
         console.print("Ctrl-C stops everything; `d2d demo` in another shell drives it.")
         while not stopping:
@@ -71,6 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stack = Stack(found)
             with console.status("no platform running: starting one for the demo..."):
                 where = stack.start()
+            if not os.environ.get("D2D_API_KEY"):
+                os.environ["D2D_API_KEY"] = stack.admin_key  # the demo's clients use the key it made
         return asyncio.run(_demo(where, args.days, args.seed, args.broken_every))
     finally:
         if stack is not None:

@@ -18,6 +18,7 @@ import asyncpg
 import jsonschema_rs
 import orjson
 
+from d2d import auth
 from d2d.contracts.compat import CompatibilityMode, check_compatibility
 from d2d.contracts.platform import is_platform_type
 from d2d.contracts.upcasting import UPCASTERS, UpcastError, upcast, upgraded_by
@@ -227,7 +228,7 @@ class ContractRegistry:
                 payload["upcaster"] = upcaster
             await tx.append(
                 NewEvent(uuid.uuid4(), "contract.registered", 1, "contract", event_type, datetime.now(UTC),
-                         orjson.dumps(payload).decode())
+                         orjson.dumps(payload).decode(), auth.actor_metadata())
             )  # fmt: skip
             row = await tx.conn.fetchrow(
                 f"SELECT {_COLUMNS} FROM contracts WHERE event_type = $1 AND version = $2", event_type,

@@ -24,7 +24,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from d2d import bus, dbroles, eventlog
+from d2d import auth, bus, dbroles, eventlog
 from d2d.config import Settings
 from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, _remembered_port, port_is_free
@@ -92,6 +92,9 @@ class Stack:
         self.supervisor = Supervisor(self.data_dir / "logs", private=True)
         self.endpoints: Endpoints | None = None
         self.database_urls: dict[str, str] = {}  # each service's own login (d2d.dbroles), by service name
+        # The admin key `start` makes (once per data dir), for the CLI and the services: never printed.
+        self.admin_key_path = self.data_dir / auth.ADMIN_KEY_FILE
+        self.admin_key = ""
 
     @property
     def processes(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -111,10 +114,12 @@ class Stack:
             nats_url = nats.url
         asyncio.run(eventlog.migrate(database_url))
         self.database_urls = self._service_logins(database_url)
+        self.admin_key = asyncio.run(_admin_key(database_url, self.admin_key_path))
         addrs = {spec.name: os.environ.get(spec.addr_env) or self._default_addr(spec) for spec in APIS}
         self.endpoints = Endpoints(database_url, nats_url, addrs, str(self.data_dir), os.getpid())
         # One OpenMP thread per service: XGBoost's default pool spins on the few cores the services share.
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **self.endpoints.env()}
+        env["D2D_API_KEY"] = self.admin_key  # what the services call each other with
         for spec in SERVICES:
             self.supervisor.spawn(spec.name, spec.args, {**env, **self._service_env(spec)})
         deadline = time.monotonic() + timeout
@@ -184,6 +189,15 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / ENDPOINTS_FILE).unlink()
         self.supervisor.stop_all()
+
+
+async def _admin_key(database_url: str, path: Path) -> str:
+    """The data dir's admin key (`auth.ensure_admin_key`), appended with the owner connection."""
+    pool = await eventlog.create_pool(database_url, role=None, max_size=1)
+    try:
+        return await auth.ensure_admin_key(eventlog.EventLog(pool), path)
+    finally:
+        await pool.close()
 
 
 def _started(server: EmbeddedPostgres | NatsServer) -> subprocess.Popen[bytes]:

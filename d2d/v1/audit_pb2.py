@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from d2d.v1 import access_pb2 as d2d_dot_v1_dot_access__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x32\x64/v1/audit.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x7f\n\x15GetReplayStateRequest\x12\x13\n\x03seq\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00\x12\x30\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01H\x00\x12\x16\n\x08\x65ntities\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x42\x07\n\x05\x61s_of\":\n\x0bReplayState\x12\x11\n\x03seq\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nstate_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\",\n\x16\x45xplainDecisionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"~\n\x13\x44\x65\x63isionExplanation\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rmodel_version\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08trace_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x65xplanation_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\"\x9c\x01\n\x17RescoreDecisionsRequest\x12\x1b\n\rmodel_version\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tafter_seq\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x14\n\x06to_seq\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12 \n\x12recompute_features\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\xef\x01\n\x15\x45valuatePolicyRequest\x12\x1b\n\rmodel_version\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bpolicy_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05model\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tafter_seq\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x14\n\x06to_seq\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x12\n\x04\x63lip\x18\x06 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x17\n\tbootstrap\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x19\n\x0breward_json\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04seed\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x01\"I\n\x10VerifyLogRequest\x12\x15\n\x07workers\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x1e\n\x10skip_projections\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\"i\n\x0eReplayProgress\x12\x13\n\x05stage\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x64one\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05total\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bresult_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x32\xff\x02\n\x0c\x41uditService\x12\x44\n\x0eGetReplayState\x12\x1d.d2d.v1.GetReplayStateRequest\x1a\x13.d2d.v1.ReplayState\x12N\n\x0f\x45xplainDecision\x12\x1e.d2d.v1.ExplainDecisionRequest\x1a\x1b.d2d.v1.DecisionExplanation\x12M\n\x10RescoreDecisions\x12\x1f.d2d.v1.RescoreDecisionsRequest\x1a\x16.d2d.v1.ReplayProgress0\x01\x12I\n\x0e\x45valuatePolicy\x12\x1d.d2d.v1.EvaluatePolicyRequest\x1a\x16.d2d.v1.ReplayProgress0\x01\x12?\n\tVerifyLog\x12\x18.d2d.v1.VerifyLogRequest\x1a\x16.d2d.v1.ReplayProgress0\x01\x42\x41\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x32\x64/v1/audit.proto\x12\x06\x64\x32\x64.v1\x1a\x13\x64\x32\x64/v1/access.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x7f\n\x15GetReplayStateRequest\x12\x13\n\x03seq\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00\x12\x30\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01H\x00\x12\x16\n\x08\x65ntities\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01\x42\x07\n\x05\x61s_of\":\n\x0bReplayState\x12\x11\n\x03seq\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nstate_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\",\n\x16\x45xplainDecisionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"~\n\x13\x44\x65\x63isionExplanation\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rmodel_version\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08trace_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10\x65xplanation_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\"\x9c\x01\n\x17RescoreDecisionsRequest\x12\x1b\n\rmodel_version\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tafter_seq\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x14\n\x06to_seq\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12 \n\x12recompute_features\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\xef\x01\n\x15\x45valuatePolicyRequest\x12\x1b\n\rmodel_version\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bpolicy_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05model\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tafter_seq\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x14\n\x06to_seq\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12\x12\n\x04\x63lip\x18\x06 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x17\n\tbootstrap\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x19\n\x0breward_json\x18\x08 \x01(\tB\x04\xe2\x41\x01\x01\x12\x12\n\x04seed\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x01\"I\n\x10VerifyLogRequest\x12\x15\n\x07workers\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x1e\n\x10skip_projections\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x01\"i\n\x0eReplayProgress\x12\x13\n\x05stage\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x64one\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05total\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0bresult_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x32\xa2\x03\n\x0c\x41uditService\x12K\n\x0eGetReplayState\x12\x1d.d2d.v1.GetReplayStateRequest\x1a\x13.d2d.v1.ReplayState\"\x05\xfa\xb5\x18\x01\x04\x12U\n\x0f\x45xplainDecision\x12\x1e.d2d.v1.ExplainDecisionRequest\x1a\x1b.d2d.v1.DecisionExplanation\"\x05\xfa\xb5\x18\x01\x04\x12T\n\x10RescoreDecisions\x12\x1f.d2d.v1.RescoreDecisionsRequest\x1a\x16.d2d.v1.ReplayProgress\"\x05\xfa\xb5\x18\x01\x04\x30\x01\x12P\n\x0e\x45valuatePolicy\x12\x1d.d2d.v1.EvaluatePolicyRequest\x1a\x16.d2d.v1.ReplayProgress\"\x05\xfa\xb5\x18\x01\x04\x30\x01\x12\x46\n\tVerifyLog\x12\x18.d2d.v1.VerifyLogRequest\x1a\x16.d2d.v1.ReplayProgress\"\x05\xfa\xb5\x18\x01\x04\x30\x01\x42\x41\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -94,22 +95,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLAYPROGRESS'].fields_by_name['total']._serialized_options = b'\342A\001\003'
   _globals['_REPLAYPROGRESS'].fields_by_name['result_json']._loaded_options = None
   _globals['_REPLAYPROGRESS'].fields_by_name['result_json']._serialized_options = b'\342A\001\003'
-  _globals['_GETREPLAYSTATEREQUEST']._serialized_start=96
-  _globals['_GETREPLAYSTATEREQUEST']._serialized_end=223
-  _globals['_REPLAYSTATE']._serialized_start=225
-  _globals['_REPLAYSTATE']._serialized_end=283
-  _globals['_EXPLAINDECISIONREQUEST']._serialized_start=285
-  _globals['_EXPLAINDECISIONREQUEST']._serialized_end=329
-  _globals['_DECISIONEXPLANATION']._serialized_start=331
-  _globals['_DECISIONEXPLANATION']._serialized_end=457
-  _globals['_RESCOREDECISIONSREQUEST']._serialized_start=460
-  _globals['_RESCOREDECISIONSREQUEST']._serialized_end=616
-  _globals['_EVALUATEPOLICYREQUEST']._serialized_start=619
-  _globals['_EVALUATEPOLICYREQUEST']._serialized_end=858
-  _globals['_VERIFYLOGREQUEST']._serialized_start=860
-  _globals['_VERIFYLOGREQUEST']._serialized_end=933
-  _globals['_REPLAYPROGRESS']._serialized_start=935
-  _globals['_REPLAYPROGRESS']._serialized_end=1040
-  _globals['_AUDITSERVICE']._serialized_start=1043
-  _globals['_AUDITSERVICE']._serialized_end=1426
+  _globals['_AUDITSERVICE'].methods_by_name['GetReplayState']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['GetReplayState']._serialized_options = b'\372\265\030\001\004'
+  _globals['_AUDITSERVICE'].methods_by_name['ExplainDecision']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['ExplainDecision']._serialized_options = b'\372\265\030\001\004'
+  _globals['_AUDITSERVICE'].methods_by_name['RescoreDecisions']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['RescoreDecisions']._serialized_options = b'\372\265\030\001\004'
+  _globals['_AUDITSERVICE'].methods_by_name['EvaluatePolicy']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['EvaluatePolicy']._serialized_options = b'\372\265\030\001\004'
+  _globals['_AUDITSERVICE'].methods_by_name['VerifyLog']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['VerifyLog']._serialized_options = b'\372\265\030\001\004'
+  _globals['_GETREPLAYSTATEREQUEST']._serialized_start=117
+  _globals['_GETREPLAYSTATEREQUEST']._serialized_end=244
+  _globals['_REPLAYSTATE']._serialized_start=246
+  _globals['_REPLAYSTATE']._serialized_end=304
+  _globals['_EXPLAINDECISIONREQUEST']._serialized_start=306
+  _globals['_EXPLAINDECISIONREQUEST']._serialized_end=350
+  _globals['_DECISIONEXPLANATION']._serialized_start=352
+  _globals['_DECISIONEXPLANATION']._serialized_end=478
+  _globals['_RESCOREDECISIONSREQUEST']._serialized_start=481
+  _globals['_RESCOREDECISIONSREQUEST']._serialized_end=637
+  _globals['_EVALUATEPOLICYREQUEST']._serialized_start=640
+  _globals['_EVALUATEPOLICYREQUEST']._serialized_end=879
+  _globals['_VERIFYLOGREQUEST']._serialized_start=881
+  _globals['_VERIFYLOGREQUEST']._serialized_end=954
+  _globals['_REPLAYPROGRESS']._serialized_start=956
+  _globals['_REPLAYPROGRESS']._serialized_end=1061
+  _globals['_AUDITSERVICE']._serialized_start=1064
+  _globals['_AUDITSERVICE']._serialized_end=1482
 # @@protoc_insertion_point(module_scope)

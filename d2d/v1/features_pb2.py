@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from d2d.v1 import access_pb2 as d2d_dot_v1_dot_access__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/features.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x02\n\x0b\x46\x65\x61tureView\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x65ntity\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x65\x61tures\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12&\n\x18\x61llowed_lateness_seconds\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64\x65\x66inition_json\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03:>\xea\x41;\n\x1c\x64\x32\x64.data2data.io/FeatureView\x12\x1b\x66\x65\x61tureViews/{feature_view}\"r\n\x0c\x46\x65\x61tureValue\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x14\n\nnull_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\x9a\x01\n\tEntityRow\x12/\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.d2d.v1.EntityRow.KeysEntryB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\x18GetOnlineFeaturesRequest\x12\x16\n\x08\x66\x65\x61tures\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x11.d2d.v1.EntityRowB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\"w\n\nFeatureRow\x12$\n\x06values\x18\x01 \x03(\x0b\x32\x14.d2d.v1.FeatureValue\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10unknown_entities\x18\x02 \x03(\t\"\x90\x02\n\x19GetOnlineFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12 \n\x04rows\x18\x02 \x03(\x0b\x32\x12.d2d.v1.FeatureRow\x12\x11\n\twatermark\x18\x03 \x01(\x03\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12H\n\x0c\x64ropped_late\x18\x05 \x03(\x0b\x32\x32.d2d.v1.GetOnlineFeaturesResponse.DroppedLateEntry\x1a\x32\n\x10\x44roppedLateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"+\n\x15GetFeatureViewRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"L\n\x17ListFeatureViewsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"_\n\x18ListFeatureViewsResponse\x12*\n\rfeature_views\x18\x01 \x03(\x0b\x32\x13.d2d.v1.FeatureView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x1a\x45xportTrainingFrameRequest\x12\x1b\n\rfeature_views\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\x0f\x66rom_event_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05limit\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12,\n\x04rows\x18\x04 \x03(\x0b\x32\x18.d2d.v1.TrainingFrameRowB\x04\xe2\x41\x01\x01\"\xd4\x01\n\x10TrainingFrameRow\x12\x36\n\x04keys\x18\x01 \x03(\x0b\x32\".d2d.v1.TrainingFrameRow.KeysEntryB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x1c\n\twatermark\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_watermark\"V\n\x12TrainingFrameChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\"\xb8\x01\n\x17\x43heckFeatureSkewRequest\x12\x1b\n\rfeature_views\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06sample\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12/\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x12\n\x04seed\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12%\n\x04rows\x18\x05 \x03(\x0b\x32\x11.d2d.v1.EntityRowB\x04\xe2\x41\x01\x01\"\xe1\x01\n\x13\x46\x65\x61tureSkewMismatch\x12\x33\n\x04keys\x18\x01 \x03(\x0b\x32%.d2d.v1.FeatureSkewMismatch.KeysEntry\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12*\n\x0conline_value\x18\x03 \x01(\x0b\x32\x14.d2d.v1.FeatureValue\x12+\n\roffline_value\x18\x04 \x01(\x0b\x32\x14.d2d.v1.FeatureValue\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xec\x01\n\x11\x46\x65\x61tureSkewReport\x12\x1a\n\x0c\x63hecked_rows\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x63hecked_values\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x17\n\twatermark\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12/\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\nmismatches\x18\x05 \x03(\x0b\x32\x1b.d2d.v1.FeatureSkewMismatchB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emismatch_count\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x32\xb0\x03\n\x0e\x46\x65\x61tureService\x12X\n\x11GetOnlineFeatures\x12 .d2d.v1.GetOnlineFeaturesRequest\x1a!.d2d.v1.GetOnlineFeaturesResponse\x12\x44\n\x0eGetFeatureView\x12\x1d.d2d.v1.GetFeatureViewRequest\x1a\x13.d2d.v1.FeatureView\x12U\n\x10ListFeatureViews\x12\x1f.d2d.v1.ListFeatureViewsRequest\x1a .d2d.v1.ListFeatureViewsResponse\x12W\n\x13\x45xportTrainingFrame\x12\".d2d.v1.ExportTrainingFrameRequest\x1a\x1a.d2d.v1.TrainingFrameChunk0\x01\x12N\n\x10\x43heckFeatureSkew\x12\x1f.d2d.v1.CheckFeatureSkewRequest\x1a\x19.d2d.v1.FeatureSkewReportBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/features.proto\x12\x06\x64\x32\x64.v1\x1a\x13\x64\x32\x64/v1/access.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x02\n\x0b\x46\x65\x61tureView\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x65ntity\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x65\x61tures\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12&\n\x18\x61llowed_lateness_seconds\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x64\x65\x66inition_json\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x64\x65scription\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03:>\xea\x41;\n\x1c\x64\x32\x64.data2data.io/FeatureView\x12\x1b\x66\x65\x61tureViews/{feature_view}\"r\n\x0c\x46\x65\x61tureValue\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x14\n\nnull_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\x9a\x01\n\tEntityRow\x12/\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.d2d.v1.EntityRow.KeysEntryB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x01\n\x18GetOnlineFeaturesRequest\x12\x16\n\x08\x66\x65\x61tures\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\x12%\n\x04rows\x18\x02 \x03(\x0b\x32\x11.d2d.v1.EntityRowB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\"w\n\nFeatureRow\x12$\n\x06values\x18\x01 \x03(\x0b\x32\x14.d2d.v1.FeatureValue\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10unknown_entities\x18\x02 \x03(\t\"\x90\x02\n\x19GetOnlineFeaturesResponse\x12\x15\n\rfeature_names\x18\x01 \x03(\t\x12 \n\x04rows\x18\x02 \x03(\x0b\x32\x12.d2d.v1.FeatureRow\x12\x11\n\twatermark\x18\x03 \x01(\x03\x12)\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12H\n\x0c\x64ropped_late\x18\x05 \x03(\x0b\x32\x32.d2d.v1.GetOnlineFeaturesResponse.DroppedLateEntry\x1a\x32\n\x10\x44roppedLateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"+\n\x15GetFeatureViewRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"L\n\x17ListFeatureViewsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"_\n\x18ListFeatureViewsResponse\x12*\n\rfeature_views\x18\x01 \x03(\x0b\x32\x13.d2d.v1.FeatureView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x1a\x45xportTrainingFrameRequest\x12\x1b\n\rfeature_views\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x1d\n\x0f\x66rom_event_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05limit\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12,\n\x04rows\x18\x04 \x03(\x0b\x32\x18.d2d.v1.TrainingFrameRowB\x04\xe2\x41\x01\x01\"\xd4\x01\n\x10TrainingFrameRow\x12\x36\n\x04keys\x18\x01 \x03(\x0b\x32\".d2d.v1.TrainingFrameRow.KeysEntryB\x04\xe2\x41\x01\x02\x12/\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x1c\n\twatermark\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_watermark\"V\n\x12TrainingFrameChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0f\n\x07\x63olumns\x18\x03 \x03(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\"\xb8\x01\n\x17\x43heckFeatureSkewRequest\x12\x1b\n\rfeature_views\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x14\n\x06sample\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12/\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x12\n\x04seed\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x01\x12%\n\x04rows\x18\x05 \x03(\x0b\x32\x11.d2d.v1.EntityRowB\x04\xe2\x41\x01\x01\"\xe1\x01\n\x13\x46\x65\x61tureSkewMismatch\x12\x33\n\x04keys\x18\x01 \x03(\x0b\x32%.d2d.v1.FeatureSkewMismatch.KeysEntry\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12*\n\x0conline_value\x18\x03 \x01(\x0b\x32\x14.d2d.v1.FeatureValue\x12+\n\roffline_value\x18\x04 \x01(\x0b\x32\x14.d2d.v1.FeatureValue\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xec\x01\n\x11\x46\x65\x61tureSkewReport\x12\x1a\n\x0c\x63hecked_rows\x18\x01 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x63hecked_values\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x17\n\twatermark\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12/\n\x05\x61s_of\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\nmismatches\x18\x05 \x03(\x0b\x32\x1b.d2d.v1.FeatureSkewMismatchB\x04\xe2\x41\x01\x03\x12\x1c\n\x0emismatch_count\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x32\xd8\x03\n\x0e\x46\x65\x61tureService\x12`\n\x11GetOnlineFeatures\x12 .d2d.v1.GetOnlineFeaturesRequest\x1a!.d2d.v1.GetOnlineFeaturesResponse\"\x06\xfa\xb5\x18\x02\x02\x03\x12L\n\x0eGetFeatureView\x12\x1d.d2d.v1.GetFeatureViewRequest\x1a\x13.d2d.v1.FeatureView\"\x06\xfa\xb5\x18\x02\x03\x04\x12]\n\x10ListFeatureViews\x12\x1f.d2d.v1.ListFeatureViewsRequest\x1a .d2d.v1.ListFeatureViewsResponse\"\x06\xfa\xb5\x18\x02\x03\x04\x12_\n\x13\x45xportTrainingFrame\x12\".d2d.v1.ExportTrainingFrameRequest\x1a\x1a.d2d.v1.TrainingFrameChunk\"\x06\xfa\xb5\x18\x02\x03\x04\x30\x01\x12V\n\x10\x43heckFeatureSkew\x12\x1f.d2d.v1.CheckFeatureSkewRequest\x1a\x19.d2d.v1.FeatureSkewReport\"\x06\xfa\xb5\x18\x02\x03\x04\x42\x41\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -113,44 +114,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATURESKEWREPORT'].fields_by_name['mismatches']._serialized_options = b'\342A\001\003'
   _globals['_FEATURESKEWREPORT'].fields_by_name['mismatch_count']._loaded_options = None
   _globals['_FEATURESKEWREPORT'].fields_by_name['mismatch_count']._serialized_options = b'\342A\001\003'
-  _globals['_FEATUREVIEW']._serialized_start=127
-  _globals['_FEATUREVIEW']._serialized_end=413
-  _globals['_FEATUREVALUE']._serialized_start=415
-  _globals['_FEATUREVALUE']._serialized_end=529
-  _globals['_ENTITYROW']._serialized_start=532
-  _globals['_ENTITYROW']._serialized_end=686
-  _globals['_ENTITYROW_KEYSENTRY']._serialized_start=643
-  _globals['_ENTITYROW_KEYSENTRY']._serialized_end=686
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=689
-  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=827
-  _globals['_FEATUREROW']._serialized_start=829
-  _globals['_FEATUREROW']._serialized_end=948
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=951
-  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=1223
-  _globals['_GETONLINEFEATURESRESPONSE_DROPPEDLATEENTRY']._serialized_start=1173
-  _globals['_GETONLINEFEATURESRESPONSE_DROPPEDLATEENTRY']._serialized_end=1223
-  _globals['_GETFEATUREVIEWREQUEST']._serialized_start=1225
-  _globals['_GETFEATUREVIEWREQUEST']._serialized_end=1268
-  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_start=1270
-  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_end=1346
-  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_start=1348
-  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_end=1443
-  _globals['_EXPORTTRAININGFRAMEREQUEST']._serialized_start=1446
-  _globals['_EXPORTTRAININGFRAMEREQUEST']._serialized_end=1601
-  _globals['_TRAININGFRAMEROW']._serialized_start=1604
-  _globals['_TRAININGFRAMEROW']._serialized_end=1816
-  _globals['_TRAININGFRAMEROW_KEYSENTRY']._serialized_start=643
-  _globals['_TRAININGFRAMEROW_KEYSENTRY']._serialized_end=686
-  _globals['_TRAININGFRAMECHUNK']._serialized_start=1818
-  _globals['_TRAININGFRAMECHUNK']._serialized_end=1904
-  _globals['_CHECKFEATURESKEWREQUEST']._serialized_start=1907
-  _globals['_CHECKFEATURESKEWREQUEST']._serialized_end=2091
-  _globals['_FEATURESKEWMISMATCH']._serialized_start=2094
-  _globals['_FEATURESKEWMISMATCH']._serialized_end=2319
-  _globals['_FEATURESKEWMISMATCH_KEYSENTRY']._serialized_start=643
-  _globals['_FEATURESKEWMISMATCH_KEYSENTRY']._serialized_end=686
-  _globals['_FEATURESKEWREPORT']._serialized_start=2322
-  _globals['_FEATURESKEWREPORT']._serialized_end=2558
-  _globals['_FEATURESERVICE']._serialized_start=2561
-  _globals['_FEATURESERVICE']._serialized_end=2993
+  _globals['_FEATURESERVICE'].methods_by_name['GetOnlineFeatures']._loaded_options = None
+  _globals['_FEATURESERVICE'].methods_by_name['GetOnlineFeatures']._serialized_options = b'\372\265\030\002\002\003'
+  _globals['_FEATURESERVICE'].methods_by_name['GetFeatureView']._loaded_options = None
+  _globals['_FEATURESERVICE'].methods_by_name['GetFeatureView']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_FEATURESERVICE'].methods_by_name['ListFeatureViews']._loaded_options = None
+  _globals['_FEATURESERVICE'].methods_by_name['ListFeatureViews']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_FEATURESERVICE'].methods_by_name['ExportTrainingFrame']._loaded_options = None
+  _globals['_FEATURESERVICE'].methods_by_name['ExportTrainingFrame']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_FEATURESERVICE'].methods_by_name['CheckFeatureSkew']._loaded_options = None
+  _globals['_FEATURESERVICE'].methods_by_name['CheckFeatureSkew']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_FEATUREVIEW']._serialized_start=148
+  _globals['_FEATUREVIEW']._serialized_end=434
+  _globals['_FEATUREVALUE']._serialized_start=436
+  _globals['_FEATUREVALUE']._serialized_end=550
+  _globals['_ENTITYROW']._serialized_start=553
+  _globals['_ENTITYROW']._serialized_end=707
+  _globals['_ENTITYROW_KEYSENTRY']._serialized_start=664
+  _globals['_ENTITYROW_KEYSENTRY']._serialized_end=707
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_start=710
+  _globals['_GETONLINEFEATURESREQUEST']._serialized_end=848
+  _globals['_FEATUREROW']._serialized_start=850
+  _globals['_FEATUREROW']._serialized_end=969
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=972
+  _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=1244
+  _globals['_GETONLINEFEATURESRESPONSE_DROPPEDLATEENTRY']._serialized_start=1194
+  _globals['_GETONLINEFEATURESRESPONSE_DROPPEDLATEENTRY']._serialized_end=1244
+  _globals['_GETFEATUREVIEWREQUEST']._serialized_start=1246
+  _globals['_GETFEATUREVIEWREQUEST']._serialized_end=1289
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_start=1291
+  _globals['_LISTFEATUREVIEWSREQUEST']._serialized_end=1367
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_start=1369
+  _globals['_LISTFEATUREVIEWSRESPONSE']._serialized_end=1464
+  _globals['_EXPORTTRAININGFRAMEREQUEST']._serialized_start=1467
+  _globals['_EXPORTTRAININGFRAMEREQUEST']._serialized_end=1622
+  _globals['_TRAININGFRAMEROW']._serialized_start=1625
+  _globals['_TRAININGFRAMEROW']._serialized_end=1837
+  _globals['_TRAININGFRAMEROW_KEYSENTRY']._serialized_start=664
+  _globals['_TRAININGFRAMEROW_KEYSENTRY']._serialized_end=707
+  _globals['_TRAININGFRAMECHUNK']._serialized_start=1839
+  _globals['_TRAININGFRAMECHUNK']._serialized_end=1925
+  _globals['_CHECKFEATURESKEWREQUEST']._serialized_start=1928
+  _globals['_CHECKFEATURESKEWREQUEST']._serialized_end=2112
+  _globals['_FEATURESKEWMISMATCH']._serialized_start=2115
+  _globals['_FEATURESKEWMISMATCH']._serialized_end=2340
+  _globals['_FEATURESKEWMISMATCH_KEYSENTRY']._serialized_start=664
+  _globals['_FEATURESKEWMISMATCH_KEYSENTRY']._serialized_end=707
+  _globals['_FEATURESKEWREPORT']._serialized_start=2343
+  _globals['_FEATURESKEWREPORT']._serialized_end=2579
+  _globals['_FEATURESERVICE']._serialized_start=2582
+  _globals['_FEATURESERVICE']._serialized_end=3054
 # @@protoc_insertion_point(module_scope)

@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from d2d.v1 import access_pb2 as d2d_dot_v1_dot_access__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/feedback.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\x16GetModelMetricsRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x1d\n\x0fpositive_action\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x0cModelMetrics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04\x61rms\x18\x02 \x03(\x0b\x32\x12.d2d.v1.ArmMetrics\x12\x10\n\x08position\x18\x03 \x01(\x03\"\x85\x01\n\nArmMetrics\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0b\n\x03\x61rm\x18\x02 \x01(\t\x12\x11\n\tdecisions\x18\x03 \x01(\x03\x12\x10\n\x08labelled\x18\x04 \x01(\x03\x12\x10\n\x03\x61uc\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cmetrics_json\x18\x06 \x01(\tB\x06\n\x04_auc\"\xc8\x03\n\x07Outcome\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\x08\x64\x65\x63ision\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x19\n\noutcome_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x01\x05\x12\x18\n\x05label\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x19\n\x06reward\x18\x05 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12\x34\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x14\n\x06source\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04rule\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x63\x61use_event_id\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rwindow_closed\x18\n \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03seq\x18\x0b \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0brecord_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:F\xea\x41\x43\n\x18\x64\x32\x64.data2data.io/Outcome\x12\'decisions/{decision}/outcomes/{outcome}B\x08\n\x06_labelB\t\n\x07_reward\">\n\x14RecordOutcomeRequest\x12&\n\x07outcome\x18\x01 \x01(\x0b\x32\x0f.d2d.v1.OutcomeB\x04\xe2\x41\x01\x02\"\'\n\x11GetOutcomeRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xc5\x04\n\x0bOutcomeRule\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tevent_key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x64\x65\x63ision_key\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\x05label\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x19\n\x06reward\x18\x06 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12/\n\x06window\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\"\n\x0fotherwise_label\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x02\x88\x01\x01\x12#\n\x10otherwise_reward\x18\t \x01(\x01\x42\x04\xe2\x41\x01\x01H\x03\x88\x01\x01\x12\x1e\n\x10observed_actions\x18\n \x03(\tB\x04\xe2\x41\x01\x01\x12\x39\n\x10\x61llowed_lateness\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x1c\n\x0eregistered_seq\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:6\xea\x41\x33\n\x1c\x64\x32\x64.data2data.io/OutcomeRule\x12\x13outcomeRules/{rule}B\x08\n\x06_labelB\t\n\x07_rewardB\x12\n\x10_otherwise_labelB\x13\n\x11_otherwise_reward\"j\n\x18\x43reateOutcomeRuleRequest\x12\x1d\n\x0foutcome_rule_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x0coutcome_rule\x18\x02 \x01(\x0b\x32\x13.d2d.v1.OutcomeRuleB\x04\xe2\x41\x01\x02\"+\n\x15GetOutcomeRuleRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"L\n\x17ListOutcomeRulesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"_\n\x18ListOutcomeRulesResponse\x12*\n\routcome_rules\x18\x01 \x03(\x0b\x32\x13.d2d.v1.OutcomeRule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xbd\x03\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12>\n\rRecordOutcome\x12\x1c.d2d.v1.RecordOutcomeRequest\x1a\x0f.d2d.v1.Outcome\x12\x38\n\nGetOutcome\x12\x19.d2d.v1.GetOutcomeRequest\x1a\x0f.d2d.v1.Outcome\x12J\n\x11\x43reateOutcomeRule\x12 .d2d.v1.CreateOutcomeRuleRequest\x1a\x13.d2d.v1.OutcomeRule\x12\x44\n\x0eGetOutcomeRule\x12\x1d.d2d.v1.GetOutcomeRuleRequest\x1a\x13.d2d.v1.OutcomeRule\x12U\n\x10ListOutcomeRules\x12\x1f.d2d.v1.ListOutcomeRulesRequest\x1a .d2d.v1.ListOutcomeRulesResponse\x12G\n\x0fGetModelMetrics\x12\x1e.d2d.v1.GetModelMetricsRequest\x1a\x14.d2d.v1.ModelMetricsBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/feedback.proto\x12\x06\x64\x32\x64.v1\x1a\x13\x64\x32\x64/v1/access.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x01\n\x16GetModelMetricsRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x32\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01\x12\x1d\n\x0fpositive_action\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"P\n\x0cModelMetrics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04\x61rms\x18\x02 \x03(\x0b\x32\x12.d2d.v1.ArmMetrics\x12\x10\n\x08position\x18\x03 \x01(\x03\"\x85\x01\n\nArmMetrics\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0b\n\x03\x61rm\x18\x02 \x01(\t\x12\x11\n\tdecisions\x18\x03 \x01(\x03\x12\x10\n\x08labelled\x18\x04 \x01(\x03\x12\x10\n\x03\x61uc\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cmetrics_json\x18\x06 \x01(\tB\x06\n\x04_auc\"\xc8\x03\n\x07Outcome\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\x08\x64\x65\x63ision\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x19\n\noutcome_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x01\x05\x12\x18\n\x05label\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x19\n\x06reward\x18\x05 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12\x34\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x14\n\x06source\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04rule\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x63\x61use_event_id\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rwindow_closed\x18\n \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03seq\x18\x0b \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0brecord_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:F\xea\x41\x43\n\x18\x64\x32\x64.data2data.io/Outcome\x12\'decisions/{decision}/outcomes/{outcome}B\x08\n\x06_labelB\t\n\x07_reward\">\n\x14RecordOutcomeRequest\x12&\n\x07outcome\x18\x01 \x01(\x0b\x32\x0f.d2d.v1.OutcomeB\x04\xe2\x41\x01\x02\"\'\n\x11GetOutcomeRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xc5\x04\n\x0bOutcomeRule\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tevent_key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x64\x65\x63ision_key\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\x05label\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x19\n\x06reward\x18\x06 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12/\n\x06window\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\"\n\x0fotherwise_label\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x02\x88\x01\x01\x12#\n\x10otherwise_reward\x18\t \x01(\x01\x42\x04\xe2\x41\x01\x01H\x03\x88\x01\x01\x12\x1e\n\x10observed_actions\x18\n \x03(\tB\x04\xe2\x41\x01\x01\x12\x39\n\x10\x61llowed_lateness\x18\x0b \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x1c\n\x0eregistered_seq\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:6\xea\x41\x33\n\x1c\x64\x32\x64.data2data.io/OutcomeRule\x12\x13outcomeRules/{rule}B\x08\n\x06_labelB\t\n\x07_rewardB\x12\n\x10_otherwise_labelB\x13\n\x11_otherwise_reward\"j\n\x18\x43reateOutcomeRuleRequest\x12\x1d\n\x0foutcome_rule_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x0coutcome_rule\x18\x02 \x01(\x0b\x32\x13.d2d.v1.OutcomeRuleB\x04\xe2\x41\x01\x02\"+\n\x15GetOutcomeRuleRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"L\n\x17ListOutcomeRulesRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"_\n\x18ListOutcomeRulesResponse\x12*\n\routcome_rules\x18\x01 \x03(\x0b\x32\x13.d2d.v1.OutcomeRule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xec\x03\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x45\n\rRecordOutcome\x12\x1c.d2d.v1.RecordOutcomeRequest\x1a\x0f.d2d.v1.Outcome\"\x05\xfa\xb5\x18\x01\x02\x12\x41\n\nGetOutcome\x12\x19.d2d.v1.GetOutcomeRequest\x1a\x0f.d2d.v1.Outcome\"\x07\xfa\xb5\x18\x03\x02\x03\x04\x12Q\n\x11\x43reateOutcomeRule\x12 .d2d.v1.CreateOutcomeRuleRequest\x1a\x13.d2d.v1.OutcomeRule\"\x05\xfa\xb5\x18\x01\x03\x12L\n\x0eGetOutcomeRule\x12\x1d.d2d.v1.GetOutcomeRuleRequest\x1a\x13.d2d.v1.OutcomeRule\"\x06\xfa\xb5\x18\x02\x03\x04\x12]\n\x10ListOutcomeRules\x12\x1f.d2d.v1.ListOutcomeRulesRequest\x1a .d2d.v1.ListOutcomeRulesResponse\"\x06\xfa\xb5\x18\x02\x03\x04\x12O\n\x0fGetModelMetrics\x12\x1e.d2d.v1.GetModelMetricsRequest\x1a\x14.d2d.v1.ModelMetrics\"\x06\xfa\xb5\x18\x02\x03\x04\x42\x41\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -112,28 +113,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTOUTCOMERULESREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
   _globals['_LISTOUTCOMERULESREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTOUTCOMERULESREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
-  _globals['_GETMODELMETRICSREQUEST']._serialized_start=159
-  _globals['_GETMODELMETRICSREQUEST']._serialized_end=340
-  _globals['_MODELMETRICS']._serialized_start=342
-  _globals['_MODELMETRICS']._serialized_end=422
-  _globals['_ARMMETRICS']._serialized_start=425
-  _globals['_ARMMETRICS']._serialized_end=558
-  _globals['_OUTCOME']._serialized_start=561
-  _globals['_OUTCOME']._serialized_end=1017
-  _globals['_RECORDOUTCOMEREQUEST']._serialized_start=1019
-  _globals['_RECORDOUTCOMEREQUEST']._serialized_end=1081
-  _globals['_GETOUTCOMEREQUEST']._serialized_start=1083
-  _globals['_GETOUTCOMEREQUEST']._serialized_end=1122
-  _globals['_OUTCOMERULE']._serialized_start=1125
-  _globals['_OUTCOMERULE']._serialized_end=1706
-  _globals['_CREATEOUTCOMERULEREQUEST']._serialized_start=1708
-  _globals['_CREATEOUTCOMERULEREQUEST']._serialized_end=1814
-  _globals['_GETOUTCOMERULEREQUEST']._serialized_start=1816
-  _globals['_GETOUTCOMERULEREQUEST']._serialized_end=1859
-  _globals['_LISTOUTCOMERULESREQUEST']._serialized_start=1861
-  _globals['_LISTOUTCOMERULESREQUEST']._serialized_end=1937
-  _globals['_LISTOUTCOMERULESRESPONSE']._serialized_start=1939
-  _globals['_LISTOUTCOMERULESRESPONSE']._serialized_end=2034
-  _globals['_FEEDBACKSERVICE']._serialized_start=2037
-  _globals['_FEEDBACKSERVICE']._serialized_end=2482
+  _globals['_FEEDBACKSERVICE'].methods_by_name['RecordOutcome']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['RecordOutcome']._serialized_options = b'\372\265\030\001\002'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['GetOutcome']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['GetOutcome']._serialized_options = b'\372\265\030\003\002\003\004'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['CreateOutcomeRule']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['CreateOutcomeRule']._serialized_options = b'\372\265\030\001\003'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['GetOutcomeRule']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['GetOutcomeRule']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['ListOutcomeRules']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['ListOutcomeRules']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['GetModelMetrics']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['GetModelMetrics']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_GETMODELMETRICSREQUEST']._serialized_start=180
+  _globals['_GETMODELMETRICSREQUEST']._serialized_end=361
+  _globals['_MODELMETRICS']._serialized_start=363
+  _globals['_MODELMETRICS']._serialized_end=443
+  _globals['_ARMMETRICS']._serialized_start=446
+  _globals['_ARMMETRICS']._serialized_end=579
+  _globals['_OUTCOME']._serialized_start=582
+  _globals['_OUTCOME']._serialized_end=1038
+  _globals['_RECORDOUTCOMEREQUEST']._serialized_start=1040
+  _globals['_RECORDOUTCOMEREQUEST']._serialized_end=1102
+  _globals['_GETOUTCOMEREQUEST']._serialized_start=1104
+  _globals['_GETOUTCOMEREQUEST']._serialized_end=1143
+  _globals['_OUTCOMERULE']._serialized_start=1146
+  _globals['_OUTCOMERULE']._serialized_end=1727
+  _globals['_CREATEOUTCOMERULEREQUEST']._serialized_start=1729
+  _globals['_CREATEOUTCOMERULEREQUEST']._serialized_end=1835
+  _globals['_GETOUTCOMERULEREQUEST']._serialized_start=1837
+  _globals['_GETOUTCOMERULEREQUEST']._serialized_end=1880
+  _globals['_LISTOUTCOMERULESREQUEST']._serialized_start=1882
+  _globals['_LISTOUTCOMERULESREQUEST']._serialized_end=1958
+  _globals['_LISTOUTCOMERULESRESPONSE']._serialized_start=1960
+  _globals['_LISTOUTCOMERULESRESPONSE']._serialized_end=2055
+  _globals['_FEEDBACKSERVICE']._serialized_start=2058
+  _globals['_FEEDBACKSERVICE']._serialized_end=2550
 # @@protoc_insertion_point(module_scope)

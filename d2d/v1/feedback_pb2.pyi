@@ -1,5 +1,6 @@
 import datetime
 
+from d2d.v1 import access_pb2 as _access_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.api import resource_pb2 as _resource_pb2
 from google.protobuf import duration_pb2 as _duration_pb2

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from d2d.v1 import access_pb2 as d2d_dot_v1_dot_access__pb2
 from d2d.v1 import event_pb2 as d2d_dot_v1_dot_event__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
@@ -30,7 +31,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x32\x64/v1/ingest.proto\x12\x06\x64\x32\x64.v1\x1a\x12\x64\x32\x64/v1/event.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\":\n\x13\x41ppendEventsRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\r.d2d.v1.EventB\x04\xe2\x41\x01\x02\"\x86\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x03seq\x18\x02 \x01(\x03H\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x05 \x01(\tB\t\n\x07outcome\"f\n\x14\x41ppendEventsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x05\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"\xb6\x01\n\x1aStreamAppendEventsResponse\x12\x16\n\x0ereceived_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x03\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x12\x16\n\x0erejected_count\x18\x04 \x01(\x03\x12%\n\x08rejected\x18\x05 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x10\n\x08head_seq\x18\x06 \x01(\x03\"\xc3\x05\n\x0f\x43ontractVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05owner\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bjson_schema\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npii_fields\x18\x07 \x03(\tB\x04\xe2\x41\x01\x01\x12\x36\n\rcompatibility\x18\x08 \x01(\x0e\x32\x19.d2d.v1.CompatibilityModeB\x04\xe2\x41\x01\x01\x12\x39\n\x10\x61llowed_lateness\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12K\n\x10null_rate_limits\x18\n \x03(\x0b\x32+.d2d.v1.ContractVersion.NullRateLimitsEntryB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x38\n\x0fmax_future_skew\x18\r \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x30\n\x07max_age\x18\x0e \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x1a\x35\n\x13NullRateLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01:N\xea\x41K\n d2d.data2data.io/ContractVersion\x12\'contracts/{contract}/versions/{version}\"\x8a\x01\n\x1c\x43reateContractVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x10\x63ontract_version\x18\x02 \x01(\x0b\x32\x17.d2d.v1.ContractVersionB\x04\xe2\x41\x01\x02\x12\x1b\n\rvalidate_only\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"/\n\x19GetContractVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"f\n\x1bListContractVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"k\n\x1cListContractVersionsResponse\x12\x32\n\x11\x63ontract_versions\x18\x01 \x03(\x0b\x32\x17.d2d.v1.ContractVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x03\n\nDeadLetter\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03raw\x18\x05 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08raw_size\x18\n \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nraw_sha256\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x36\n\x0creceive_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12-\n\x05state\x18\x08 \x01(\x0e\x32\x18.d2d.v1.DeadLetter.StateB\x04\xe2\x41\x01\x03\x12\x1a\n\x0credriven_seq\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\"9\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0c\n\x08REDRIVEN\x10\x02\"\x82\x01\n\x16ListDeadLettersRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rshow_redriven\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\\\n\x17ListDeadLettersResponse\x12(\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x12.d2d.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x19RedriveDeadLettersRequest\x12\x13\n\x05names\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07payload\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"Z\n\x1aRedriveDeadLettersResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0eredriven_count\x18\x02 \x01(\x05\"\x94\x01\n\x11ListEventsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65ntity_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tentity_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"^\n\x12ListEventsResponse\x12\x1d\n\x06\x65vents\x18\x01 \x03(\x0b\x32\r.d2d.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"R\n\x12GetEventLogRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x14.d2d.v1.EventLogViewB\x04\xe2\x41\x01\x01\"\x94\x02\n\x08\x45ventLog\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08head_seq\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rpublished_seq\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\"\n\x14pending_dead_letters\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12=\n\x0c\x65vent_counts\x18\x05 \x03(\x0b\x32!.d2d.v1.EventLog.EventCountsEntryB\x04\xe2\x41\x01\x03\x1a\x32\n\x10\x45ventCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01:(\xea\x41%\n\x19\x64\x32\x64.data2data.io/EventLog\x12\x08\x65ventLog*\xac\x01\n\x11\x43ompatibilityMode\x12\"\n\x1e\x43OMPATIBILITY_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x17\n\x13\x42\x41\x43KWARD_TRANSITIVE\x10\x03\x12\x0b\n\x07\x46ORWARD\x10\x04\x12\x16\n\x12\x46ORWARD_TRANSITIVE\x10\x05\x12\x08\n\x04\x46ULL\x10\x06\x12\x13\n\x0f\x46ULL_TRANSITIVE\x10\x07*a\n\x0c\x45ventLogView\x12\x1e\n\x1a\x45VENT_LOG_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_LOG_VIEW_BASIC\x10\x01\x12\x17\n\x13\x45VENT_LOG_VIEW_FULL\x10\x02\x32\xf3\x05\n\rIngestService\x12I\n\x0c\x41ppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\x1c.d2d.v1.AppendEventsResponse\x12W\n\x12StreamAppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\".d2d.v1.StreamAppendEventsResponse(\x01\x12V\n\x15\x43reateContractVersion\x12$.d2d.v1.CreateContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\x12P\n\x12GetContractVersion\x12!.d2d.v1.GetContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\x12\x61\n\x14ListContractVersions\x12#.d2d.v1.ListContractVersionsRequest\x1a$.d2d.v1.ListContractVersionsResponse\x12R\n\x0fListDeadLetters\x12\x1e.d2d.v1.ListDeadLettersRequest\x1a\x1f.d2d.v1.ListDeadLettersResponse\x12[\n\x12RedriveDeadLetters\x12!.d2d.v1.RedriveDeadLettersRequest\x1a\".d2d.v1.RedriveDeadLettersResponse\x12\x43\n\nListEvents\x12\x19.d2d.v1.ListEventsRequest\x1a\x1a.d2d.v1.ListEventsResponse\x12;\n\x0bGetEventLog\x12\x1a.d2d.v1.GetEventLogRequest\x1a\x10.d2d.v1.EventLogBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x32\x64/v1/ingest.proto\x12\x06\x64\x32\x64.v1\x1a\x13\x64\x32\x64/v1/access.proto\x1a\x12\x64\x32\x64/v1/event.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\":\n\x13\x41ppendEventsRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\r.d2d.v1.EventB\x04\xe2\x41\x01\x02\"\x86\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x03seq\x18\x02 \x01(\x03H\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x05 \x01(\tB\t\n\x07outcome\"f\n\x14\x41ppendEventsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x05\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"\xb6\x01\n\x1aStreamAppendEventsResponse\x12\x16\n\x0ereceived_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x61ppended_count\x18\x02 \x01(\x03\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x03\x12\x16\n\x0erejected_count\x18\x04 \x01(\x03\x12%\n\x08rejected\x18\x05 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x10\n\x08head_seq\x18\x06 \x01(\x03\"\xc3\x05\n\x0f\x43ontractVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07version\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x13\n\x05owner\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0bjson_schema\x18\x06 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\npii_fields\x18\x07 \x03(\tB\x04\xe2\x41\x01\x01\x12\x36\n\rcompatibility\x18\x08 \x01(\x0e\x32\x19.d2d.v1.CompatibilityModeB\x04\xe2\x41\x01\x01\x12\x39\n\x10\x61llowed_lateness\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12K\n\x10null_rate_limits\x18\n \x03(\x0b\x32+.d2d.v1.ContractVersion.NullRateLimitsEntryB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x38\n\x0fmax_future_skew\x18\r \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x12\x30\n\x07max_age\x18\x0e \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x01\x1a\x35\n\x13NullRateLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01:N\xea\x41K\n d2d.data2data.io/ContractVersion\x12\'contracts/{contract}/versions/{version}\"\x8a\x01\n\x1c\x43reateContractVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x10\x63ontract_version\x18\x02 \x01(\x0b\x32\x17.d2d.v1.ContractVersionB\x04\xe2\x41\x01\x02\x12\x1b\n\rvalidate_only\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"/\n\x19GetContractVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"f\n\x1bListContractVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"k\n\x1cListContractVersionsResponse\x12\x32\n\x11\x63ontract_versions\x18\x01 \x03(\x0b\x32\x17.d2d.v1.ContractVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x03\n\nDeadLetter\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06source\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x65vent_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nevent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x11\n\x03raw\x18\x05 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08raw_size\x18\n \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nraw_sha256\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x36\n\x0creceive_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12-\n\x05state\x18\x08 \x01(\x0e\x32\x18.d2d.v1.DeadLetter.StateB\x04\xe2\x41\x01\x03\x12\x1a\n\x0credriven_seq\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\"9\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0c\n\x08REDRIVEN\x10\x02\"\x82\x01\n\x16ListDeadLettersRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rshow_redriven\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\"\\\n\x17ListDeadLettersResponse\x12(\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x12.d2d.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x19RedriveDeadLettersRequest\x12\x13\n\x05names\x18\x01 \x03(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x15\n\x07payload\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"Z\n\x1aRedriveDeadLettersResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.d2d.v1.EventResult\x12\x16\n\x0eredriven_count\x18\x02 \x01(\x05\"\x94\x01\n\x11ListEventsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nevent_type\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x19\n\x0b\x65ntity_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x17\n\tentity_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\"^\n\x12ListEventsResponse\x12\x1d\n\x06\x65vents\x18\x01 \x03(\x0b\x32\r.d2d.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\"R\n\x12GetEventLogRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x04view\x18\x02 \x01(\x0e\x32\x14.d2d.v1.EventLogViewB\x04\xe2\x41\x01\x01\"\x94\x02\n\x08\x45ventLog\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08head_seq\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rpublished_seq\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\"\n\x14pending_dead_letters\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12=\n\x0c\x65vent_counts\x18\x05 \x03(\x0b\x32!.d2d.v1.EventLog.EventCountsEntryB\x04\xe2\x41\x01\x03\x1a\x32\n\x10\x45ventCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01:(\xea\x41%\n\x19\x64\x32\x64.data2data.io/EventLog\x12\x08\x65ventLog*\xac\x01\n\x11\x43ompatibilityMode\x12\"\n\x1e\x43OMPATIBILITY_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04NONE\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x17\n\x13\x42\x41\x43KWARD_TRANSITIVE\x10\x03\x12\x0b\n\x07\x46ORWARD\x10\x04\x12\x16\n\x12\x46ORWARD_TRANSITIVE\x10\x05\x12\x08\n\x04\x46ULL\x10\x06\x12\x13\n\x0f\x46ULL_TRANSITIVE\x10\x07*a\n\x0c\x45ventLogView\x12\x1e\n\x1a\x45VENT_LOG_VIEW_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_LOG_VIEW_BASIC\x10\x01\x12\x17\n\x13\x45VENT_LOG_VIEW_FULL\x10\x02\x32\xb8\x06\n\rIngestService\x12P\n\x0c\x41ppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\x1c.d2d.v1.AppendEventsResponse\"\x05\xfa\xb5\x18\x01\x01\x12^\n\x12StreamAppendEvents\x12\x1b.d2d.v1.AppendEventsRequest\x1a\".d2d.v1.StreamAppendEventsResponse\"\x05\xfa\xb5\x18\x01\x01(\x01\x12]\n\x15\x43reateContractVersion\x12$.d2d.v1.CreateContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\"\x05\xfa\xb5\x18\x01\x03\x12Y\n\x12GetContractVersion\x12!.d2d.v1.GetContractVersionRequest\x1a\x17.d2d.v1.ContractVersion\"\x07\xfa\xb5\x18\x03\x01\x03\x04\x12j\n\x14ListContractVersions\x12#.d2d.v1.ListContractVersionsRequest\x1a$.d2d.v1.ListContractVersionsResponse\"\x07\xfa\xb5\x18\x03\x01\x03\x04\x12Y\n\x0fListDeadLetters\x12\x1e.d2d.v1.ListDeadLettersRequest\x1a\x1f.d2d.v1.ListDeadLettersResponse\"\x05\xfa\xb5\x18\x01\x03\x12\x62\n\x12RedriveDeadLetters\x12!.d2d.v1.RedriveDeadLettersRequest\x1a\".d2d.v1.RedriveDeadLettersResponse\"\x05\xfa\xb5\x18\x01\x03\x12K\n\nListEvents\x12\x19.d2d.v1.ListEventsRequest\x1a\x1a.d2d.v1.ListEventsResponse\"\x06\xfa\xb5\x18\x02\x03\x04\x12\x43\n\x0bGetEventLog\x12\x1a.d2d.v1.GetEventLogRequest\x1a\x10.d2d.v1.EventLog\"\x06\xfa\xb5\x18\x02\x03\x04\x42\x41\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -150,52 +151,70 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTLOG'].fields_by_name['event_counts']._serialized_options = b'\342A\001\003'
   _globals['_EVENTLOG']._loaded_options = None
   _globals['_EVENTLOG']._serialized_options = b'\352A%\n\031d2d.data2data.io/EventLog\022\010eventLog'
-  _globals['_COMPATIBILITYMODE']._serialized_start=3236
-  _globals['_COMPATIBILITYMODE']._serialized_end=3408
-  _globals['_EVENTLOGVIEW']._serialized_start=3410
-  _globals['_EVENTLOGVIEW']._serialized_end=3507
-  _globals['_APPENDEVENTSREQUEST']._serialized_start=201
-  _globals['_APPENDEVENTSREQUEST']._serialized_end=259
-  _globals['_EVENTRESULT']._serialized_start=262
-  _globals['_EVENTRESULT']._serialized_end=396
-  _globals['_APPENDEVENTSRESPONSE']._serialized_start=398
-  _globals['_APPENDEVENTSRESPONSE']._serialized_end=500
-  _globals['_STREAMAPPENDEVENTSRESPONSE']._serialized_start=503
-  _globals['_STREAMAPPENDEVENTSRESPONSE']._serialized_end=685
-  _globals['_CONTRACTVERSION']._serialized_start=688
-  _globals['_CONTRACTVERSION']._serialized_end=1395
-  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_start=1262
-  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_end=1315
-  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_start=1398
-  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_end=1536
-  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_start=1538
-  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_end=1585
-  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_start=1587
-  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_end=1689
-  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_start=1691
-  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_end=1798
-  _globals['_DEADLETTER']._serialized_start=1801
-  _globals['_DEADLETTER']._serialized_end=2205
-  _globals['_DEADLETTER_STATE']._serialized_start=2148
-  _globals['_DEADLETTER_STATE']._serialized_end=2205
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2208
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2338
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2340
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2432
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=2434
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=2531
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=2533
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=2623
-  _globals['_LISTEVENTSREQUEST']._serialized_start=2626
-  _globals['_LISTEVENTSREQUEST']._serialized_end=2774
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=2776
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=2870
-  _globals['_GETEVENTLOGREQUEST']._serialized_start=2872
-  _globals['_GETEVENTLOGREQUEST']._serialized_end=2954
-  _globals['_EVENTLOG']._serialized_start=2957
-  _globals['_EVENTLOG']._serialized_end=3233
-  _globals['_EVENTLOG_EVENTCOUNTSENTRY']._serialized_start=3141
-  _globals['_EVENTLOG_EVENTCOUNTSENTRY']._serialized_end=3191
-  _globals['_INGESTSERVICE']._serialized_start=3510
-  _globals['_INGESTSERVICE']._serialized_end=4265
+  _globals['_INGESTSERVICE'].methods_by_name['AppendEvents']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['AppendEvents']._serialized_options = b'\372\265\030\001\001'
+  _globals['_INGESTSERVICE'].methods_by_name['StreamAppendEvents']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['StreamAppendEvents']._serialized_options = b'\372\265\030\001\001'
+  _globals['_INGESTSERVICE'].methods_by_name['CreateContractVersion']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['CreateContractVersion']._serialized_options = b'\372\265\030\001\003'
+  _globals['_INGESTSERVICE'].methods_by_name['GetContractVersion']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['GetContractVersion']._serialized_options = b'\372\265\030\003\001\003\004'
+  _globals['_INGESTSERVICE'].methods_by_name['ListContractVersions']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['ListContractVersions']._serialized_options = b'\372\265\030\003\001\003\004'
+  _globals['_INGESTSERVICE'].methods_by_name['ListDeadLetters']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\372\265\030\001\003'
+  _globals['_INGESTSERVICE'].methods_by_name['RedriveDeadLetters']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['RedriveDeadLetters']._serialized_options = b'\372\265\030\001\003'
+  _globals['_INGESTSERVICE'].methods_by_name['ListEvents']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_INGESTSERVICE'].methods_by_name['GetEventLog']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['GetEventLog']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_COMPATIBILITYMODE']._serialized_start=3257
+  _globals['_COMPATIBILITYMODE']._serialized_end=3429
+  _globals['_EVENTLOGVIEW']._serialized_start=3431
+  _globals['_EVENTLOGVIEW']._serialized_end=3528
+  _globals['_APPENDEVENTSREQUEST']._serialized_start=222
+  _globals['_APPENDEVENTSREQUEST']._serialized_end=280
+  _globals['_EVENTRESULT']._serialized_start=283
+  _globals['_EVENTRESULT']._serialized_end=417
+  _globals['_APPENDEVENTSRESPONSE']._serialized_start=419
+  _globals['_APPENDEVENTSRESPONSE']._serialized_end=521
+  _globals['_STREAMAPPENDEVENTSRESPONSE']._serialized_start=524
+  _globals['_STREAMAPPENDEVENTSRESPONSE']._serialized_end=706
+  _globals['_CONTRACTVERSION']._serialized_start=709
+  _globals['_CONTRACTVERSION']._serialized_end=1416
+  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_start=1283
+  _globals['_CONTRACTVERSION_NULLRATELIMITSENTRY']._serialized_end=1336
+  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_start=1419
+  _globals['_CREATECONTRACTVERSIONREQUEST']._serialized_end=1557
+  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_start=1559
+  _globals['_GETCONTRACTVERSIONREQUEST']._serialized_end=1606
+  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_start=1608
+  _globals['_LISTCONTRACTVERSIONSREQUEST']._serialized_end=1710
+  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_start=1712
+  _globals['_LISTCONTRACTVERSIONSRESPONSE']._serialized_end=1819
+  _globals['_DEADLETTER']._serialized_start=1822
+  _globals['_DEADLETTER']._serialized_end=2226
+  _globals['_DEADLETTER_STATE']._serialized_start=2169
+  _globals['_DEADLETTER_STATE']._serialized_end=2226
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2229
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2359
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2361
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2453
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=2455
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=2552
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=2554
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=2644
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2647
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2795
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2797
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=2891
+  _globals['_GETEVENTLOGREQUEST']._serialized_start=2893
+  _globals['_GETEVENTLOGREQUEST']._serialized_end=2975
+  _globals['_EVENTLOG']._serialized_start=2978
+  _globals['_EVENTLOG']._serialized_end=3254
+  _globals['_EVENTLOG_EVENTCOUNTSENTRY']._serialized_start=3162
+  _globals['_EVENTLOG_EVENTCOUNTSENTRY']._serialized_end=3212
+  _globals['_INGESTSERVICE']._serialized_start=3531
+  _globals['_INGESTSERVICE']._serialized_end=4355
 # @@protoc_insertion_point(module_scope)

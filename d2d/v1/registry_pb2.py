@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from d2d.v1 import access_pb2 as d2d_dot_v1_dot_access__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
@@ -29,7 +30,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/registry.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x03\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x19\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x1a.d2d.v1.Model.AliasesEntryB\x04\xe2\x41\x01\x03\x12\x30\n\ralias_history\x18\x04 \x03(\x0b\x32\x13.d2d.v1.AliasChangeB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x39\n\x11\x64\x65ployment_policy\x18\x06 \x01(\x0b\x32\x18.d2d.v1.DeploymentPolicyB\x04\xe2\x41\x01\x01\x12\x37\n\x10promotion_policy\x18\x07 \x01(\x0b\x32\x17.d2d.v1.PromotionPolicyB\x04\xe2\x41\x01\x01\x12)\n\x1bpromotion_policy_is_default\x18\x08 \x01(\x08\x42\x04\xe2\x41\x01\x03\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:+\xea\x41(\n\x16\x64\x32\x64.data2data.io/Model\x12\x0emodels/{model}\"y\n\x0fPromotionPolicy\x12\x14\n\x0c\x63\x61nary_share\x18\x01 \x01(\x01\x12\x15\n\rmin_decisions\x18\x02 \x01(\x03\x12\x12\n\nmin_labels\x18\x03 \x01(\x03\x12\x0e\n\x06margin\x18\x04 \x01(\x01\x12\x15\n\rmax_decisions\x18\x05 \x01(\x03\"\xbf\x03\n\x10\x44\x65ploymentPolicy\x12\x1a\n\x0c\x63\x61nary_share\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x15\n\x07\x65psilon\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x17\n\tthreshold\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x15\n\x07\x61\x63tions\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.d2d.v1.DeploymentPolicy.KindB\x04\xe2\x41\x01\x01\x12?\n\x0b\x65xploration\x18\x06 \x01(\x0e\x32$.d2d.v1.DeploymentPolicy.ExplorationB\x04\xe2\x41\x01\x01\x12\x19\n\x0btemperature\x18\x07 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12.\n\tutilities\x18\x08 \x03(\x0b\x32\x15.d2d.v1.ActionUtilityB\x04\xe2\x41\x01\x01\"<\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tTHRESHOLD\x10\x01\x12\x0f\n\x0b\x42\x45ST_ACTION\x10\x02\"K\n\x0b\x45xploration\x12\x1b\n\x17\x45XPLORATION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45PSILON_GREEDY\x10\x01\x12\x0b\n\x07SOFTMAX\x10\x02\"O\n\rActionUtility\x12\x14\n\x06\x61\x63tion\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06weight\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x12\n\x04\x62ias\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x01\"o\n\x12UpdateModelRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"\x8e\x01\n\x0b\x41liasChange\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xe3\x02\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61rtifact_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x17\n\tspec_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1d\n\x0f\x65valuation_json\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clineage_json\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rfeature_names\x18\x07 \x03(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:E\xea\x41\x42\n\x1d\x64\x32\x64.data2data.io/ModelVersion\x12!models/{model}/versions/{version}\"P\n\x12\x43reateModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x01\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x11ListModelsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"L\n\x12ListModelsResponse\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.d2d.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x18TrainModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x9d\x01\n\x10TrainingProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12+\n\rmodel_version\x18\x04 \x01(\x0b\x32\x14.d2d.v1.ModelVersion\x12*\n\x0creproduction\x18\x05 \x01(\x0b\x32\x14.d2d.v1.Reproduction\"2\n\x1cReproduceModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xe6\x01\n\x0cReproduction\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rstored_sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10retrained_sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tidentical\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x31\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12\x39\n\x0b\x64ifferences\x18\x06 \x03(\x0b\x32\x1e.d2d.v1.ReproductionDifferenceB\x04\xe2\x41\x01\x03\"J\n\x16ReproductionDifference\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\t\x12\x11\n\tretrained\x18\x03 \x01(\t\"\xa0\x01\n\x1bRegisterModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61rtifact\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65valuation_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rfeature_names\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\",\n\x16GetModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"c\n\x18ListModelVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"b\n\x19ListModelVersionsResponse\x12,\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x14.d2d.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12GetArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\xa7\x01\n\x0fSetAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x13require_improvement\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x14\n\x06reason\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x42\x16\n\x14_require_improvement\"=\n\x12\x44\x65leteAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x32\xd4\x06\n\x0fRegistryService\x12\x38\n\x0b\x43reateModel\x12\x1a.d2d.v1.CreateModelRequest\x1a\r.d2d.v1.Model\x12\x32\n\x08GetModel\x12\x17.d2d.v1.GetModelRequest\x1a\r.d2d.v1.Model\x12\x38\n\x0bUpdateModel\x12\x1a.d2d.v1.UpdateModelRequest\x1a\r.d2d.v1.Model\x12\x43\n\nListModels\x12\x19.d2d.v1.ListModelsRequest\x1a\x1a.d2d.v1.ListModelsResponse\x12Q\n\x11TrainModelVersion\x12 .d2d.v1.TrainModelVersionRequest\x1a\x18.d2d.v1.TrainingProgress0\x01\x12Y\n\x15ReproduceModelVersion\x12$.d2d.v1.ReproduceModelVersionRequest\x1a\x18.d2d.v1.TrainingProgress0\x01\x12Q\n\x14RegisterModelVersion\x12#.d2d.v1.RegisterModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\x12G\n\x0fGetModelVersion\x12\x1e.d2d.v1.GetModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\x12X\n\x11ListModelVersions\x12 .d2d.v1.ListModelVersionsRequest\x1a!.d2d.v1.ListModelVersionsResponse\x12\x42\n\x0bGetArtifact\x12\x1a.d2d.v1.GetArtifactRequest\x1a\x15.d2d.v1.ArtifactChunk0\x01\x12\x32\n\x08SetAlias\x12\x17.d2d.v1.SetAliasRequest\x1a\r.d2d.v1.Model\x12\x38\n\x0b\x44\x65leteAlias\x12\x1a.d2d.v1.DeleteAliasRequest\x1a\r.d2d.v1.ModelBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x32\x64/v1/registry.proto\x12\x06\x64\x32\x64.v1\x1a\x13\x64\x32\x64/v1/access.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x03\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x19\n\x0b\x64\x65scription\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x1a.d2d.v1.Model.AliasesEntryB\x04\xe2\x41\x01\x03\x12\x30\n\ralias_history\x18\x04 \x03(\x0b\x32\x13.d2d.v1.AliasChangeB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x39\n\x11\x64\x65ployment_policy\x18\x06 \x01(\x0b\x32\x18.d2d.v1.DeploymentPolicyB\x04\xe2\x41\x01\x01\x12\x37\n\x10promotion_policy\x18\x07 \x01(\x0b\x32\x17.d2d.v1.PromotionPolicyB\x04\xe2\x41\x01\x01\x12)\n\x1bpromotion_policy_is_default\x18\x08 \x01(\x08\x42\x04\xe2\x41\x01\x03\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:+\xea\x41(\n\x16\x64\x32\x64.data2data.io/Model\x12\x0emodels/{model}\"y\n\x0fPromotionPolicy\x12\x14\n\x0c\x63\x61nary_share\x18\x01 \x01(\x01\x12\x15\n\rmin_decisions\x18\x02 \x01(\x03\x12\x12\n\nmin_labels\x18\x03 \x01(\x03\x12\x0e\n\x06margin\x18\x04 \x01(\x01\x12\x15\n\rmax_decisions\x18\x05 \x01(\x03\"\xbf\x03\n\x10\x44\x65ploymentPolicy\x12\x1a\n\x0c\x63\x61nary_share\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x15\n\x07\x65psilon\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x17\n\tthreshold\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12\x15\n\x07\x61\x63tions\x18\x04 \x03(\tB\x04\xe2\x41\x01\x01\x12\x31\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.d2d.v1.DeploymentPolicy.KindB\x04\xe2\x41\x01\x01\x12?\n\x0b\x65xploration\x18\x06 \x01(\x0e\x32$.d2d.v1.DeploymentPolicy.ExplorationB\x04\xe2\x41\x01\x01\x12\x19\n\x0btemperature\x18\x07 \x01(\x01\x42\x04\xe2\x41\x01\x01\x12.\n\tutilities\x18\x08 \x03(\x0b\x32\x15.d2d.v1.ActionUtilityB\x04\xe2\x41\x01\x01\"<\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tTHRESHOLD\x10\x01\x12\x0f\n\x0b\x42\x45ST_ACTION\x10\x02\"K\n\x0b\x45xploration\x12\x1b\n\x17\x45XPLORATION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45PSILON_GREEDY\x10\x01\x12\x0b\n\x07SOFTMAX\x10\x02\"O\n\rActionUtility\x12\x14\n\x06\x61\x63tion\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06weight\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x12\n\x04\x62ias\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x01\"o\n\x12UpdateModelRequest\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"\x8e\x01\n\x0b\x41liasChange\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xe3\x02\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61rtifact_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x17\n\tspec_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1d\n\x0f\x65valuation_json\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clineage_json\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rfeature_names\x18\x07 \x03(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eregistered_seq\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:E\xea\x41\x42\n\x1d\x64\x32\x64.data2data.io/ModelVersion\x12!models/{model}/versions/{version}\"P\n\x12\x43reateModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\r.d2d.v1.ModelB\x04\xe2\x41\x01\x01\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x11ListModelsRequest\x12\x17\n\tpage_size\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\"L\n\x12ListModelsResponse\x12\x1d\n\x06models\x18\x01 \x03(\x0b\x32\r.d2d.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x18TrainModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\x9d\x01\n\x10TrainingProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12+\n\rmodel_version\x18\x04 \x01(\x0b\x32\x14.d2d.v1.ModelVersion\x12*\n\x0creproduction\x18\x05 \x01(\x0b\x32\x14.d2d.v1.Reproduction\"2\n\x1cReproduceModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xe6\x01\n\x0cReproduction\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rstored_sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1e\n\x10retrained_sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tidentical\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x31\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x04\xe2\x41\x01\x03\x12\x39\n\x0b\x64ifferences\x18\x06 \x03(\x0b\x32\x1e.d2d.v1.ReproductionDifferenceB\x04\xe2\x41\x01\x03\"J\n\x16ReproductionDifference\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\t\x12\x11\n\tretrained\x18\x03 \x01(\t\"\xa0\x01\n\x1bRegisterModelVersionRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x61rtifact\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02\x12\x17\n\tspec_json\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65valuation_json\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\x12\x1b\n\rfeature_names\x18\x05 \x03(\tB\x04\xe2\x41\x01\x02\",\n\x16GetModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"c\n\x18ListModelVersionsRequest\x12\x14\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"b\n\x19ListModelVersionsResponse\x12,\n\x0emodel_versions\x18\x01 \x03(\x0b\x32\x14.d2d.v1.ModelVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12GetArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"B\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\xa7\x01\n\x0fSetAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07version\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x13require_improvement\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x14\n\x06reason\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x42\x16\n\x14_require_improvement\"=\n\x12\x44\x65leteAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x61lias\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x32\xae\x07\n\x0fRegistryService\x12?\n\x0b\x43reateModel\x12\x1a.d2d.v1.CreateModelRequest\x1a\r.d2d.v1.Model\"\x05\xfa\xb5\x18\x01\x03\x12:\n\x08GetModel\x12\x17.d2d.v1.GetModelRequest\x1a\r.d2d.v1.Model\"\x06\xfa\xb5\x18\x02\x03\x04\x12?\n\x0bUpdateModel\x12\x1a.d2d.v1.UpdateModelRequest\x1a\r.d2d.v1.Model\"\x05\xfa\xb5\x18\x01\x03\x12K\n\nListModels\x12\x19.d2d.v1.ListModelsRequest\x1a\x1a.d2d.v1.ListModelsResponse\"\x06\xfa\xb5\x18\x02\x03\x04\x12X\n\x11TrainModelVersion\x12 .d2d.v1.TrainModelVersionRequest\x1a\x18.d2d.v1.TrainingProgress\"\x05\xfa\xb5\x18\x01\x03\x30\x01\x12\x61\n\x15ReproduceModelVersion\x12$.d2d.v1.ReproduceModelVersionRequest\x1a\x18.d2d.v1.TrainingProgress\"\x06\xfa\xb5\x18\x02\x03\x04\x30\x01\x12X\n\x14RegisterModelVersion\x12#.d2d.v1.RegisterModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\"\x05\xfa\xb5\x18\x01\x03\x12O\n\x0fGetModelVersion\x12\x1e.d2d.v1.GetModelVersionRequest\x1a\x14.d2d.v1.ModelVersion\"\x06\xfa\xb5\x18\x02\x03\x04\x12`\n\x11ListModelVersions\x12 .d2d.v1.ListModelVersionsRequest\x1a!.d2d.v1.ListModelVersionsResponse\"\x06\xfa\xb5\x18\x02\x03\x04\x12J\n\x0bGetArtifact\x12\x1a.d2d.v1.GetArtifactRequest\x1a\x15.d2d.v1.ArtifactChunk\"\x06\xfa\xb5\x18\x02\x03\x04\x30\x01\x12\x39\n\x08SetAlias\x12\x17.d2d.v1.SetAliasRequest\x1a\r.d2d.v1.Model\"\x05\xfa\xb5\x18\x01\x03\x12?\n\x0b\x44\x65leteAlias\x12\x1a.d2d.v1.DeleteAliasRequest\x1a\r.d2d.v1.Model\"\x05\xfa\xb5\x18\x01\x03\x42\x41\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -165,60 +166,84 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEALIASREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_DELETEALIASREQUEST'].fields_by_name['alias']._loaded_options = None
   _globals['_DELETEALIASREQUEST'].fields_by_name['alias']._serialized_options = b'\342A\001\002'
-  _globals['_MODEL']._serialized_start=193
-  _globals['_MODEL']._serialized_end=655
-  _globals['_MODEL_ALIASESENTRY']._serialized_start=564
-  _globals['_MODEL_ALIASESENTRY']._serialized_end=610
-  _globals['_PROMOTIONPOLICY']._serialized_start=657
-  _globals['_PROMOTIONPOLICY']._serialized_end=778
-  _globals['_DEPLOYMENTPOLICY']._serialized_start=781
-  _globals['_DEPLOYMENTPOLICY']._serialized_end=1228
-  _globals['_DEPLOYMENTPOLICY_KIND']._serialized_start=1091
-  _globals['_DEPLOYMENTPOLICY_KIND']._serialized_end=1151
-  _globals['_DEPLOYMENTPOLICY_EXPLORATION']._serialized_start=1153
-  _globals['_DEPLOYMENTPOLICY_EXPLORATION']._serialized_end=1228
-  _globals['_ACTIONUTILITY']._serialized_start=1230
-  _globals['_ACTIONUTILITY']._serialized_end=1309
-  _globals['_UPDATEMODELREQUEST']._serialized_start=1311
-  _globals['_UPDATEMODELREQUEST']._serialized_end=1422
-  _globals['_ALIASCHANGE']._serialized_start=1425
-  _globals['_ALIASCHANGE']._serialized_end=1567
-  _globals['_MODELVERSION']._serialized_start=1570
-  _globals['_MODELVERSION']._serialized_end=1925
-  _globals['_CREATEMODELREQUEST']._serialized_start=1927
-  _globals['_CREATEMODELREQUEST']._serialized_end=2007
-  _globals['_GETMODELREQUEST']._serialized_start=2009
-  _globals['_GETMODELREQUEST']._serialized_end=2046
-  _globals['_LISTMODELSREQUEST']._serialized_start=2048
-  _globals['_LISTMODELSREQUEST']._serialized_end=2118
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2120
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2196
-  _globals['_TRAINMODELVERSIONREQUEST']._serialized_start=2198
-  _globals['_TRAINMODELVERSIONREQUEST']._serialized_end=2271
-  _globals['_TRAININGPROGRESS']._serialized_start=2274
-  _globals['_TRAININGPROGRESS']._serialized_end=2431
-  _globals['_REPRODUCEMODELVERSIONREQUEST']._serialized_start=2433
-  _globals['_REPRODUCEMODELVERSIONREQUEST']._serialized_end=2483
-  _globals['_REPRODUCTION']._serialized_start=2486
-  _globals['_REPRODUCTION']._serialized_end=2716
-  _globals['_REPRODUCTIONDIFFERENCE']._serialized_start=2718
-  _globals['_REPRODUCTIONDIFFERENCE']._serialized_end=2792
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=2795
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=2955
-  _globals['_GETMODELVERSIONREQUEST']._serialized_start=2957
-  _globals['_GETMODELVERSIONREQUEST']._serialized_end=3001
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=3003
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=3102
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=3104
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=3202
-  _globals['_GETARTIFACTREQUEST']._serialized_start=3204
-  _globals['_GETARTIFACTREQUEST']._serialized_end=3244
-  _globals['_ARTIFACTCHUNK']._serialized_start=3246
-  _globals['_ARTIFACTCHUNK']._serialized_end=3312
-  _globals['_SETALIASREQUEST']._serialized_start=3315
-  _globals['_SETALIASREQUEST']._serialized_end=3482
-  _globals['_DELETEALIASREQUEST']._serialized_start=3484
-  _globals['_DELETEALIASREQUEST']._serialized_end=3545
-  _globals['_REGISTRYSERVICE']._serialized_start=3548
-  _globals['_REGISTRYSERVICE']._serialized_end=4400
+  _globals['_REGISTRYSERVICE'].methods_by_name['CreateModel']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['CreateModel']._serialized_options = b'\372\265\030\001\003'
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModel']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModel']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_REGISTRYSERVICE'].methods_by_name['UpdateModel']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['UpdateModel']._serialized_options = b'\372\265\030\001\003'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModels']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_REGISTRYSERVICE'].methods_by_name['TrainModelVersion']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['TrainModelVersion']._serialized_options = b'\372\265\030\001\003'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ReproduceModelVersion']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ReproduceModelVersion']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_REGISTRYSERVICE'].methods_by_name['RegisterModelVersion']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['RegisterModelVersion']._serialized_options = b'\372\265\030\001\003'
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModelVersion']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModelVersion']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModelVersions']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModelVersions']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetArtifact']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetArtifact']._serialized_options = b'\372\265\030\002\003\004'
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetAlias']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetAlias']._serialized_options = b'\372\265\030\001\003'
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteAlias']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteAlias']._serialized_options = b'\372\265\030\001\003'
+  _globals['_MODEL']._serialized_start=214
+  _globals['_MODEL']._serialized_end=676
+  _globals['_MODEL_ALIASESENTRY']._serialized_start=585
+  _globals['_MODEL_ALIASESENTRY']._serialized_end=631
+  _globals['_PROMOTIONPOLICY']._serialized_start=678
+  _globals['_PROMOTIONPOLICY']._serialized_end=799
+  _globals['_DEPLOYMENTPOLICY']._serialized_start=802
+  _globals['_DEPLOYMENTPOLICY']._serialized_end=1249
+  _globals['_DEPLOYMENTPOLICY_KIND']._serialized_start=1112
+  _globals['_DEPLOYMENTPOLICY_KIND']._serialized_end=1172
+  _globals['_DEPLOYMENTPOLICY_EXPLORATION']._serialized_start=1174
+  _globals['_DEPLOYMENTPOLICY_EXPLORATION']._serialized_end=1249
+  _globals['_ACTIONUTILITY']._serialized_start=1251
+  _globals['_ACTIONUTILITY']._serialized_end=1330
+  _globals['_UPDATEMODELREQUEST']._serialized_start=1332
+  _globals['_UPDATEMODELREQUEST']._serialized_end=1443
+  _globals['_ALIASCHANGE']._serialized_start=1446
+  _globals['_ALIASCHANGE']._serialized_end=1588
+  _globals['_MODELVERSION']._serialized_start=1591
+  _globals['_MODELVERSION']._serialized_end=1946
+  _globals['_CREATEMODELREQUEST']._serialized_start=1948
+  _globals['_CREATEMODELREQUEST']._serialized_end=2028
+  _globals['_GETMODELREQUEST']._serialized_start=2030
+  _globals['_GETMODELREQUEST']._serialized_end=2067
+  _globals['_LISTMODELSREQUEST']._serialized_start=2069
+  _globals['_LISTMODELSREQUEST']._serialized_end=2139
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2141
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2217
+  _globals['_TRAINMODELVERSIONREQUEST']._serialized_start=2219
+  _globals['_TRAINMODELVERSIONREQUEST']._serialized_end=2292
+  _globals['_TRAININGPROGRESS']._serialized_start=2295
+  _globals['_TRAININGPROGRESS']._serialized_end=2452
+  _globals['_REPRODUCEMODELVERSIONREQUEST']._serialized_start=2454
+  _globals['_REPRODUCEMODELVERSIONREQUEST']._serialized_end=2504
+  _globals['_REPRODUCTION']._serialized_start=2507
+  _globals['_REPRODUCTION']._serialized_end=2737
+  _globals['_REPRODUCTIONDIFFERENCE']._serialized_start=2739
+  _globals['_REPRODUCTIONDIFFERENCE']._serialized_end=2813
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=2816
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=2976
+  _globals['_GETMODELVERSIONREQUEST']._serialized_start=2978
+  _globals['_GETMODELVERSIONREQUEST']._serialized_end=3022
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=3024
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=3123
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=3125
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=3223
+  _globals['_GETARTIFACTREQUEST']._serialized_start=3225
+  _globals['_GETARTIFACTREQUEST']._serialized_end=3265
+  _globals['_ARTIFACTCHUNK']._serialized_start=3267
+  _globals['_ARTIFACTCHUNK']._serialized_end=3333
+  _globals['_SETALIASREQUEST']._serialized_start=3336
+  _globals['_SETALIASREQUEST']._serialized_end=3503
+  _globals['_DELETEALIASREQUEST']._serialized_start=3505
+  _globals['_DELETEALIASREQUEST']._serialized_end=3566
+  _globals['_REGISTRYSERVICE']._serialized_start=3569
+  _globals['_REGISTRYSERVICE']._serialized_end=4511
 # @@protoc_insertion_point(module_scope)

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from d2d.v1 import access_pb2 as d2d_dot_v1_dot_access__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x32\x64/v1/serving.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x9a\x02\n\x0ePredictRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12<\n\x08\x65ntities\x18\x02 \x03(\x0b\x32$.d2d.v1.PredictRequest.EntitiesEntryB\x04\xe2\x41\x01\x02\x12.\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x15\n\x07unit_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12#\n\x15min_feature_watermark\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x01\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x0bShadowScore\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xfd\x01\n\x0fPredictResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x12\n\npropensity\x18\x04 \x01(\x01\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0b\n\x03\x61rm\x18\x06 \x01(\t\x12\x19\n\x11\x66\x65\x61ture_watermark\x18\x07 \x01(\x03\x12\x18\n\x10unknown_entities\x18\x08 \x03(\t\x12*\n\rshadow_scores\x18\t \x03(\x0b\x32\x13.d2d.v1.ShadowScore\x12\x10\n\x08\x65xplored\x18\n \x01(\x08\x12\x0b\n\x03seq\x18\x0b \x01(\x03\"E\n\x13\x42\x61tchPredictRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x16.d2d.v1.PredictRequestB\x04\xe2\x41\x01\x02\"B\n\x14\x42\x61tchPredictResponse\x12*\n\tresponses\x18\x01 \x03(\x0b\x32\x17.d2d.v1.PredictResponse2\x97\x01\n\x0eServingService\x12:\n\x07Predict\x12\x16.d2d.v1.PredictRequest\x1a\x17.d2d.v1.PredictResponse\x12I\n\x0c\x42\x61tchPredict\x12\x1b.d2d.v1.BatchPredictRequest\x1a\x1c.d2d.v1.BatchPredictResponseBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x32\x64/v1/serving.proto\x12\x06\x64\x32\x64.v1\x1a\x13\x64\x32\x64/v1/access.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x9a\x02\n\x0ePredictRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12<\n\x08\x65ntities\x18\x02 \x03(\x0b\x32$.d2d.v1.PredictRequest.EntitiesEntryB\x04\xe2\x41\x01\x02\x12.\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x04\xe2\x41\x01\x01\x12\x15\n\x07unit_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x12#\n\x15min_feature_watermark\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x01\x1a/\n\rEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x0bShadowScore\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xfd\x01\n\x0fPredictResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x12\n\npropensity\x18\x04 \x01(\x01\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0b\n\x03\x61rm\x18\x06 \x01(\t\x12\x19\n\x11\x66\x65\x61ture_watermark\x18\x07 \x01(\x03\x12\x18\n\x10unknown_entities\x18\x08 \x03(\t\x12*\n\rshadow_scores\x18\t \x03(\x0b\x32\x13.d2d.v1.ShadowScore\x12\x10\n\x08\x65xplored\x18\n \x01(\x08\x12\x0b\n\x03seq\x18\x0b \x01(\x03\"E\n\x13\x42\x61tchPredictRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x16.d2d.v1.PredictRequestB\x04\xe2\x41\x01\x02\"B\n\x14\x42\x61tchPredictResponse\x12*\n\tresponses\x18\x01 \x03(\x0b\x32\x17.d2d.v1.PredictResponse2\xa5\x01\n\x0eServingService\x12\x41\n\x07Predict\x12\x16.d2d.v1.PredictRequest\x1a\x17.d2d.v1.PredictResponse\"\x05\xfa\xb5\x18\x01\x02\x12P\n\x0c\x42\x61tchPredict\x12\x1b.d2d.v1.BatchPredictRequest\x1a\x1c.d2d.v1.BatchPredictResponse\"\x05\xfa\xb5\x18\x01\x02\x42\x41\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,18 +51,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST'].fields_by_name['min_feature_watermark']._serialized_options = b'\342A\001\001'
   _globals['_BATCHPREDICTREQUEST'].fields_by_name['requests']._loaded_options = None
   _globals['_BATCHPREDICTREQUEST'].fields_by_name['requests']._serialized_options = b'\342A\001\002'
-  _globals['_PREDICTREQUEST']._serialized_start=96
-  _globals['_PREDICTREQUEST']._serialized_end=378
-  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_start=331
-  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_end=378
-  _globals['_SHADOWSCORE']._serialized_start=380
-  _globals['_SHADOWSCORE']._serialized_end=431
-  _globals['_PREDICTRESPONSE']._serialized_start=434
-  _globals['_PREDICTRESPONSE']._serialized_end=687
-  _globals['_BATCHPREDICTREQUEST']._serialized_start=689
-  _globals['_BATCHPREDICTREQUEST']._serialized_end=758
-  _globals['_BATCHPREDICTRESPONSE']._serialized_start=760
-  _globals['_BATCHPREDICTRESPONSE']._serialized_end=826
-  _globals['_SERVINGSERVICE']._serialized_start=829
-  _globals['_SERVINGSERVICE']._serialized_end=980
+  _globals['_SERVINGSERVICE'].methods_by_name['Predict']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['Predict']._serialized_options = b'\372\265\030\001\002'
+  _globals['_SERVINGSERVICE'].methods_by_name['BatchPredict']._loaded_options = None
+  _globals['_SERVINGSERVICE'].methods_by_name['BatchPredict']._serialized_options = b'\372\265\030\001\002'
+  _globals['_PREDICTREQUEST']._serialized_start=117
+  _globals['_PREDICTREQUEST']._serialized_end=399
+  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_start=352
+  _globals['_PREDICTREQUEST_ENTITIESENTRY']._serialized_end=399
+  _globals['_SHADOWSCORE']._serialized_start=401
+  _globals['_SHADOWSCORE']._serialized_end=452
+  _globals['_PREDICTRESPONSE']._serialized_start=455
+  _globals['_PREDICTRESPONSE']._serialized_end=708
+  _globals['_BATCHPREDICTREQUEST']._serialized_start=710
+  _globals['_BATCHPREDICTREQUEST']._serialized_end=779
+  _globals['_BATCHPREDICTRESPONSE']._serialized_start=781
+  _globals['_BATCHPREDICTRESPONSE']._serialized_end=847
+  _globals['_SERVINGSERVICE']._serialized_start=850
+  _globals['_SERVINGSERVICE']._serialized_end=1015
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from d2d.v1 import access_pb2 as _access_pb2
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from d2d import eventlog, grpcserver
+from d2d import auth, eventlog, grpcserver
 from d2d.config import Settings
 from d2d.eventlog import EventLog
 from d2d.runtime.process import stop_on_signals
@@ -18,9 +18,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     url = settings.require_database_url()
     await eventlog.migrate(url)
     pool = await eventlog.create_pool(url, max_size=6)
-    api = AuditApi(EventLog(pool), url)
-    server, health = grpcserver.new_server([SERVICE_NAME])
-    grpcserver.add_service(server, audit_pb2.DESCRIPTOR.services_by_name["AuditService"], api)
+    event_log = EventLog(pool)
+    api = AuditApi(event_log, url)
+    keys = await auth.KeyRing.open(event_log)
+    server, health = grpcserver.new_server([SERVICE_NAME], reflection_enabled=settings.grpc_reflection)
+    grpcserver.add_service(server, audit_pb2.DESCRIPTOR.services_by_name["AuditService"], api, keys)
     addr = settings.addr("audit")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"audit: cannot listen on {addr}")
@@ -28,4 +30,5 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     try:
         await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"audit serving on {addr}")
     finally:
+        await keys.close()
         await pool.close()

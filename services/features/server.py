@@ -10,7 +10,7 @@ import logging
 
 from grpc_health.v1 import health_pb2
 
-from d2d import bus, eventlog, grpcserver
+from d2d import auth, bus, eventlog, grpcserver
 from d2d.config import Settings
 from d2d.eventlog import EventLog
 from d2d.features.consumer import Folder
@@ -44,9 +44,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     consumer = f"{settings.features_consumer}:{topology.events_stream}"
     state = await restore(event_log, views, consumer)
 
-    server, health = grpcserver.new_server([SERVICE_NAME])
+    keys = await auth.KeyRing.open(event_log)
+    server, health = grpcserver.new_server([SERVICE_NAME], reflection_enabled=settings.grpc_reflection)
     api = FeatureApi(state, event_log)
-    grpcserver.add_service(server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], api)
+    grpcserver.add_service(server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], api, keys)
     addr = settings.addr("features")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"features: cannot listen on {addr}")
@@ -74,4 +75,5 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     with contextlib.suppress(Exception):  # NATS may be away: the consumer is durable
         await nc.flush(timeout=5)  # the last acknowledgement
         await nc.close()
+    await keys.close()
     await pool.close()

@@ -9,7 +9,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 
-from d2d import eventlog, grpcserver
+from d2d import auth, eventlog, grpcserver
 from d2d.config import Settings
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
@@ -64,8 +64,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     event_log = EventLog(pool)
     api = FeedbackApi(event_log)
     consumer = FeedbackConsumer(event_log, monitor_settings=MonitorSettings.from_json(settings.feedback_monitor_json))
-    server, health = grpcserver.new_server([SERVICE_NAME])
-    grpcserver.add_service(server, feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"], api)
+    keys = await auth.KeyRing.open(event_log)
+    server, health = grpcserver.new_server([SERVICE_NAME], reflection_enabled=settings.grpc_reflection)
+    grpcserver.add_service(server, feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"], api, keys)
     addr = settings.addr("feedback")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"feedback: cannot listen on {addr}")
@@ -81,4 +82,5 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     finally:
         for task in tasks:
             task.cancel()
+        await keys.close()
         await pool.close()

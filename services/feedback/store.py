@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from d2d import auth
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent, StoredEvent
 from d2d.limits import check_text
@@ -156,7 +157,7 @@ class FeedbackStore:
             [appended] = await tx.append(
                 NewEvent(
                     event_id, "outcome.recorded", 1, "decision", terms.decision_id, terms.occurred_at,
-                    orjson.dumps(terms.payload()).decode(), {"producer": "feedback"},
+                    orjson.dumps(terms.payload()).decode(), {"producer": "feedback", **auth.actor_metadata()},
                 )
             )  # fmt: skip
             return appended
@@ -193,7 +194,8 @@ class FeedbackStore:
                 await tx.append(
                     NewEvent(
                         rule_event_id(rule.name), "outcome_rule.registered", 1, "outcome_rule", rule.name,
-                        datetime.now(UTC), orjson.dumps(terms).decode(), {"producer": "feedback"},
+                        datetime.now(UTC), orjson.dumps(terms).decode(),
+                        {"producer": "feedback", **auth.actor_metadata()},
                     )
                 )  # fmt: skip
             row = await tx.conn.fetchrow(RULE_SQL + " WHERE name = $1", rule.name)

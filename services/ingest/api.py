@@ -13,7 +13,7 @@ import orjson
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import status_pb2
 
-from d2d import bus, grpcserver, outbox, telemetry
+from d2d import auth, bus, grpcserver, outbox, telemetry
 from d2d.contracts.compat import CompatibilityMode
 from d2d.contracts.registry import Contract, ContractRegistry
 from d2d.deadletters import DeadLetter, DeadLetters
@@ -431,5 +431,5 @@ def _from_dead_letter(d: DeadLetter, payload: bytes | None, raw: bytes | None) -
     return candidate
 
 
-def add_to_server(api: IngestApi, server: grpc.aio.Server) -> None:
-    grpcserver.add_service(server, ingest_pb2.DESCRIPTOR.services_by_name["IngestService"], api)
+def add_to_server(api: IngestApi, server: grpc.aio.Server, keys: auth.KeyRing) -> None:
+    grpcserver.add_service(server, ingest_pb2.DESCRIPTOR.services_by_name["IngestService"], api, keys)

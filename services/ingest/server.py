@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from d2d import bus, eventlog, grpcserver, outbox
+from d2d import auth, bus, eventlog, grpcserver, outbox
 from d2d.config import Settings
 from d2d.contracts.platform import register_platform_contracts
 from d2d.contracts.registry import ContractRegistry
@@ -30,11 +30,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     ingestor = Ingestor(registry, committer, dead_letters)
 
     topology = bus.Topology(settings.nats_namespace)
-    server, health = grpcserver.new_server([api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS)
+    keys = await auth.KeyRing.open(log_)
+    server, health = grpcserver.new_server(
+        [api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS, reflection_enabled=settings.grpc_reflection
+    )
     ingest_api = api.IngestApi(
         ingestor, registry, dead_letters, log_, relay_name=outbox.relay_name(topology.events_stream)
     )
-    api.add_to_server(ingest_api, server)
+    api.add_to_server(ingest_api, server, keys)
     addr = settings.addr("ingest")
     port = server.add_insecure_port(addr)
     if port == 0:
@@ -51,6 +54,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await committer.close()
     with contextlib.suppress(Exception):  # NATS may be away (reconnecting): nothing of ours is in flight
         await nc.drain()
+    await keys.close()
     await pool.close()
 
 

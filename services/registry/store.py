@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from d2d import auth
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog, NewEvent
 from d2d.policies import policy_from_dict, with_changes
@@ -131,8 +132,12 @@ SCHEMA_VERSIONS = {"model.policy_set": 2, "model.registered": 2}
 
 
 def _event(type_: str, model: str, payload: dict[str, Any]) -> NewEvent:
+    """A registry event; its metadata names the API key that asked for it (`actor`), if a caller did."""
     version = SCHEMA_VERSIONS.get(type_, 1)
-    return NewEvent(uuid.uuid4(), type_, version, "model", model, datetime.now(UTC), orjson.dumps(payload).decode())
+    return NewEvent(
+        uuid.uuid4(), type_, version, "model", model, datetime.now(UTC), orjson.dumps(payload).decode(),
+        auth.actor_metadata(),
+    )  # fmt: skip
 
 
 _VERSION_COLUMNS = (

@@ -13,7 +13,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
-from d2d import bus, eventlog, grpcserver
+from d2d import auth, bus, eventlog, grpcserver
 from d2d.client import FeatureClient, RegistryClient
 from d2d.config import Settings
 from d2d.eventlog import EventLog, GroupCommitter
@@ -131,14 +131,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     pool = await eventlog.create_pool(url, max_size=8)
     event_log = EventLog(pool)
     committer = GroupCommitter(event_log)
-    registry = RegistryClient(settings.addr("registry"))
+    registry = RegistryClient(settings.addr("registry"), settings.api_key)
     nc = await bus.connect(settings.require_nats_url(), name="d2d-serving")
     topology = bus.Topology(settings.nats_namespace)
     features, folding = await _features(settings, event_log, nc, topology, stop)
     deployments = Deployments(registry, event_log, features, micro_batching=micro_batching)
-    server, health = grpcserver.new_server([SERVICE_NAME])
+    keys = await auth.KeyRing.open(event_log)
+    server, health = grpcserver.new_server([SERVICE_NAME], reflection_enabled=settings.grpc_reflection)
     api = ServingApi(deployments, features, event_log, committer, max_in_flight=settings.serving_max_in_flight)
-    grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api)
+    grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api, keys)
     addr = settings.addr("serving")
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"serving: cannot listen on {addr}")
@@ -160,6 +161,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
         await nc.flush(timeout=5)
         await nc.close()
     await registry.channel.close()
+    await keys.close()
     await pool.close()
 
 
@@ -169,7 +171,7 @@ async def _features(
     """The features in the mode settings name, and the task folding them (in-process mode): it is
     running and caught up with what it restored when this returns. A failing fold stops the service."""
     if settings.serving_features == "remote":
-        return RemoteFeatures(FeatureClient(settings.addr("features"))), None
+        return RemoteFeatures(FeatureClient(settings.addr("features"), settings.api_key)), None
     if settings.serving_features != "local":
         raise SystemExit(f"D2D_SERVING_FEATURES must be 'local' or 'remote', not {settings.serving_features!r}")
     consumer = f"{settings.serving_consumer}:{topology.events_stream}"
