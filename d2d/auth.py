@@ -13,7 +13,8 @@ costs a dict lookup, one SHA-256 and a constant-time comparison (microseconds):
 
 Which roles may call a method is part of the contract: the `allowed_roles` option of every rpc in
 protos/d2d/v1 (`roles_of`); ADMIN may call everything. `d2d.grpcserver.add_service` enforces it and
-puts the caller's `Principal` in `current_principal` for the handler.
+puts the caller's `Principal` in `current_principal` for the handler. A key created with a rate limit
+(`d2d.ratelimit`) is held to it by each ring's `limiter`, after its role is checked.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from google.protobuf.descriptor import MethodDescriptor
 
 from d2d.eventlog import EventLog, NewEvent, StoredEvent
 from d2d.private import write_private_text
+from d2d.ratelimit import Rate, RateLimiter
 from d2d.v1 import access_pb2
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Principal:
 
     key_id: str
     role: str
+    rate: Rate | None = None  # how fast it may call (None: not limited)
 
 
 # The caller of the gRPC call being handled (set by d2d.grpcserver.add_service's handlers).
@@ -102,6 +105,7 @@ class ApiKey:
     create_time: datetime
     revoke_time: datetime | None = None
     revoked_by: str = ""
+    rate: Rate | None = None
 
     @property
     def revoked(self) -> bool:
@@ -112,13 +116,17 @@ def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_key(role: str, display_name: str = "", *, created_by: str = "") -> tuple[str, NewEvent]:
+def new_key(
+    role: str, display_name: str = "", *, created_by: str = "", rate: Rate | None = None
+) -> tuple[str, NewEvent]:
     """A new key of `role`: its text (to show once, then forget) and its `api_key.created` event."""
     text = f"{KEY_PREFIX}_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
-    return text, created_event(text, role, display_name, created_by=created_by)
+    return text, created_event(text, role, display_name, created_by=created_by, rate=rate)
 
 
-def created_event(text: str, role: str, display_name: str = "", *, created_by: str = "") -> NewEvent:
+def created_event(
+    text: str, role: str, display_name: str = "", *, created_by: str = "", rate: Rate | None = None
+) -> NewEvent:
     """The `api_key.created` event of the key whose text is `text` (its secret's hash, not the secret)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -129,6 +137,8 @@ def created_event(text: str, role: str, display_name: str = "", *, created_by: s
         "key_id": key_id, "role": role, "display_name": display_name,
         "secret_sha256": _sha256(text[len(KEY_PREFIX) + len(key_id) + 2 :]), "created_by": created_by,
     }  # fmt: skip
+    if rate is not None:
+        payload["rate_limit"] = {"per_second": rate.per_second, "burst": rate.burst}
     return NewEvent(
         uuid.uuid4(), "api_key.created", 1, "api_key", key_id, datetime.now(UTC), orjson.dumps(payload).decode(),
         {"actor": created_by} if created_by else {},
@@ -187,6 +197,7 @@ class KeyRing:
         self._lock = asyncio.Lock()
         self._last_read_started = float("-inf")
         self._follower: asyncio.Task[None] | None = None
+        self.limiter = RateLimiter()  # the keys' rate limits, counted in this process
 
     @classmethod
     async def open(cls, event_log: EventLog, *, refresh_seconds: float = REFRESH_SECONDS) -> KeyRing:
@@ -256,9 +267,10 @@ class KeyRing:
         between the reads of the two types) is kept and applied when the creation comes."""
         p = event.payload
         if event.type == "api_key.created":
+            limit = p.get("rate_limit")
             self._keys[p["key_id"]] = ApiKey(
                 p["key_id"], p["role"], p.get("display_name", ""), p["secret_sha256"], p["created_by"],
-                event.recorded_at,
+                event.recorded_at, rate=Rate(limit["per_second"], limit["burst"]) if limit else None,
             )  # fmt: skip
             if (early := self._early_revocations.pop(p["key_id"], None)) is not None:
                 self.fold(early)
@@ -296,7 +308,7 @@ class KeyRing:
             raise Unauthenticated(f"the secret of API key {key_id} is wrong", "API_KEY_WRONG_SECRET")
         if key.revoke_time is not None:
             raise Unauthenticated(f"API key {key_id} was revoked", "API_KEY_REVOKED")
-        return Principal(key_id, key.role)
+        return Principal(key_id, key.role, key.rate)
 
     async def authenticate(self, token: str | None) -> Principal:
         """`check`, reading the log's new keys first when the key id is not known yet."""
@@ -314,6 +326,9 @@ def api_key_proto(key: ApiKey) -> access_pb2.ApiKey:
         revoker=f"apiKeys/{key.revoked_by}" if key.revoked_by else "",
     )  # fmt: skip
     message.create_time.FromDatetime(key.create_time)
+    if key.rate is not None:
+        message.rate_limit.calls_per_second = key.rate.per_second
+        message.rate_limit.burst = key.rate.burst
     if key.revoke_time is not None:
         message.revoke_time.FromDatetime(key.revoke_time)
     return message

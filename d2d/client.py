@@ -738,12 +738,16 @@ class AccessClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.channel.close()
 
-    async def create_key(self, role: str, display_name: str = "") -> tuple[access_pb2.ApiKey, str]:
+    async def create_key(
+        self, role: str, display_name: str = "", *, calls_per_second: float = 0, burst: float = 0
+    ) -> tuple[access_pb2.ApiKey, str]:
         """A new key of `role` (producer, app, operator, auditor, admin): its record and its text,
-        which is shown this once."""
-        request = access_pb2.CreateApiKeyRequest(
-            api_key=access_pb2.ApiKey(role=access_pb2.Role.Value(role.upper()), display_name=display_name)
-        )
+        which is shown this once. With `calls_per_second`, the key is rate limited (`burst` at once;
+        0: one second's calls)."""
+        key = access_pb2.ApiKey(role=access_pb2.Role.Value(role.upper()), display_name=display_name)
+        if calls_per_second:
+            key.rate_limit.calls_per_second, key.rate_limit.burst = calls_per_second, burst
+        request = access_pb2.CreateApiKeyRequest(api_key=key)
         response = await self.stub.CreateApiKey(request, timeout=30)
         return response.api_key, response.key
 

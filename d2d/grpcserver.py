@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -233,6 +234,14 @@ async def _authorize(keys: auth.KeyRing, roles: frozenset[str], full_method: str
                 reason="ROLE_NOT_ALLOWED",
                 info={"required_roles": ",".join(sorted(roles)), "key_role": principal.role},
             ),
+        )  # fmt: skip
+    try:
+        keys.limiter.take(principal.key_id, principal.rate, time.monotonic())
+    except Refusal as refused:
+        await abort(
+            context,
+            status(refused.code, refused.message, reason="RATE_LIMITED", retry_after=refused.retry_after,
+                   info={"key_id": principal.key_id}),
         )  # fmt: skip
     auth.current_principal.set(principal)
 

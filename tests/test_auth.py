@@ -217,6 +217,28 @@ async def test_a_created_key_works_at_once_everywhere_and_a_revoked_one_stops(pl
     assert listed[created.name].HasField("revoke_time") and listed[created.name].role == access_pb2.OPERATOR
 
 
+async def test_a_rate_limited_key_is_refused_over_its_rate_with_when_to_retry(platform: Platform) -> None:
+    async with AccessClient(platform.addrs["registry"], api_key=TEST_API_KEY) as access:
+        created, limited = await access.create_key("operator", "throttled", calls_per_second=0.05, burst=2)
+        assert (created.rate_limit.calls_per_second, created.rate_limit.burst) == (0.05, 2)
+        with pytest.raises(grpc.aio.AioRpcError) as nonsense:
+            await access.create_key("operator", "bad", calls_per_second=-1)
+        assert nonsense.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "rate_limit.calls_per_second" in str(error_details(nonsense.value))
+    async with IngestClient(platform.addrs["ingest"], api_key=limited) as ingest:
+        await ingest.get_event_log()
+        await ingest.get_event_log()  # the burst: two calls at once
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # the next in 20 s
+            await ingest.get_event_log()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert auth.key_id_of(limited) in refused.value.details() and limited not in refused.value.details()
+        [retry] = [d for d in error_details(refused.value) if isinstance(d, error_details_pb2.RetryInfo)]
+        assert 10 < retry.retry_delay.ToTimedelta().total_seconds() <= 20
+    async with IngestClient(platform.addrs["ingest"], api_key=platform.keys["operator"]) as other:
+        for _ in range(5):  # another key is not held back by it
+            await other.get_event_log()
+
+
 async def test_health_needs_no_key_on_any_service(platform: Platform) -> None:
     for name, addr in platform.addrs.items():
         async with grpcserver.channel(addr, api_key="") as anonymous:

@@ -19,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     create = ksub.add_parser("create", help="a new key; its text is printed this once")
     create.add_argument("--role", required=True, choices=auth.ROLES)
     create.add_argument("--name", default="", help="what the key is for, e.g. checkout-service")
+    create.add_argument(
+        "--rate", type=float, default=0, help="calls per second it may make to each service (0: no limit)"
+    )
+    create.add_argument("--burst", type=float, default=0, help="calls it may make at once (default: one second's)")
     ksub.add_parser("list", help="every key, newest first, revoked ones too")
     revoke = ksub.add_parser("revoke", help="calls with the key are refused from then on")
     revoke.add_argument("key_id", help="the key's id (apiKeys/{id} or the id alone)")
@@ -39,7 +43,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     async def work() -> int:
         async with AccessClient(target) as access:
             if args.action == "create":
-                key, text = await access.create_key(args.role, args.name)
+                key, text = await access.create_key(args.role, args.name, calls_per_second=args.rate, burst=args.burst)
                 common.console.print(f"created {key.name} ({args.role}); its key, shown this once:")
                 print(text)
                 return 0
@@ -48,13 +52,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 common.console.print(f"revoked {key.name}")
                 return 0
             table = Table(title="API keys")
-            for col in ("name", "role", "display name", "created", "by", "revoked"):
+            for col in ("name", "role", "display name", "rate limit", "created", "by", "revoked"):
                 table.add_column(col, overflow="fold")
             for key in await access.list_keys():
                 revoked = _when(key.revoke_time) if key.HasField("revoke_time") else ""
+                limit = key.rate_limit
+                rate = f"{limit.calls_per_second:g}/s, {limit.burst:g} at once" if key.HasField("rate_limit") else ""
                 table.add_row(
-                    key.name, auth.role_name(key.role), key.display_name, _when(key.create_time), key.creator, revoked
-                )
+                    key.name, auth.role_name(key.role), key.display_name, rate, _when(key.create_time), key.creator,
+                    revoked,
+                )  # fmt: skip
             common.console.print(table)
             return 0
 

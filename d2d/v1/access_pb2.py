@@ -28,7 +28,7 @@ from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x32\x64/v1/access.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/descriptor.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x02\n\x06\x41piKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x0c.d2d.v1.RoleB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07revoker\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03:/\xea\x41,\n\x17\x64\x32\x64.data2data.io/ApiKey\x12\x11\x61piKeys/{api_key}\"<\n\x13\x43reateApiKeyRequest\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x0e.d2d.v1.ApiKeyB\x04\xe2\x41\x01\x02\"D\n\x14\x43reateApiKeyResponse\x12\x1f\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x0e.d2d.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x14\n\x12ListApiKeysRequest\"7\n\x13ListApiKeysResponse\x12 \n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x0e.d2d.v1.ApiKey\"E\n\x13RevokeApiKeyRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17\x64\x32\x64.data2data.io/ApiKey*Y\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0c\n\x08PRODUCER\x10\x01\x12\x07\n\x03\x41PP\x10\x02\x12\x0c\n\x08OPERATOR\x10\x03\x12\x0b\n\x07\x41UDITOR\x10\x04\x12\t\n\x05\x41\x44MIN\x10\x05\x32\xf4\x01\n\rAccessService\x12P\n\x0c\x43reateApiKey\x12\x1b.d2d.v1.CreateApiKeyRequest\x1a\x1c.d2d.v1.CreateApiKeyResponse\"\x05\xfa\xb5\x18\x01\x05\x12M\n\x0bListApiKeys\x12\x1a.d2d.v1.ListApiKeysRequest\x1a\x1b.d2d.v1.ListApiKeysResponse\"\x05\xfa\xb5\x18\x01\x05\x12\x42\n\x0cRevokeApiKey\x12\x1b.d2d.v1.RevokeApiKeyRequest\x1a\x0e.d2d.v1.ApiKey\"\x05\xfa\xb5\x18\x01\x05:E\n\rallowed_roles\x12\x1e.google.protobuf.MethodOptions\x18\xdf\x86\x03 \x03(\x0e\x32\x0c.d2d.v1.RoleBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64\x32\x64/v1/access.proto\x12\x06\x64\x32\x64.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/descriptor.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x02\n\x06\x41piKey\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x0c.d2d.v1.RoleB\x04\xe2\x41\x01\x02\x12\x1a\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07revoker\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\nrate_limit\x18\x08 \x01(\x0b\x32\x11.d2d.v1.RateLimitB\x04\xe2\x41\x01\x01:/\xea\x41,\n\x17\x64\x32\x64.data2data.io/ApiKey\x12\x11\x61piKeys/{api_key}\"@\n\tRateLimit\x12\x1e\n\x10\x63\x61lls_per_second\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x02\x12\x13\n\x05\x62urst\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x01\"<\n\x13\x43reateApiKeyRequest\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x0e.d2d.v1.ApiKeyB\x04\xe2\x41\x01\x02\"D\n\x14\x43reateApiKeyResponse\x12\x1f\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x0e.d2d.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x14\n\x12ListApiKeysRequest\"7\n\x13ListApiKeysResponse\x12 \n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x0e.d2d.v1.ApiKey\"E\n\x13RevokeApiKeyRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17\x64\x32\x64.data2data.io/ApiKey*Y\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0c\n\x08PRODUCER\x10\x01\x12\x07\n\x03\x41PP\x10\x02\x12\x0c\n\x08OPERATOR\x10\x03\x12\x0b\n\x07\x41UDITOR\x10\x04\x12\t\n\x05\x41\x44MIN\x10\x05\x32\xf4\x01\n\rAccessService\x12P\n\x0c\x43reateApiKey\x12\x1b.d2d.v1.CreateApiKeyRequest\x1a\x1c.d2d.v1.CreateApiKeyResponse\"\x05\xfa\xb5\x18\x01\x05\x12M\n\x0bListApiKeys\x12\x1a.d2d.v1.ListApiKeysRequest\x1a\x1b.d2d.v1.ListApiKeysResponse\"\x05\xfa\xb5\x18\x01\x05\x12\x42\n\x0cRevokeApiKey\x12\x1b.d2d.v1.RevokeApiKeyRequest\x1a\x0e.d2d.v1.ApiKey\"\x05\xfa\xb5\x18\x01\x05:E\n\rallowed_roles\x12\x1e.google.protobuf.MethodOptions\x18\xdf\x86\x03 \x03(\x0e\x32\x0c.d2d.v1.RoleBA\n\x0fio.data2data.v1P\x01Z,github.com/data2data/d2d/gen/go/d2d/v1;d2dv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,8 +50,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEY'].fields_by_name['revoke_time']._serialized_options = b'\342A\001\003'
   _globals['_APIKEY'].fields_by_name['revoker']._loaded_options = None
   _globals['_APIKEY'].fields_by_name['revoker']._serialized_options = b'\342A\001\003'
+  _globals['_APIKEY'].fields_by_name['rate_limit']._loaded_options = None
+  _globals['_APIKEY'].fields_by_name['rate_limit']._serialized_options = b'\342A\001\001'
   _globals['_APIKEY']._loaded_options = None
   _globals['_APIKEY']._serialized_options = b'\352A,\n\027d2d.data2data.io/ApiKey\022\021apiKeys/{api_key}'
+  _globals['_RATELIMIT'].fields_by_name['calls_per_second']._loaded_options = None
+  _globals['_RATELIMIT'].fields_by_name['calls_per_second']._serialized_options = b'\342A\001\002'
+  _globals['_RATELIMIT'].fields_by_name['burst']._loaded_options = None
+  _globals['_RATELIMIT'].fields_by_name['burst']._serialized_options = b'\342A\001\001'
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['api_key']._loaded_options = None
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['api_key']._serialized_options = b'\342A\001\002'
   _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['name']._loaded_options = None
@@ -62,20 +68,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCESSSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\372\265\030\001\005'
   _globals['_ACCESSSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
   _globals['_ACCESSSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\372\265\030\001\005'
-  _globals['_ROLE']._serialized_start=738
-  _globals['_ROLE']._serialized_end=827
+  _globals['_ROLE']._serialized_start=849
+  _globals['_ROLE']._serialized_end=938
   _globals['_APIKEY']._serialized_start=159
-  _globals['_APIKEY']._serialized_end=454
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=456
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=516
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=518
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=586
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=588
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=608
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=610
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=665
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=667
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=736
-  _globals['_ACCESSSERVICE']._serialized_start=830
-  _globals['_ACCESSSERVICE']._serialized_end=1074
+  _globals['_APIKEY']._serialized_end=499
+  _globals['_RATELIMIT']._serialized_start=501
+  _globals['_RATELIMIT']._serialized_end=565
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=567
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=627
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=629
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=697
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=699
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=719
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=721
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=776
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=778
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=847
+  _globals['_ACCESSSERVICE']._serialized_start=941
+  _globals['_ACCESSSERVICE']._serialized_end=1185
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ ALLOWED_ROLES_FIELD_NUMBER: _ClassVar[int]
 allowed_roles: _descriptor.FieldDescriptor
 
 class ApiKey(_message.Message):
-    __slots__ = ("name", "role", "display_name", "create_time", "creator", "revoke_time", "revoker")
+    __slots__ = ("name", "role", "display_name", "create_time", "creator", "revoke_time", "revoker", "rate_limit")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ApiKey(_message.Message):
     CREATOR_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
     REVOKER_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: Role
     display_name: str
@@ -46,7 +47,16 @@ class ApiKey(_message.Message):
     creator: str
     revoke_time: _timestamp_pb2.Timestamp
     revoker: str
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., creator: _Optional[str] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoker: _Optional[str] = ...) -> None: ...
+    rate_limit: RateLimit
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., display_name: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., creator: _Optional[str] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoker: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("calls_per_second", "burst")
+    CALLS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    calls_per_second: float
+    burst: float
+    def __init__(self, calls_per_second: _Optional[float] = ..., burst: _Optional[float] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
     __slots__ = ("api_key",)

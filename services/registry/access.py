@@ -3,11 +3,13 @@ by the registry (the control plane). Admin only (the contract's `allowed_roles`)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from d2d import auth
 from d2d.errors import Refusal
 from d2d.eventlog import EventLog
+from d2d.ratelimit import Rate
 from d2d.v1 import access_pb2
 
 SERVICE_NAME = "d2d.v1.AccessService"
@@ -17,6 +19,19 @@ MAX_DISPLAY_NAME = 200
 def _caller() -> str:
     principal = auth.current_principal.get()
     return principal.key_id if principal is not None else ""
+
+
+def _rate(key: Any) -> Rate:
+    """The key's rate limit, or Refusal naming the field; a burst of 0 is one second's calls."""
+    per_second, burst = key.rate_limit.calls_per_second, key.rate_limit.burst
+    if not (math.isfinite(per_second) and per_second > 0):
+        message = f"calls per second must be a number above 0, not {per_second}"
+        raise Refusal("INVALID_ARGUMENT", message, "api_key.rate_limit.calls_per_second")
+    if burst == 0:
+        burst = max(1.0, per_second)
+    if not (math.isfinite(burst) and burst >= 1):
+        raise Refusal("INVALID_ARGUMENT", f"a burst is at least 1 call, not {burst}", "api_key.rate_limit.burst")
+    return Rate(per_second, burst)
 
 
 class AccessApi:
@@ -36,7 +51,8 @@ class AccessApi:
                 "INVALID_ARGUMENT", f"at most {MAX_DISPLAY_NAME} characters, not {len(wanted.display_name):,}",
                 "api_key.display_name",
             )  # fmt: skip
-        text, event = auth.new_key(auth.role_name(wanted.role), wanted.display_name, created_by=_caller())
+        rate = _rate(wanted) if wanted.HasField("rate_limit") else None
+        text, event = auth.new_key(auth.role_name(wanted.role), wanted.display_name, created_by=_caller(), rate=rate)
         await self.log.append([event])
         await self.keys.refresh()
         created = self.keys.get(event.entity_id)
