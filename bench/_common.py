@@ -46,11 +46,7 @@ BENCH_KEY_CREATED = auth.created_event(os.environ["D2D_API_KEY"], "admin", "benc
 
 async def seed_bench_key(url: str) -> None:
     """Put the benchmarks' admin key in the (migrated) database at `url`."""
-    pool = await eventlog.create_pool(url, max_size=1)
-    try:
-        await eventlog.EventLog(pool).append([BENCH_KEY_CREATED])
-    finally:
-        await pool.close()
+    await auth.add_key(url, BENCH_KEY_CREATED)
 
 
 # ---------------------------------------------------------------------------------------------

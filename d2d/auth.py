@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 from google.protobuf.descriptor import MethodDescriptor
 
-from d2d.eventlog import EventLog, NewEvent, StoredEvent
+from d2d.eventlog import EventLog, NewEvent, StoredEvent, create_pool
 from d2d.private import write_private_text
 from d2d.ratelimit import Rate, RateLimiter
 from d2d.v1 import access_pb2
@@ -354,3 +354,21 @@ async def ensure_admin_key(event_log: EventLog, path: Path) -> str:
     if ring.get(key_id_of(text)) is None:
         await event_log.append([created_event(text, ADMIN, "d2d up")])
     return text
+
+
+async def ensure_admin_key_at(database_url: str, path: Path) -> str:
+    """`ensure_admin_key` on the log at `database_url`, through a connection of its own (the owner's)."""
+    pool = await create_pool(database_url, max_size=1)
+    try:
+        return await ensure_admin_key(EventLog(pool), path)
+    finally:
+        await pool.close()
+
+
+async def add_key(database_url: str, created: NewEvent) -> None:
+    """Append a key's `api_key.created` event to the log at `database_url` (twice stores it once)."""
+    pool = await create_pool(database_url, max_size=1)
+    try:
+        await EventLog(pool).append([created])
+    finally:
+        await pool.close()

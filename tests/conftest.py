@@ -47,11 +47,7 @@ os.environ["D2D_API_KEY"] = TEST_API_KEY
 
 async def seed_test_key(url: str) -> None:
     """Put the tests' admin key in the (migrated) database at `url`; seeding twice stores it once."""
-    pool = await eventlog.create_pool(url, max_size=1)
-    try:
-        await eventlog.EventLog(pool).append([TEST_KEY_CREATED])
-    finally:
-        await pool.close()
+    await auth.add_key(url, TEST_KEY_CREATED)
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,6 @@ def _bootstrap(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from d2d import eventlog
     from d2d.private import private_dir
 
     found = common.settings(args)
@@ -85,13 +84,6 @@ def _bootstrap(args: argparse.Namespace) -> int:
     else:
         path = private_dir(found.data_dir) / auth.ADMIN_KEY_FILE
 
-    async def work() -> str:
-        pool = await eventlog.create_pool(found.require_database_url(), role=None, max_size=1)
-        try:
-            return await auth.ensure_admin_key(eventlog.EventLog(pool), path)
-        finally:
-            await pool.close()
-
-    key_id = auth.key_id_of(asyncio.run(work()))
+    key_id = auth.key_id_of(asyncio.run(auth.ensure_admin_key_at(found.require_database_url(), path)))
     common.console.print(f"admin key apiKeys/{key_id} is in {path} (private; D2D_API_KEY takes its text)")
     return 0

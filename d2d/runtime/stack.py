@@ -114,7 +114,7 @@ class Stack:
             nats_url = nats.url
         asyncio.run(eventlog.migrate(database_url))
         self.database_urls = self._service_logins(database_url)
-        self.admin_key = asyncio.run(_admin_key(database_url, self.admin_key_path))
+        self.admin_key = asyncio.run(auth.ensure_admin_key_at(database_url, self.admin_key_path))
         addrs = {spec.name: os.environ.get(spec.addr_env) or self._default_addr(spec) for spec in APIS}
         self.endpoints = Endpoints(database_url, nats_url, addrs, str(self.data_dir), os.getpid())
         # One OpenMP thread per service: XGBoost's default pool spins on the few cores the services share.
@@ -189,15 +189,6 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / ENDPOINTS_FILE).unlink()
         self.supervisor.stop_all()
-
-
-async def _admin_key(database_url: str, path: Path) -> str:
-    """The data dir's admin key (`auth.ensure_admin_key`), appended with the owner connection."""
-    pool = await eventlog.create_pool(database_url, role=None, max_size=1)
-    try:
-        return await auth.ensure_admin_key(eventlog.EventLog(pool), path)
-    finally:
-        await pool.close()
 
 
 def _started(server: EmbeddedPostgres | NatsServer) -> subprocess.Popen[bytes]:
