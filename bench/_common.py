@@ -333,14 +333,29 @@ class CpuMeter:
 # The empty-handler baseline of the latency benchmarks
 
 
-async def serve_empty(service: Any, method: str, bare_port: int, platform_port: int) -> None:
+class _AdmitAll(auth.KeyRing):
+    """Admits every call as admin without looking at its key: the platform's plumbing less the key
+    check, so a benchmark can price the check. Only `serve_empty` builds one; services cannot."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    async def authenticate(self, token: str | None) -> auth.Principal:
+        return auth.Principal("unchecked", auth.ADMIN)
+
+
+async def serve_empty(
+    service: Any, method: str, bare_port: int, platform_port: int, keyless_port: int | None = None
+) -> None:
     """The baseline servers of a latency benchmark, run in a process of their own until SIGTERM.
 
     On `bare_port`: a bare `grpc.aio.server()` answering `/{service}/{method}` with b"" (an empty
     response message) without decoding the request: no (de)serializers, bytes in, bytes out. On
     `platform_port`: every method of `service` (a ServiceDescriptor) answering an empty response,
     served the platform's way (`grpcserver.new_server` + `add_service`: a traced span per call,
-    exported as JSON lines under D2D_DATA_DIR; requests decoded), as a service's __main__ runs it.
+    exported as JSON lines under D2D_DATA_DIR; requests decoded; the API key checked), as a service's
+    __main__ runs it. On `keyless_port`, if given: the same, except that no key is checked (every call
+    admitted as admin), to price the check.
     """
     import grpc
     from google.protobuf import message_factory
@@ -377,6 +392,14 @@ async def serve_empty(service: Any, method: str, bare_port: int, platform_port: 
     grpcserver.add_service(platform_server, service, empty_api(), auth.KeyRing.of(BENCH_KEY_CREATED))
     if platform_server.add_insecure_port(f"127.0.0.1:{platform_port}") == 0:
         raise SystemExit(f"empty server: cannot listen on {platform_port}")
+    keyless = None
+    if keyless_port is not None:
+        keyless, keyless_health = grpcserver.new_server([service.full_name])
+        grpcserver.add_service(keyless, service, empty_api(), _AdmitAll())
+        if keyless.add_insecure_port(f"127.0.0.1:{keyless_port}") == 0:
+            raise SystemExit(f"empty server: cannot listen on {keyless_port}")
+        await keyless.start()
+        await grpcserver.set_serving(keyless_health, [service.full_name])
     await bare.start()
     await platform_server.start()
     await grpcserver.set_serving(health, [service.full_name])
@@ -385,6 +408,8 @@ async def serve_empty(service: Any, method: str, bare_port: int, platform_port: 
     finally:
         await bare.stop(1)
         await platform_server.stop(1)
+        if keyless is not None:
+            await keyless.stop(1)
         telemetry.shutdown_tracing()
 
 

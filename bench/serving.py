@@ -42,7 +42,9 @@ one's, which holds no feature state: the difference is what the state costs.
    empty handler's.
    Context, measured the same way: the same empty Predict served the platform's way
    (`d2d.grpcserver.new_server` + `add_service`: a traced span per call, exported as JSON
-   lines, lenient decoding: how much of a Predict is the platform's gRPC plumbing), and two parts
+   lines, lenient decoding, the API key checked: how much of a Predict is the platform's gRPC
+   plumbing), the same again with no key check (every call admitted: what the check costs, beside
+   a Predict's CPU in all processes), and two parts
    of a Predict alone, from this process: 'features lookup', the GetOnlineFeatures call serving
    makes (the model's views, one entity row, as of the request's time) on the platform's client
    channel; 'decision commit', `GroupCommitter.append` of one decision.made event (a real
@@ -140,6 +142,7 @@ TARGET_P99_RATIO = 4.0  # Predict p99 <= 4 x the empty handler's
 TARGET_BATCHING_RATIO = 5.0  # scores/s with micro-batching >= 5 x without
 OTHERS = "other processes"
 EMPTY, PLATFORM_EMPTY, SERVING, REMOTE = "empty", "platform empty", "serving", "serving remote"
+KEYLESS_EMPTY = "platform empty, no key check"
 LOOKUP, COMMIT = "features lookup", "decision commit"
 
 
@@ -495,13 +498,13 @@ async def run(
         **{f"D2D_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
     }  # fmt: skip
     remote_env = {**env, "D2D_SERVING_ADDR": f"127.0.0.1:{free_port()}", "D2D_SERVING_FEATURES": "remote"}
-    bare_port, platform_port = free_port(), free_port()
+    bare_port, platform_port, keyless_port = free_port(), free_port(), free_port()
     started_services = {}
     for name, module in (
         ("relay", ["services.ingest", "relay"]), ("features", ["services.features"]),
         ("registry", ["services.registry"]), ("serving", ["services.serving"]),
         ("serving remote", ["services.serving"]),
-        ("empty server", ["bench.serving", "--serve-empty", f"{bare_port},{platform_port}"]),
+        ("empty server", ["bench.serving", "--serve-empty", f"{bare_port},{platform_port},{keyless_port}"]),
     ):  # fmt: skip
         args = ["-m", *module]
         if options.profile_dir is not None and name in ("features", "serving"):
@@ -518,9 +521,10 @@ async def run(
     remote = ServingClient(remote_env["D2D_SERVING_ADDR"])
     bare = ServingClient(f"127.0.0.1:{bare_port}")
     platform = ServingClient(f"127.0.0.1:{platform_port}")
+    keyless = ServingClient(f"127.0.0.1:{keyless_port}")
     conn = await asyncpg.connect(url)
     try:
-        for client in (registry, features, serving, remote, bare, platform):
+        for client in (registry, features, serving, remote, bare, platform, keyless):
             await until_ready(client.wait_ready(), services)
 
         # The features service folds the whole log (relay -> JetStream -> fold).
@@ -596,6 +600,7 @@ async def run(
         targets = [
             Target(EMPTY, predict_call(bare.stub, workload.requests)),
             Target(PLATFORM_EMPTY, predict_call(platform.stub, workload.requests)),
+            Target(KEYLESS_EMPTY, predict_call(keyless.stub, workload.requests)),
             Target(SERVING, predict_call(serving.stub, workload.requests), threads_of=serving_pid),
             Target(REMOTE, predict_call(remote.stub, workload.requests)),
             Target(LOOKUP, lookup_call),
@@ -621,6 +626,7 @@ async def run(
         decisions = await conn.fetchval("SELECT count(*) FROM events WHERE type = 'decision.made'") - before
         by_name = {t.name: t for t in targets}
         empty, platform_empty, predict = by_name[EMPTY], by_name[PLATFORM_EMPTY], by_name[SERVING]
+        keyless_empty = by_name[KEYLESS_EMPTY]
         remote_predict = by_name[REMOTE]
         lookup, commit = by_name[LOOKUP], by_name[COMMIT]
         made = predict.made + remote_predict.made
@@ -671,7 +677,7 @@ async def run(
         services.check_alive()
     finally:
         await conn.close()
-        for client in (registry, features, serving, remote, bare, platform):
+        for client in (registry, features, serving, remote, bare, platform, keyless):
             with contextlib.suppress(Exception):
                 await client.channel.close()
 
@@ -689,6 +695,17 @@ async def run(
         f" p99 {remote_ratios[2]:.2f} x the empty handler's")  # fmt: skip
     say(f"  (against the platform-served empty handler: throughput {predict.rate / platform_empty.rate:.3f},"
         f" p50 {predict.p50 / platform_empty.p50:.2f}, p99 {predict.p99 / platform_empty.p99:.2f})")  # fmt: skip
+    # The API key check alone: the same empty handler served the platform's way with and without it.
+    server_us = {
+        t.name: per_call_us(t.throughput_cpu, t.calls).get("empty server", 0.0) for t in (platform_empty, keyless_empty)
+    }
+    check_us = server_us[PLATFORM_EMPTY] - server_us[KEYLESS_EMPTY]
+    predict_us = sum(v for k, v in per_call_us(predict.throughput_cpu, predict.calls).items() if k != OTHERS)
+    say(f"API key check: the platform's empty handler with it {platform_empty.rate:,.0f} calls/s, p50"
+        f" {platform_empty.p50:.2f} ms ({server_us[PLATFORM_EMPTY]:,.0f} us of server CPU a call); without it"
+        f" {keyless_empty.rate:,.0f} calls/s, p50 {keyless_empty.p50:.2f} ms ({server_us[KEYLESS_EMPTY]:,.0f} us):"
+        f" the check costs {check_us:,.0f} us a call, {check_us / predict_us:.1%} of a Predict's {predict_us:,.0f} us"
+        " of CPU in all processes")  # fmt: skip
     say(f"scores/s micro-batching on / off = {batching_ratio:.2f} (target >= {TARGET_BATCHING_RATIO}):"
         f" {met(batching_ratio >= TARGET_BATCHING_RATIO)}")  # fmt: skip
 
@@ -754,6 +771,9 @@ async def run(
         "serving_feature_state_bytes": state_bytes,
         "empty_handler": grpc_figures(empty),
         "platform_empty_handler": grpc_figures(platform_empty),
+        "keyless_empty_handler": grpc_figures(keyless_empty),
+        "auth_check_us_per_call": round(check_us),
+        "auth_share_of_predict_cpu": round(check_us / predict_us, 4),
         "part_features_lookup": grpc_figures(lookup),
         "part_decision_commit": grpc_figures(commit),
         "parts_p50_sum_ms": round(parts_p50, 3),
@@ -811,12 +831,12 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data, traces) afterwards")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="run serving and features under cProfile, writing DIR/*.prof (slows them)")  # fmt: skip
-    p.add_argument("--serve-empty", metavar="BARE,PLATFORM", help=argparse.SUPPRESS)
+    p.add_argument("--serve-empty", metavar="BARE,PLATFORM,KEYLESS", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_empty:
-        bare_port, platform_port = (int(x) for x in args.serve_empty.split(","))
+        bare_port, platform_port, keyless_port = (int(x) for x in args.serve_empty.split(","))
         asyncio.run(serve_empty(serving_pb2.DESCRIPTOR.services_by_name["ServingService"], "Predict",
-                                bare_port, platform_port))  # fmt: skip
+                                bare_port, platform_port, keyless_port))  # fmt: skip
         return
     stop_on_sigterm()
     quick = args.quick
