@@ -404,6 +404,27 @@ async def _refuse_malformed(context: grpc.aio.ServicerContext, request: Malforme
     )
 
 
+def _refusing_malformed(impl: Callable[..., Any], type_name: str, response_streaming: bool) -> Any:
+    """`impl`, answering INVALID_ARGUMENT for request bytes that are not a `type_name`. Run after the
+    caller's key is checked: a caller without one learns nothing about what it sent."""
+    if response_streaming:
+
+        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, Malformed):
+                await _refuse_malformed(context, request, type_name)
+            async for response in impl(request, context):
+                yield response
+
+        return streaming
+
+    async def unary(request: Any, context: Any) -> Any:
+        if isinstance(request, Malformed):
+            await _refuse_malformed(context, request, type_name)
+        return await impl(request, context)
+
+    return unary
+
+
 def add_service(server: Any, service: ServiceDescriptor, servicer: object, keys: auth.KeyRing) -> None:
     """Serve every method of `service` (from its descriptor) with `servicer`'s coroutine of the same
     name, to callers whose API key (checked against `keys`) has a role the method's `allowed_roles`
@@ -417,12 +438,13 @@ def add_service(server: Any, service: ServiceDescriptor, servicer: object, keys:
     roles = {method.name: auth.roles_of(method) for method in service.methods}  # every method declares them
     for method in service.methods:
         full_method = f"/{service.full_name}/{method.name}"
-        implementation = _traced_method(
-            tracer, full_method, getattr(servicer, method.name), method.server_streaming, keys, roles[method.name]
-        )
+        type_name = method.input_type.full_name
+        handler = getattr(servicer, method.name)
+        if not method.client_streaming:  # (a client stream's messages are checked as the handler reads them)
+            handler = _refusing_malformed(handler, type_name, method.server_streaming)
+        implementation = _traced_method(tracer, full_method, handler, method.server_streaming, keys, roles[method.name])
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
-        type_name = method.input_type.full_name
         kwargs = {
             "request_deserializer": _lenient(request_type),
             "response_serializer": response_type.SerializeToString,
@@ -444,22 +466,7 @@ def add_service(server: Any, service: ServiceDescriptor, servicer: object, keys:
 
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
         elif method.server_streaming:
-
-            async def unary_stream(
-                request: Any, context: Any, impl: Any = implementation, name: str = type_name
-            ) -> Any:
-                if isinstance(request, Malformed):
-                    await _refuse_malformed(context, request, name)
-                async for response in impl(request, context):
-                    yield response
-
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(implementation, **kwargs)
         else:
-
-            async def unary(request: Any, context: Any, impl: Any = implementation, name: str = type_name) -> Any:
-                if isinstance(request, Malformed):
-                    await _refuse_malformed(context, request, name)
-                return await impl(request, context)
-
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(implementation, **kwargs)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service.full_name, handlers)])

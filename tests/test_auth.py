@@ -239,6 +239,28 @@ async def test_a_rate_limited_key_is_refused_over_its_rate_with_when_to_retry(pl
             await other.get_event_log()
 
 
+@pytest.mark.parametrize("path", ["/d2d.v1.ServingService/Predict", "/d2d.v1.RegistryService/GetArtifact"])
+async def test_malformed_bytes_without_a_key_learn_nothing_but_that_a_key_is_needed(
+    platform: Platform, path: str
+) -> None:
+    addr = platform.addrs[path.split("/")[1].removeprefix("d2d.v1.").removesuffix("Service").lower()]
+    raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    streaming = path.endswith("GetArtifact")  # answers a stream
+    answers = {}
+    for who, key in (("nobody", ""), ("admin", TEST_API_KEY)):
+        async with grpcserver.channel(addr, api_key=key) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                if streaming:
+                    async for _ in channel.unary_stream(path, **raw)(b"\xff\xff\xff\xff", timeout=10):
+                        break
+                else:
+                    await channel.unary_unary(path, **raw)(b"\xff\xff\xff\xff", timeout=10)
+        answers[who] = (caught.value.code(), caught.value.details())
+    assert answers["nobody"][0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "not a valid" not in answers["nobody"][1]
+    assert answers["admin"][0] == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in answers["admin"][1]
+
+
 async def test_health_needs_no_key_on_any_service(platform: Platform) -> None:
     for name, addr in platform.addrs.items():
         async with grpcserver.channel(addr, api_key="") as anonymous:
