@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
-from d2d.private import write_private_text
+from d2d.private import kept_secrets
 from d2d.runtime.services import SERVICES
 
 # Service name (d2d.runtime.services) -> its group role (migration 0012 grants to these).
@@ -51,12 +50,7 @@ def login_role(service: str) -> str:
 def load_passwords(path: Path) -> dict[str, str]:
     """Each service's password, kept in the private file `path`; generated the first time (and for
     a service added since)."""
-    passwords = json.loads(path.read_text()) if path.exists() else {}
-    missing = [name for name in SERVICE_GROUPS if name not in passwords]
-    if missing:
-        passwords.update({name: secrets.token_urlsafe(32) for name in missing})
-        write_private_text(path, json.dumps(passwords, indent=2))
-    return passwords
+    return kept_secrets(path, list(SERVICE_GROUPS))
 
 
 def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:

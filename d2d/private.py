@@ -7,7 +7,10 @@ less careful version keeps its old mode when it is merely opened again.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+from collections.abc import Collection
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,3 +46,15 @@ def write_private_text(path: Path, text: str) -> None:
     with open_private(partial, "w", encoding="utf-8") as out:
         out.write(text)
     os.replace(partial, path)
+
+
+def kept_secrets(path: Path, names: Collection[str], *, nbytes: int = 32) -> dict[str, str]:
+    """A random secret for each of `names`, kept in the private JSON file `path`: those made before,
+    and a new one for each name not there yet (other names in the file stay)."""
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    missing = [name for name in names if name not in kept]
+    if missing:
+        kept.update({name: secrets.token_urlsafe(nbytes) for name in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private_text(path, json.dumps(kept, indent=2))
+    return {name: kept[name] for name in names}

@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psutil
 
 from d2d.limits import BUS_MAX_PAYLOAD
-from d2d.private import PRIVATE_UMASK, open_private, write_private_text
+from d2d.private import PRIVATE_UMASK, kept_secrets, open_private, write_private_text
 from d2d.runtime.deathsig import die_with_parent, dying_with_parent
 
 PG_USER = "postgres"
@@ -333,14 +333,7 @@ class NatsServer:
 
     def _passwords(self) -> dict[str, str]:
         """Each user's password: those generated before, and a new one for each new user."""
-        path = self.data_dir / NATS_USERS_FILE
-        known = json.loads(path.read_text()) if path.exists() else {}
-        missing = [user for user in self.users or {} if user not in known]
-        if missing:
-            known.update({user: secrets.token_urlsafe(24) for user in missing})
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            write_private_text(path, json.dumps(known, indent=2))
-        return {user: known[user] for user in self.users or {}}
+        return kept_secrets(self.data_dir / NATS_USERS_FILE, list(self.users or {}), nbytes=24)
 
     def _config(self) -> str:
         # max_payload: the one setting with no command-line flag: messages large enough for any event (d2d.limits).
