@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -58,6 +58,17 @@ class NewEvent:
     occurred_at: datetime
     payload: str
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def quality_alert(
+    event_id: uuid.UUID, entity_type: str, entity_id: str, found: dict[str, Any], producer: str
+) -> NewEvent:
+    """A `quality.alert` (v1) saying what a component `found`, now. Its id comes from the caller,
+    derived from what was found, so the same finding recorded again is stored once."""
+    return NewEvent(
+        event_id, "quality.alert", 1, entity_type, entity_id, datetime.now(UTC), orjson.dumps(found).decode(),
+        {"producer": producer},
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,16 +36,14 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
-import orjson
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
 from opentelemetry import trace
 
 from d2d import bus, telemetry
-from d2d.eventlog import APPEND_LOCK_KEY, LOG_UNREACHABLE, NOTIFY_CHANNEL, EventLog, NewEvent
+from d2d.eventlog import APPEND_LOCK_KEY, LOG_UNREACHABLE, NOTIFY_CHANNEL, EventLog, quality_alert
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +245,8 @@ class OutboxRelay:
                 "kind": "event_not_published", "source": self.name, "seq": seq, "event_id": str(event_id),
                 "event_type": type_, "size": size, "max_payload": self.max_payload, "reason": reason,
             }  # fmt: skip
-            alerts.append(
-                NewEvent(
-                    uuid.uuid5(_ALERT_NAMESPACE, f"{self.name}/{event_id}"), "quality.alert", 1, "event",
-                    str(event_id), datetime.now(UTC), orjson.dumps(payload).decode(), {"producer": "relay"},
-                )
-            )  # fmt: skip
+            alert_id = uuid.uuid5(_ALERT_NAMESPACE, f"{self.name}/{event_id}")
+            alerts.append(quality_alert(alert_id, "event", str(event_id), payload, "relay"))
         await self.log.append(alerts)  # ids derive from the skipped events: a replay appends none twice
         self.stats.skipped += len(skipped)
         span = trace.get_current_span()  # the batch's relay.publish span

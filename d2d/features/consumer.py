@@ -31,9 +31,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
-import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
@@ -43,7 +41,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from d2d import bus, telemetry
-from d2d.eventlog import EventLog, NewEvent
+from d2d.eventlog import EventLog, quality_alert
 from d2d.features.definitions import FeatureView
 from d2d.features.fold import ViewState
 from d2d.features.offline import fold_pages
@@ -264,13 +262,8 @@ class Folder:
                 "msg_id": (m.headers or {}).get("Nats-Msg-Id", "")[:80],
             }  # fmt: skip
             span.add_event("forged_message", {f"d2d.{k}": v for k, v in found.items() if k != "kind"})
-            alerts.append(
-                NewEvent(
-                    uuid.uuid5(_ALERT_NAMESPACE, f"{self.consumer}/{stream_seq}"), "quality.alert", 1, "stream",
-                    self.topology.events_stream, datetime.now(UTC), orjson.dumps(found).decode(),
-                    {"producer": self.consumer},
-                )
-            )  # fmt: skip
+            alert_id = uuid.uuid5(_ALERT_NAMESPACE, f"{self.consumer}/{stream_seq}")
+            alerts.append(quality_alert(alert_id, "stream", self.topology.events_stream, found, self.consumer))
         try:  # ids derive from the messages' stream positions: one redelivered is recorded once
             await self.log.append(alerts)
         except Exception as exc:  # the log is away: the fold goes on, the refusal stands (and is logged)

@@ -35,7 +35,7 @@ from opentelemetry import trace
 
 from d2d import projections, telemetry
 from d2d.contracts.platform import is_platform_type
-from d2d.eventlog import LOG_UNREACHABLE, EventLog, NewEvent, StoredEvent
+from d2d.eventlog import LOG_UNREACHABLE, EventLog, NewEvent, StoredEvent, quality_alert
 from d2d.outcomes import OutcomeRule, outcome_event_id
 from services.feedback.monitor import Finding, Monitor, MonitorSettings
 from services.feedback.rules import RuleEngine
@@ -234,10 +234,7 @@ async def _decisions_of(conn: asyncpg.Connection, events: Sequence[StoredEvent])
 def finding_events(finding: Finding) -> list[NewEvent]:
     """A monitor finding as events: its `quality.alert`, and a `retrain.requested` if it asks one."""
     now = datetime.now(UTC)
-    events = [
-        NewEvent(finding.alert_event_id(), "quality.alert", 1, "quality", finding.source, now,
-                 orjson.dumps(finding.alert_payload()).decode(), {"producer": "feedback"})
-    ]  # fmt: skip
+    events = [quality_alert(finding.alert_event_id(), "quality", finding.source, finding.alert_payload(), "feedback")]
     if finding.retrain and finding.model:
         events.append(
             NewEvent(finding.retrain_event_id(), "retrain.requested", 1, "model", finding.model, now,

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from d2d.client import FeatureClient
-from d2d.eventlog import EventLog, NewEvent
+from d2d.eventlog import EventLog, quality_alert
 
 log = logging.getLogger(__name__)
 FRESHNESS_NAMESPACE = uuid.UUID("0b8e4a40-3d51-4bde-9d1f-0d2d0d2d0f7e")
@@ -55,10 +53,7 @@ async def watch(
                 alert = await _check(event_log, features, check)
                 if alert is not None:
                     event_id = uuid.uuid5(FRESHNESS_NAMESPACE, f"{alert['watermark']}/{alert['head']}")
-                    await event_log.append([
-                        NewEvent(event_id, "quality.alert", 1, "quality", "features", datetime.now(UTC),
-                                 orjson.dumps(alert).decode(), {"producer": "feedback"})
-                    ])  # fmt: skip
+                    await event_log.append([quality_alert(event_id, "quality", "features", alert, "feedback")])
                     log.warning("feedback: the features service is %.0f s behind the log", alert["lag_seconds"])
             except Exception as exc:  # the features service or Postgres away: check again later
                 log.info("feedback: freshness not checked (%r)", exc)
