@@ -56,10 +56,12 @@ async def wait_until(predicate, timeout: float = 60, interval: float = 0.05) -> 
         await asyncio.sleep(interval)
 
 
-async def append_many(event_log: EventLog, batches: int, size: int, pause: float = 0.0) -> list[uuid.UUID]:
+async def append_many(
+    event_log: EventLog, batches: int, size: int, pause: float = 0.0, first: int = 0
+) -> list[uuid.UUID]:
     ids: list[uuid.UUID] = []
     for b in range(batches):
-        batch = [new_event(b * size + i) for i in range(size)]
+        batch = [new_event(first + b * size + i) for i in range(size)]
         await event_log.append(batch)
         ids.extend(e.event_id for e in batch)
         if pause:
@@ -78,14 +80,26 @@ async def test_relay_killed_mid_stream_publishes_every_event_exactly_once(
 ) -> None:
     env = settings_env(database_url, nats_server.url, namespace)
     relay = start_service(RELAY, env, "relay")
-    writing = asyncio.create_task(append_many(event_log, batches=100, size=200, pause=0.01))
+    # The writer goes on until the kill, and 30 batches after it (on a loaded machine a fixed number of
+    # batches could all be in the log before the relay has published the first 3,000).
+    killed = asyncio.Event()
+
+    async def write_until_killed_and_after() -> list[uuid.UUID]:
+        ids: list[uuid.UUID] = []
+        while not killed.is_set():
+            ids += await append_many(event_log, batches=1, size=200, first=len(ids))
+            await asyncio.sleep(0.01)
+        return ids + await append_many(event_log, batches=30, size=200, pause=0.01, first=len(ids))
+
+    writing = asyncio.create_task(write_until_killed_and_after())
     await wait_until(lambda: _at_least(nats_server.url, namespace, 3000))
     relay.kill()  # SIGKILL, mid-stream: the writer is still appending
+    killed.set()
     published_at_kill = await stream_count(nats_server.url, namespace)
     ids_so_far = await event_log.head()
-    assert 0 < published_at_kill < 20_000
     restarted = start_service(RELAY, env, "relay")
     ids = await writing
+    assert 0 < published_at_kill < len(ids)
     assert ids_so_far < len(ids)
     await wait_until(lambda: _at_least(nats_server.url, namespace, len(ids)), timeout=120)
     await asyncio.sleep(1.0)  # anything published twice would show up as extra messages now
