@@ -153,3 +153,10 @@ def test_the_api_tables_name_each_services_process_and_default_address() -> None
         if spec.api.endswith(f".{name}"):
             continue
         assert name == "AccessService" and process == "registry"  # the one service a process hosts beside its own
+
+
+def test_the_python_snippet_is_the_examples_own_code() -> None:
+    [snippet] = re.findall(r"^```python\n(.*?)^```", README, re.S | re.M)
+    example = (ROOT / "examples" / "python" / "predict.py").read_text()
+    lines = {line.replace("# fmt: skip", "").strip() for line in example.splitlines()}
+    assert [line for line in snippet.splitlines() if line.strip() and line.strip() not in lines] == []
