@@ -17,6 +17,8 @@ import random
 import uuid
 from datetime import UTC, datetime
 
+import grpc
+
 from d2d.client import FeedbackClient, IngestClient, ServingClient, make_event
 
 
@@ -74,4 +76,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_args()))
+    try:
+        asyncio.run(main(parse_args()))
+    except grpc.aio.AioRpcError as error:  # the status says what to fix, e.g. NOT_FOUND: models/x does not exist
+        raise SystemExit(f"{error.code().name}: {error.details()}") from None
