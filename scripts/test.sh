@@ -10,6 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 .venv/bin/python -m d2d.protogen --check
+[ -d examples/node/node_modules ] || npm ci --prefix examples/node --no-audit --no-fund
 .venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest "$@"
