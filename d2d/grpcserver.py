@@ -65,7 +65,8 @@ def new_server(
     `service_names`: off by default, as it tells an anonymous caller every method and message.
     With `max_concurrent_rpcs`, calls beyond that many in progress are refused at once with
     RESOURCE_EXHAUSTED (grpc's own check), which bounds the memory requests can hold: each may carry
-    up to MAX_MESSAGE_BYTES. Services are added with `add_service`."""
+    up to MAX_MESSAGE_BYTES. Services are added with `add_service`; the port is bound with `listen`
+    (TLS as the settings say)."""
     server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 async def audit_over_tls(postgres: EmbeddedPostgres, certificates: Certificates) -> AsyncIterator[str]:
     """The AuditService (its API, key ring and server made as services/audit/server.py makes them)
     bound with `grpcserver.listen` to mutual TLS; its address."""
-    url = await asyncio.to_thread(postgres.create_database, "grpc_tls")
+    url = await asyncio.to_thread(postgres.create_database, f"grpc_tls_{uuid.uuid4().hex[:8]}")
     await eventlog.migrate(url)
     await seed_test_key(url)
     own_login = service_url(url, "audit")
