@@ -333,9 +333,10 @@ class CpuMeter:
 # The empty-handler baseline of the latency benchmarks
 
 
-class _AdmitAll(auth.KeyRing):
+class AdmitAll(auth.KeyRing):
     """Admits every call as admin without looking at its key: the platform's plumbing less the key
-    check, so a benchmark can price the check. Only `serve_empty` builds one; services cannot."""
+    check, so a benchmark can price the check. Only the benchmarks' baseline servers build one
+    (`serve_empty`, bench.ingest's keyless ingest server); services cannot."""
 
     def __init__(self) -> None:
         super().__init__(None)
@@ -395,7 +396,7 @@ async def serve_empty(
     keyless = None
     if keyless_port is not None:
         keyless, keyless_health = grpcserver.new_server([service.full_name])
-        grpcserver.add_service(keyless, service, empty_api(), _AdmitAll())
+        grpcserver.add_service(keyless, service, empty_api(), AdmitAll())
         if keyless.add_insecure_port(f"127.0.0.1:{keyless_port}") == 0:
             raise SystemExit(f"empty server: cannot listen on {keyless_port}")
         await keyless.start()

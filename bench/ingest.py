@@ -32,6 +32,15 @@ commit waits for the WAL to reach the disk, and NATS JetStream with file storage
    events subjects receives it from the relay. The relay is restarted with the linger off (0) and
    with its default, in turn for `TRICKLE_ROUNDS` rounds (so a busy moment of the machine falls on
    both alike); the batches it published (its `relay.publish` spans) are counted for each.
+6. What the API key check costs ingest: the ingest API (assembled as `services/ingest/server.py`
+   assembles it) served twice by one process (`python -m bench.ingest --serve-keyed-and-keyless`),
+   both servers appending through the same Ingestor to a fresh database: one checks each call's key
+   as a service does, the other admits every call unchecked (`AdmitAll`, built only by benchmarks).
+   The same N events, in the same batches and `--inflight` as in 3, go to each, a quarter at a time
+   in the order checked, unchecked, unchecked, checked, then unchecked, checked, checked, unchecked
+   (so a drift of the machine or of the table falls on both alike; an event sent to both has a fresh
+   id the second time); timed until every response (committed in Postgres; no relay runs). Issue 15
+   asks the two to be within 10 %.
 
 Why: ingest is the front door of the platform, and "durable" means both stores have the event.
 The ratio durable ingest / raw publish_async says how much of the bus's speed the whole path keeps
@@ -43,6 +52,7 @@ The last line printed is one JSON object with every figure and its baselines (se
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -62,6 +72,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from bench._common import (
+    AdmitAll,
     CpuMeter,
     Phase,
     Servers,
@@ -78,13 +89,21 @@ from bench._common import (
     stop_on_sigterm,
     wait_until,
 )
-from d2d import bus
+from d2d import auth, bus, grpcserver, outbox
 from d2d.client import IngestClient, make_event
+from d2d.config import Settings
+from d2d.contracts.platform import register_platform_contracts
+from d2d.contracts.registry import ContractRegistry
+from d2d.deadletters import DeadLetters
+from d2d.eventlog import EventLog, GroupCommitter, create_pool
 from d2d.outbox import DEFAULT_LINGER
+from d2d.runtime.process import run_service, stop_on_signals
 from d2d.runtime.servers import free_port
 from d2d.sim import PaymentsSimulator, SimConfig
 from d2d.sim.payments import ContractSpec
 from d2d.v1 import event_pb2
+from services.ingest import api
+from services.ingest.pipeline import Ingestor
 
 TARGET_RATIO = 0.5
 POLL_INTERVAL = 0.01  # seconds between looks at the stream's message count
@@ -99,6 +118,10 @@ QUICK_SINGLES, FULL_SINGLES = 100, 300
 QUICK_TRICKLE, FULL_TRICKLE = 300, 2000  # one-event appends per linger setting in the bus latency phase
 TRICKLE_ROUNDS = 3  # the linger off, then on, this many times
 TRICKLE_RATE = 200.0  # their mean rate, events/s: low, events arrive one by one
+# The key check's phase: (key checked?, which quarter of the N events), in this order (ABBA BAAB: a
+# drift of the machine or of the table's size falls on both alike).
+AUTH_ROUNDS = ((True, 0), (False, 0), (False, 1), (True, 1), (False, 2), (True, 2), (True, 3), (False, 3))
+AUTH_PARTS = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +139,7 @@ class Workload:
     rows: list[tuple[Any, ...]]  # COPY_COLUMNS of the events table
     singles: list[event_pb2.Event]  # fresh events (new ids) for the one-event latency calls
     trickles: list[list[event_pb2.Event]]  # fresh ones for the bus latency: per round, per linger setting
+    renamed: list[event_pb2.Event]  # `events` again with fresh ids: the key check's phase sends both
 
     @property
     def n(self) -> int:
@@ -162,7 +186,13 @@ def build_workload(days: float, singles: int, trickle: int) -> Workload:
 
     per_round = -(-trickle // TRICKLE_ROUNDS)
     trickles = [fresh(per_round + 1) for _ in range(2 * TRICKLE_ROUNDS)]  # the first of each warms the relay up
-    return Workload(days, simulator.contracts(), events, envelopes, rows, fresh(singles), trickles)
+    renamed = []
+    for event in events:
+        copy = event_pb2.Event()
+        copy.CopyFrom(event)
+        copy.event_id = str(uuid.uuid4())
+        renamed.append(copy)
+    return Workload(days, simulator.contracts(), events, envelopes, rows, fresh(singles), trickles, renamed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,19 +314,8 @@ async def measure_durable_ingest(
     already: int, batch: int, inflight: int, meter: CpuMeter,
 ) -> Ingest:  # fmt: skip
     """N events through AppendEvents until committed in Postgres and stored by JetStream."""
-    batches = [workload.events[i : i + batch] for i in range(0, workload.n, batch)]
     target = already + workload.n
-    pending = iter(batches)
     samples: list[tuple[float, int]] = []  # (time, messages on the stream)
-
-    async def sender() -> None:
-        for events in pending:  # the workers share one iterator: `inflight` requests at a time
-            response = await client.append(events, timeout=120)
-            if response.appended_count != len(events):
-                refused = next((r for r in response.results if r.WhichOneof("outcome") != "seq"), None)
-                raise RuntimeError(
-                    f"{len(events) - response.appended_count} of {len(events)} events not appended; first: {refused}"
-                )
 
     async def watch_stream() -> float:
         while True:
@@ -311,7 +330,7 @@ async def measure_durable_ingest(
     started = time.perf_counter()
     watcher = asyncio.create_task(watch_stream())
     try:
-        await asyncio.gather(*(sender() for _ in range(inflight)))
+        await append_all(client, workload.events, batch=batch, inflight=inflight)
         committed = time.perf_counter()
         stored = await asyncio.wait_for(watcher, 300)
     finally:
@@ -320,6 +339,112 @@ async def measure_durable_ingest(
     cpu = meter.stop()
     seen = max((m for t, m in samples if t <= committed), default=already)
     return Ingest(Phase(workload.n, durable - started, cpu), committed - started, seen - already)
+
+
+async def append_all(client: IngestClient, events: Sequence[event_pb2.Event], *, batch: int, inflight: int) -> None:
+    """`events` through AppendEvents in requests of `batch`, `inflight` at a time, until every
+    response is back (all committed); an event not appended is a RuntimeError."""
+    pending = iter([events[i : i + batch] for i in range(0, len(events), batch)])
+
+    async def sender() -> None:
+        for chunk in pending:  # the workers share one iterator: `inflight` requests at a time
+            response = await client.append(chunk, timeout=120)
+            if response.appended_count != len(chunk):
+                refused = next((r for r in response.results if r.WhichOneof("outcome") != "seq"), None)
+                raise RuntimeError(
+                    f"{len(chunk) - response.appended_count} of {len(chunk)} events not appended; first: {refused}"
+                )
+
+    await asyncio.gather(*(sender() for _ in range(inflight)))
+
+
+async def serve_keyed_and_keyless(settings: Settings, keyed_port: int, keyless_port: int) -> None:
+    """The ingest API on two servers in this process until SIGTERM, both appending through one
+    Ingestor to D2D_DATABASE_URL: on `keyed_port` each call's key is checked against the ring a
+    service opens, on `keyless_port` none is (AdmitAll). The rest is as services/ingest/server.py
+    assembles it (no NATS intake, which AppendEvents does not use)."""
+    stop = stop_on_signals()
+    pool = await create_pool(settings.require_database_url(), max_size=10)
+    log_ = EventLog(pool)
+    registry = ContractRegistry(log_)
+    await register_platform_contracts(registry)
+    dead_letters = DeadLetters(pool)
+    committer = GroupCommitter(log_)
+    relay_name = outbox.relay_name(bus.Topology(settings.nats_namespace).events_stream)
+    ingest_api = api.IngestApi(Ingestor(registry, committer, dead_letters), registry, dead_letters, log_,
+                               relay_name=relay_name)  # fmt: skip
+    keys = await auth.KeyRing.open(log_)
+    servers = []
+    for port, ring in ((keyed_port, keys), (keyless_port, AdmitAll())):
+        server, health = grpcserver.new_server([api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS)
+        api.add_to_server(ingest_api, server, ring)
+        if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+            raise SystemExit(f"ingest (key check priced): cannot listen on {port}")
+        await server.start()
+        await grpcserver.set_serving(health, [api.SERVICE_NAME])
+        servers.append(server)
+    try:
+        await stop.wait()
+    finally:
+        for server in servers:
+            await server.stop(1)
+        await committer.close()
+        await keys.close()
+        await pool.close()
+
+
+@dataclass
+class KeyCheck:
+    checked: Phase  # AppendEvents with the key checked: every response back
+    unchecked: Phase  # the same without the check
+    calls: int  # AppendEvents requests each made
+
+    @property
+    def ratio(self) -> float:
+        return self.checked.rate / self.unchecked.rate
+
+
+class KeyedAndKeyless:
+    """The `--serve-keyed-and-keyless` process (see the module's docstring, 6) and a client of each
+    of its servers. Started beside the ingest service, before any clock runs: it then idles until
+    `measure`."""
+
+    def __init__(self, services: Services, env: dict[str, str]) -> None:
+        keyed_port, keyless_port = free_port(), free_port()
+        args = ["-m", "bench.ingest", "--serve-keyed-and-keyless", f"{keyed_port},{keyless_port}"]
+        self.services = services
+        services.start("ingest-keyed-and-keyless", args, env)
+        self.checked = IngestClient(f"127.0.0.1:{keyed_port}")
+        self.unchecked = IngestClient(f"127.0.0.1:{keyless_port}")
+
+    async def ready(self, contracts: Sequence[ContractSpec]) -> None:
+        for client in (self.checked, self.unchecked):
+            await wait_ready(client, self.services)
+        await register_contracts(self.checked, contracts)  # one registry serves both
+
+    async def measure(self, workload: Workload, *, batch: int, inflight: int) -> KeyCheck:
+        """The same events through the ingest API with the key checked and without, a quarter at a
+        time in AUTH_ROUNDS' order: each setting's time summed over its rounds."""
+        bounds = [workload.n * i // AUTH_PARTS for i in range(AUTH_PARTS + 1)]
+        parts = {
+            key_checked: [
+                (workload.events if (i % 2 == 0) == key_checked else workload.renamed)[bounds[i] : bounds[i + 1]]
+                for i in range(AUTH_PARTS)
+            ]
+            for key_checked in (True, False)
+        }  # each setting sends every event once, a part under its own id, the next under a fresh one
+        seconds = {True: 0.0, False: 0.0}
+        for key_checked, which in AUTH_ROUNDS:
+            started = time.perf_counter()
+            client = self.checked if key_checked else self.unchecked
+            await append_all(client, parts[key_checked][which], batch=batch, inflight=inflight)
+            seconds[key_checked] += time.perf_counter() - started
+        calls = sum(-(-len(part) // batch) for part in parts[True])
+        return KeyCheck(Phase(workload.n, seconds[True]), Phase(workload.n, seconds[False]), calls)
+
+    async def close(self) -> None:
+        await self.checked.close()
+        await self.unchecked.close()
 
 
 async def measure_append_one(client: IngestClient, singles: Sequence[event_pb2.Event]) -> list[float]:
@@ -467,6 +592,8 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
     # The service, as `d2d up` runs it.
     ingest_url = await servers.new_database(f"{token}_ingest")
     addr, service_roots = await start_ingest(servers, services, ingest_url, token, tmp, options.profile_dir)
+    auth_url = await servers.new_database(f"{token}_auth")  # [F]'s servers start now, idle until then
+    keyed_and_keyless = KeyedAndKeyless(services, ingest_env(servers, auth_url, f"{token}auth", tmp))
     topology = bus.Topology(token)
     stream = topology.events_stream
     tracing = "OTLP" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "JSON lines in the data dir"
@@ -479,6 +606,7 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         js = nc.jetstream()
         await wait_ready(client, services)
         await register_contracts(client, workload.contracts)
+        await keyed_and_keyless.ready(workload.contracts)
         already = await log_conn.fetchval("SELECT count(*) FROM events")  # contract.registered events
 
         async def relay_caught_up() -> bool:
@@ -551,10 +679,24 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         off, on = bus_latency
         say(f"    the linger adds {on.p(50) - off.p(50):+.2f} ms at p50, {on.p(99) - off.p(99):+.2f} ms at p99;"
             f" relay batches {off.batches} -> {on.batches}")  # fmt: skip
+
+        # The API key check, priced: the same batches with the key checked and without.
+        say(f"\n[F] the API key check: {n:,} events in batches of {options.batch}, {options.inflight} in flight,"
+            " to the ingest API served twice by one process (key checked, unchecked), both appending through"
+            " one Ingestor to a fresh database; quarters in turn (ABBA BAAB);"
+            " until every response (committed)")  # fmt: skip
+        key_check = await keyed_and_keyless.measure(workload, batch=options.batch, inflight=options.inflight)
+        checked, unchecked = key_check.checked, key_check.unchecked
+        for label, phase in (("key checked", checked), ("unchecked  ", unchecked)):
+            say(f"    {label}: {n:,} events ({key_check.calls} calls) in {phase.seconds:.2f}s"
+                f" = {phase.rate:,.0f} events/s")  # fmt: skip
+        say(f"    with the key check / without = {key_check.ratio:.3f} (issue 15: within 10 %; the check's own CPU"
+            " per call is priced by bench.serving, auth_check_us_per_call)")  # fmt: skip
     finally:
         await log_conn.close()
         await nc.close()
         await client.close()
+        await keyed_and_keyless.close()
 
     ratio = durable.rate / publish.rate
     say(f"\nratio durable ingest / raw publish_async = {ratio:.2f} (target {TARGET_RATIO});"
@@ -593,6 +735,10 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         "relay_cpu_us_per_event_linger_off": round(off.relay_cpu * 1e6 / trickle),
         "relay_cpu_us_per_event_linger_on": round(on.relay_cpu * 1e6 / trickle),
         "envelope_bytes_avg": round(sum(len(b) for _, _, b in workload.envelopes) / n),
+        "auth_on_events_per_s": rounded(checked.rate),
+        "auth_off_events_per_s": rounded(unchecked.rate),
+        "auth_ratio": round(key_check.ratio, 3),
+        "auth_calls": key_check.calls,
         "cpu_s_durable_ingest": durable.cpu,
         "cpu_s_publish_async": publish.cpu,
         "profiled": options.profile_dir is not None,
@@ -614,7 +760,14 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) afterwards")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="run the service processes under cProfile, writing DIR/ingest-*.prof (slows them)")  # fmt: skip
+    p.add_argument("--serve-keyed-and-keyless", metavar="KEYED,KEYLESS", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.serve_keyed_and_keyless:
+        keyed_port, keyless_port = (int(x) for x in args.serve_keyed_and_keyless.split(","))
+        run_service(
+            "bench-ingest-keyless", lambda settings: serve_keyed_and_keyless(settings, keyed_port, keyless_port)
+        )
+        return
     stop_on_sigterm()
     days = args.days or (QUICK_DAYS if args.quick else FULL_DAYS)
     singles = args.latency_calls or (QUICK_SINGLES if args.quick else FULL_SINGLES)

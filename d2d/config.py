@@ -9,6 +9,14 @@ TLS: to NATS with `D2D_NATS_CA` (the CA file that signed the server's certificat
 TLS, `D2D_NATS_CERT` and `D2D_NATS_KEY` (this client's); to Postgres with `D2D_DATABASE_SSLMODE`
 (`verify-full`, say) and `D2D_DATABASE_SSLROOTCERT`, added to the database URL's options unless it
 names them itself (the URL's own `sslcert`/`sslkey` options give a client certificate).
+
+TLS on gRPC (`GrpcTls`), optional, mutual if asked: a service serves TLS with `D2D_GRPC_TLS_CERT` and
+`D2D_GRPC_TLS_KEY` (its certificate and key) and, with `D2D_GRPC_TLS_CLIENT_CA`, takes only callers
+whose certificate that CA signed; a client (every `d2d.grpcserver.channel`: the CLI, `d2d.client`,
+service-to-service calls) speaks TLS with `D2D_GRPC_TLS_CA` (the CA that signed the servers'
+certificates) and presents `D2D_GRPC_TLS_CLIENT_CERT` and `D2D_GRPC_TLS_CLIENT_KEY`. All PEM files.
+API keys are still required over TLS: TLS guards the wire and says which machine calls; the key says
+who may do what.
 """
 
 from __future__ import annotations
@@ -20,7 +28,109 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import grpc
+
 from d2d.runtime.services import APIS, service
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS for the platform's gRPC servers and clients (PEM file paths; see the module's docstring).
+    Nothing set: plaintext. A configuration that cannot work (a certificate without its key, a file
+    that cannot be read or is not what its variable says) is a SystemExit naming the variable, when
+    the credentials are made: at a server's start, at a client's first channel."""
+
+    cert: str | None = None  # D2D_GRPC_TLS_CERT: this server's certificate (chain)
+    key: str | None = field(default=None, repr=False)  # D2D_GRPC_TLS_KEY: its private key
+    client_ca: str | None = None  # D2D_GRPC_TLS_CLIENT_CA: callers must show a certificate it signed
+    ca: str | None = None  # D2D_GRPC_TLS_CA: a client's trust in the servers' certificates
+    client_cert: str | None = None  # D2D_GRPC_TLS_CLIENT_CERT: the certificate a client shows
+    client_key: str | None = field(default=None, repr=False)  # D2D_GRPC_TLS_CLIENT_KEY: its private key
+
+    @classmethod
+    def from_env(cls) -> GrpcTls:
+        return cls(
+            _env("D2D_GRPC_TLS_CERT"), _env("D2D_GRPC_TLS_KEY"), _env("D2D_GRPC_TLS_CLIENT_CA"),
+            _env("D2D_GRPC_TLS_CA"), _env("D2D_GRPC_TLS_CLIENT_CERT"), _env("D2D_GRPC_TLS_CLIENT_KEY"),
+        )  # fmt: skip
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """A server's credentials: None (plaintext) unless a certificate is set; with a client CA,
+        callers without a certificate it signed are refused during the handshake."""
+        if not (self.cert or self.key or self.client_ca):
+            return None
+        _require_pair(("D2D_GRPC_TLS_CERT", self.cert), ("D2D_GRPC_TLS_KEY", self.key))
+        if not self.cert:
+            raise SystemExit("D2D_GRPC_TLS_CLIENT_CA is set but D2D_GRPC_TLS_CERT is not: mutual TLS needs the"
+                             " server's own certificate and key too")  # fmt: skip
+        assert self.key
+        chain, key = _key_pair(("D2D_GRPC_TLS_CERT", self.cert), ("D2D_GRPC_TLS_KEY", self.key))
+        client_ca = _ca("D2D_GRPC_TLS_CLIENT_CA", self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """A client's credentials: None (plaintext) unless a CA is set; with a client certificate and
+        key, for servers that require one (mutual TLS)."""
+        if not (self.ca or self.client_cert or self.client_key):
+            return None
+        _require_pair(("D2D_GRPC_TLS_CLIENT_CERT", self.client_cert), ("D2D_GRPC_TLS_CLIENT_KEY", self.client_key))
+        if not self.ca:
+            raise SystemExit("D2D_GRPC_TLS_CLIENT_CERT is set but D2D_GRPC_TLS_CA is not: name the CA that signed"
+                             " the servers' certificates")  # fmt: skip
+        certificate, key = None, None
+        if self.client_cert and self.client_key:
+            certificate, key = _key_pair(
+                ("D2D_GRPC_TLS_CLIENT_CERT", self.client_cert), ("D2D_GRPC_TLS_CLIENT_KEY", self.client_key)
+            )
+        return grpc.ssl_channel_credentials(
+            root_certificates=_ca("D2D_GRPC_TLS_CA", self.ca), private_key=key, certificate_chain=certificate
+        )
+
+
+def _require_pair(first: tuple[str, str | None], second: tuple[str, str | None]) -> None:
+    """Both variables set, or neither: else a SystemExit naming the one missing."""
+    (name_a, a), (name_b, b) = first, second
+    if bool(a) != bool(b):
+        have, missing = (name_a, name_b) if a else (name_b, name_a)
+        raise SystemExit(f"{have} is set but {missing} is not: a certificate needs its private key (PEM files)")
+
+
+def _read(variable: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"{variable}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def _key_pair(cert: tuple[str, str], key: tuple[str, str]) -> tuple[bytes, bytes]:
+    """(certificate chain, private key) as PEM bytes, once the standard library has checked that
+    they are PEM and belong together (grpc would only find out at the first handshake)."""
+    (cert_variable, cert_path), (key_variable, key_path) = cert, key
+    chain, private_key = _read(cert_variable, cert_path), _read(key_variable, key_path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as exc:
+        raise SystemExit(
+            f"{cert_variable} ({cert_path}) and {key_variable} ({key_path}) are not a PEM certificate and"
+            f" its private key: {exc.reason or exc}"
+        ) from None
+    return chain, private_key
+
+
+def _ca(variable: str, path: str) -> bytes:
+    """The CA certificates at `path` (PEM), checked to be some."""
+    pem = _read(variable, path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise SystemExit(f"{variable} ({path}) is not a PEM CA certificate: {exc.reason or exc}") from None
+    return pem
 
 
 @dataclass(frozen=True)
@@ -91,6 +201,8 @@ class Settings:
     # The API key this process calls the platform's services with (`d2d up` gives each service its
     # admin key; clients and the CLI read it too). Empty: calls carry no key.
     api_key: str = field(default_factory=lambda: os.environ.get("D2D_API_KEY", ""), repr=False)
+    # TLS on gRPC (D2D_GRPC_TLS_*): off unless set.
+    grpc_tls: GrpcTls = field(default_factory=GrpcTls.from_env)
 
     def addr(self, name: str) -> str:
         """The address of the gRPC service called `name`."""

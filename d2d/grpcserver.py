@@ -9,6 +9,11 @@ handler finds the caller in `d2d.auth.current_principal`; the server span carrie
 role (`d2d.api_key.id`, `d2d.api_key.role`). Health checks need no key. A `channel()` sends the key
 it is given, else `D2D_API_KEY`'s.
 
+TLS (d2d.config.GrpcTls, from the D2D_GRPC_TLS_* variables) is optional: a server bound with
+`listen` serves TLS when given a certificate, and takes only callers with a certificate its client CA
+signed when given one (mutual TLS; any other caller fails the handshake: UNAVAILABLE); a `channel()`
+speaks TLS when given a CA. Keys are checked over TLS as without it.
+
 Tracing is done here rather than by OpenTelemetry's gRPC interceptors, which cost about 160 us of
 server CPU per call (a third of an empty call's) and an extra task per client call: a server span
 per call of a service added with `add_service` (parented by the `traceparent` the caller sent in
@@ -20,6 +25,7 @@ are named and attributed as the interceptors name them (`/package.Service/Method
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -36,6 +42,7 @@ from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
 from d2d import auth, telemetry
+from d2d.config import GrpcTls
 from d2d.errors import Refusal
 from d2d.eventlog import LOG_UNREACHABLE
 
@@ -58,7 +65,8 @@ def new_server(
     `service_names`: off by default, as it tells an anonymous caller every method and message.
     With `max_concurrent_rpcs`, calls beyond that many in progress are refused at once with
     RESOURCE_EXHAUSTED (grpc's own check), which bounds the memory requests can hold: each may carry
-    up to MAX_MESSAGE_BYTES. Services are added with `add_service`."""
+    up to MAX_MESSAGE_BYTES. Services are added with `add_service`; the port is bound with `listen`
+    (TLS as the settings say)."""
     server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -86,12 +94,32 @@ async def serve_until(
     await server.stop(grace=5)
 
 
-def channel(target: str, api_key: str | None = None) -> TracedChannel:
+def listen(server: grpc.aio.Server, addr: str, tls: GrpcTls) -> int:
+    """Bind `server` to `addr`: TLS if `tls` names a certificate (mutual TLS if it names a client
+    CA too), else plaintext. The port bound, 0 if it cannot bind; a TLS configuration that cannot
+    work is a SystemExit naming its variable (GrpcTls.server_credentials)."""
+    credentials = tls.server_credentials()
+    if credentials is None:
+        return server.add_insecure_port(addr)
+    return server.add_secure_port(addr, credentials)
+
+
+@functools.lru_cache(maxsize=8)
+def channel_credentials(tls: GrpcTls) -> grpc.ChannelCredentials | None:
+    """`tls`'s client credentials (None: plaintext), its files read and checked once per process."""
+    return tls.channel_credentials()
+
+
+def channel(target: str, api_key: str | None = None, tls: GrpcTls | None = None) -> TracedChannel:
     """A traced client channel with the platform's message limits whose calls carry `api_key`
-    (default: the D2D_API_KEY environment variable; '' sends none)."""
+    (default: the D2D_API_KEY environment variable; '' sends none), over TLS if `tls` (default:
+    the D2D_GRPC_TLS_* variables) names a CA."""
     if api_key is None:
         api_key = os.environ.get("D2D_API_KEY", "")
-    return TracedChannel(grpc.aio.insecure_channel(target, options=_OPTIONS), api_key)
+    credentials = channel_credentials(GrpcTls.from_env() if tls is None else tls)
+    if credentials is None:
+        return TracedChannel(grpc.aio.insecure_channel(target, options=_OPTIONS), api_key)
+    return TracedChannel(grpc.aio.secure_channel(target, credentials, options=_OPTIONS), api_key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ FIGURES = {
     "ingest": [
         "durable_ingest_events_per_s", "raw_publish_async_msgs_per_s", "ratio_vs_publish_async",
         "bus_p50_ms_linger_on", "bus_p99_ms_linger_on", "bus_p50_ms_linger_off", "bus_p99_ms_linger_off",
-        "relay_batches_linger_on", "relay_batches_linger_off",
+        "relay_batches_linger_on", "relay_batches_linger_off", "auth_on_events_per_s", "auth_off_events_per_s",
+        "auth_ratio",
     ],
     "features": [
         "replay_events_per_s", "scan_eventlog_read_events_per_s", "replay_ratio_vs_eventlog_read_scan",

@@ -163,7 +163,9 @@ class Stack:
 
     def _wait_healthy(self, spec: ServiceSpec, deadline: float) -> None:
         assert self.endpoints is not None
-        with grpc.insecure_channel(self.endpoints.addr(spec.name)) as channel:
+        addr = self.endpoints.addr(spec.name)
+        credentials = self.settings.grpc_tls.channel_credentials()  # as the services' clients will call them
+        with grpc.secure_channel(addr, credentials) if credentials else grpc.insecure_channel(addr) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 process = self.processes[spec.name]
