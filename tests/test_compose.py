@@ -6,7 +6,7 @@ the one-shot `init`, `d2d migrate --credentials`), and its traces sent to Jaeger
 CI has no Docker engine, so the file is checked, not run: against the compose specification's JSON
 schema (the copy the check-jsonschema package ships, refreshed by its maintainers from the
 compose-spec project) and against d2d/runtime/services.py. What `init` does runs here for real, on the
-session's Postgres and a nats-server started with the compose file's NATS config.
+session's Postgres and a cluster of three nats-servers with the compose file's NATS config.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import asyncio
 import json
 import re
 import shlex
+import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,16 @@ from typing import Any
 import asyncpg
 import jsonschema
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 import yaml
 from nats.errors import Error as NatsError
 
 from d2d import auth, bus, dbroles
-from d2d.cli.migrate import NATS_USERS_CONF, SERVICE_ENV
+from d2d.cli.migrate import NATS_ROUTES_CONF, NATS_USERS_CONF, SERVICE_ENV
 from d2d.private import private_dir, write_private_text
+from d2d.runtime.deathsig import dying_with_parent
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import APIS, SERVICES, ServiceSpec
 from tests.conftest import ROOT, run_cli, wait_for_port
@@ -95,17 +100,28 @@ def test_compose_runs_only_registered_services_and_clients_call_them_by_name(com
                 assert addr == f"{target.name}:{target.port}", f"{spec.name} calls {target.name} at {addr}"
 
 
+NATS_CLUSTER_LISTEN = 'listen: "0.0.0.0:6222"'
+
+
+def nats_config(compose: dict[str, Any]) -> str:
+    return compose["configs"]["nats_conf"]["content"]
+
+
 def test_nats_is_a_jetstream_cluster_of_three_routed_to_each_other(compose: dict[str, Any]) -> None:
     servers = nats_servers(compose)
     assert len(servers) == 3
-    cluster_urls = {f"nats://{name}:6222" for name in servers}
+    config = nats_config(compose)
+    cluster = re.search(r"cluster \{(.*?)\}", config, re.S)
+    assert cluster and NATS_CLUSTER_LISTEN in cluster.group(1) and "name: d2d" in cluster.group(1)
+    assert f'include "users/{NATS_ROUTES_CONF.name}"' in cluster.group(1), "the routes are the cluster's"
+    init = services(compose)["init"]["command"]
+    routes = (flag(init, "--nats-routes") or "").split(",")
+    assert sorted(routes) == sorted(f"nats://{name}:6222" for name in servers), "each server routes to all"
     stores = set()
     for name, server in servers.items():
         command = server["command"]
         assert "-js" in command, f"{name} runs without JetStream"
-        assert flag(command, "--server_name") == name and flag(command, "--cluster_name") == "d2d"
-        assert flag(command, "--cluster") == "nats://0.0.0.0:6222"
-        assert set((flag(command, "--routes") or "").split(",")) == cluster_urls, f"{name} is not routed to all"
+        assert flag(command, "--server_name") == name and flag(command, "-c") == "/etc/nats/d2d.conf"
         [store] = [v for v in server["volumes"] if isinstance(v, str) and v.endswith(f":{flag(command, '-sd')}")]
         stores.add(store.split(":")[0])
         assert "-m" not in command and "8222" not in json.dumps(server), "no monitoring port is opened"
@@ -114,21 +130,21 @@ def test_nats_is_a_jetstream_cluster_of_three_routed_to_each_other(compose: dict
 
 def test_init_gives_every_service_all_cluster_members_and_runs_before_them(compose: dict[str, Any]) -> None:
     init = services(compose)["init"]
-    assert init["command"] == ["d2d", "migrate", "--credentials", CREDENTIALS]
+    assert init["command"][:4] == ["d2d", "migrate", "--credentials", CREDENTIALS]
     urls = init["environment"]["D2D_NATS_URL"].split(",")
     assert sorted(urls) == sorted(f"nats://{name}:4222" for name in nats_servers(compose))
     for name in [spec.name for spec in SERVICES] + list(nats_servers(compose)):
         assert services(compose)[name]["depends_on"]["init"] == {"condition": "service_completed_successfully"}, name
 
 
-def test_the_nats_servers_admit_only_the_users_init_writes(compose: dict[str, Any]) -> None:
-    config = compose["configs"]["nats_conf"]["content"]
-    [included] = re.findall(r'include "([^"]+)"', config)
+def test_the_nats_servers_include_the_users_and_routes_init_writes(compose: dict[str, Any]) -> None:
+    included = set(re.findall(r'include "([^"]+)"', nats_config(compose)))
     for name, server in nats_servers(compose).items():
         [target] = [c["target"] for c in server["configs"] if c["source"] == "nats_conf"]
-        [users] = [v for v in server["volumes"] if isinstance(v, dict) and v["source"] == "credentials"]
-        assert users["volume"]["subpath"] == str(NATS_USERS_CONF.parent) and users["read_only"], name
-        assert f"{users['target']}/{NATS_USERS_CONF.name}" == f"{Path(target).parent}/{included}", name
+        [mounted] = [v for v in server["volumes"] if isinstance(v, dict) and v["source"] == "credentials"]
+        assert mounted["volume"]["subpath"] == str(NATS_USERS_CONF.parent) and mounted["read_only"], name
+        relative = Path(mounted["target"]).relative_to(Path(target).parent)
+        assert included == {f"{relative}/{NATS_USERS_CONF.name}", f"{relative}/{NATS_ROUTES_CONF.name}"}, name
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
@@ -159,52 +175,94 @@ def sourced(path: Path) -> dict[str, str]:
     return dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
 
 
+@dataclass
+class Cluster:
+    """Three nats-servers as compose runs them, on this host: the compose file's config (each
+    listening for routes on a port of its own rather than 6222), including the users and routes
+    files from the credentials folder as compose mounts it; started once init has written them."""
+
+    directory: Path
+    credentials: Path
+    client_ports: list[int]
+    route_ports: list[int]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def urls(self) -> str:
+        return ",".join(f"nats://127.0.0.1:{port}" for port in self.client_ports)
+
+    @property
+    def routes(self) -> str:
+        return ",".join(f"nats://127.0.0.1:{port}" for port in self.route_ports)
+
+    def start(self, config: str) -> None:
+        assert NATS_CLUSTER_LISTEN in config
+        etc = self.directory / "etc"
+        etc.mkdir()
+        (etc / "users").symlink_to(self.credentials / NATS_USERS_CONF.parent)
+        for n, (port, route_port) in enumerate(zip(self.client_ports, self.route_ports, strict=True), 1):
+            conf = etc / f"nats-{n}.conf"
+            conf.write_text(config.replace(NATS_CLUSTER_LISTEN, f'listen: "127.0.0.1:{route_port}"'))
+            args = [NatsServer.binary(), "-c", str(conf), "-js", "-sd", str(self.directory / f"store-{n}"),
+                    "--server_name", f"nats-{n}", "-a", "127.0.0.1", "-p", str(port),
+                    "-l", str(self.directory / f"nats-{n}.log")]  # fmt: skip
+            self.processes.append(subprocess.Popen(dying_with_parent(args), stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.DEVNULL))  # fmt: skip
+        for port, process in zip(self.client_ports, self.processes, strict=True):
+            wait_for_port(port, process)
+
+
 @pytest.fixture
-def nats_with_compose_config(tmp_path: Path, compose: dict[str, Any]) -> Iterator[tuple[Path, int, Callable[[], None]]]:
-    """(credentials dir, port, start): where init writes, and a nats-server run as compose runs one, with the
-    compose file's config, its users file included from the credentials as compose mounts them;
-    started once init has written (the test calls `start`)."""
-    credentials = tmp_path / "credentials"
-    etc = tmp_path / "etc"
-    etc.mkdir()
-    (etc / "d2d.conf").write_text(compose["configs"]["nats_conf"]["content"])
-    (etc / "users").symlink_to(credentials / NATS_USERS_CONF.parent)
-    port = free_port()
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        args = [NatsServer.binary(), "-c", str(etc / "d2d.conf"), "-js", "-sd", str(tmp_path / "store"),
-                "-a", "127.0.0.1", "-p", str(port)]  # fmt: skip
-        processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for_port(port, processes[-1])
-
-    yield credentials, port, start
-    for process in processes:
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    found = Cluster(
+        tmp_path, tmp_path / "credentials", [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    )
+    yield found
+    for process in found.processes:
         process.terminate()
+    for process in found.processes:
         process.wait(10)
 
 
+async def watched(url: str) -> tuple[nats.NATS, list[Exception]]:
+    """A connection to `url` (one server) and the asynchronous errors the server sends it."""
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(url, error_cb=on_error, inbox_prefix=bus.inbox_prefix(url), allow_reconnect=False)
+    return nc, errors
+
+
+def route_connect(port: int, credentials: str = "") -> bytes:
+    """What a server answers a route connection that logs in with `credentials` (`"user":…,"pass":…,`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as route:
+        route.recv(65536)  # INFO
+        route.sendall(f'CONNECT {{{credentials}"verbose":false,"name":"rogue","cluster":"d2d"}}\r\nPING\r\n'.encode())
+        return route.recv(65536)
+
+
 async def test_init_makes_each_services_login_nats_user_and_key_and_a_second_run_changes_nothing(
-    postgres: EmbeddedPostgres, database_url: str, nats_with_compose_config: tuple[Path, int, Callable[[], None]]
+    postgres: EmbeddedPostgres, database_url: str, cluster: Cluster, compose: dict[str, Any]
 ) -> None:
-    credentials, port, start_nats = nats_with_compose_config
+    credentials = cluster.credentials
     # Login roles are cluster-wide and the session's tests log in with theirs: this init is given the
     # passwords they already have, as a second deployment on a shared server would be.
     private_dir(credentials)
     write_private_text(credentials / dbroles.LOGINS_FILE, (postgres.data_dir / dbroles.LOGINS_FILE).read_text())
-    dead = free_port()  # a cluster member that is down: services connect to the others
-    env = {"D2D_DATABASE_URL": database_url, "D2D_NATS_URL": f"nats://127.0.0.1:{dead},nats://127.0.0.1:{port}"}
-    code, out = await run_cli(env, "migrate", "--credentials", str(credentials))
+    env = {"D2D_DATABASE_URL": database_url, "D2D_NATS_URL": cluster.urls}
+    init = ["migrate", "--credentials", str(credentials), "--nats-routes", cluster.routes]
+    code, out = await run_cli(env, *init)
     assert code == 0, out
     written = {path: path.read_bytes() for path in credentials.rglob("*") if path.is_file()}
-    code, out = await run_cli(env, "migrate", "--credentials", str(credentials))
+    code, out = await run_cli(env, *init)
     assert code == 0, out
     assert {path: path.read_bytes() for path in credentials.rglob("*") if path.is_file()} == written
     assert all(path.stat().st_mode & 0o077 == 0 for path in written), "credentials are owner-only"
 
     admin_key = auth.read_key_file(credentials / auth.ADMIN_KEY_FILE)
     assert auth.key_id_of(admin_key)
-    await asyncio.to_thread(start_nats)
     for spec in SERVICES:
         service_env = sourced(credentials / spec.name / SERVICE_ENV)
         assert service_env["D2D_API_KEY"] == admin_key
@@ -216,29 +274,35 @@ async def test_init_makes_each_services_login_nats_user_and_key_and_a_second_run
             assert (role["name"], role["rolsuper"]) == (dbroles.login_role(spec.name), False)
         finally:
             await conn.close()
-        if spec.name not in bus.SERVICE_USERS:
+        if spec.name in bus.SERVICE_USERS:
+            servers = bus.servers(service_env["D2D_NATS_URL"])
+            assert [server.split("@")[1] for server in servers] == [f"127.0.0.1:{p}" for p in cluster.client_ports]
+        else:
             assert "D2D_NATS_URL" not in service_env
-            continue
-        user = bus.SERVICE_USERS[spec.name]
-        assert [s.split("@")[1] for s in bus.servers(service_env["D2D_NATS_URL"])] == [
-            f"127.0.0.1:{dead}", f"127.0.0.1:{port}",
-        ], "every cluster member, in order"  # fmt: skip
-        nc = await bus.connect(service_env["D2D_NATS_URL"], name=spec.name, max_reconnect_attempts=0)
-        try:
-            assert nc.connected_url is not None and nc.connected_url.username == user
-        finally:
-            await nc.close()
 
-    with pytest.raises(NatsError, match="Authorization Violation"):  # the open NATS is closed
-        await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, connect_timeout=5)
-    ingest_url = bus.servers(sourced(credentials / "ingest" / SERVICE_ENV)["D2D_NATS_URL"])[1]
-    errors: list[Exception] = []
+    await asyncio.to_thread(cluster.start, nats_config(compose))
+    nats_urls = {name: sourced(credentials / name / SERVICE_ENV)["D2D_NATS_URL"] for name in bus.SERVICE_USERS}
+    relay = await bus.connect(nats_urls["ingest-relay"], name="relay", max_reconnect_attempts=0)
+    features = await bus.connect(nats_urls["features"], name="features", max_reconnect_attempts=0)
+    try:  # JetStream across the cluster: the relay makes the stream, features reads it, each as its user
+        events = bus.events_stream_config()
+        for _ in range(100):  # until the servers have elected JetStream's leader
+            try:
+                await bus.ensure_stream(relay.jetstream(timeout=1), events)
+                break
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                await asyncio.sleep(0.1)
+        await relay.jetstream().publish(f"{bus.EVENTS_SUBJECT_PREFIX}.test.ping", b"{}")
+        assert (await features.jetstream().stream_info(events.name)).state.messages == 1
+    finally:
+        await relay.close()
+        await features.close()
 
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    ingest = await nats.connect(ingest_url, error_cb=on_error, inbox_prefix=bus.inbox_prefix(ingest_url),
-                                allow_reconnect=False)  # fmt: skip
+    for port in cluster.client_ports:  # the open NATS is closed
+        with pytest.raises(NatsError, match="Authorization Violation"):
+            await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, connect_timeout=5)
+    assert route_connect(cluster.route_ports[0]).startswith(b"-ERR 'Authorization Violation'"), "a stranger's route"
+    ingest, errors = await watched(bus.servers(nats_urls["ingest"])[2])
     try:  # its user's permissions, from bus.permissions: only the relay publishes events
         await ingest.publish(f"{bus.EVENTS_SUBJECT_PREFIX}.forged", b"{}")
         await ingest.flush(timeout=5)

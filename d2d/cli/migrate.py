@@ -7,6 +7,8 @@ Secrets are generated once and kept in DIR, so running it again (every `docker c
 nothing but what is missing. DIR then holds, each file owner-only:
 
   nats/users.conf        the NATS servers' `authorization` block (each server's config includes it)
+  nats/routes.conf       with --nats-routes: inside each server's `cluster` block, the routes to the
+                         cluster's members and the credentials they route with (no other server may)
   <service>/env          what that service sources before it starts: `export D2D_DATABASE_URL=...`
                          (its own login), `D2D_NATS_URL` (its NATS user, on every server of
                          D2D_NATS_URL's comma-separated list) and `D2D_API_KEY` (the admin key)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -26,6 +29,8 @@ from d2d.cli.common import console, endpoints, settings
 from d2d.config import Settings
 
 NATS_USERS_CONF = Path("nats") / "users.conf"
+NATS_ROUTES_CONF = Path("nats") / "routes.conf"
+NATS_ROUTE_SECRET = "cluster routes"  # its password's name among the kept NATS passwords
 SERVICE_ENV = "env"
 
 
@@ -36,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="then make each service's Postgres login, NATS user and the admin key, written under DIR"
         " (docker-compose's init; D2D_DATABASE_URL must be the owner's, D2D_NATS_URL lists the NATS servers)",
+    )
+    parser.add_argument(
+        "--nats-routes",
+        metavar="URLS",
+        help="with --credentials: the NATS cluster's route URLs (comma-separated nats://host:port), for routes.conf",
     )
     parser.set_defaults(func=cmd_migrate)
 
@@ -48,17 +58,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     applied = asyncio.run(eventlog.migrate(database_url))
     console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
     if args.credentials:
-        written = write_credentials(Path(args.credentials), database_url, found.require_nats_url(), found)
+        routes = [route.strip() for route in (args.nats_routes or "").split(",") if route.strip()]
+        written = write_credentials(Path(args.credentials), database_url, found.require_nats_url(), found, routes)
         console.print(f"credentials of {', '.join(written)} in {args.credentials}")
     return 0
 
 
-def write_credentials(directory: Path, owner_url: str, nats_urls: str, found: Settings) -> list[str]:
+def write_credentials(
+    directory: Path, owner_url: str, nats_urls: str, found: Settings, routes: Sequence[str] = ()
+) -> list[str]:
     """Make every service's login role (with the owner's connection at `owner_url`, migrated), the
-    NATS users' config and the admin key; write each service's environment file. The services named."""
+    NATS users' config (and the cluster's, given its `routes`) and the admin key; write each
+    service's environment file. The services named."""
     from d2d import auth, bus, dbroles
     from d2d.private import kept_secrets, private_dir, write_private_text
-    from d2d.runtime.servers import NATS_USERS_FILE, nats_authorization
+    from d2d.runtime.servers import NATS_USERS_FILE, nats_authorization, nats_cluster_routes
 
     private_dir(directory)
     db_passwords = dbroles.load_passwords(directory / dbroles.LOGINS_FILE)
@@ -68,9 +82,13 @@ def write_credentials(directory: Path, owner_url: str, nats_urls: str, found: Se
         bus.Topology(found.nats_namespace),
         features_consumer=found.features_consumer, serving_consumer=found.serving_consumer,
     )  # fmt: skip
-    nats_passwords = kept_secrets(directory / NATS_USERS_FILE, list(users), nbytes=24)
+    nats_passwords = kept_secrets(directory / NATS_USERS_FILE, [*users, NATS_ROUTE_SECRET], nbytes=24)
     private_dir(directory / NATS_USERS_CONF.parent)
     write_private_text(directory / NATS_USERS_CONF, nats_authorization(users, nats_passwords) + "\n")
+    if routes:
+        write_private_text(
+            directory / NATS_ROUTES_CONF, nats_cluster_routes(nats_passwords[NATS_ROUTE_SECRET], routes) + "\n"
+        )
     for service in dbroles.SERVICE_GROUPS:
         env = {"D2D_DATABASE_URL": dbroles.login_url(owner_url, service, db_passwords[service])}
         if service in bus.SERVICE_USERS:

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +294,22 @@ def nats_authorization(users: Mapping[str, Mapping[str, Any]], passwords: Mappin
         {"user": user, "password": passwords[user], "permissions": permissions} for user, permissions in users.items()
     ]
     return f"authorization: {json.dumps({'users': entries}, indent=2)}"
+
+
+NATS_ROUTE_USER = "route"  # the servers of a cluster, on their route port (not a client user)
+
+
+def nats_cluster_routes(password: str, routes: Sequence[str]) -> str:
+    """What goes inside a nats-server `cluster` block so that its members admit only each other:
+    the route port's credentials, and the `routes` (each member's `nats://host:port`) with them."""
+    with_credentials = [
+        urlunsplit(
+            urlsplit(route)._replace(netloc=f"{NATS_ROUTE_USER}:{quote(password, safe='')}@{urlsplit(route).netloc}")
+        )
+        for route in routes
+    ]
+    authorization = {"user": NATS_ROUTE_USER, "password": password}
+    return f"authorization: {json.dumps(authorization)}\nroutes: {json.dumps(with_credentials, indent=2)}"
 
 
 @dataclass(frozen=True)
