@@ -102,9 +102,11 @@ def write_credentials(
 
 def nats_urls_as(urls: str, user: str, password: str) -> str:
     """Each server of the comma-separated `urls` with `user`'s credentials, in the same order."""
+    from d2d import bus
+
     with_user = []
-    for url in urls.split(","):
-        parts = urlsplit(url.strip())
+    for url in bus.servers(urls):
+        parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
         with_user.append(urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}")))
     return ",".join(with_user)

@@ -302,12 +302,11 @@ NATS_ROUTE_USER = "route"  # the servers of a cluster, on their route port (not 
 def nats_cluster_routes(password: str, routes: Sequence[str]) -> str:
     """What goes inside a nats-server `cluster` block so that its members admit only each other:
     the route port's credentials, and the `routes` (each member's `nats://host:port`) with them."""
-    with_credentials = [
-        urlunsplit(
-            urlsplit(route)._replace(netloc=f"{NATS_ROUTE_USER}:{quote(password, safe='')}@{urlsplit(route).netloc}")
-        )
-        for route in routes
-    ]
+    credentials = f"{NATS_ROUTE_USER}:{quote(password, safe='')}"
+    with_credentials = []
+    for route in routes:
+        parts = urlsplit(route)
+        with_credentials.append(urlunsplit(parts._replace(netloc=f"{credentials}@{parts.netloc.rpartition('@')[2]}")))
     authorization = {"user": NATS_ROUTE_USER, "password": password}
     return f"authorization: {json.dumps(authorization)}\nroutes: {json.dumps(with_credentials, indent=2)}"
 
