@@ -67,7 +67,8 @@ class Topology:
 
 async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1, tls: ssl.SSLContext | None = None) -> NATS:
     """Connect, reconnecting forever by default (the relay and ingest outlive NATS restarts), with
-    the credentials `url` carries (`nats://user:password@host:port`), replies on the user's inbox,
+    the credentials `url` carries (`nats://user:password@host:port`; a cluster's servers as a
+    comma-separated list of such URLs, each tried in turn), replies on the user's inbox,
     over TLS as `tls` or else the settings say (`D2D_NATS_CA`, `D2D_NATS_CERT`, `D2D_NATS_KEY`).
 
     Exits (SystemExit, with what to configure) if the server's `max_payload` could not carry an
@@ -77,7 +78,7 @@ async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1, tls:
         log.warning("nats: %s", exc)
 
     nc = await nats.connect(
-        url,
+        servers(url),
         name=name,
         max_reconnect_attempts=max_reconnect_attempts,
         reconnect_time_wait=0.5,
@@ -94,10 +95,15 @@ async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1, tls:
     return nc
 
 
+def servers(url: str) -> list[str]:
+    """The server URLs of `url`: one, or a cluster's as a comma-separated list."""
+    return [server.strip() for server in url.split(",") if server.strip()]
+
+
 def inbox_prefix(url: str) -> str:
     """Where a connection to `url` takes its replies: `_INBOX.<user>` when the URL names a user
     (whose permissions allow it that inbox only), else the shared `_INBOX`."""
-    user = urlsplit(url).username
+    user = urlsplit(servers(url)[0]).username
     return f"{INBOX_PREFIX}.{user}" if user else INBOX_PREFIX
 
 

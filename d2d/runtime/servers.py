@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,6 +286,31 @@ def nats_url_as(url: str, data_dir: Path, user: str) -> str:
     )
 
 
+def nats_authorization(users: Mapping[str, Mapping[str, Any]], passwords: Mapping[str, str]) -> str:
+    """nats-server's `authorization` block: each of `users` (name -> its permissions,
+    `d2d.bus.permissions`) with its password. `d2d up`'s server and the compose cluster (written by
+    `d2d migrate --credentials`) both take it from here."""
+    entries = [
+        {"user": user, "password": passwords[user], "permissions": permissions} for user, permissions in users.items()
+    ]
+    return f"authorization: {json.dumps({'users': entries}, indent=2)}"
+
+
+NATS_ROUTE_USER = "route"  # the servers of a cluster, on their route port (not a client user)
+
+
+def nats_cluster_routes(password: str, routes: Sequence[str]) -> str:
+    """What goes inside a nats-server `cluster` block so that its members admit only each other:
+    the route port's credentials, and the `routes` (each member's `nats://host:port`) with them."""
+    credentials = f"{NATS_ROUTE_USER}:{quote(password, safe='')}"
+    with_credentials = []
+    for route in routes:
+        parts = urlsplit(route)
+        with_credentials.append(urlunsplit(parts._replace(netloc=f"{credentials}@{parts.netloc.rpartition('@')[2]}")))
+    authorization = {"user": NATS_ROUTE_USER, "password": password}
+    return f"authorization: {json.dumps(authorization)}\nroutes: {json.dumps(with_credentials, indent=2)}"
+
+
 @dataclass(frozen=True)
 class NatsTls:
     """The server's certificate and key; with `client_ca`, clients must show a certificate it signed."""
@@ -337,13 +362,10 @@ class NatsServer:
 
     def _config(self) -> str:
         # max_payload: the one setting with no command-line flag: messages large enough for any event (d2d.limits).
-        lines = [f"max_payload: {BUS_MAX_PAYLOAD}"]
+        # Monitoring (the readiness check's /healthz) on the loopback interface only, whatever `-a` says.
+        lines = [f"max_payload: {BUS_MAX_PAYLOAD}", f'http: "127.0.0.1:{self.monitor_port}"']
         if self.users is not None:
-            users = [
-                {"user": user, "password": self.passwords[user], "permissions": permissions}
-                for user, permissions in self.users.items()
-            ]
-            lines.append(f"authorization: {json.dumps({'users': users}, indent=2)}")
+            lines.append(nats_authorization(self.users, self.passwords))
         if self.tls is not None:
             tls: dict[str, Any] = {"cert_file": str(self.tls.cert), "key_file": str(self.tls.key)}
             if self.tls.client_ca is not None:
@@ -368,7 +390,7 @@ class NatsServer:
         open_private(log).close()  # nats-server appends to it, keeping the owner-only mode
         args = [
             self.binary(), "-c", str(config), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port),
-            "-m", str(self.monitor_port), "-n", "d2d", "-l", str(log),
+            "-n", "d2d", "-l", str(log),
         ]  # fmt: skip
         self.process = subprocess.Popen(
             dying_with_parent(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
