@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from d2d import auth, eventlog, grpcserver
+from d2d import eventlog, grpcserver
 from d2d.client import AuditClient
-from d2d.config import GrpcTls
-from d2d.eventlog import EventLog
+from d2d.config import GrpcTls, Settings
 from d2d.runtime.servers import EmbeddedPostgres, free_port
 from d2d.v1 import audit_pb2, audit_pb2_grpc
-from services.audit.api import SERVICE_NAME, AuditApi
+from services.audit.api import SERVICE_NAME
+from services.audit.server import serve
 from tests.conftest import TEST_API_KEY, seed_test_key, service_url
 
 # ---------------------------------------------------------------------------------------------
@@ -122,29 +122,27 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 @pytest.fixture(scope="module")
 async def audit_over_tls(postgres: EmbeddedPostgres, certificates: Certificates) -> AsyncIterator[str]:
-    """The AuditService (its API, key ring and server made as services/audit/server.py makes them)
-    bound with `grpcserver.listen` to mutual TLS; its address."""
+    """The audit service itself (services/audit/server.py `serve`, in this process) with its
+    settings naming a certificate, its key and a client CA: mutual TLS; its address once serving."""
     url = await asyncio.to_thread(postgres.create_database, f"grpc_tls_{uuid.uuid4().hex[:8]}")
     await eventlog.migrate(url)
     await seed_test_key(url)
-    own_login = service_url(url, "audit")
-    pool = await eventlog.create_pool(own_login, max_size=2)
-    event_log = EventLog(pool)
-    keys = await auth.KeyRing.open(event_log)
-    server, health = grpcserver.new_server([SERVICE_NAME])
-    grpcserver.add_service(
-        server, audit_pb2.DESCRIPTOR.services_by_name["AuditService"], AuditApi(event_log, own_login), keys
-    )
     addr = f"127.0.0.1:{free_port()}"
-    assert grpcserver.listen(server, addr, certificates.server) != 0
-    await server.start()
-    await grpcserver.set_serving(health, [SERVICE_NAME])
+    settings = Settings(database_url=service_url(url, "audit"), addrs={"audit": addr}, grpc_tls=certificates.server)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(settings, stop))
     try:
+        for _ in range(300):
+            assert not serving.done(), serving.exception()
+            if await health_code(addr, certificates.client) == grpc.StatusCode.OK:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise TimeoutError("the audit service did not answer over TLS")
         yield addr
     finally:
-        await server.stop(None)
-        await keys.close()
-        await pool.close()
+        stop.set()
+        await serving
 
 
 async def health_code(addr: str, tls: GrpcTls) -> grpc.StatusCode:

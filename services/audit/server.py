@@ -24,7 +24,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server, health = grpcserver.new_server([SERVICE_NAME], reflection_enabled=settings.grpc_reflection)
     grpcserver.add_service(server, audit_pb2.DESCRIPTOR.services_by_name["AuditService"], api, keys)
     addr = settings.addr("audit")
-    if server.add_insecure_port(addr) == 0:
+    if grpcserver.listen(server, addr, settings.grpc_tls) == 0:
         raise SystemExit(f"audit: cannot listen on {addr}")
     await server.start()
     try:

@@ -38,7 +38,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     access = AccessApi(event_log, keys)
     grpcserver.add_service(server, access_pb2.DESCRIPTOR.services_by_name["AccessService"], access, keys)
     addr = settings.addr("registry")
-    if server.add_insecure_port(addr) == 0:
+    if grpcserver.listen(server, addr, settings.grpc_tls) == 0:
         raise SystemExit(f"registry: cannot listen on {addr}")
     await server.start()
     loop = None
