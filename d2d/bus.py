@@ -47,6 +47,9 @@ class Topology:
     NATS server) prefixes all of them: `t1_D2D_EVENTS`, `t1.d2d.events.<type>`."""
 
     namespace: str = ""
+    # Copies JetStream keeps of each stream (D2D_NATS_REPLICAS): 1 on a single server; 3 on a cluster
+    # of three keeps every stream through the loss of any one server.
+    replicas: int = 1
 
     @property
     def events_stream(self) -> str:
@@ -63,6 +66,12 @@ class Topology:
     @property
     def ingest_prefix(self) -> str:
         return f"{self.namespace}.{INGEST_SUBJECT_PREFIX}" if self.namespace else INGEST_SUBJECT_PREFIX
+
+    def events_config(self) -> StreamConfig:
+        return events_stream_config(self.events_stream, self.events_prefix, self.replicas)
+
+    def ingest_config(self) -> StreamConfig:
+        return ingest_stream_config(self.ingest_stream, self.ingest_prefix, self.replicas)
 
 
 async def connect(url: str, *, name: str, max_reconnect_attempts: int = -1, tls: ssl.SSLContext | None = None) -> NATS:
@@ -122,21 +131,27 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         or held.retention != config.retention
         or (config.discard is not None and held.discard != config.discard)
         or held.duplicate_window != config.duplicate_window
+        or (held.num_replicas or 1) != (config.num_replicas or 1)
     ):
         await js.update_stream(config)
 
 
-def events_stream_config(name: str = EVENTS_STREAM, prefix: str = EVENTS_SUBJECT_PREFIX) -> StreamConfig:
+def events_stream_config(
+    name: str = EVENTS_STREAM, prefix: str = EVENTS_SUBJECT_PREFIX, replicas: int = 1
+) -> StreamConfig:
     return StreamConfig(
         name=name,
         subjects=[f"{prefix}.>"],
         storage=StorageType.FILE,
         retention=RetentionPolicy.LIMITS,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        num_replicas=replicas,
     )
 
 
-def ingest_stream_config(name: str = INGEST_STREAM, prefix: str = INGEST_SUBJECT_PREFIX) -> StreamConfig:
+def ingest_stream_config(
+    name: str = INGEST_STREAM, prefix: str = INGEST_SUBJECT_PREFIX, replicas: int = 1
+) -> StreamConfig:
     return StreamConfig(
         name=name,
         subjects=[f"{prefix}.>"],
@@ -144,6 +159,7 @@ def ingest_stream_config(name: str = INGEST_STREAM, prefix: str = INGEST_SUBJECT
         retention=RetentionPolicy.WORK_QUEUE,
         discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        num_replicas=replicas,
     )
 
 

@@ -190,6 +190,8 @@ class Settings:
     upcaster_modules: str = field(default_factory=lambda: os.environ.get("D2D_UPCASTERS", "d2d.sim.upcasters"))
     # Prefix of stream names and subjects (empty in production; tests use one per test).
     nats_namespace: str = field(default_factory=lambda: os.environ.get("D2D_NATS_NAMESPACE", ""))
+    # Copies JetStream keeps of each of the platform's streams (bus.Topology.replicas): 3 on a cluster.
+    nats_replicas: int = field(default_factory=lambda: int(os.environ.get("D2D_NATS_REPLICAS", "1")))
     # Milliseconds the outbox relay, woken from idle, waits for more events to join a batch (0: it
     # does not wait); unset, the relay's default (d2d.outbox.DEFAULT_LINGER).
     relay_linger_ms: float | None = field(default_factory=lambda: _float_or_none("D2D_RELAY_LINGER_MS"))

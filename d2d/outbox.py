@@ -76,6 +76,7 @@ class OutboxRelay:
         name: str = relay_name(bus.EVENTS_STREAM),
         stream: str = bus.EVENTS_STREAM,
         subject_prefix: str = bus.EVENTS_SUBJECT_PREFIX,
+        replicas: int = 1,
         batch_size: int = 2000,
         ack_timeout: float = 5.0,
         idle_poll: float = 0.5,
@@ -90,6 +91,7 @@ class OutboxRelay:
         self.name = name
         self.stream = stream
         self.subject_prefix = subject_prefix
+        self.replicas = replicas
         self.batch_size = batch_size
         self.ack_timeout = ack_timeout
         self.idle_poll = idle_poll
@@ -107,7 +109,7 @@ class OutboxRelay:
         Postgres going away does not end it: the relay waits (backing off to 10 s), takes the
         leader lock again and resumes from the recorded position (JetStream drops what it repeats)."""
         stop = stop or asyncio.Event()
-        await bus.ensure_stream(self.js, bus.events_stream_config(self.stream, self.subject_prefix))
+        await bus.ensure_stream(self.js, bus.events_stream_config(self.stream, self.subject_prefix, self.replicas))
         backoff = 0.5
         while not stop.is_set():
             try:
@@ -283,7 +285,7 @@ async def run_relay(
         relay = OutboxRelay(
             EventLog(pool), nc.jetstream(publish_async_max_pending=4000),
             name=relay_name(topology.events_stream), stream=topology.events_stream,
-            subject_prefix=topology.events_prefix, linger=linger,
+            subject_prefix=topology.events_prefix, replicas=topology.replicas, linger=linger,
         )  # fmt: skip
         started = time.monotonic()
         await relay.run(stop)

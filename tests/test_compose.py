@@ -161,6 +161,7 @@ def test_each_service_runs_with_its_own_credentials_and_sends_traces_to_jaeger(
     entrypoint = service["entrypoint"]
     assert entrypoint[:2] == ["sh", "-c"] and f". {CREDENTIALS}/{SERVICE_ENV} && exec" in entrypoint[2]
     assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == OTLP_ENDPOINT
+    assert environment["D2D_NATS_REPLICAS"] == str(len(nats_servers(compose))), "every stream on every server"
     assert services(compose)["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
 
 
@@ -285,7 +286,8 @@ async def test_init_makes_each_services_login_nats_user_and_key_and_a_second_run
     relay = await bus.connect(nats_urls["ingest-relay"], name="relay", max_reconnect_attempts=0)
     features = await bus.connect(nats_urls["features"], name="features", max_reconnect_attempts=0)
     try:  # JetStream across the cluster: the relay makes the stream, features reads it, each as its user
-        events = bus.events_stream_config()
+        replicas = int(compose["x-env"]["D2D_NATS_REPLICAS"])
+        events = bus.Topology(replicas=replicas).events_config()
         for _ in range(100):  # until the servers have elected JetStream's leader
             try:
                 await bus.ensure_stream(relay.jetstream(timeout=1), events)
@@ -293,7 +295,10 @@ async def test_init_makes_each_services_login_nats_user_and_key_and_a_second_run
             except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
                 await asyncio.sleep(0.1)
         await relay.jetstream().publish(f"{bus.EVENTS_SUBJECT_PREFIX}.test.ping", b"{}")
-        assert (await features.jetstream().stream_info(events.name)).state.messages == 1
+        info = await features.jetstream().stream_info(events.name)
+        assert info.state.messages == 1
+        # three copies: the leader and two replicas, one on each server
+        assert (info.config.num_replicas, len(info.cluster.replicas or [])) == (3, 2)
     finally:
         await relay.close()
         await features.close()

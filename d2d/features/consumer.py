@@ -102,7 +102,7 @@ class Folder:
     async def subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         """The durable pull consumer, (re)created right after the state's stream position."""
         stream, prefix = self.topology.events_stream, self.topology.events_prefix
-        await bus.ensure_stream(js, bus.events_stream_config(stream, prefix))
+        await bus.ensure_stream(js, self.topology.events_config())
         try:
             await js.delete_consumer(stream, self.durable)
         except NotFoundError:
@@ -310,7 +310,7 @@ class Folder:
         message at or below the head is a repeat (`OnlineState.offer` skips it)."""
         js = self.nc.jetstream()
         stream = self.topology.events_stream
-        await bus.ensure_stream(js, bus.events_stream_config(stream, self.topology.events_prefix))
+        await bus.ensure_stream(js, self.topology.events_config())
         last = (await js.stream_info(stream)).state.last_seq
         head = self.head = max(self.head, await self.log.head())
         self.state.watermark = max(self.state.watermark, head)

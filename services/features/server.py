@@ -40,7 +40,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     pool = await eventlog.create_pool(url, max_size=4)
     event_log = EventLog(pool)
     await register_views(event_log, views)
-    topology = bus.Topology(settings.nats_namespace)
+    topology = bus.Topology(settings.nats_namespace, settings.nats_replicas)
     consumer = f"{settings.features_consumer}:{topology.events_stream}"
     state = await restore(event_log, views, consumer)
 

@@ -40,12 +40,13 @@ async def consume(
     ingestor: Ingestor,
     stop: asyncio.Event,
     *,
-    stream: str = bus.INGEST_STREAM,
-    prefix: str = bus.INGEST_SUBJECT_PREFIX,
+    topology: bus.Topology | None = None,
     batch: int = 500,
 ) -> None:
+    topology = topology or bus.Topology()
+    stream, prefix = topology.ingest_stream, topology.ingest_prefix
     js = nc.jetstream()
-    await bus.ensure_stream(js, bus.ingest_stream_config(stream, prefix))
+    await bus.ensure_stream(js, topology.ingest_config())
     sub = await js.pull_subscribe(
         f"{prefix}.>",
         durable=DURABLE,

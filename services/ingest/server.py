@@ -29,7 +29,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     committer = GroupCommitter(log_)
     ingestor = Ingestor(registry, committer, dead_letters)
 
-    topology = bus.Topology(settings.nats_namespace)
+    topology = bus.Topology(settings.nats_namespace, settings.nats_replicas)
     keys = await auth.KeyRing.open(log_)
     server, health = grpcserver.new_server(
         [api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS, reflection_enabled=settings.grpc_reflection
@@ -45,7 +45,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     nc = await bus.connect(settings.require_nats_url(), name="d2d-ingest")
     await server.start()
     consumer = asyncio.create_task(
-        nats_in.consume(nc, ingestor, stop, stream=topology.ingest_stream, prefix=topology.ingest_prefix),
+        nats_in.consume(nc, ingestor, stop, topology=topology),
         name="nats-intake",
     )
     await grpcserver.serve_until(server, health, [api.SERVICE_NAME], stop, f"ingest serving on {addr}")
@@ -67,5 +67,5 @@ async def relay(settings: Settings, stop: asyncio.Event | None = None) -> None:
     linger = DEFAULT_LINGER if settings.relay_linger_ms is None else settings.relay_linger_ms / 1000
     await run_relay(
         url, settings.require_nats_url(), stop=stop,
-        topology=bus.Topology(settings.nats_namespace), linger=linger,
+        topology=bus.Topology(settings.nats_namespace, settings.nats_replicas), linger=linger,
     )  # fmt: skip

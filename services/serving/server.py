@@ -99,7 +99,7 @@ class Deployments:
 async def follow_model_changes(nc, deployments: Deployments, topology: bus.Topology, stop: asyncio.Event) -> None:  # noqa: ANN001
     """Reload a model when `model.alias_set` or `model.policy_set` for it appears on the bus."""
     js = nc.jetstream()
-    await bus.ensure_stream(js, bus.events_stream_config(topology.events_stream, topology.events_prefix))
+    await bus.ensure_stream(js, topology.events_config())
     subscription = await js.subscribe(
         f"{topology.events_prefix}.model.>", stream=topology.events_stream, ordered_consumer=True,
         deliver_policy=DeliverPolicy.NEW,
@@ -133,7 +133,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     committer = GroupCommitter(event_log)
     registry = RegistryClient(settings.addr("registry"), settings.api_key)
     nc = await bus.connect(settings.require_nats_url(), name="d2d-serving")
-    topology = bus.Topology(settings.nats_namespace)
+    topology = bus.Topology(settings.nats_namespace, settings.nats_replicas)
     features, folding = await _features(settings, event_log, nc, topology, stop)
     deployments = Deployments(registry, event_log, features, micro_batching=micro_batching)
     keys = await auth.KeyRing.open(event_log)
