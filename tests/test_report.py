@@ -28,11 +28,13 @@ import pytest
 from d2d.client import FeedbackClient, RegistryClient
 from d2d.config import Settings
 from d2d.eventlog import EventLog, NewEvent
+from d2d.features.store import register_views
 from d2d.report import figures, write_report
-from d2d.report.gather import ReportData
+from d2d.report.gather import LoggedEvent, ReportData, chosen_decision
 from d2d.runtime.servers import NatsServer, free_port
 from d2d.runtime.services import service
 from d2d.sim import PaymentsSimulator, SimConfig
+from d2d.sim.views import CUSTOMER_PAYMENTS
 from d2d.training.baseline import baseline, column_baseline
 from d2d.training.pipeline import predict
 from services.serving.decisions import choose
@@ -41,7 +43,8 @@ from tests.conftest import rule_outcome, run_cli, seed_test_key, service_url
 MODEL = "fraud"
 POLICY = {"threshold": 0.5, "epsilon": 0.2, "actions": ["approve", "decline"], "canary_share": 0.0}
 REWARD = {"approve": {"0": 1.0, "1": -10.0}, "decline": 0.0}
-DECIDED = datetime(2026, 3, 1, tzinfo=UTC)
+DECIDED = datetime(2026, 1, 4, tzinfo=UTC)  # the day after the simulated payments
+FEATURE = "customer_payments.count_lifetime"
 PLOTS = ("events_per_type", "feature_freshness", "live_auc", "calibration", "drift_psi", "decisions_per_arm",
          "alias_history", "ope", "lineage")  # fmt: skip
 BROWSER_FLAGS = (
@@ -52,13 +55,13 @@ BROWSER_FLAGS = (
 )  # fmt: skip
 
 
-def artifact(seed: int, rounds: int) -> bytes:
-    """A model whose score rises with its one input (request.x) from about 0 to about 1."""
+def artifact(seed: int, rounds: int, cut: float) -> bytes:
+    """A model whose score rises with its one input (request.x) from about 0 to about 1 around `cut`."""
     import xgboost as xgb
 
     x = np.linspace(0, 1, 400).reshape(-1, 1)
     params = {"objective": "binary:logistic", "max_depth": 2, "eta": 0.5, "nthread": 1, "seed": seed}
-    booster = xgb.train(params, xgb.DMatrix(x, label=(x[:, 0] > 0.5).astype(float)), rounds)
+    booster = xgb.train(params, xgb.DMatrix(x, label=(x[:, 0] > cut).astype(float)), rounds)
     return bytes(booster.save_raw(raw_format="ubj"))
 
 
@@ -81,9 +84,12 @@ async def register_version(log: EventLog, version: int, data: bytes) -> None:
         await tx.append(NewEvent(uuid.uuid4(), "model.registered", 1, "model", MODEL, DECIDED, json.dumps(payload)))
 
 
-async def decide(log: EventLog, version: int, arm: str, data: bytes, xs: np.ndarray, seed: int) -> None:
-    """Decisions of `version` on inputs `xs` under the exploring policy, and the outcomes of the
-    approved ones (a declined payment shows nothing); labels drawn with probability x."""
+async def decide(
+    log: EventLog, version: int, arm: str, data: bytes, xs: np.ndarray, customers: list[str], seed: int
+) -> None:
+    """Decisions of `version` on inputs `xs` under the exploring policy, each for one of `customers`
+    with a feature of theirs logged, and the outcomes of the approved ones (a declined payment shows
+    nothing); labels drawn with probability x."""
     scores = predict(data, xs.reshape(-1, 1))
     rng = np.random.default_rng(seed)
     head = await log.head()
@@ -94,9 +100,10 @@ async def decide(log: EventLog, version: int, arm: str, data: bytes, xs: np.ndar
         payload = {
             "decision_id": str(decision), "model": MODEL, "model_version": f"models/{MODEL}/versions/{version}",
             "arm": arm, "score": score, "action": choice.action, "propensity": choice.propensity,
-            "explored": choice.explored, "greedy_action": choice.greedy_action, "policy": POLICY, "features": {},
-            "inputs": [x], "feature_watermark": max(head - i % 7, 0), "as_of": DECIDED.isoformat(),
-            "entities": {"customer": f"c{i}"}, "context": {}, "unit_id": f"c{i}", "request_id": f"req-{version}-{i}",
+            "explored": choice.explored, "greedy_action": choice.greedy_action, "policy": POLICY,
+            "features": {FEATURE: None}, "inputs": [x], "feature_watermark": max(head - i % 7, 0),
+            "as_of": DECIDED.isoformat(), "entities": {"customer": customers[i % len(customers)]}, "context": {},
+            "unit_id": customers[i % len(customers)], "request_id": f"req-{version}-{i}",
         }  # fmt: skip
         decisions.append(NewEvent(decision, "decision.made", 1, "decision", str(decision), DECIDED,
                                   json.dumps(payload)))  # fmt: skip
@@ -134,7 +141,10 @@ async def platform(
     await seed_test_key(database_url)
     addrs = {name: f"127.0.0.1:{free_port()}" for name in ("ingest", "registry", "feedback", "audit", "features")}
     sim = PaymentsSimulator(SimConfig(seed=5, days=3, payments_per_day=150, customers=60, merchants=8))
-    await event_log.append([e.as_new_event() for e in sim.events()])
+    simulated = list(sim.events())
+    await event_log.append([e.as_new_event() for e in simulated])
+    await register_views(event_log, [CUSTOMER_PAYMENTS])
+    customers = sorted({e.payload["customer_id"] for e in simulated if e.type == "payment.authorized"})
 
     def settings(name: str) -> Settings:
         return Settings(database_url=service_url(database_url, name), nats_url=nats_server.url,
@@ -147,13 +157,15 @@ async def platform(
         async with RegistryClient(addrs["registry"]) as registry:
             await registry.wait_ready()
             await registry.create_model(MODEL, policy=POLICY)
-            first, second = artifact(1, 20), artifact(2, 8)
+            first, second = artifact(1, 20, 0.5), artifact(2, 8, 0.7)
             await register_version(event_log, 1, first)
             await register_version(event_log, 2, second)
             await registry.set_alias(MODEL, "production", 1)
-            await decide(event_log, 1, "production", first, np.linspace(0, 1, 240), seed=1)
+            await decide(event_log, 1, "production", first, np.linspace(0, 1, 240), customers, seed=1)
             await registry.set_alias(MODEL, "canary", 2)
-            await decide(event_log, 2, "canary", second, np.linspace(0.4, 1, 120), seed=2)  # a shifted population
+            await decide(
+                event_log, 2, "canary", second, np.linspace(0.4, 1, 120), customers, seed=2
+            )  # a shifted population
             await registry.set_alias(MODEL, "production", 2, reason="canary held")
         head = await event_log.head()
         async with FeedbackClient(addrs["feedback"]) as feedback:
@@ -215,7 +227,9 @@ async def test_report_traces_the_decision_asked_for_by_its_request_id(platform: 
     lineage = next(s for s in sections if s.key == "lineage")
     labels = lineage.figure.data[0].node.label
     assert any(label.startswith("fraud v2") for label in labels)
-    assert "feature request.x" in labels
+    assert f"feature {FEATURE}" in labels
+    fed = [label for label in labels if "events of customer<br>" in label]  # the customer's payments behind it
+    assert len(fed) == 1 and not fed[0].startswith("0 events"), labels
 
 
 async def test_report_with_no_model_yet_says_why_each_section_has_no_plot(
@@ -255,3 +269,22 @@ def test_ope_error_bars_reach_exactly_the_interval_bounds() -> None:
     assert lows[2] is None and highs[2] is None  # no interval: no error bar, not a zero-width one
     logging = section.figure.data[1]
     assert logging.name == "logging policy" and logging.y[0] + logging.error_y.array[0] == pytest.approx(0.3)
+
+
+def test_the_lineage_drawn_by_default_is_the_newest_decision_with_an_outcome() -> None:
+    def event(seq: int, kind: str, payload: dict) -> LoggedEvent:
+        return LoggedEvent(seq, kind, DECIDED, DECIDED, payload)
+
+    events = [
+        event(1, "decision.made", {"decision_id": "a", "request_id": "ra"}),
+        event(2, "decision.made", {"decision_id": "b", "request_id": "rb"}),
+        event(3, "outcome.recorded", {"decision_id": "a", "label": 0}),
+        event(4, "decision.made", {"decision_id": "c", "request_id": "rc"}),
+        event(5, "outcome.recorded", {"decision_id": "c", "label": 1}),
+        event(6, "decision.withdrawn", {"decision_id": "c"}),
+        event(7, "decision.made", {"decision_id": "d", "request_id": "rd"}),
+    ]
+    assert chosen_decision(events, None) == "a"  # c has an outcome but was withdrawn; d has none yet
+    assert chosen_decision(events, "rb") == "b"
+    assert chosen_decision(events[-1:], None) == "d"
+    assert chosen_decision([], None) is None

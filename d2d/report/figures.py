@@ -18,6 +18,8 @@ from d2d.report.gather import DRIFT_WINDOW, ReportData, decision_payloads
 from d2d.training.baseline import MAJOR_ABOVE, STABLE_BELOW, psi
 
 log = logging.getLogger(__name__)
+LINEAGE_FEATURES = 24  # features drawn one by one in the lineage; the rest as one node
+PLOTTED_POINTS = 5000  # at most this many decisions drawn one by one (evenly spaced)
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,11 @@ def feature_freshness(data: ReportData) -> Section:
     if not decisions:
         return Section("feature_freshness", "Feature freshness", about,
                        missing="no decision yet: freshness is measured on the decisions served")  # fmt: skip
-    figure = go.Figure(go.Scattergl(
-        x=[e.recorded_at for e, _ in decisions], y=[max(e.seq - p["feature_watermark"], 0) for e, p in decisions],
-        mode="markers", marker={"size": 4}, name="decisions",
+    step = max(len(decisions) // PLOTTED_POINTS, 1)  # SVG, not WebGL: it renders without a GPU
+    shown = decisions[::step]
+    figure = go.Figure(go.Scatter(
+        x=[e.recorded_at for e, _ in shown], y=[max(e.seq - p["feature_watermark"], 0) for e, p in shown],
+        mode="markers", marker={"size": 4}, name="decisions" if step == 1 else f"every {step}th decision",
     ))  # fmt: skip
     alerts = [
         e for e in data.events if e.type == "quality.alert" and (e.payload or {}).get("kind") == "feature_freshness"
@@ -292,37 +296,39 @@ def lineage(data: ReportData) -> Section:
         targets.append(b)
         values.append(value)
 
-    model = node(f"{_version_name(d['model_version'])} (trained on seq {_range(x['model_version'].get('log_range'))})")
+    model = node(f"{_version_name(d['model_version'])}<br>trained on seq {_range(x['model_version'].get('log_range'))}")
     score = d.get("score")
-    decision = node(f"decision: {d['action']} (score {score:.3g}, p {d.get('propensity')}, {d['arm']})"
+    decision = node(f"decision: {d['action']}<br>score {score:.3g}, p {d.get('propensity')}<br>arm {d['arm']}"
                     if isinstance(score, int | float) else f"decision: {d['action']}")  # fmt: skip
     link(model, decision)
-    names = list(x.get("features") or {}) or list((x.get("vector") or {}).get("inputs") or {})
+    # what the decision read: its logged feature vector and the model's inputs (request fields, transforms)
+    read = [*((x.get("vector") or {}).get("features") or {}), *(x["model_version"].get("feature_names") or [])]
+    names = list(dict.fromkeys(read))
+    shown, rest = names[:LINEAGE_FEATURES], names[LINEAGE_FEATURES:]
+    fed_by = {}  # view name -> its events' node
     for view_name, view in (x.get("views") or {}).items():
-        fed = node(f"{len(view['events'])} events of {view['entity']}/{view['entity_id']} ({view_name})")
-        for feature, detail in view.get("features", {}).items():
-            if feature in names or f"{view_name}.{feature}" in names:
-                link(fed, _feature_node(node, labels, f"{view_name}.{feature}"), max(len(detail["events"]), 1))
-    for name in names:
-        link(_feature_node(node, labels, name), model)
+        fed_by[view_name] = node(f"{len(view['events'])} events of {view['entity']}<br>{view['entity_id']}")
+    for name in shown:
+        feature = node(f"feature {name}")
+        explained = (x.get("features") or {}).get(name)
+        view_name = name.split(".", 1)[0]
+        if explained is not None and view_name in fed_by:
+            link(fed_by[view_name], feature, max(len(explained.get("events", [])), 1))
+        link(feature, model)
+    if rest:
+        link(node(f"{len(rest)} more features"), model, len(rest))
     outcome = x.get("outcome")
     if outcome is not None:
         label = outcome.get("label", outcome.get("reward"))
-        link(decision, node(f"outcome: {label} ({outcome.get('source', 'recorded')}, seq {outcome['seq']})"))
+        link(decision, node(f"outcome: {label}<br>{outcome.get('source', 'recorded')}, seq {outcome['seq']}"))
     else:
-        link(decision, node("outcome: not yet known"))
+        link(decision, node("outcome:<br>not yet known"))
     figure = go.Figure(go.Sankey(
         node={"label": labels, "pad": 18, "thickness": 14},
         link={"source": sources, "target": targets, "value": values},
     ))  # fmt: skip
     about += f" Decision {d['decision_id']} at seq {d['seq']}; trace {x.get('trace_id') or '-'}."
-    return Section("lineage", "Lineage of one decision", about, _layout(figure, height=520))
-
-
-def _feature_node(node: Any, labels: list[str], name: str) -> int:
-    """The node of feature `name`, made once."""
-    label = f"feature {name}"
-    return labels.index(label) if label in labels else node(label)
+    return Section("lineage", "Lineage of one decision", about, _layout(figure, height=max(480, 26 * len(shown))))
 
 
 def _range(log_range: Any) -> str:
