@@ -288,3 +288,12 @@ def test_the_lineage_drawn_by_default_is_the_newest_decision_with_an_outcome() -
     assert chosen_decision(events, "rb") == "b"
     assert chosen_decision(events[-1:], None) == "d"
     assert chosen_decision([], None) is None
+
+
+def test_freshness_before_any_decision_is_how_far_the_features_service_trails_the_log() -> None:
+    data = ReportData(generated_at=DECIDED, head_seq=1_200, features_watermark=1_150)
+    section = figures.feature_freshness(data)
+    assert section.figure.data[0].value == 50
+    data.features_watermark = None
+    data.missing["features"] = "the features service is not reachable"
+    assert "the features service is not reachable" in figures.feature_freshness(data).missing

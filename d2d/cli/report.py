@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--decision", metavar="REQUEST_OR_DECISION_ID",
                         help="the decision whose lineage is drawn (default: the newest with an outcome)")  # fmt: skip
     report.add_argument("--reward", help='OPE reward table JSON, e.g. {"approve": {"0": 1, "1": -10}, "decline": 0} '
-                        "(default: the outcomes' rewards)")  # fmt: skip
+                        "(default: the domain's default_reward(), else the outcomes' rewards)")  # fmt: skip
     report.add_argument("--max-events", type=int, default=100_000, help="the newest events read (default 100000)")
     report.set_defaults(func=cmd_report)
 
@@ -29,6 +30,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SystemExit(f"--reward is not JSON: {exc}") from None
     if args.max_events < 1:
         raise SystemExit("--max-events must be at least 1")
+    if reward is None:  # the domain's, where its training defaults name one (as they name a default policy)
+        defaults = importlib.import_module(settings(args).training_defaults_module)
+        reward = getattr(defaults, "default_reward", lambda: None)()
     found = endpoints(settings(args))
     addrs = {name: found.addr(name) for name in ("ingest", "registry", "feedback", "features", "audit")}
 

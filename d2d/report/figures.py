@@ -81,9 +81,15 @@ def feature_freshness(data: ReportData) -> Section:
             f"({data.head_seq - data.features_watermark:,} behind)."
         )
     decisions = [(e, p) for e, p in decision_payloads(data.events) if isinstance(p.get("feature_watermark"), int)]
+    if not decisions and data.features_watermark is not None:  # no decision yet: how far behind it is now
+        behind = go.Indicator(mode="number", value=max(data.head_seq - data.features_watermark, 0),
+                              title={"text": "events the features service has not folded yet"})  # fmt: skip
+        return Section("feature_freshness", "Feature freshness", about, _layout(go.Figure(behind), height=260))
     if not decisions:
+        why = data.missing.get("features", "the features service has no feature view")
         return Section("feature_freshness", "Feature freshness", about,
-                       missing="no decision yet: freshness is measured on the decisions served")  # fmt: skip
+                       missing=f"no decision yet, and {why}: freshness is measured on the decisions served "
+                       "and on the features service's watermark")  # fmt: skip
     step = max(len(decisions) // PLOTTED_POINTS, 1)  # SVG, not WebGL: it renders without a GPU
     shown = decisions[::step]
     figure = go.Figure(go.Scatter(
