@@ -297,3 +297,12 @@ def test_freshness_before_any_decision_is_how_far_the_features_service_trails_th
     data.features_watermark = None
     data.missing["features"] = "the features service is not reachable"
     assert "the features service is not reachable" in figures.feature_freshness(data).missing
+
+
+def test_events_per_type_are_counted_in_equal_spans_of_time() -> None:
+    at = [DECIDED + timedelta(minutes=m) for m in (0, 1, 2, 59, 60)]
+    events = [LoggedEvent(i, "a" if i < 3 else "b", t, t) for i, t in enumerate(at)]
+    counted = figures.binned(events, ["a", "b"], "occurred_at", bins=2)
+    starts, a, width = counted["a"]
+    assert starts == [DECIDED, DECIDED + timedelta(minutes=30)] and width == 30 * 60 * 1000
+    assert a == [3, 0] and counted["b"][1] == [0, 2]  # the last instant is in the last span

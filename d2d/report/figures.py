@@ -10,16 +10,19 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 
-from d2d.report.gather import DRIFT_WINDOW, ReportData, decision_payloads
+from d2d.report.gather import DRIFT_WINDOW, LoggedEvent, ReportData, decision_payloads
 from d2d.training.baseline import MAJOR_ABOVE, STABLE_BELOW, psi
 
 log = logging.getLogger(__name__)
 LINEAGE_FEATURES = 24  # features drawn one by one in the lineage; the rest as one node
 PLOTTED_POINTS = 5000  # at most this many decisions drawn one by one (evenly spaced)
+TIME_BINS = 60  # spans of time the events per type are counted in
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,10 @@ def events_per_type(data: ReportData) -> Section:
     types = sorted({e.type for e in data.events})
     figure = go.Figure()
     for clock in ("occurred_at", "recorded_at"):
-        for t in types:
-            figure.add_trace(go.Histogram(
-                x=[getattr(e, clock) for e in data.events if e.type == t], name=t, legendgroup=t,
-                visible=clock == "occurred_at", showlegend=clock == "occurred_at", nbinsx=60,
+        for t, (starts, counts, width) in binned(data.events, types, clock).items():
+            figure.add_trace(go.Bar(
+                x=starts, y=counts, width=width, offset=0, name=t, legendgroup=t,
+                visible=clock == "occurred_at", showlegend=clock == "occurred_at",
             ))  # fmt: skip
     n = len(types)
     buttons = [
@@ -66,8 +69,23 @@ def events_per_type(data: ReportData) -> Section:
     ]  # fmt: skip
     menu = {"buttons": buttons, "type": "buttons", "direction": "right", "x": 0, "y": 1.12, "xanchor": "left"}
     return Section("events_per_type", "Events per type over time", about, _layout(
-        figure, barmode="stack", xaxis_title="event time", yaxis_title="events", updatemenus=[menu],
+        figure, barmode="stack", bargap=0, xaxis_title="event time", yaxis_title="events", updatemenus=[menu],
     ))  # fmt: skip
+
+
+def binned(
+    events: list[LoggedEvent], types: list[str], clock: str, bins: int = TIME_BINS
+) -> dict[str, tuple[list[datetime], list[int], float]]:
+    """Events per type counted in `bins` equal spans of time by `clock` (occurred_at or recorded_at):
+    type -> (each span's start, its count, the span in milliseconds). Counted here, so the page holds
+    a few numbers per type rather than every event's time."""
+    seconds = np.array([getattr(e, clock).timestamp() for e in events])
+    low, high = float(seconds.min()), float(seconds.max())
+    width = max((high - low) / bins, 1.0)
+    index = np.minimum(((seconds - low) // width).astype(int), bins - 1)
+    starts = [datetime.fromtimestamp(low + k * width, UTC) for k in range(bins)]
+    kinds = np.array([e.type for e in events])
+    return {t: (starts, np.bincount(index[kinds == t], minlength=bins).tolist(), width * 1000) for t in types}
 
 
 def feature_freshness(data: ReportData) -> Section:
