@@ -91,7 +91,8 @@ def binned(
 def feature_freshness(data: ReportData) -> Section:
     about = (
         "For each decision, how many log events its features had not folded yet: the decision's position minus "
-        "the feature watermark it was served at (an upper bound: events appended while it was decided count too)."
+        "the feature watermark it was served at (an upper bound: events appended while it was decided count too). "
+        "Red dotted lines: feature_freshness alerts."
     )
     if data.features_watermark is not None:
         about += (
