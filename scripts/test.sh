@@ -9,6 +9,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# the report's browser test (tests/test_report.py) opens the page in Debian's headless chromium
+if ! command -v chromium >/dev/null; then
+  SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 .venv/bin/python -m d2d.protogen --check
 [ -d examples/node/node_modules ] || npm ci --prefix examples/node --no-audit --no-fund
 .venv/bin/ruff check .

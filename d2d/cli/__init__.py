@@ -14,6 +14,7 @@ d2d replay state|explain|rescore|ope|verify   audit and counterfactuals, from th
 d2d keys create|list|revoke|bootstrap   API keys (admin)
 d2d migrate                 apply database migrations
 d2d forget SUBJECT          destroy a data subject's personal data key (crypto-shredding)
+d2d report                  one HTML page of plots (opens with no network)
 
 Every command but `up`, `migrate` and `forget` talks to the services over gRPC (training frames and skew
 checks too: the features service recomputes them from the log; `models reproduce` asks the
@@ -30,12 +31,14 @@ import argparse
 import logging
 import os
 
+import d2d.cli.report as report  # its own line: the group list below grows by addition
 from d2d import auth
 from d2d.cli import contracts, dlq, features, forget, keys, log, metrics, migrate, models, outcomes, predict, replay, up
 from d2d.cli.common import settings
 from d2d.private import PRIVATE_UMASK
 
 GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, replay, keys, migrate, forget)
+GROUPS += (report,)
 
 
 def build_parser() -> argparse.ArgumentParser:
