@@ -9,13 +9,19 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-# the report's browser test (tests/test_report.py) opens the page in Debian's headless chromium
-if ! command -v chromium >/dev/null; then
+# Two tests need programs from Debian's packages, installed where missing: the report's browser test
+# (tests/test_report.py) opens the page in headless chromium, and the Node client example
+# (tests/test_examples.py) runs on Node.js with its modules from the npm registry.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v npm >/dev/null || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
-  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-.venv/bin/python -m d2d.protogen --check
 [ -d examples/node/node_modules ] || npm ci --prefix examples/node --no-audit --no-fund
+.venv/bin/python -m d2d.protogen --check
 .venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest "$@"
