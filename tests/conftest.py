@@ -334,3 +334,24 @@ async def ingest(database_url: str, nats_server: NatsServer, namespace: str) -> 
     stop.set()
     await asyncio.wait_for(task, 30)
     await client.close()
+
+
+async def wait_healthy(addr: str, tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Until the service at `addr` (one of `tasks`, run in this process) answers its health check as
+    serving; a task that ended first fails the test with its exception."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from d2d import grpcserver
+
+    async with grpcserver.channel(addr, api_key="") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):
+            failed = [t for t in tasks if t.done()]
+            assert not failed, failed[0].exception()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{addr} did not become healthy")

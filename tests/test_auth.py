@@ -6,7 +6,6 @@ secret is never stored or traced; privileged changes record who made them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from d2d.eventlog import NewEvent, StoredEvent
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.sim import load_contracts
 from d2d.v1 import access_pb2, audit_pb2, features_pb2, feedback_pb2, ingest_pb2, registry_pb2, serving_pb2
-from tests.conftest import TEST_API_KEY, run_cli, seed_test_key
+from tests.conftest import TEST_API_KEY, run_cli, seed_test_key, wait_healthy
 
 MODULES = (ingest_pb2, features_pb2, registry_pb2, serving_pb2, feedback_pb2, audit_pb2, access_pb2)
 # The process hosting each service (the registry hosts the AccessService).
@@ -74,19 +73,8 @@ async def platform(
         for serve in (serve_ingest, relay, serve_features, serve_registry, serve_serving, serve_feedback, serve_audit)
     ]
     try:
-        for name, addr in addrs.items():
-            async with grpcserver.channel(addr, api_key="") as anonymous:
-                health = health_pb2_grpc.HealthStub(anonymous)
-                for _ in range(600):
-                    failed = [t for t in tasks if t.done()]
-                    assert not failed, failed[0].exception()
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    await asyncio.sleep(0.1)
-                else:
-                    raise TimeoutError(f"{name} did not become healthy")
+        for addr in addrs.values():
+            await wait_healthy(addr, tasks)
         keys = {}
         async with AccessClient(addrs["registry"], api_key=TEST_API_KEY) as access:
             for role in auth.ROLES:

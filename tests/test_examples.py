@@ -7,7 +7,6 @@ and NATS, with one small model version registered and in production."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -17,11 +16,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from d2d import eventlog, grpcserver
+from d2d import eventlog
 from d2d.client import IngestClient, RegistryClient
 from d2d.config import Settings
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
@@ -29,7 +26,7 @@ from d2d.sim.training import default_spec
 from d2d.sim.views import VIEWS
 from d2d.training.spec import input_names
 from d2d.v1 import registry_pb2
-from tests.conftest import ROOT, TEST_API_KEY, register_sim_contracts, seed_test_key
+from tests.conftest import ROOT, TEST_API_KEY, register_sim_contracts, seed_test_key, wait_healthy
 
 MODEL = "fraud"
 NODE_MODULES = ROOT / "examples" / "node" / "node_modules"
@@ -39,20 +36,6 @@ NODE_MODULES = ROOT / "examples" / "node" / "node_modules"
 class Platform:
     addrs: dict[str, str]
     database_url: str
-
-
-async def wait_healthy(addr: str, tasks: list[asyncio.Task[None]]) -> None:
-    async with grpcserver.channel(addr, api_key="") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(600):
-            failed = [t for t in tasks if t.done()]
-            assert not failed, failed[0].exception()
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{addr} did not become healthy")
 
 
 async def put_small_model_in_production(registry: RegistryClient) -> None:
