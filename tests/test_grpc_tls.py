@@ -230,9 +230,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_a_tls_configuration_that_cannot_work_stops_at_start_naming_its_variable(
+async def test_a_tls_configuration_that_cannot_work_stops_at_start_naming_its_variable(
     case: str, certificates: Certificates, tmp_path: Path
-) -> None:
+) -> None:  # async: a grpc.aio server is made in a running event loop, as a service makes it
     tls, variable = _bad_configurations(certificates, str(tmp_path / "nowhere.pem"))[case]
     if tls.ca or tls.client_cert or tls.client_key:  # a client's: its first channel
         with pytest.raises(SystemExit) as stopped:
