@@ -28,7 +28,7 @@ DEMO_DIR = "demo"
 
 def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
-        "demo", help="the whole loop in about 4 minutes: traffic, a model, decisions, drift, retraining, canary"
+        "demo", help="the whole loop on a fresh stack in about 2 minutes: traffic, a model, drift, retraining, canary"
     )
     demo.add_argument("--seed", type=int, default=DEMO.sim.seed, help="the simulator's seed")
     demo.add_argument(

@@ -111,7 +111,10 @@ class StoryConfig:
     # tenth of would-be declines are approved anyway and declined kinds of payments still get labels.
     epsilon: float = 0.2
     threshold: float = 0.3
-    min_training_labels: int = 4_000  # labelled decisions after the request before the candidate is trained
+    # Labelled decisions after the request before the candidate is trained. The promoted version's live
+    # AUC against a full-label model's on the same payments (tests/test_closed_loop.py; the issue's
+    # target: at most 0.03 below): 0.025 below with 10,000, 0.052 below with 4,000.
+    min_training_labels: int = 10_000
     promotion: Mapping[str, float] = field(
         default_factory=lambda: {
             "canary_share": 0.5,
@@ -405,7 +408,7 @@ class Story:
         )
         auc = json.loads(version.evaluation_json or "{}").get("auc")
         shown = f", held-out AUC {auc:.3f}" if isinstance(auc, float) else ""
-        return f"version {number} in production{shown}; explores {cfg.epsilon:.0%} of decisions"
+        return f"version {number} in production{shown}; exploration epsilon {cfg.epsilon:g}"
 
     async def _live_traffic(self) -> str:
         cfg = self.config
@@ -572,14 +575,18 @@ class Story:
         booster = xgb.Booster(params={"nthread": 1})
         booster.load_model(bytearray(data))
         best = int(booster.attr("best_iteration") or -1)
-        inputs = explanation["vector"]["inputs"]
-        row = np.asarray([[np.nan if v is None else float(v) for v in inputs.values()]])
+        names = explanation["model_version"]["feature_names"]  # the trees' order (the JSON's keys are sorted)
+        values = [explanation["vector"]["inputs"][name] for name in names]
+        row = np.asarray([[np.nan if v is None else float(v) for v in values]])
         everything = booster.predict(
             xgb.DMatrix(row, missing=np.nan), pred_contribs=True, validate_features=False,
             iteration_range=(0, best + 1) if best >= 0 else (0, 0),
         )[0]  # fmt: skip
         contributions = everything[:-1]  # the last is the bias
-        ranked = sorted(zip(inputs, inputs.values(), contributions, strict=True), key=lambda t: -abs(t[2]))
+        rescored = booster.inplace_predict(
+            row, iteration_range=(0, best + 1) if best >= 0 else (0, 0), missing=np.nan, validate_features=False
+        )[0]  # the score the version's trees give the logged inputs, as serving computes it
+        ranked = sorted(zip(names, values, contributions, strict=True), key=lambda t: -abs(t[2]))
         d = explanation["decision"]
         outcome = explanation.get("outcome") or {}
         self.result.explained = {
@@ -587,6 +594,7 @@ class Story:
             "score": d["score"], "explored": d["explored"], "label": outcome.get("label"),
             "features_reproduced": explanation["matches_logged"],
             "top_inputs": [(n, v, float(c)) for n, v, c in ranked[:5]],
+            "rescored": float(rescored),
             "log_odds": float(np.sum(everything)),  # every input's contribution and the bias: the score's logit
         }  # fmt: skip
         if not explanation["matches_logged"]:
