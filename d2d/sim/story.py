@@ -256,6 +256,7 @@ class Story:
         self.result = StoryResult()
         self.day = config.history_days
         self.state = LoopState(reference_sent=True)
+        self._verdict: Any = None  # the model record once the canary was judged
 
     @property
     def now(self) -> datetime:
