@@ -17,11 +17,13 @@ import asyncpg
 import psutil
 
 from d2d import auth
+from d2d.cli.demo import DEMO_DIR
 from d2d.client import IngestClient, make_event
 from d2d.dbroles import LOGINS_FILE
 from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
-from d2d.runtime.stack import ENDPOINTS_FILE
+from d2d.runtime.services import APIS
+from d2d.runtime.stack import ENDPOINTS_FILE, Endpoints
 from d2d.sim import load_contracts
 from tests.conftest import ROOT
 
@@ -172,51 +174,18 @@ def test_up_uses_the_servers_named_in_the_environment(
     assert asyncio.run(stored()) == seq
 
 
-def test_demo_drives_a_running_platform(tmp_path: Path) -> None:
-    data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
-    up = start_up(data_dir, log, port)
-
-    def run_demo() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "demo", "--days", "0.25"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=CLI_ENV,
-        )  # fmt: skip
-
-    async def stored(url: str) -> tuple[int, int]:
-        """The log's size once the feedback service has registered its outcome rule (it waits for the
-        demo's chargeback contract) and applied the whole log: what it appends of its own for the
-        demo's events (alerts, for instance) is then in the log, and nothing more comes of them."""
-        conn = await asyncpg.connect(url)
-        try:
-            for _ in range(600):
-                head = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
-                applied = await conn.fetchval("SELECT seq FROM log_positions WHERE name = 'feedback'")
-                if applied == head and await conn.fetchval("SELECT count(*) FROM outcome_rules"):
-                    break
-                await asyncio.sleep(0.1)
-            return await conn.fetchval("SELECT count(*) FROM events"), await conn.fetchval(
-                "SELECT max(seq) FROM events"
-            )
-        finally:
-            await conn.close()
-
-    try:
-        endpoints = wait_endpoints(data_dir, up, log)
-        demo = run_demo()
-        assert demo.returncode == 0, demo.stdout + demo.stderr
-        after_first = asyncio.run(stored(endpoints["database_url"]))
-        again = run_demo()  # the same events again: the log is idempotent
-        assert again.returncode == 0, again.stdout + again.stderr
-        after_second = asyncio.run(stored(endpoints["database_url"]))
-        verify = subprocess.run(  # everything derived from the demo's log, recomputed from it
-            [sys.executable, "-m", "d2d.cli", "--data-dir", str(data_dir), "replay", "verify"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=CLI_ENV,
-        )  # fmt: skip
-    finally:
-        stop_up(up, log)
-    assert after_first[0] > 5_000
-    assert after_second == after_first, "a second demo appended events"
-    out = demo.stdout
-    assert "appended" in out and "dead letters" in out and "head of the log" in out
-    assert "online features of" in out and "0 mismatches" in out
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+def test_demo_leaves_a_platform_running_on_its_directory_alone(tmp_path: Path) -> None:
+    """`d2d demo` starts from an empty log in the data dir's `demo/` (its whole story runs in
+    tests/test_closed_loop.py): while a platform runs there, it refuses and deletes nothing."""
+    demo_dir = tmp_path / "data" / DEMO_DIR
+    private_dir(demo_dir)
+    addrs = {spec.name: f"127.0.0.1:{free_port()}" for spec in APIS}
+    running = Endpoints("postgresql://-", "nats://-", addrs, str(demo_dir), os.getpid())  # this process: alive
+    write_private_text(demo_dir / ENDPOINTS_FILE, running.to_json())
+    (demo_dir / "kept").write_text("data of the running platform")
+    demo = subprocess.run(
+        [sys.executable, "-m", "d2d.cli", "--data-dir", str(tmp_path / "data"), "demo"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=CLI_ENV,
+    )  # fmt: skip
+    assert demo.returncode != 0 and "already running" in demo.stderr, demo.stdout + demo.stderr
+    assert (demo_dir / "kept").read_text() == "data of the running platform"

@@ -1,7 +1,8 @@
 """`d2d`: run the platform and talk to it.
 
 d2d up                      start Postgres, NATS and the services; Ctrl-C stops them
-d2d demo                    push a simulated day of payments through ingest and show the log
+d2d demo                    the whole loop on a fresh stack in about 2 minutes: traffic, features,
+                            a model, decisions, drift, retraining, canary, off-policy, explain
 d2d contracts list|show|register
 d2d dlq list|redrive        dead letters
 d2d log head                the newest events

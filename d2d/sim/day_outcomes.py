@@ -1,5 +1,6 @@
-"""Outcome rules for tests/test_closed_loop.py (`D2D_OUTCOME_RULES`): the simulator's chargeback rule
-with a one-day attribution window, so the test's few simulated days close many windows."""
+"""Outcome rules of the story (`d2d demo`, `D2D_OUTCOME_RULES=d2d.sim.day_outcomes`): the
+simulator's chargeback rule with a one-day attribution window, so a few simulated days close many
+windows (the simulator's own rule waits 30 days)."""
 
 from __future__ import annotations
 
