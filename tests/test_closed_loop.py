@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -355,3 +356,15 @@ async def test_every_logged_score_is_its_versions_score_of_its_logged_inputs(tol
                 if abs(e.payload["score"] - got) > 1e-5
             ]
     assert not differ, f"{len(differ)} of {len(decisions)} logged scores differ, e.g. {differ[:5]}"
+
+
+@pytest.mark.timeout(1200)  # the story runs in the first test that asks for it
+async def test_the_demos_report_has_every_plot_with_data(told: Told, tmp_path: Path) -> None:
+    """`d2d demo` ends by writing `d2d report`'s page of the story: on the story's platform every
+    section has a plot, none says "no data yet" (tests/test_report.py sees such plots render)."""
+    from d2d.cli.demo import write_story_report
+
+    page = tmp_path / "demo-report.html"
+    sections = await write_story_report(page, told.addrs, told.result, CONFIG)
+    assert {s.key: s.missing for s in sections if s.figure is None} == {}
+    assert len(sections) == 9 and all(f'data-plot="{s.key}"' in page.read_text() for s in sections)

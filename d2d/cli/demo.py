@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -23,18 +23,24 @@ from d2d.cli.common import console, settings
 from d2d.runtime.stack import Stack, running_endpoints
 from d2d.sim.story import DEMO, STAGES, Story, StoryConfig, StoryResult
 
+if TYPE_CHECKING:  # plotly is imported only when the page is drawn
+    from d2d.report.figures import Section
+
 DEMO_DIR = "demo"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
-        "demo", help="the whole loop on a fresh stack in about 2 minutes: traffic, a model, drift, retraining, canary"
+        "demo", help="the whole loop on a fresh stack in a few minutes: traffic, a model, drift, retraining, canary"
     )
     demo.add_argument("--seed", type=int, default=DEMO.sim.seed, help="the simulator's seed")
     demo.add_argument(
         "--broken-every", type=int, default=DEMO.broken_every, help="corrupt every Nth history event (0: none)"
     )
     demo.add_argument("--verify", action="store_true", help="at the end, recompute everything derived from the log")
+    demo.add_argument(
+        "--report", default=None, help="where the story's `d2d report` page goes (default: <data dir>/demo-report.html)"
+    )
     demo.set_defaults(func=cmd_demo)
 
 
@@ -56,12 +62,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.environ["D2D_API_KEY"] = stack.admin_key  # the story's clients use the key the stack made
         console.print(f"platform up in {time.monotonic() - started:.0f}s (data in {data_dir})")
         result = run_story(config, where.addrs, where.database_url, console)
+        page = Path(args.report) if args.report else data_dir.parent / "demo-report.html"
+        with console.status("drawing the report of the story (d2d report)..."):
+            asyncio.run(write_story_report(page, where.addrs, result, config))
     finally:
         with console.status("stopping the demo's platform..."):
             stack.stop()
     print_summary(result, config, console)
+    console.print(f"the story in plots: {page} (opens in a browser with no network)")
     console.print(f"{'done' if result.ok else 'FAILED'} in {time.monotonic() - started:.0f}s")
     return 0 if result.ok else 1
+
+
+async def write_story_report(
+    path: Path, addrs: Mapping[str, str], result: StoryResult, config: StoryConfig
+) -> list[Section]:
+    """`d2d report`'s page of the story, before its platform stops: its policies valued with the
+    story's rewards, its lineage the decision the story explained. The sections drawn."""
+    from d2d.report import write_report
+
+    decision = result.explained.get("decision_id")
+    _, _, sections = await write_report(path, addrs, decision=decision, reward=dict(config.reward))
+    return sections
 
 
 def run_story(config: StoryConfig, addrs: Mapping[str, str], database_url: str, out: Console) -> StoryResult:

@@ -53,7 +53,7 @@ from d2d.eventlog import EventLog, StoredEvent
 from d2d.sim.day_outcomes import WINDOW_SECONDS
 from d2d.sim.loop import LoopState, run_loop, wait_folded
 from d2d.sim.payments import PaymentsSimulator, SimConfig
-from d2d.sim.training import default_spec
+from d2d.sim.training import REWARD, default_spec
 from d2d.training.decisions import decision_examples
 from d2d.training.labels import DecisionLabel, LabelDefinition
 from d2d.training.spec import TrainingSpec
@@ -64,12 +64,9 @@ STAGES = (
     "ingest history", "features", "train first model", "live traffic", "drift noticed", "retrain", "canary",
     "promotion", "off-policy comparison", "explain", "verify",
 )  # fmt: skip
-# The rewards the policies are compared on: an approved payment earns its margin unless it is charged
-# back; a declined one earns nothing (and shows nothing: selective labels).
 # Decisions (labels, once their window closed) a day of event time brings at most, per simulated
 # payment a day: the drift's bursts add at most a third.
 MAX_DECISIONS_PER_PAYMENT_DAY = 1.5
-REWARD = {"approve": {"0": 1.0, "1": -20.0}, "decline": 0.0}
 # The drift has a covariate part (SimConfig.drift_bursts_per_day: skimmed cards run through terminals in
 # bursts), which moves the card's 10-minute count, so input PSI sees it as soon as a drift window of
 # decisions holds some of it, before labels come (the live AUC needs chargebacks, hours later). PSI

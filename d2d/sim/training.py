@@ -21,6 +21,16 @@ CHARGEBACK_LABEL = LabelDefinition(
 )
 
 
+# What a decision earned, by action and label: an approved payment earns its margin unless it is
+# charged back; a declined one earns nothing (and shows nothing: selective labels).
+REWARD = {"approve": {"0": 1.0, "1": -20.0}, "decline": 0.0}
+
+
+def default_reward() -> dict[str, object]:
+    """The reward table policies are valued with off-policy (`d2d report`, the demo's comparison)."""
+    return {"approve": dict(REWARD["approve"]), "decline": REWARD["decline"]}
+
+
 def default_spec() -> TrainingSpec:
     """The served views and transforms, the chargeback label, the payment's amount and channel as
     request inputs, evaluation sliced by channel and merchant category, truth joined on payment_id."""
