@@ -45,7 +45,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         table.add_row("service logs", str(Path(started.data_dir) / "logs"))
         table.add_row("admin API key", f"{stack.admin_key_path} (private; the CLI reads it)")
         console.print(table)
-        console.print("Ctrl-C stops everything; `d2d demo` in another shell drives it.")
+        console.print("Ctrl-C stops everything; the CLI in another shell (same data dir) talks to it.")
         while not stopping:
             for line in stack.watch_once():  # a death (how, after how long, the delay) or a restart
                 console.log(f"[yellow]{line}[/yellow]")
