@@ -55,6 +55,9 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# No SO_REUSEPORT (grpc sets it by default): a second server on a port one already listens on, a
+# second platform's say, fails to bind instead of silently taking half of the first one's calls.
+_SERVER_OPTIONS = [*_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 def new_server(
@@ -67,7 +70,7 @@ def new_server(
     RESOURCE_EXHAUSTED (grpc's own check), which bounds the memory requests can hold: each may carry
     up to MAX_MESSAGE_BYTES. Services are added with `add_service`; the port is bound with `listen`
     (TLS as the settings say)."""
-    server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
+    server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
@@ -94,14 +97,22 @@ async def serve_until(
     await server.stop(grace=5)
 
 
-def listen(server: grpc.aio.Server, addr: str, tls: GrpcTls) -> int:
-    """Bind `server` to `addr`: TLS if `tls` names a certificate (mutual TLS if it names a client
-    CA too), else plaintext. The port bound, 0 if it cannot bind; a TLS configuration that cannot
-    work is a SystemExit naming its variable (GrpcTls.server_credentials)."""
+def listen(server: grpc.aio.Server, addr: str, tls: GrpcTls, service: str) -> int:
+    """Bind `service`'s `server` to `addr`: TLS if `tls` names a certificate (mutual TLS if it names
+    a client CA too), else plaintext; returns the port bound. A port that cannot be bound (another
+    process holds it) or a TLS configuration that cannot work (GrpcTls.server_credentials, naming
+    its variable) is a SystemExit saying so: the process ends with that line, not a traceback."""
     credentials = tls.server_credentials()
-    if credentials is None:
-        return server.add_insecure_port(addr)
-    return server.add_secure_port(addr, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(addr)
+        else:
+            port = server.add_secure_port(addr, credentials)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise SystemExit(f"{service}: cannot listen on {addr} ({str(exc).split(';')[0]})") from exc
+    if port == 0:  # older grpc answered 0 instead of raising
+        raise SystemExit(f"{service}: cannot listen on {addr}")
+    return port
 
 
 @functools.lru_cache(maxsize=8)

@@ -240,5 +240,5 @@ async def test_a_tls_configuration_that_cannot_work_stops_at_start_naming_its_va
     else:  # a server's: binding its port
         server, _ = grpcserver.new_server([SERVICE_NAME])
         with pytest.raises(SystemExit) as stopped:
-            grpcserver.listen(server, f"127.0.0.1:{free_port()}", tls)
+            grpcserver.listen(server, f"127.0.0.1:{free_port()}", tls, "audit")
     assert variable in str(stopped.value.code), stopped.value.code

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from d2d.dbroles import LOGINS_FILE
 from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
 from d2d.runtime.services import APIS
-from d2d.runtime.stack import ENDPOINTS_FILE, Endpoints
+from d2d.runtime.stack import ENDPOINTS_FILE, START_RESTARTS, Endpoints
 from d2d.sim import load_contracts
 from tests.conftest import ROOT
 
@@ -144,15 +145,23 @@ def test_up_restarts_a_service_that_dies(tmp_path: Path) -> None:
         stop_up(up, log)
 
 
-def test_up_uses_the_servers_named_in_the_environment(
-    tmp_path: Path, postgres: EmbeddedPostgres, database_url: str, nats_server: NatsServer
-) -> None:
-    data_dir, log, port = tmp_path / "data", tmp_path / "up.log", free_port()
+def start_up_on_servers(
+    tmp_path: Path, postgres: EmbeddedPostgres, database_url: str, nats_server: NatsServer, **env: str
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """`d2d up` on the session's Postgres and NATS: (its process, data dir, output)."""
+    data_dir, log = tmp_path / "data", tmp_path / "up.log"
     # The services' logins are the server's (roles are cluster-wide): this stack is given the
     # passwords they already have, as a second stack on a shared server would be.
     private_dir(data_dir)
     write_private_text(data_dir / LOGINS_FILE, (postgres.data_dir / LOGINS_FILE).read_text())
-    up = start_up(data_dir, log, port, D2D_DATABASE_URL=database_url, D2D_NATS_URL=nats_server.url)
+    servers = {"D2D_DATABASE_URL": database_url, "D2D_NATS_URL": nats_server.url, **env}
+    return start_up(data_dir, log, free_port(), **servers), data_dir, log
+
+
+def test_up_uses_the_servers_named_in_the_environment(
+    tmp_path: Path, postgres: EmbeddedPostgres, database_url: str, nats_server: NatsServer
+) -> None:
+    up, data_dir, log = start_up_on_servers(tmp_path, postgres, database_url, nats_server)
     try:
         endpoints = wait_endpoints(data_dir, up, log)
         assert endpoints["database_url"] == database_url and endpoints["nats_url"] == nats_server.url
@@ -172,6 +181,45 @@ def test_up_uses_the_servers_named_in_the_environment(
             await conn.close()
 
     assert asyncio.run(stored()) == seq
+
+
+def test_up_restarts_a_service_whose_port_was_held_while_it_started(
+    tmp_path: Path, postgres: EmbeddedPostgres, database_url: str, nats_server: NatsServer
+) -> None:
+    """Another process holding a service's port for a moment (an outgoing connection may take any
+    port of the kernel's ephemeral range, where 50051-50056 lie) does not stop `d2d up`: the
+    service that could not listen says so and is restarted on the same address."""
+    holder = socket.create_server(("127.0.0.1", 0))
+    addr = f"127.0.0.1:{holder.getsockname()[1]}"
+    up, data_dir, log = start_up_on_servers(tmp_path, postgres, database_url, nats_server, D2D_AUDIT_ADDR=addr)
+    try:
+        audit_log, deadline = data_dir / "logs" / "audit.log", time.monotonic() + 60
+        while not (audit_log.exists() and f"audit: cannot listen on {addr}" in audit_log.read_text()):
+            assert up.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        holder.close()
+        endpoints = wait_endpoints(data_dir, up, log)
+        assert endpoints["audit"] == addr
+        assert "while starting: audit exited with 1" in log.read_text(), log.read_text()
+    finally:
+        holder.close()
+        stop_up(up, log)
+
+
+def test_up_fails_naming_a_service_that_cannot_start_with_the_end_of_its_log(
+    tmp_path: Path, postgres: EmbeddedPostgres, database_url: str, nats_server: NatsServer
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        addr = f"127.0.0.1:{holder.getsockname()[1]}"
+        up, data_dir, log = start_up_on_servers(tmp_path, postgres, database_url, nats_server, D2D_AUDIT_ADDR=addr)
+        try:
+            code = up.wait(120)
+        finally:
+            up.kill()
+    printed = log.read_text()
+    assert code != 0 and f"audit died {START_RESTARTS + 1} times while starting" in printed, printed
+    assert f"audit: cannot listen on {addr}" in printed, printed  # the end of its log
+    assert not (data_dir / ENDPOINTS_FILE).exists()
 
 
 def test_demo_leaves_a_platform_running_on_its_directory_alone(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from d2d import auth
 from d2d.cli import contracts, dlq, features, forget, keys, log, metrics, migrate, models, outcomes, predict, replay, up
 from d2d.cli.common import settings
 from d2d.private import PRIVATE_UMASK
+from d2d.runtime.stack import StartFailed
 
 GROUPS = (up, contracts, dlq, log, features, models, predict, outcomes, metrics, replay, keys, migrate, forget)
 GROUPS += (report,)
@@ -60,4 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("D2D_API_KEY"):  # the clients' key: the environment's, else the data dir's admin key
         if admin_key := auth.read_key_file(settings(args).data_dir / auth.ADMIN_KEY_FILE):
             os.environ["D2D_API_KEY"] = admin_key
-    return args.func(args)
+    try:
+        return args.func(args)
+    except StartFailed as exc:  # `d2d up` / `d2d demo`: what failed and the end of its log, no traceback
+        raise SystemExit(f"d2d {args.command}: the platform did not start: {exc}") from None

@@ -34,6 +34,11 @@ from d2d.runtime.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 ENDPOINTS_FILE = "endpoints.json"
+START_RESTARTS = 2  # restarts a child may need while the platform starts (see Stack.start)
+
+
+class StartFailed(RuntimeError):
+    """The platform could not start: which child, why, and the end of its log (the CLI prints it)."""
 
 
 @dataclass(frozen=True)
@@ -96,11 +101,9 @@ class Stack:
         self.admin_key_path = self.data_dir / auth.ADMIN_KEY_FILE
         self.admin_key = ""
 
-    @property
-    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
-        return {child.name: child.process for child in self.supervisor.children if child.process is not None}
-
     def start(self, timeout: float = 60) -> Endpoints:
+        """Servers, then every service; returns once each API answers its health check. A child
+        that dies meanwhile is restarted (up to START_RESTARTS times); StartFailed otherwise."""
         private_dir(self.data_dir)
         database_url = self.settings.database_url
         if not database_url:
@@ -168,18 +171,28 @@ class Stack:
         with grpc.secure_channel(addr, credentials) if credentials else grpc.insecure_channel(addr) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
-                process = self.processes[spec.name]
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"{spec.name} exited with {process.returncode}; see {self.data_dir / 'logs' / spec.name}.log"
-                    )
+                self._restart_the_dead_while_starting()
                 with contextlib.suppress(grpc.RpcError):
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=spec.api), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{spec.name} not healthy in time")
+                    child = self.supervisor.child(spec.name)
+                    raise StartFailed(f"{spec.name} not healthy in time; end of {child.log_path}:\n{child.log_tail()}")
                 time.sleep(0.1)
+
+    def _restart_the_dead_while_starting(self) -> None:
+        """While the platform starts, a child that dies is restarted after its backoff, as `d2d up`
+        does later (a port held for a moment by another process, a server slow to come back); one
+        that dies more than START_RESTARTS times fails the start with its exit and end of log."""
+        for line in self.supervisor.watch_once():
+            log.warning("while starting: %s", line)
+        for child in self.supervisor.children:
+            if child.restarts > START_RESTARTS:
+                raise StartFailed(
+                    f"{child.name} died {child.restarts} times while starting; end of {child.log_path}:\n"
+                    f"{child.log_tail()}"
+                )
 
     def watch_once(self) -> list[str]:
         """One supervision round (`Supervisor.watch_once`): dead children, servers included, are

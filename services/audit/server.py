@@ -24,8 +24,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server, health = grpcserver.new_server([SERVICE_NAME], reflection_enabled=settings.grpc_reflection)
     grpcserver.add_service(server, audit_pb2.DESCRIPTOR.services_by_name["AuditService"], api, keys)
     addr = settings.addr("audit")
-    if grpcserver.listen(server, addr, settings.grpc_tls) == 0:
-        raise SystemExit(f"audit: cannot listen on {addr}")
+    grpcserver.listen(server, addr, settings.grpc_tls, "audit")
     await server.start()
     try:
         await grpcserver.serve_until(server, health, [SERVICE_NAME], stop, f"audit serving on {addr}")

@@ -49,8 +49,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     api = FeatureApi(state, event_log)
     grpcserver.add_service(server, features_pb2.DESCRIPTOR.services_by_name["FeatureService"], api, keys)
     addr = settings.addr("features")
-    if grpcserver.listen(server, addr, settings.grpc_tls) == 0:
-        raise SystemExit(f"features: cannot listen on {addr}")
+    grpcserver.listen(server, addr, settings.grpc_tls, "features")
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     nc = await bus.connect(settings.require_nats_url(), name="d2d-features")

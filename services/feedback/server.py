@@ -68,8 +68,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server, health = grpcserver.new_server([SERVICE_NAME], reflection_enabled=settings.grpc_reflection)
     grpcserver.add_service(server, feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"], api, keys)
     addr = settings.addr("feedback")
-    if grpcserver.listen(server, addr, settings.grpc_tls) == 0:
-        raise SystemExit(f"feedback: cannot listen on {addr}")
+    grpcserver.listen(server, addr, settings.grpc_tls, "feedback")
     await server.start()
     tasks = [
         asyncio.create_task(register_rules(api.store, load_rules(settings.outcome_rules_module), stop)),

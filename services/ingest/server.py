@@ -39,9 +39,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     )
     api.add_to_server(ingest_api, server, keys)
     addr = settings.addr("ingest")
-    port = grpcserver.listen(server, addr, settings.grpc_tls)
-    if port == 0:
-        raise SystemExit(f"ingest: cannot listen on {addr}")
+    grpcserver.listen(server, addr, settings.grpc_tls, "ingest")
     nc = await bus.connect(settings.require_nats_url(), name="d2d-ingest")
     await server.start()
     consumer = asyncio.create_task(

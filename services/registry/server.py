@@ -38,8 +38,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     access = AccessApi(event_log, keys)
     grpcserver.add_service(server, access_pb2.DESCRIPTOR.services_by_name["AccessService"], access, keys)
     addr = settings.addr("registry")
-    if grpcserver.listen(server, addr, settings.grpc_tls) == 0:
-        raise SystemExit(f"registry: cannot listen on {addr}")
+    grpcserver.listen(server, addr, settings.grpc_tls, "registry")
     await server.start()
     loop = None
     if settings.registry_retrain_loop:

@@ -141,8 +141,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, *, micro_
     api = ServingApi(deployments, features, event_log, committer, max_in_flight=settings.serving_max_in_flight)
     grpcserver.add_service(server, serving_pb2.DESCRIPTOR.services_by_name["ServingService"], api, keys)
     addr = settings.addr("serving")
-    if grpcserver.listen(server, addr, settings.grpc_tls) == 0:
-        raise SystemExit(f"serving: cannot listen on {addr}")
+    grpcserver.listen(server, addr, settings.grpc_tls, "serving")
     following = asyncio.create_task(follow_model_changes(nc, deployments, topology, stop))
     await server.start()
     await grpcserver.serve_until(
