@@ -16,10 +16,12 @@ from pathlib import Path
 
 import asyncpg
 import psutil
+import pytest
 
-from d2d import auth
+from d2d import auth, grpcserver
 from d2d.cli.demo import DEMO_DIR
 from d2d.client import IngestClient, make_event
+from d2d.config import GrpcTls
 from d2d.dbroles import LOGINS_FILE
 from d2d.private import private_dir, write_private_text
 from d2d.runtime.servers import EmbeddedPostgres, NatsServer, free_port
@@ -204,6 +206,21 @@ def test_up_restarts_a_service_whose_port_was_held_while_it_started(
     finally:
         holder.close()
         stop_up(up, log)
+
+
+async def test_a_service_never_shares_a_port_another_server_listens_on() -> None:
+    """grpc lets a second server bind a port one already serves (SO_REUSEPORT) and splits the calls
+    between them; a second platform's service on a port the first serves says so and exits."""
+    first, _ = grpcserver.new_server(["first"])
+    port = grpcserver.listen(first, "127.0.0.1:0", GrpcTls(), "first")
+    await first.start()
+    try:
+        second, _ = grpcserver.new_server(["second"])
+        with pytest.raises(SystemExit) as stopped:
+            grpcserver.listen(second, f"127.0.0.1:{port}", GrpcTls(), "audit")
+        assert str(stopped.value.code).startswith(f"audit: cannot listen on 127.0.0.1:{port}"), stopped.value.code
+    finally:
+        await first.stop(None)
 
 
 def test_up_fails_naming_a_service_that_cannot_start_with_the_end_of_its_log(
