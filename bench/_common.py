@@ -362,6 +362,7 @@ async def serve_empty(
     from google.protobuf import message_factory
 
     from d2d import grpcserver, telemetry
+    from d2d.config import GrpcTls
     from d2d.runtime.process import stop_on_signals
 
     stop = stop_on_signals()
@@ -376,8 +377,7 @@ async def serve_empty(
     bare = grpc.aio.server(options=options)
     handler = grpc.unary_unary_rpc_method_handler(empty)
     bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service.full_name, {method: handler})])
-    if bare.add_insecure_port(f"127.0.0.1:{bare_port}") == 0:
-        raise SystemExit(f"empty server: cannot listen on {bare_port}")
+    bare.add_insecure_port(f"127.0.0.1:{bare_port}")  # grpc raises if it cannot bind
 
     def empty_answer(response_type: Any) -> Callable[[Any, Any], Awaitable[Any]]:
         async def answer(request: Any, context: Any) -> Any:
@@ -391,14 +391,12 @@ async def serve_empty(
     telemetry.setup_tracing("bench-empty", Path(os.environ.get("D2D_DATA_DIR", ".d2d")))
     platform_server, health = grpcserver.new_server([service.full_name])
     grpcserver.add_service(platform_server, service, empty_api(), auth.KeyRing.of(BENCH_KEY_CREATED))
-    if platform_server.add_insecure_port(f"127.0.0.1:{platform_port}") == 0:
-        raise SystemExit(f"empty server: cannot listen on {platform_port}")
+    grpcserver.listen(platform_server, f"127.0.0.1:{platform_port}", GrpcTls(), "empty server")
     keyless = None
     if keyless_port is not None:
         keyless, keyless_health = grpcserver.new_server([service.full_name])
         grpcserver.add_service(keyless, service, empty_api(), AdmitAll())
-        if keyless.add_insecure_port(f"127.0.0.1:{keyless_port}") == 0:
-            raise SystemExit(f"empty server: cannot listen on {keyless_port}")
+        grpcserver.listen(keyless, f"127.0.0.1:{keyless_port}", GrpcTls(), "empty server, no key check")
         await keyless.start()
         await grpcserver.set_serving(keyless_health, [service.full_name])
     await bare.start()

@@ -91,7 +91,7 @@ from bench._common import (
 )
 from d2d import auth, bus, grpcserver, outbox
 from d2d.client import IngestClient, make_event
-from d2d.config import Settings
+from d2d.config import GrpcTls, Settings
 from d2d.contracts.platform import register_platform_contracts
 from d2d.contracts.registry import ContractRegistry
 from d2d.deadletters import DeadLetters
@@ -378,8 +378,7 @@ async def serve_keyed_and_keyless(settings: Settings, keyed_port: int, keyless_p
     for port, ring in ((keyed_port, keys), (keyless_port, AdmitAll())):
         server, health = grpcserver.new_server([api.SERVICE_NAME], max_concurrent_rpcs=api.MAX_CONCURRENT_CALLS)
         api.add_to_server(ingest_api, server, ring)
-        if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-            raise SystemExit(f"ingest (key check priced): cannot listen on {port}")
+        grpcserver.listen(server, f"127.0.0.1:{port}", GrpcTls(), "ingest (key check priced)")
         await server.start()
         await grpcserver.set_serving(health, [api.SERVICE_NAME])
         servers.append(server)
