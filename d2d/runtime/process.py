@@ -27,6 +27,9 @@ def run_service(name: str, main: Callable[[Settings], Awaitable[None]]) -> None:
     os.umask(PRIVATE_UMASK)  # its traces (and anything else it writes) are the owner's only
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Each service checks the schema at start (eventlog.migrate): Alembic's INFO lines about its
+    # plugins would open every log, and every start failure's tail, with the same nine lines.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     telemetry.setup_tracing(name, settings.data_dir)
     try:
         asyncio.run(main(settings))
