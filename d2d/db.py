@@ -45,7 +45,20 @@ def upgrade_to_head(conn: Connection) -> list[str]:
             applied.append(step.up_revision_id)
 
     command.upgrade(alembic_config(connection=conn, on_version_apply=on_version_apply), "head")
+    _set_append_rights(conn)
     return applied
+
+
+def _set_append_rights(conn: Connection) -> None:
+    """Which event types each service's login may append (migration 0014), as this version's
+    platform contracts say, set on every migration by a role owning the rights' function (a
+    service's own login migrates nothing and sets nothing)."""
+    from d2d.dbroles import append_rights_sql
+
+    owner = "SELECT pg_has_role(proowner, 'USAGE') FROM pg_proc WHERE proname = 'd2d_append_rights'"
+    if conn.exec_driver_sql(owner).scalar():
+        conn.exec_driver_sql(append_rights_sql())
+        conn.commit()
 
 
 def _adopt_numbered_sql_history(conn: Connection) -> None:

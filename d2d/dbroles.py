@@ -6,7 +6,8 @@ which migrations cannot do without holding passwords. A login is not a superuser
 and inherits its group's privileges without being able to `SET ROLE` to it or to anyone else.
 `d2d up` calls `ensure_logins` after migrating, with the owner's connection, and gives each service
 its own `D2D_DATABASE_URL` (`login_url`); the passwords are generated once into a private file of
-the data dir (`load_passwords`).
+the data dir (`load_passwords`). Which event types each login may append is `append_rights`
+(from the platform contracts' `appended_by`), set by every migration (migration 0014).
 """
 
 from __future__ import annotations
@@ -95,6 +96,30 @@ async def ensure_logins(owner_url: str, passwords: Mapping[str, str]) -> None:
                 await conn.execute(f'GRANT "{group}" TO "{login}"{options}')
     finally:
         await conn.close()
+
+
+def append_rights() -> list[tuple[str, str]]:
+    """(group, event type) for each platform type and each service its contract lets append it
+    ('' for a type only the database's owner appends); any other type is ingest's alone
+    (migration 0014's trigger holds every login to these)."""
+    from d2d.contracts.platform import APPENDED_BY  # the contracts' loading is not every importer's cost
+
+    return sorted(
+        (SERVICE_GROUPS[service], event_type) if service else ("", event_type)
+        for event_type, services in APPENDED_BY.items()
+        for service in services or ("",)
+    )
+
+
+def append_rights_sql() -> str:
+    """The statement making `d2d_append_rights()` list this version's `append_rights()`: run by
+    every migration as the owner (`d2d.db.upgrade_to_head`), so a new platform type needs its JSON
+    file only."""
+    rows = ", ".join(f"('{group}', '{event_type}')" for group, event_type in append_rights())
+    return (
+        "CREATE OR REPLACE FUNCTION d2d_append_rights() RETURNS TABLE (grp text, type text) LANGUAGE sql"
+        f" IMMUTABLE AS $$ VALUES {rows} $$"
+    )
 
 
 def login_url(url: str, service: str, password: str) -> str:

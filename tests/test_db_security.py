@@ -20,10 +20,11 @@ import asyncpg
 import pytest
 
 from d2d import eventlog
+from d2d.contracts.platform import APPENDED_BY
 from d2d.contracts.registry import ContractRegistry
 from d2d.dbroles import SERVICE_GROUPS, login_role, login_url
 from d2d.deadletters import DeadLetters, Rejected
-from d2d.eventlog import EventLog, NewEvent
+from d2d.eventlog import _APPEND_SQL, APPEND_LOCK_KEY, EventLog, NewEvent
 from d2d.features.store import Snapshot, load_snapshot, register_views, save_snapshot
 from d2d.runtime.servers import PG_DATABASE, PG_USER, EmbeddedPostgres, free_port
 from d2d.sim.views import VIEWS
@@ -201,11 +202,71 @@ async def test_no_service_inserts_changes_or_removes_events(connect_fresh, pools
     assert [e.payload for e in await log.read()] == [{"i": 1}, {"i": 2}]
 
 
-async def test_appends_through_append_events_from_every_service_get_dense_positions(pools) -> None:
+async def append_directly(conn: asyncpg.Connection, event_type: str, entity_id: str = "x") -> int:
+    """Call `append_events` as a login can, past EventLog's payload checks: one event of the type."""
+    [row] = await conn.fetch(
+        _APPEND_SQL, APPEND_LOCK_KEY, [uuid.uuid4()], [event_type], [1], ["thing"], [entity_id],
+        [datetime.now(UTC)], ["{}"], ["{}"],
+    )  # fmt: skip
+    return row["appended_seq"]
+
+
+# A type each appending service may append (its contract's appended_by; ingest: producers' types).
+OWN_TYPE = {
+    "ingest": "test.happened",
+    "ingest-relay": "quality.alert",
+    "features": "feature_view.registered",
+    "registry": "model.alias_set",
+    "serving": "decision.made",
+    "feedback": "outcome.recorded",
+}
+
+
+async def test_appends_through_append_events_from_every_service_get_dense_positions(connect_fresh) -> None:
     seqs = []
     for service in APPENDERS:
-        seqs += [r.seq for r in await EventLog(await pools(service)).append([event(1), event(2)])]
+        conn = await connect_fresh(service)
+        seqs += [await append_directly(conn, OWN_TYPE[service]) for _ in range(2)]
     assert seqs == list(range(1, 2 * len(APPENDERS) + 1))
+
+
+@pytest.mark.parametrize("service", APPENDERS)
+async def test_each_login_appends_only_the_event_types_that_are_its_own(connect, service: str) -> None:
+    """A login calling `append_events` itself (as a compromised service could, past every check in
+    the code) is held to its contracts' `appended_by`: serving cannot mint an API key or move an
+    alias, the registry cannot make decisions, nobody but ingest appends a producer's type."""
+    conn = await connect(service)
+    for event_type in [*APPENDED_BY, "test.happened"]:
+        allowed = service in APPENDED_BY.get(event_type, ("ingest",))
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            if allowed:
+                assert await append_directly(conn, event_type) > 0, event_type
+            else:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError) as refused:
+                    await append_directly(conn, event_type)
+                assert f"{SERVICE_GROUPS[service]} may not append {event_type} events" in str(refused.value)
+        finally:
+            await transaction.rollback()  # the database no test changes stays unchanged
+
+
+def test_the_rights_that_matter_most_are_declared() -> None:
+    """Pinned by hand, so an edit of a contract's appended_by cannot quietly widen them."""
+    assert APPENDED_BY["api_key.created"] == APPENDED_BY["api_key.revoked"] == ("registry",)
+    assert APPENDED_BY["model.alias_set"] == APPENDED_BY["model.policy_set"] == ("registry",)
+    assert APPENDED_BY["decision.made"] == ("serving",)
+    assert APPENDED_BY["contract.registered"] == ("ingest",)
+    assert APPENDED_BY["subject.forgotten"] == ()  # the owner only (`d2d forget`)
+
+
+async def test_the_owner_appends_any_type(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        seqs = [await append_directly(conn, t) for t in [*APPENDED_BY, "test.happened"]]
+    finally:
+        await conn.close()
+    assert seqs == list(range(1, len(APPENDED_BY) + 2))
 
 
 async def test_audit_reads_the_log_but_cannot_append(pools) -> None:

@@ -22,6 +22,9 @@ class ContractSpec:
     compatibility: str = "BACKWARD"
     allowed_lateness_seconds: int = 3600
     description: str = ""
+    # Platform contracts only: the services (d2d.runtime.services names) whose database logins may
+    # append this type (d2d.dbroles.append_rights); none: only the database's owner (a CLI command).
+    appended_by: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON file representation (as shipped in ``d2d/sim/contracts``)."""
@@ -34,6 +37,7 @@ class ContractSpec:
             "allowed_lateness_seconds": self.allowed_lateness_seconds,
             "pii_fields": list(self.pii_fields),
             "schema": self.schema,
+            **({"appended_by": list(self.appended_by)} if self.appended_by else {}),
         }
 
     @classmethod
@@ -48,6 +52,7 @@ class ContractSpec:
             compatibility=d.get("compatibility", "BACKWARD"),
             allowed_lateness_seconds=int(d.get("allowed_lateness_seconds", 3600)),
             description=d.get("description", ""),
+            appended_by=tuple(d.get("appended_by", ())),
         )
 
     @property

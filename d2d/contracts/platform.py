@@ -7,6 +7,8 @@
   by ingest at start), so `d2d contracts list` shows them and their versions are in the log.
 - Their types are reserved: a producer cannot send a `decision.made` through ingest, and nobody
   can register another contract for one of them (`is_platform_type`).
+- Each names the services that append it (`appended_by`): the database refuses the type from any
+  other service's login (`d2d.dbroles.append_rights`), so serving cannot mint an API key.
 
 Adding a platform event type is one JSON file here.
 """
@@ -21,6 +23,7 @@ import jsonschema_rs
 from d2d.contracts.files import ContractSpec, load_contract_files
 from d2d.contracts.validation import check_payload
 from d2d.errors import Refusal
+from d2d.runtime.services import SERVICES
 
 if TYPE_CHECKING:
     from d2d.contracts.registry import ContractRegistry
@@ -33,6 +36,12 @@ _LATEST: dict[str, ContractSpec] = {c.event_type: c for c in CONTRACTS}
 _VALIDATORS: dict[tuple[str, int], Any] = {
     (c.event_type, c.version): jsonschema_rs.validator_for(c.schema) for c in CONTRACTS
 }
+
+
+# Which services append each platform type (its newest contract says; d2d.runtime.services names).
+APPENDED_BY: dict[str, tuple[str, ...]] = {t: c.appended_by for t, c in _LATEST.items()}
+_unknown = {s for services in APPENDED_BY.values() for s in services} - {spec.name for spec in SERVICES}
+assert not _unknown, f"platform contracts' appended_by names services that are not registered: {_unknown}"
 
 
 def is_platform_type(event_type: str) -> bool:

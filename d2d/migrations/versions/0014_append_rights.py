@@ -1,0 +1,74 @@
+"""Each service's login appends only the event types that are its own.
+
+Migration 0012 let every appending service call `append_events` with any type: serving's login
+could append `api_key.created` (an admin key of its making) or `model.alias_set`. Now, after every
+INSERT into `events`, a statement trigger looks at who logged in (`session_user`, which a SECURITY
+DEFINER function does not change) and refuses (insufficient_privilege, naming the group and the
+type) an event type its service may not append:
+
+- a platform type: only the services its contract names (`appended_by` in
+  d2d/contracts/platform/*.json), none meaning only the database's owner;
+- any other (a producer's domain type): only ingest.
+
+The rights are the code's: `d2d_append_rights()` lists (group, type) pairs, '' as the group of a
+type only the owner appends. This migration makes it empty (which refuses nothing); every
+migration then replaces it with the rights of the running version's contracts
+(`d2d.db.upgrade_to_head`, `d2d.dbroles.append_rights_sql`), so a new platform type needs its JSON
+file only. The owner, and a role that is no service's login (a shared server's single role),
+append anything, as before.
+
+Revision ID: 0014_append_rights
+"""
+
+from alembic import op
+
+revision = "0014_append_rights"
+down_revision = "0013_personal_keys"
+branch_labels = None
+depends_on = None
+
+GROUPS = ("d2d_ingest", "d2d_relay", "d2d_features", "d2d_registry", "d2d_serving", "d2d_feedback", "d2d_audit")
+
+
+def upgrade() -> None:
+    op.execute("""
+CREATE FUNCTION d2d_append_rights() RETURNS TABLE (grp text, type text) LANGUAGE sql IMMUTABLE
+AS $$ SELECT NULL::text, NULL::text WHERE false $$
+""")
+    groups = "ARRAY[" + ", ".join(f"'{g}'" for g in GROUPS) + "]"
+    op.execute(f"""
+CREATE FUNCTION d2d_check_appender() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+    caller text;
+    refused text;
+BEGIN
+    SELECT g.rolname INTO caller
+      FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member
+     WHERE u.rolname = session_user AND g.rolname = ANY ({groups})
+     LIMIT 1;
+    IF caller IS NULL OR NOT EXISTS (SELECT 1 FROM d2d_append_rights()) THEN
+        RETURN NULL;  -- the owner, a role that is no service's login, or no rights set yet
+    END IF;
+    SELECT a.type INTO refused
+      FROM (SELECT DISTINCT appended.type FROM appended) a
+     WHERE NOT EXISTS (SELECT 1 FROM d2d_append_rights() r WHERE r.type = a.type AND r.grp = caller)
+       AND NOT (caller = 'd2d_ingest' AND NOT EXISTS (SELECT 1 FROM d2d_append_rights() r WHERE r.type = a.type))
+     LIMIT 1;
+    IF refused IS NOT NULL THEN
+        RAISE EXCEPTION '% may not append % events', caller, refused
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'a platform type is appended only by the services its contract names in appended_by';
+    END IF;
+    RETURN NULL;
+END
+$$
+""")
+    op.execute("""
+CREATE TRIGGER events_appended_by_their_service AFTER INSERT ON events
+    REFERENCING NEW TABLE AS appended FOR EACH STATEMENT EXECUTE FUNCTION d2d_check_appender()
+""")
+
+
+def downgrade() -> None:
+    raise NotImplementedError("the schema only moves forward: restore a backup to go back")
