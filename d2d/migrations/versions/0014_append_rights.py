@@ -14,8 +14,8 @@ The rights are the code's: `d2d_append_rights()` lists (group, type) pairs, '' a
 type only the owner appends. This migration makes it empty (which refuses nothing); every
 migration then replaces it with the rights of the running version's contracts
 (`d2d.db.upgrade_to_head`, `d2d.dbroles.append_rights_sql`), so a new platform type needs its JSON
-file only. The owner, and a role that is no service's login (a shared server's single role),
-append anything, as before.
+file only. The log's owner (audit, say, in the scratch databases it rebuilds state in), and a role
+that is no service's login (a shared server's single role), append anything, as before.
 
 Revision ID: 0014_append_rights
 """
@@ -47,8 +47,12 @@ BEGIN
       FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member
      WHERE u.rolname = session_user AND g.rolname = ANY ({groups})
      LIMIT 1;
-    IF caller IS NULL OR NOT EXISTS (SELECT 1 FROM d2d_append_rights()) THEN
-        RETURN NULL;  -- the owner, a role that is no service's login, or no rights set yet
+    IF caller IS NULL
+       OR pg_has_role(session_user, (SELECT relowner FROM pg_class WHERE oid = 'events'::regclass), 'MEMBER')
+       OR NOT EXISTS (SELECT 1 FROM d2d_append_rights()) THEN
+        -- a role that is no service's login, the log's owner (audit in its scratch databases), or
+        -- no rights set yet
+        RETURN NULL;
     END IF;
     SELECT a.type INTO refused
       FROM (SELECT DISTINCT appended.type FROM appended) a
