@@ -244,6 +244,10 @@ class Services(Supervisor):
         url = env.get("D2D_DATABASE_URL")
         if spec is None or not url:
             return env
+        return {**env, "D2D_DATABASE_URL": self.login_url(url, spec.name)}
+
+    def login_url(self, url: str, service: str) -> str:
+        """The database at the owner's `url` as `service`'s own login (made on first use per server)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         passwords = dbroles.load_passwords(self.log_dir / dbroles.LOGINS_FILE)
         server = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
@@ -251,7 +255,7 @@ class Services(Supervisor):
             with concurrent.futures.ThreadPoolExecutor(1) as thread:  # callers may be inside an event loop
                 thread.submit(asyncio.run, dbroles.ensure_logins(url, passwords)).result()
             self._logins_on.add(server)
-        return {**env, "D2D_DATABASE_URL": dbroles.login_url(url, spec.name, passwords[spec.name])}
+        return dbroles.login_url(url, service, passwords[service])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,10 @@ commit waits for the WAL to reach the disk, and NATS JetStream with file storage
    (so a drift of the machine or of the table falls on both alike; an event sent to both has a fresh
    id the second time); timed until every response (committed in Postgres; no relay runs). Issue 15
    asks the two to be within 10 %.
+7. What the append rights cost (migration 0014: a trigger holds each service's login to its own
+   event types): one-event `append_events` calls straight to Postgres as serving's login, appending
+   its own `decision.made`, with the trigger on and disabled by the owner, in rounds of
+   `RIGHTS_CALLS` calls in the order on, off, off, on (a fresh database; no service in the way).
 
 Why: ingest is the front door of the platform, and "durable" means both stores have the event.
 The ratio durable ingest / raw publish_async says how much of the bus's speed the whole path keeps
@@ -95,7 +99,7 @@ from d2d.config import GrpcTls, Settings
 from d2d.contracts.platform import register_platform_contracts
 from d2d.contracts.registry import ContractRegistry
 from d2d.deadletters import DeadLetters
-from d2d.eventlog import EventLog, GroupCommitter, create_pool
+from d2d.eventlog import _APPEND_SQL, APPEND_LOCK_KEY, EventLog, GroupCommitter, create_pool
 from d2d.outbox import DEFAULT_LINGER
 from d2d.runtime.process import run_service, stop_on_signals
 from d2d.runtime.servers import free_port
@@ -552,6 +556,43 @@ class Options:
     trickle_rate: float
 
 
+RIGHTS_TRIGGER = "events_appended_by_their_service"
+RIGHTS_CALLS = 500  # one-event appends per round of [G]
+
+
+async def measure_append_rights(owner_url: str, login_url: str, rounds: int) -> dict[bool, list[float]]:
+    """[G]: seconds per one-event `append_events` call as serving's login, by whether the append
+    rights trigger was on; rounds in the order on, off, off, on, ..."""
+    owner, login = await asyncpg.connect(owner_url), await asyncpg.connect(login_url)
+    timings: dict[bool, list[float]] = {True: [], False: []}
+
+    async def append_one() -> float:
+        args = ([uuid.uuid4()], ["decision.made"], [1], ["decision"], ["d"], [datetime.now(UTC)], ["{}"], ["{}"])
+        started = time.perf_counter()
+        await login.fetch(_APPEND_SQL, APPEND_LOCK_KEY, *args)
+        return time.perf_counter() - started
+
+    try:
+        try:  # the check is in force: serving's login may not append another service's type
+            await login.fetch(_APPEND_SQL, APPEND_LOCK_KEY, [uuid.uuid4()], ["api_key.created"], [1], ["api_key"],
+                              ["k"], [datetime.now(UTC)], ["{}"], ["{}"])  # fmt: skip
+        except asyncpg.InsufficientPrivilegeError:
+            pass
+        else:
+            raise RuntimeError("serving's login appended api_key.created: the append rights are not in force")
+        for _ in range(RIGHTS_CALLS):  # warm up: plans cached, memberships read
+            await append_one()
+        for round_ in range(rounds):
+            on = round_ % 4 in (0, 3)
+            await owner.execute(f"ALTER TABLE events {'ENABLE' if on else 'DISABLE'} TRIGGER {RIGHTS_TRIGGER}")
+            timings[on] += [await append_one() for _ in range(RIGHTS_CALLS)]
+    finally:
+        await owner.execute(f"ALTER TABLE events ENABLE TRIGGER {RIGHTS_TRIGGER}")
+        await owner.close()
+        await login.close()
+    return timings
+
+
 async def postgres_settings(url: str) -> dict[str, str]:
     conn = await asyncpg.connect(url)
     try:
@@ -691,6 +732,17 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
                 f" = {phase.rate:,.0f} events/s")  # fmt: skip
         say(f"    with the key check / without = {key_check.ratio:.3f} (issue 15: within 10 %; the check's own CPU"
             " per call is priced by bench.serving, auth_check_us_per_call)")  # fmt: skip
+
+        # The append rights, priced: one-event appends as serving's login, the trigger on and off.
+        rights_rounds = 4 if options.quick else 8
+        say(f"\n[G] the append rights check: {rights_rounds} rounds of {RIGHTS_CALLS} one-event append_events"
+            " calls as serving's login (its own decision.made), the trigger on and disabled in turn (ABBA),"
+            " straight to Postgres in a fresh database")  # fmt: skip
+        rights_url = await servers.new_database(f"{token}_rights")
+        rights = await measure_append_rights(rights_url, services.login_url(rights_url, "serving"), rights_rounds)
+        rights_us = {on: percentile([t * 1e6 for t in rights[on]], 50) for on in (True, False)}
+        say(f"    p50 {rights_us[True]:.0f} us with the check, {rights_us[False]:.0f} us without:"
+            f" {rights_us[True] - rights_us[False]:+.0f} us an append statement")  # fmt: skip
     finally:
         await log_conn.close()
         await nc.close()
@@ -738,6 +790,9 @@ async def run(options: Options, workload: Workload, servers: Servers, services: 
         "auth_off_events_per_s": rounded(unchecked.rate),
         "auth_ratio": round(key_check.ratio, 3),
         "auth_calls": key_check.calls,
+        "append_rights_on_p50_us": round(rights_us[True], 1),
+        "append_rights_off_p50_us": round(rights_us[False], 1),
+        "append_rights_calls_each": len(rights[True]),
         "cpu_s_durable_ingest": durable.cpu,
         "cpu_s_publish_async": publish.cpu,
         "profiled": options.profile_dir is not None,
